@@ -1,0 +1,39 @@
+"""moe-relayfree: relay-buffer-free expert-parallel MoE dispatch/combine for JAX."""
+
+from moe_relayfree import collectives, decode, plan, prefill, routing
+from moe_relayfree.api import DEFAULT_CAPACITY_FACTOR, expert_parallel_moe
+from moe_relayfree.selection import (
+    DEFAULT_DECODE_THRESHOLD,
+    calibrate_decode_threshold,
+    decode_threshold,
+    select_schedule,
+    set_decode_threshold,
+)
+from moe_relayfree.collectives import ragged_all_to_all, register_ragged_all_to_all
+from moe_relayfree.experts import grouped_swiglu, swiglu
+from moe_relayfree.layer import MoELayer
+from moe_relayfree.reference import dense_moe_reference
+from moe_relayfree.routing import RouterConfig, route
+
+__all__ = [
+    "DEFAULT_CAPACITY_FACTOR",
+    "DEFAULT_DECODE_THRESHOLD",
+    "MoELayer",
+    "RouterConfig",
+    "calibrate_decode_threshold",
+    "collectives",
+    "decode",
+    "decode_threshold",
+    "dense_moe_reference",
+    "expert_parallel_moe",
+    "grouped_swiglu",
+    "plan",
+    "prefill",
+    "ragged_all_to_all",
+    "register_ragged_all_to_all",
+    "route",
+    "routing",
+    "select_schedule",
+    "set_decode_threshold",
+    "swiglu",
+]

@@ -1,0 +1,138 @@
+"""Collectives used by the schedules: native ragged all-to-all, or an exact emulation.
+
+XLA:CPU has no ``ragged-all-to-all`` (``UNIMPLEMENTED: HLO opcode ragged-all-to-all``), so
+the CPU lowering gets an emulation built from a dense ``all_to_all`` plus a scatter on the
+receiver. The choice is made at lowering time with ``jax.lax.platform_dependent``: one traced
+program serves every platform, and a CPU compile keeps only the CPU branch.
+
+Integrators can register another implementation per platform (e.g. a vendor dispatch op on a
+PJRT plugin) with :func:`register_ragged_all_to_all`.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Protocol
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+
+class RaggedAllToAll(Protocol):
+    def __call__(
+        self,
+        operand: jax.Array,
+        output: jax.Array,
+        input_offsets: jax.Array,
+        send_sizes: jax.Array,
+        output_offsets: jax.Array,
+        recv_sizes: jax.Array,
+        *,
+        axis_name: str,
+        rows_per_peer: int,
+    ) -> jax.Array: ...
+
+
+def ensure_varying(x: jax.Array, axis_name: str) -> jax.Array:
+    """Marks ``x`` as varying over ``axis_name`` (needed for buffers created in a shard_map body)."""
+    if axis_name in jax.typeof(x).manual_axis_type.varying:
+        return x
+    return lax.pcast(x, axis_name, to="varying")
+
+
+def emulated_ragged_all_to_all(
+    operand: jax.Array,
+    output: jax.Array,
+    input_offsets: jax.Array,
+    send_sizes: jax.Array,
+    output_offsets: jax.Array,
+    recv_sizes: jax.Array,
+    *,
+    axis_name: str,
+    rows_per_peer: int,
+) -> jax.Array:
+    """``lax.ragged_all_to_all`` from dense collectives: padded per-peer buffers + row indices.
+
+    Exact for any segments whose rows sent to one peer total at most ``rows_per_peer``
+    (the schedules pass a bound they can prove; ``operand.shape[0]`` is always safe for
+    non-overlapping send segments). Cost: ``P * rows_per_peer`` rows through ``all_to_all``.
+
+    Shapes: operand ``[N, ...]``, output ``[M, ...]``, offsets/sizes ``[P*m] int32``.
+    """
+    del recv_sizes  # the receiver learns sizes from the sender's row indices
+    num_peers = lax.axis_size(axis_name)
+    m = input_offsets.shape[0] // num_peers
+    b = rows_per_peer
+    sizes = send_sizes.reshape(num_peers, m)
+    seg_end = jnp.cumsum(sizes, axis=1)
+    seg_start = seg_end - sizes
+    slot = jnp.arange(b, dtype=seg_end.dtype)
+    # Segment that slot b of peer p's padded buffer belongs to (m means "padding").
+    seg = jax.vmap(lambda e: jnp.searchsorted(e, slot, side="right"))(seg_end)
+    valid = seg < m
+    seg = jnp.minimum(seg, m - 1)
+    within = slot[None, :] - jnp.take_along_axis(seg_start, seg, axis=1)
+    src = jnp.take_along_axis(input_offsets.reshape(num_peers, m), seg, axis=1) + within
+    dst = jnp.take_along_axis(output_offsets.reshape(num_peers, m), seg, axis=1) + within
+    # Padding rows get an out-of-range destination and are dropped by the scatter.
+    dst = jnp.where(valid, dst, output.shape[0])
+    rows = jnp.take(operand, jnp.clip(src, 0, operand.shape[0] - 1), axis=0)  # [P, b, ...]
+    rows = lax.all_to_all(rows, axis_name, 0, 0, tiled=True)
+    dst = lax.all_to_all(dst, axis_name, 0, 0, tiled=True)
+    flat_rows = rows.reshape((num_peers * b,) + operand.shape[1:])
+    return output.at[dst.reshape(-1)].set(flat_rows, mode="drop")
+
+
+def native_ragged_all_to_all(
+    operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, *, axis_name, rows_per_peer
+):
+    del rows_per_peer
+    return lax.ragged_all_to_all(
+        operand, output, input_offsets, send_sizes, output_offsets, recv_sizes, axis_name=axis_name
+    )
+
+
+# platform name (as in jax.lax.platform_dependent: "cpu", "cuda", "rocm", "tpu", plugin names)
+# -> implementation. Platforms not listed use the native XLA op.
+_RAGGED_A2A: dict[str, RaggedAllToAll] = {"cpu": emulated_ragged_all_to_all}
+
+
+def register_ragged_all_to_all(platform: str, impl: RaggedAllToAll | None) -> None:
+    """Use ``impl`` for ``platform`` (``None`` restores the native XLA op there)."""
+    if impl is None:
+        _RAGGED_A2A.pop(platform, None)
+    else:
+        _RAGGED_A2A[platform] = impl
+
+
+def ragged_all_to_all_impls() -> dict[str, RaggedAllToAll]:
+    return dict(_RAGGED_A2A)
+
+
+def ragged_all_to_all(
+    operand: jax.Array,
+    output: jax.Array,
+    input_offsets: jax.Array,
+    send_sizes: jax.Array,
+    output_offsets: jax.Array,
+    recv_sizes: jax.Array,
+    *,
+    axis_name: str,
+    rows_per_peer: int | None = None,
+) -> jax.Array:
+    """Semantics of ``jax.lax.ragged_all_to_all``, on every platform.
+
+    Must be called inside ``shard_map`` over ``axis_name``. ``rows_per_peer`` is a static
+    bound on the rows this rank sends to any one peer; it sizes the CPU emulation only.
+    """
+    if rows_per_peer is None:
+        rows_per_peer = operand.shape[0]
+    rows_per_peer = max(1, min(int(rows_per_peer), operand.shape[0]))
+    output = ensure_varying(output, axis_name)
+    args = (operand, output, input_offsets, send_sizes, output_offsets, recv_sizes)
+
+    def bind(impl: RaggedAllToAll) -> Callable[..., jax.Array]:
+        return lambda *a: impl(*a, axis_name=axis_name, rows_per_peer=rows_per_peer)
+
+    branches = {p: bind(impl) for p, impl in _RAGGED_A2A.items()}
+    return lax.platform_dependent(*args, **branches, default=bind(native_ragged_all_to_all))

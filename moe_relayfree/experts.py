@@ -1,0 +1,166 @@
+"""Expert compute: SwiGLU experts ``(silu(x @ Wg) * (x @ Wu)) @ Wd``.
+
+Numerics, shared by every path and the dense reference: matmuls accumulate in float32, the
+hidden activation is cast to the input dtype before the down projection (as bf16 checkpoints
+run in Hugging Face), the expert output is cast to the input dtype.
+
+Grouped compute over expert-major windows (prefill): ``jax.lax.ragged_dot`` where it is
+native (GPU/TPU). On XLA:CPU ``ragged_dot`` is a dense masked dot that does ``El`` times the
+work, so CPU gets a tiled loop that visits only the rows of each window (plus at most one
+partial tile per expert), fused over the three matmuls, with its own backward pass.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+_F32 = jnp.float32
+
+
+def swiglu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array) -> jax.Array:
+    """One expert. x ``[n, d]``, w_gate/w_up ``[d, f]``, w_down ``[f, d]`` -> ``[n, d]`` (x.dtype)."""
+    g = jnp.dot(x, w_gate, preferred_element_type=_F32)
+    u = jnp.dot(x, w_up, preferred_element_type=_F32)
+    h = (jax.nn.silu(g) * u).astype(x.dtype)
+    return jnp.dot(h, w_down, preferred_element_type=_F32).astype(x.dtype)
+
+
+def dense_swiglu_weighted(
+    x: jax.Array, row_weights: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array
+) -> jax.Array:
+    """Every local expert on every row, reduced with per-row weights (decode schedule).
+
+    x ``[n, d]``, row_weights ``[n, El] float32``, weights ``[El, d, f]``/``[El, f, d]``
+    -> ``[n, d] float32`` (sum over local experts of weight * expert(x)).
+    """
+    g = jnp.einsum("nd,edf->enf", x, w_gate, preferred_element_type=_F32)
+    u = jnp.einsum("nd,edf->enf", x, w_up, preferred_element_type=_F32)
+    h = (jax.nn.silu(g) * u).astype(x.dtype)
+    y = jnp.einsum("enf,efd->end", h, w_down, preferred_element_type=_F32).astype(x.dtype)
+    return jnp.einsum("end,ne->nd", y.astype(_F32), row_weights.astype(_F32))
+
+
+def grouped_swiglu_native(x, group_sizes, w_gate, w_up, w_down):
+    """Expert-major windows through ``lax.ragged_dot``; rows past the windows come out 0."""
+    gs = group_sizes.astype(jnp.int32)
+    g = lax.ragged_dot(x, w_gate, gs, preferred_element_type=_F32)
+    u = lax.ragged_dot(x, w_up, gs, preferred_element_type=_F32)
+    h = (jax.nn.silu(g) * u).astype(x.dtype)
+    return lax.ragged_dot(h, w_down, gs, preferred_element_type=_F32).astype(x.dtype)
+
+
+def _tile_rows(num_rows: int, tile: int) -> int:
+    return max(1, min(tile, num_rows))
+
+
+def _tiles(group_sizes, num_rows: int, tile: int):
+    """Per expert: window [start, end) and tile count; tiles never straddle past ``num_rows``."""
+    ends = jnp.cumsum(group_sizes.astype(jnp.int32))
+    starts = ends - group_sizes.astype(jnp.int32)
+    counts = -(-(ends - starts) // tile)
+    return starts, ends, counts
+
+
+def _tile_at(start, end, c, num_rows: int, tile: int):
+    """Slice start of tile ``c`` of a window, and the mask of rows it owns.
+
+    The nominal tile is ``[start + c*tile, min(start + (c+1)*tile, end))``; the slice is
+    shifted back when it would run past the buffer, and the mask keeps exactly the nominal
+    rows so no row is written or accumulated twice.
+    """
+    nominal = start + c * tile
+    a = jnp.clip(nominal, 0, num_rows - tile)
+    rows = a + jnp.arange(tile, dtype=jnp.int32)
+    mask = (rows >= nominal) & (rows < jnp.minimum(nominal + tile, end))
+    return a, mask
+
+
+def _grouped_swiglu_tiled_fwd_impl(x, group_sizes, w_gate, w_up, w_down, tile):
+    n, d = x.shape
+    tile = _tile_rows(n, tile)
+    starts, ends, counts = _tiles(group_sizes, n, tile)
+
+    def expert(e, y):
+        wg, wu, wd = w_gate[e], w_up[e], w_down[e]
+
+        def one_tile(c, y):
+            a, mask = _tile_at(starts[e], ends[e], c, n, tile)
+            xt = lax.dynamic_slice_in_dim(x, a, tile)
+            yt = swiglu(xt, wg, wu, wd)
+            old = lax.dynamic_slice_in_dim(y, a, tile)
+            return lax.dynamic_update_slice_in_dim(y, jnp.where(mask[:, None], yt, old), a, 0)
+
+        return lax.fori_loop(0, counts[e], one_tile, y)
+
+    return lax.fori_loop(0, w_gate.shape[0], expert, jnp.zeros_like(x))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _grouped_swiglu_tiled(x, group_sizes, w_gate, w_up, w_down, tile):
+    return _grouped_swiglu_tiled_fwd_impl(x, group_sizes, w_gate, w_up, w_down, tile)
+
+
+def _tiled_fwd(x, group_sizes, w_gate, w_up, w_down, tile):
+    y = _grouped_swiglu_tiled_fwd_impl(x, group_sizes, w_gate, w_up, w_down, tile)
+    return y, (x, group_sizes, w_gate, w_up, w_down)
+
+
+def _tiled_bwd(tile, res, dy):
+    x, group_sizes, w_gate, w_up, w_down = res
+    n, d = x.shape
+    tile = _tile_rows(n, tile)
+    starts, ends, counts = _tiles(group_sizes, n, tile)
+
+    def expert(e, carry):
+        dx, dwg, dwu, dwd = carry
+        wg, wu, wd = w_gate[e], w_up[e], w_down[e]
+
+        def one_tile(c, inner):
+            dx, gwg, gwu, gwd = inner
+            a, mask = _tile_at(starts[e], ends[e], c, n, tile)
+            xt = lax.dynamic_slice_in_dim(x, a, tile)
+            dyt = jnp.where(mask[:, None], lax.dynamic_slice_in_dim(dy, a, tile), 0)
+            _, vjp = jax.vjp(swiglu, xt, wg, wu, wd)
+            dxt, dg, du, dd = vjp(dyt)
+            old = lax.dynamic_slice_in_dim(dx, a, tile)
+            dx = lax.dynamic_update_slice_in_dim(dx, jnp.where(mask[:, None], dxt, old), a, 0)
+            return dx, gwg + dg.astype(_F32), gwu + du.astype(_F32), gwd + dd.astype(_F32)
+
+        zeros = tuple(jnp.zeros_like(w, dtype=_F32) for w in (wg, wu, wd))
+        dx, gwg, gwu, gwd = lax.fori_loop(0, counts[e], one_tile, (dx,) + zeros)
+        dwg = dwg.at[e].set(gwg.astype(dwg.dtype))
+        dwu = dwu.at[e].set(gwu.astype(dwu.dtype))
+        dwd = dwd.at[e].set(gwd.astype(dwd.dtype))
+        return dx, dwg, dwu, dwd
+
+    init = (jnp.zeros_like(x), jnp.zeros_like(w_gate), jnp.zeros_like(w_up), jnp.zeros_like(w_down))
+    dx, dwg, dwu, dwd = lax.fori_loop(0, w_gate.shape[0], expert, init)
+    return dx, None, dwg, dwu, dwd
+
+
+_grouped_swiglu_tiled.defvjp(_tiled_fwd, _tiled_bwd)
+
+CPU_TILE_ROWS = 64
+
+
+def grouped_swiglu_tiled(x, group_sizes, w_gate, w_up, w_down, tile: int = CPU_TILE_ROWS):
+    """CPU grouped SwiGLU: only window rows (+ one partial tile per expert) are computed."""
+    return _grouped_swiglu_tiled(x, group_sizes, w_gate, w_up, w_down, tile)
+
+
+def grouped_swiglu(
+    x: jax.Array, group_sizes: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array
+) -> jax.Array:
+    """SwiGLU over expert-major windows, strategy chosen per platform at lowering time.
+
+    x ``[R, d]`` with window ``l`` at rows ``[sum(gs[:l]), sum(gs[:l+1]))``, group_sizes
+    ``[El] int32`` (sum <= R), w_gate/w_up ``[El, d, f]``, w_down ``[El, f, d]``
+    -> ``[R, d]`` (x.dtype); rows past the last window are 0.
+    """
+    return lax.platform_dependent(
+        x, group_sizes, w_gate, w_up, w_down, cpu=grouped_swiglu_tiled, default=grouped_swiglu_native
+    )

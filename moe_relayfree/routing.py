@@ -1,0 +1,107 @@
+"""Routers: logits ``[N, E]`` -> ``topk_ids [N, k] int32``, ``topk_weights [N, k] float32``.
+
+Pure functions covering what released MoE models use:
+
+* ``softmax_topk``: softmax over all experts, top-k, optional renormalisation
+  (Mixtral and Qwen3-MoE renormalise; Qwen2-MoE and OLMoE do not).
+* ``topk_softmax``: top-k on the logits, softmax over the k picked.
+* ``sigmoid_grouped_topk``: DeepSeek-V3: sigmoid scores, a selection-only bias, experts in
+  groups with only the best ``topk_group`` groups eligible, weights from the unbiased scores,
+  optional renormalisation, then a routed scaling factor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+_F32 = jnp.float32
+
+
+def softmax_topk(logits: jax.Array, k: int, *, renormalize: bool) -> tuple[jax.Array, jax.Array]:
+    probs = jax.nn.softmax(logits.astype(_F32), axis=-1)
+    weights, ids = lax.top_k(probs, k)
+    if renormalize:
+        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    return ids.astype(jnp.int32), weights
+
+
+def topk_softmax(logits: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+    top, ids = lax.top_k(logits.astype(_F32), k)
+    return ids.astype(jnp.int32), jax.nn.softmax(top, axis=-1)
+
+
+def sigmoid_grouped_topk(
+    logits: jax.Array,
+    k: int,
+    *,
+    bias: jax.Array | None = None,
+    n_group: int = 1,
+    topk_group: int = 1,
+    renormalize: bool = True,
+    routed_scaling_factor: float = 1.0,
+) -> tuple[jax.Array, jax.Array]:
+    """DeepSeek-V3 routing (``noaux_tc``). Group score = sum of the group's top-2 biased scores."""
+    n, num_experts = logits.shape
+    if num_experts % n_group:
+        raise ValueError(f"num_experts={num_experts} is not divisible by n_group={n_group}")
+    if not 1 <= topk_group <= n_group:
+        raise ValueError(f"topk_group={topk_group} must be in [1, n_group={n_group}]")
+    scores = jax.nn.sigmoid(logits.astype(_F32))
+    choice = scores if bias is None else scores + bias.astype(_F32)
+    if n_group > 1:
+        grouped = choice.reshape(n, n_group, num_experts // n_group)
+        top2 = min(2, grouped.shape[-1])
+        group_scores = lax.top_k(grouped, top2)[0].sum(-1)  # [n, n_group]
+        _, keep = lax.top_k(group_scores, topk_group)
+        group_mask = jnp.zeros((n, n_group), bool).at[jnp.arange(n)[:, None], keep].set(True)
+        expert_mask = jnp.repeat(group_mask, num_experts // n_group, axis=1)
+        choice = jnp.where(expert_mask, choice, -jnp.inf)
+    _, ids = lax.top_k(choice, k)
+    weights = jnp.take_along_axis(scores, ids, axis=-1)
+    if renormalize:
+        weights = weights / (jnp.sum(weights, axis=-1, keepdims=True) + 1e-20)
+    return ids.astype(jnp.int32), weights * routed_scaling_factor
+
+
+@dataclasses.dataclass(frozen=True)
+class RouterConfig:
+    """How a model routes. ``method``: "softmax_topk" | "topk_softmax" | "sigmoid_grouped"."""
+
+    method: Literal["softmax_topk", "topk_softmax", "sigmoid_grouped"] = "softmax_topk"
+    renormalize: bool = True
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
+    score_bias: bool = False  # a learned selection-only bias (DeepSeek-V3 e_score_correction_bias)
+
+    def __post_init__(self):
+        if self.method not in ("softmax_topk", "topk_softmax", "sigmoid_grouped"):
+            raise ValueError(f"unknown routing method {self.method!r}")
+        if self.score_bias and self.method != "sigmoid_grouped":
+            raise ValueError("score_bias is only used by method='sigmoid_grouped'")
+
+
+def route(
+    logits: jax.Array, k: int, config: RouterConfig, bias: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
+    """logits ``[N, E]`` -> (``topk_ids [N, k] int32``, ``topk_weights [N, k] float32``)."""
+    if not 1 <= k <= logits.shape[-1]:
+        raise ValueError(f"k={k} must be in [1, num_experts={logits.shape[-1]}]")
+    if config.method == "softmax_topk":
+        return softmax_topk(logits, k, renormalize=config.renormalize)
+    if config.method == "topk_softmax":
+        return topk_softmax(logits, k)
+    return sigmoid_grouped_topk(
+        logits,
+        k,
+        bias=bias,
+        n_group=config.n_group,
+        topk_group=config.topk_group,
+        renormalize=config.renormalize,
+        routed_scaling_factor=config.routed_scaling_factor,
+    )

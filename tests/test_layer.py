@@ -1,0 +1,99 @@
+"""MoELayer (Flax NNX): sharded params, nnx.jit forward and backward vs dense math."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+import moe_relayfree as mr
+from helpers import make_mesh
+
+D, F, E = 16, 24, 16
+
+
+def host(v):
+    return jnp.asarray(np.asarray(v[...]))
+
+
+def dense_layer(params, x, k, cfg):
+    """The layer's math on one device from plain arrays."""
+    t = x.reshape(-1, x.shape[-1])
+    logits = jnp.dot(t, params["router"], preferred_element_type=jnp.float32)
+    ids, w = mr.route(logits, k, cfg, params.get("bias"))
+    y = mr.dense_moe_reference(t, ids, w, params["wg"], params["wu"], params["wd"])
+    if "s_wg" in params:
+        s = mr.swiglu(t, params["s_wg"], params["s_wu"], params["s_wd"])
+        if "s_gate" in params:
+            s = jax.nn.sigmoid(t @ params["s_gate"]) * s
+        y = y + s
+    return y.reshape(x.shape)
+
+
+def layer_params(layer):
+    """Plain arrays from a MoELayer, or from the nnx.State of its gradients."""
+    get = lambda obj, name: getattr(obj, name, None) if hasattr(obj, name) else None  # noqa: E731
+    p = {"router": host(layer.router), "wg": host(layer.w_gate), "wu": host(layer.w_up),
+         "wd": host(layer.w_down)}
+    if get(layer, "router_bias") is not None:
+        p["bias"] = host(layer.router_bias)
+    shared = get(layer, "shared")
+    if shared is not None:
+        p.update(s_wg=host(shared.w_gate), s_wu=host(shared.w_up), s_wd=host(shared.w_down))
+        if get(shared, "gate") is not None:
+            p["s_gate"] = host(shared.gate)
+    return p
+
+
+CONFIGS = {
+    "qwen3": dict(router=mr.RouterConfig(), shared_d_ff=0),
+    "qwen2": dict(router=mr.RouterConfig(renormalize=False), shared_d_ff=32, shared_gate=True),
+    "deepseek": dict(
+        router=mr.RouterConfig(method="sigmoid_grouped", n_group=4, topk_group=2,
+                               routed_scaling_factor=2.5, score_bias=True),
+        shared_d_ff=20,
+    ),
+}
+
+
+@pytest.mark.parametrize("num_ranks", [1, 2, 8])
+@pytest.mark.parametrize("arch", sorted(CONFIGS))
+@pytest.mark.parametrize("schedule", ["prefill", "decode"])
+def test_layer_forward_backward(num_ranks, arch, schedule):
+    mesh = make_mesh(num_ranks)
+    k = 4
+    layer = mr.MoELayer(D, F, E, k, mesh=mesh, schedule=schedule, rngs=nnx.Rngs(num_ranks),
+                        **CONFIGS[arch])
+    assert layer.w_gate[...].sharding.spec == P("ep", None, None)
+    if layer.router_bias is not None:
+        layer.router_bias[...] = jnp.linspace(-0.2, 0.2, E)
+    x = jax.random.normal(jax.random.PRNGKey(1), (3, 7, D))  # 21 tokens: padded to the mesh
+    cfg = CONFIGS[arch]["router"]
+    params = layer_params(layer)
+
+    y = nnx.jit(lambda m, x: m(x))(layer, x)
+    np.testing.assert_allclose(y, dense_layer(params, x, k, cfg), atol=3e-5, rtol=3e-5)
+
+    ct = jax.random.normal(jax.random.PRNGKey(2), x.shape)
+    grads = nnx.jit(nnx.grad(lambda m, x: jnp.sum(ct * m(x))))(layer, x)
+    want = jax.grad(lambda p: jnp.sum(ct * dense_layer(p, x, k, cfg)))(params)
+    got = layer_params(grads)
+    assert "bias" not in got  # the selection bias is not a gradient parameter
+    assert set(got) == set(want) - {"bias"}
+    for name, g in got.items():
+        np.testing.assert_allclose(g, want[name], atol=5e-5, rtol=5e-5, err_msg=name)
+
+
+def test_layer_bf16_activations_and_errors():
+    mesh = make_mesh(8)
+    layer = mr.MoELayer(D, F, E, 2, mesh=mesh, rngs=nnx.Rngs(0))
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 8, D)).astype(jnp.bfloat16)
+    y = layer(x)
+    assert y.dtype == jnp.bfloat16 and y.shape == x.shape
+    want = dense_layer(layer_params(layer), x.astype(jnp.float32), 2, mr.RouterConfig())
+    np.testing.assert_allclose(y.astype(np.float32), want, atol=5e-2, rtol=5e-2)
+    with pytest.raises(ValueError, match="not divisible"):
+        mr.MoELayer(D, F, 12, 2, mesh=mesh, rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match="no axis"):
+        mr.MoELayer(D, F, E, 2, mesh=mesh, axis="expert", rngs=nnx.Rngs(0))

@@ -1,0 +1,40 @@
+"""Measures the decode/prefill crossover on this machine and prints it as JSON.
+
+    python scripts/calibrate.py [--devices 8] [--experts 64 --k 8 --d-model 256 --d-ff 512]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser()
+    p.add_argument("--devices", type=int, default=8, help="emulated CPU devices (CPU only)")
+    p.add_argument("--experts", type=int, default=64)
+    p.add_argument("--k", type=int, default=8)
+    p.add_argument("--d-model", type=int, default=256)
+    p.add_argument("--d-ff", type=int, default=512)
+    p.add_argument("--tokens", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
+    p.add_argument("--repeats", type=int, default=5)
+    args = p.parse_args(argv)
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_force_host_platform_device_count" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={args.devices}"
+    import jax
+
+    import moe_relayfree as mr
+
+    mesh = jax.make_mesh((len(jax.devices()),), ("ep",))
+    result = mr.calibrate_decode_threshold(
+        mesh, d_model=args.d_model, d_ff=args.d_ff, num_experts=args.experts, k=args.k,
+        tokens_per_rank=args.tokens, repeats=args.repeats,
+    )
+    result.update(platform=jax.devices()[0].platform, devices=len(jax.devices()))
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

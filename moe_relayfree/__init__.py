@@ -14,6 +14,7 @@ from moe_relayfree.experts import grouped_swiglu, swiglu
 from moe_relayfree.layer import MoELayer
 from moe_relayfree.reference import dense_moe_reference
 from moe_relayfree.routing import RouterConfig, route
+from moe_relayfree.verbs import combine, dispatch
 
 __all__ = [
     "DEFAULT_CAPACITY_FACTOR",
@@ -22,9 +23,11 @@ __all__ = [
     "RouterConfig",
     "calibrate_decode_threshold",
     "collectives",
+    "combine",
     "decode",
     "decode_threshold",
     "dense_moe_reference",
+    "dispatch",
     "expert_parallel_moe",
     "grouped_swiglu",
     "plan",

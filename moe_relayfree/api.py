@@ -9,8 +9,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from moe_relayfree import decode, prefill
-from moe_relayfree.experts import dense_swiglu_weighted, grouped_swiglu
+from moe_relayfree import baselines, decode, prefill
+from moe_relayfree.experts import dense_swiglu_weighted, grouped_swiglu, swiglu
 from moe_relayfree.plan import rows_per_round
 from moe_relayfree.selection import Schedule, select_schedule
 
@@ -66,31 +66,41 @@ def _poison_invalid(topk_ids, topk_weights, num_experts: int):
     return jnp.clip(topk_ids, 0, num_experts - 1).astype(jnp.int32), w
 
 
-def _per_rank(x, topk_ids, topk_weights, w_gate, w_up, w_down, *, axis, schedule, num_experts, rows):
+IMPLEMENTATIONS = ("relayfree", "ragged_baseline", "capacity_baseline")
+
+
+def _per_rank(x, topk_ids, topk_weights, w_gate, w_up, w_down, *, axis, schedule, num_experts,
+              rows, implementation):
     topk_ids, topk_weights = _poison_invalid(topk_ids, topk_weights, num_experts)
+    common = dict(num_experts=num_experts, axis_name=axis)
+    if implementation == "ragged_baseline":
+        (grouped, sizes), handle = baselines.ragged.dispatch(x, topk_ids, topk_weights, **common)
+        return baselines.ragged.combine(grouped_swiglu(grouped, sizes, w_gate, w_up, w_down), handle)
+    if implementation == "capacity_baseline":
+        expert_in, handle = baselines.capacity.dispatch(x, topk_ids, topk_weights, **common)
+        out = jax.vmap(swiglu)(expert_in, w_gate, w_up, w_down)
+        return baselines.capacity.combine(out, handle)
     if schedule == "decode":
 
         def experts(slots: decode.DecodeSlots):
             return dense_swiglu_weighted(slots.rows, slots.row_weights, w_gate, w_up, w_down)
 
-        return decode.decode_moe(
-            x, topk_ids, topk_weights, experts, num_experts=num_experts, axis_name=axis
-        )
+        return decode.decode_moe(x, topk_ids, topk_weights, experts, **common)
 
     def experts(win: prefill.ExpertWindows):
         return grouped_swiglu(win.rows, win.group_sizes, w_gate, w_up, w_down)
 
-    return prefill.prefill_moe(
-        x, topk_ids, topk_weights, experts, num_experts=num_experts, axis_name=axis,
-        rows_per_round=rows,
-    )
+    return prefill.prefill_moe(x, topk_ids, topk_weights, experts, rows_per_round=rows, **common)
 
 
 @functools.lru_cache(maxsize=256)
-def _sharded_fn(mesh: Mesh, axis: str, schedule: str, num_experts: int, rows: int):
+def _sharded_fn(
+    mesh: Mesh, axis: str, schedule: str, num_experts: int, rows: int, implementation: str
+):
     tok, exp = P(axis), P(axis, None, None)
     body = functools.partial(
-        _per_rank, axis=axis, schedule=schedule, num_experts=num_experts, rows=rows
+        _per_rank, axis=axis, schedule=schedule, num_experts=num_experts, rows=rows,
+        implementation=implementation,
     )
     return jax.shard_map(
         body, mesh=mesh, in_specs=(tok, tok, tok, exp, exp, exp), out_specs=tok
@@ -125,6 +135,7 @@ def expert_parallel_moe(
     schedule: Schedule = "auto",
     capacity_factor: float | None = DEFAULT_CAPACITY_FACTOR,
     decode_threshold: int | None = None,
+    implementation: str = "relayfree",
 ) -> jax.Array:
     """Relay-free expert-parallel MoE (routed experts only).
 
@@ -138,11 +149,17 @@ def expert_parallel_moe(
       capacity_factor: prefill receive rows per round = ``capacity_factor * T * k`` (T tokens per
         rank); skewed batches take extra rounds, never drop tokens. ``None``: worst-case buffer.
       decode_threshold: tokens per rank for "auto" (default: :func:`decode_threshold`).
+      implementation: "relayfree" (this project), or for comparison "ragged_baseline"
+        (MaxText-style sort / one segment per peer / receiver re-sort, worst-case buffer) or
+        "capacity_baseline" (GShard-style masks, capacity T per expert so nothing drops);
+        the baselines ignore ``schedule`` and ``capacity_factor``.
 
     Returns:
       ``[N, d]`` in x.dtype, with x's sharding (a plain array in gives a plain array out). Concrete out-of-range ids raise ``ValueError``;
       traced ones (inside jit) turn their token's output into NaN.
     """
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
     if axis not in mesh.axis_names:
         raise ValueError(f"mesh has no axis {axis!r} (axes: {mesh.axis_names})")
     num_ranks = mesh.shape[axis]
@@ -150,7 +167,7 @@ def expert_parallel_moe(
     tokens = n // num_ranks
     resolved = select_schedule(tokens, schedule, decode_threshold)
     rows = rows_per_round(tokens, k, num_ranks, capacity_factor)
-    fn = _sharded_fn(mesh, axis, resolved, num_experts, rows)
+    fn = _sharded_fn(mesh, axis, resolved, num_experts, rows, implementation)
     tok, exp = P(axis), P(axis, None, None)
     args = [_place(a, mesh, tok) for a in (x, topk_ids, topk_weights)]
     args += [_place(a, mesh, exp) for a in (w_gate, w_up, w_down)]

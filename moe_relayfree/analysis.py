@@ -1,0 +1,113 @@
+"""Static analysis of lowered / compiled programs: which full-size buffers a program makes.
+
+Used by the benchmarks to count the ``~T*k*d`` intermediates between router and GEMM and
+between GEMM and output, for the native (``cuda``-lowered StableHLO) and CPU (compiled HLO) paths.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+_DTYPE_BYTES = {
+    "f64": 8, "f32": 4, "f16": 2, "bf16": 2, "s64": 8, "s32": 4, "s16": 2, "s8": 1,
+    "u64": 8, "u32": 4, "u16": 2, "u8": 1, "pred": 1, "i64": 8, "i32": 4, "i16": 2, "i8": 1,
+    "i1": 1, "ui32": 4, "ui8": 1, "f8e4m3fn": 1, "f8e5m2": 1,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Buffer:
+    op: str
+    shape: tuple[int, ...]
+    dtype: str
+
+    @property
+    def elements(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.elements * _DTYPE_BYTES.get(self.dtype, 4)
+
+
+# StableHLO: `%3 = stablehlo.gather(...) ... -> tensor<8x16xf32>` or `: tensor<8x16xf32>`
+_MLIR_LINE = re.compile(r"^\s*%[\w#:]+\s*=\s*\"?([\w.]+)")
+_MLIR_TENSOR = re.compile(r"tensor<([0-9x]*)x?([a-z][a-z0-9]*)>")
+# Non-materialising or metadata ops: never counted.
+_MLIR_SKIP = {
+    "stablehlo.constant", "stablehlo.reshape", "stablehlo.bitcast_convert",
+    "stablehlo.get_tuple_element", "stablehlo.tuple", "sdy.sharding_constraint",
+    "stablehlo.optimization_barrier", "func.call", "call",
+}
+
+
+def _result_text(lines: list[str], i: int) -> str:
+    """The text holding op ``i``'s result type: its own line, or for an op with regions
+    (scatter, sort, reduce, while, case) the line closing them at the same indentation."""
+    line = lines[i]
+    if not line.rstrip().endswith("{"):
+        return line
+    indent = len(line) - len(line.lstrip())
+    for close in lines[i + 1 :]:
+        if len(close) - len(close.lstrip()) == indent and close.lstrip().startswith("}"):
+            return close
+    return line
+
+
+def stablehlo_buffers(text: str, min_elements: int) -> list[Buffer]:
+    """Results of StableHLO ops with at least ``min_elements`` elements (reshapes excluded)."""
+    out = []
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        m = _MLIR_LINE.match(line)
+        if not m or m.group(1) in _MLIR_SKIP:
+            continue
+        text_i = _result_text(lines, i)
+        result = text_i.rsplit("->", 1)[-1] if "->" in text_i else text_i.rsplit(":", 1)[-1]
+        for dims, dtype in _MLIR_TENSOR.findall(result)[-1:]:
+            shape = tuple(int(d) for d in dims.split("x") if d)
+            buf = Buffer(m.group(1), shape, dtype)
+            if buf.elements >= min_elements:
+                out.append(buf)
+    return out
+
+
+# Compiled HLO: `  %name = f32[8,16]{1,0} fusion(...), kind=kLoop, calls=...`
+_HLO_COMP = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
+_HLO_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*([a-z0-9]+)\[([0-9,]*)\][^ ]*\s+([\w\-]+)")
+_HLO_SKIP = {"parameter", "get-tuple-element", "tuple", "bitcast", "constant", "copy-start",
+             "copy-done", "after-all", "reshape"}
+
+
+def compiled_hlo_buffers(text: str, min_elements: int) -> list[Buffer]:
+    """Materialised buffers of compiled HLO: top-level instructions of non-fused computations
+    with at least ``min_elements`` elements (fusion internals are never materialised)."""
+    out, in_fused = [], False
+    for line in text.splitlines():
+        head = _HLO_COMP.match(line)
+        if head and not line.startswith((" ", "\t")):  # computation headers are not indented
+            name = head.group(1)
+            in_fused = "fused" in name or name.startswith(("fusion", "wrapped_"))
+            continue
+        if in_fused:
+            continue
+        m = _HLO_INSTR.match(line)
+        if not m or m.group(3) in _HLO_SKIP:
+            continue
+        shape = tuple(int(d) for d in m.group(2).split(",") if d)
+        buf = Buffer(m.group(3), shape, m.group(1))
+        if buf.elements >= min_elements:
+            out.append(buf)
+    return out
+
+
+def summarize(buffers: list[Buffer]) -> dict:
+    """``{"count", "bytes", "ops": {op: count}}`` of a buffer list."""
+    ops: dict[str, int] = {}
+    for b in buffers:
+        ops[b.op] = ops.get(b.op, 0) + 1
+    return {"count": len(buffers), "bytes": sum(b.nbytes for b in buffers), "ops": ops}

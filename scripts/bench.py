@@ -1,0 +1,394 @@
+"""Relay-free vs buffer-centric expert parallelism: dispatch, combine, whole layer, memory, HLO.
+
+All implementations run in the same process on the same inputs and share the collective layer
+(native ragged all-to-all, or the CPU emulation) and the expert math; every comparison is a
+ratio measured in the same run. Medians over repeats.
+
+    python scripts/bench.py --quick            # a few minutes on 2 CPU cores
+    python scripts/bench.py                    # the tables in docs/benchmarks.md
+    python scripts/bench.py --smoke --out /tmp/b   # seconds; used by the tests
+
+Writes ``bench.json``, ``bench.md`` and PNG plots to ``--out`` (default ``results/bench``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="fewer and smaller shapes")
+    mode.add_argument("--smoke", action="store_true", help="tiny shapes, to check the script")
+    p.add_argument("--devices", type=int, default=8, help="emulated CPU devices (CPU only)")
+    p.add_argument("--repeats", type=int, default=None)
+    p.add_argument("--out", default="results/bench")
+    p.add_argument("--memory-budget-gb", type=float, default=10.0,
+                   help="skip an implementation whose estimated buffers exceed this (all ranks)")
+    p.add_argument("--no-plots", action="store_true")
+    return p.parse_args(argv)
+
+
+args = parse_args() if __name__ == "__main__" else None
+if args is not None:
+    _flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_force_host_platform_device_count" not in _flags:
+        os.environ["XLA_FLAGS"] = f"{_flags} --xla_force_host_platform_device_count={args.devices}"
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+from moe_relayfree import analysis, decode, prefill  # noqa: E402
+from moe_relayfree.baselines import capacity, ragged  # noqa: E402
+from moe_relayfree.experts import dense_swiglu_weighted, grouped_swiglu, swiglu  # noqa: E402
+from moe_relayfree.plan import rows_per_round  # noqa: E402
+
+AXIS = "ep"
+CAPACITY_FACTOR = 1.25  # GShard's usual training/eval factor; drops are reported
+RELAYFREE_FACTOR = 2.0  # relay-free receive rows per round (exact at any factor)
+
+# Ops that move or materialise data (elementwise ops fuse away on accelerators and are not
+# counted; the GEMMs themselves are not layout work).
+LAYOUT_OPS = {
+    "stablehlo.gather", "stablehlo.scatter", "stablehlo.sort", "stablehlo.custom_call",
+    "stablehlo.all_to_all", "stablehlo.all_gather", "stablehlo.reduce_scatter",
+    "stablehlo.dot_general", "stablehlo.transpose", "stablehlo.concatenate",
+    "stablehlo.dynamic_update_slice", "stablehlo.pad",
+}
+
+
+# --- implementations as (dispatch, experts, combine) per rank -------------------------------
+
+def implementations(num_experts: int, tokens: int, k: int, num_ranks: int):
+    rows = rows_per_round(tokens, k, num_ranks, RELAYFREE_FACTOR)
+    cap = capacity.capacity_for(tokens, k, num_experts, CAPACITY_FACTOR)
+    common = dict(num_experts=num_experts, axis_name=AXIS)
+
+    def rf_disp(x, ids, w):
+        h = prefill.plan_and_pack(x, ids, w, rows_per_round=rows, **common)
+        return prefill.dispatch_round(h, 0), h
+
+    def rf_comb(out, h):
+        return prefill.weighted_sum(prefill.combine_round(h, out, 0))
+
+    def rf_layer(x, ids, w, wg, wu, wd):
+        return prefill.prefill_moe(
+            x, ids, w, lambda win: grouped_swiglu(win.rows, win.group_sizes, wg, wu, wd),
+            rows_per_round=rows, **common)
+
+    impls = {
+        "relayfree": dict(
+            dispatch=rf_disp,
+            experts=lambda win, wg, wu, wd: grouped_swiglu(win.rows, win.group_sizes, wg, wu, wd),
+            combine=rf_comb, layer=rf_layer),
+        "relayfree_decode": dict(
+            dispatch=lambda x, ids, w: decode.dispatch(x, ids, w, **common),
+            experts=lambda s, wg, wu, wd: dense_swiglu_weighted(s.rows, s.row_weights, wg, wu, wd),
+            combine=decode.combine),
+        "ragged_baseline": dict(
+            dispatch=lambda x, ids, w: ragged.dispatch(x, ids, w, **common),
+            experts=lambda g, wg, wu, wd: grouped_swiglu(g[0], g[1], wg, wu, wd),
+            combine=ragged.combine),
+        "capacity_baseline": dict(
+            dispatch=lambda x, ids, w: capacity.dispatch(x, ids, w, capacity=cap, **common),
+            experts=lambda e, wg, wu, wd: jax.vmap(swiglu)(e, wg, wu, wd),
+            combine=capacity.combine),
+    }
+    return impls, dict(relayfree_rows=rows, capacity=cap)
+
+
+def estimated_bytes(name: str, tokens: int, k: int, d: int, num_ranks: int, num_experts: int,
+                    itemsize: int = 4) -> int:
+    """Rough size of the big buffers of one layer call over all ranks (for the skip guard)."""
+    tk = tokens * k
+    if name == "relayfree":
+        rows = rows_per_round(tokens, k, num_ranks, RELAYFREE_FACTOR)
+        per_rank = 3 * tk + 2 * rows + 2 * num_ranks * min(tk, rows)  # + emulation padding
+    elif name == "relayfree_decode":
+        per_rank = 4 * num_ranks * tokens + num_ranks * tokens * (num_experts // num_ranks) * 2
+    elif name == "ragged_baseline":
+        per_rank = 3 * tk + 5 * num_ranks * tk + 2 * num_ranks * tk
+    else:
+        cap = capacity.capacity_for(tokens, k, num_experts, CAPACITY_FACTOR)
+        per_rank = 5 * num_experts * cap + tokens * num_experts * cap // max(d, 1) * 2
+    return per_rank * d * itemsize * num_ranks
+
+
+# --- harness ----------------------------------------------------------------------------------
+
+def median_seconds(fn, *a, repeats: int) -> float:
+    jax.block_until_ready(fn(*a))
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*a))
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def stack(tree):
+    return jax.tree.map(lambda a: a[None], tree)
+
+
+def unstack(tree):
+    return jax.tree.map(lambda a: a[0], tree)
+
+
+def make_inputs(mesh, n, d, f, num_experts, k, seed=0):
+    rng = np.random.default_rng(seed)
+    tok, exp = NamedSharding(mesh, P(AXIS)), NamedSharding(mesh, P(AXIS, None, None))
+    ids = np.argsort(rng.random((n, num_experts)), axis=1)[:, :k].astype(np.int32)
+    put = jax.device_put
+    x = put(jnp.asarray(rng.standard_normal((n, d)), jnp.float32), tok)
+    w = put(jnp.asarray(rng.uniform(0.1, 1, (n, k)), jnp.float32), tok)
+    wg = put(jnp.asarray(rng.standard_normal((num_experts, d, f)) / np.sqrt(d), jnp.float32), exp)
+    wu = put(jnp.asarray(rng.standard_normal((num_experts, d, f)) / np.sqrt(d), jnp.float32), exp)
+    wd = put(jnp.asarray(rng.standard_normal((num_experts, f, d)) / np.sqrt(f), jnp.float32), exp)
+    return (x, put(jnp.asarray(ids), tok), w), (wg, wu, wd)
+
+
+def sharded(mesh, fn, in_specs, out_specs):
+    return jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs))
+
+
+def measure_impl(mesh, impl, tokens_in, weights, *, repeats, analyse, min_elements):
+    tok, exp, stacked = P(AXIS), P(AXIS, None, None), P(AXIS)
+    disp = sharded(mesh, lambda x, i, w: stack(impl["dispatch"](x, i, w)), (tok,) * 3, stacked)
+    recv, handle = disp(*tokens_in)
+    experts = sharded(mesh, lambda r, *w: stack(impl["experts"](unstack(r), *w)),
+                      (stacked, exp, exp, exp), stacked)
+    out = experts(recv, *weights)
+    comb = sharded(mesh, lambda o, h: impl["combine"](unstack(o), unstack(h)), (stacked, stacked), tok)
+
+    def whole(x, i, w, wg, wu, wd):
+        if "layer" in impl:
+            return impl["layer"](x, i, w, wg, wu, wd)
+        r, h = impl["dispatch"](x, i, w)
+        return impl["combine"](impl["experts"](r, wg, wu, wd), h)
+
+    layer = sharded(mesh, whole, (tok,) * 3 + (exp,) * 3, tok)
+    row = {
+        "dispatch_s": median_seconds(disp, *tokens_in, repeats=repeats),
+        "combine_s": median_seconds(comb, out, handle, repeats=repeats),
+        "layer_s": median_seconds(layer, *tokens_in, *weights, repeats=repeats),
+    }
+    y = layer(*tokens_in, *weights)
+    if hasattr(handle, "dropped"):
+        row["dropped_copies"] = int(np.asarray(handle.dropped).sum())
+    compiled = layer.lower(*tokens_in, *weights).compile()
+    row["temp_bytes_per_device"] = int(compiled.memory_analysis().temp_size_in_bytes)
+    if analyse:
+        row["full_size"] = {}
+        for phase, fn, fargs in (("dispatch", disp, tokens_in), ("combine", comb, (out, handle))):
+            native = fn.trace(*fargs).lower(lowering_platforms=("cuda",)).as_text()
+            bufs = [b for b in analysis.stablehlo_buffers(native, min_elements) if b.op in LAYOUT_OPS]
+            cpu = analysis.compiled_hlo_buffers(fn.lower(*fargs).compile().as_text(), min_elements)
+            row["full_size"][phase] = {"native": analysis.summarize(bufs),
+                                       "cpu": analysis.summarize(cpu)}
+    return row, y
+
+
+def floor_seconds(mesh, rows_per_rank, d, repeats):
+    """One read+write pass over T*k*d elements per rank: the memcpy floor."""
+    a = jax.device_put(jnp.ones((rows_per_rank * mesh.shape[AXIS], d), jnp.float32),
+                       NamedSharding(mesh, P(AXIS)))
+    fn = sharded(mesh, lambda a: a * 2.0, P(AXIS), P(AXIS))
+    return median_seconds(fn, a, repeats=repeats)
+
+
+def run_case(case, *, repeats, analyse, budget_bytes, names=None):
+    num_ranks, tokens, num_experts, k, d, f = (case[key] for key in ("P", "T", "E", "k", "d", "f"))
+    mesh = jax.make_mesh((num_ranks,), (AXIS,), devices=jax.devices()[:num_ranks])
+    tokens_in, weights = make_inputs(mesh, tokens * num_ranks, d, f, num_experts, k)
+    impls, sizes = implementations(num_experts, tokens, k, num_ranks)
+    names = names or list(impls)
+    result = dict(case, **sizes, floor_s=floor_seconds(mesh, tokens * k, d, repeats), impls={})
+    reference = None
+    for name in names:
+        est = estimated_bytes(name, tokens, k, d, num_ranks, num_experts)
+        if est > budget_bytes:
+            result["impls"][name] = {"skipped": f"estimated {est / 2**30:.1f} GiB of buffers"}
+            continue
+        row, y = measure_impl(mesh, impls[name], tokens_in, weights, repeats=repeats,
+                              analyse=analyse, min_elements=tokens * k * d)
+        if reference is None:
+            reference = np.asarray(y)
+        row["max_abs_diff_vs_first"] = float(np.abs(np.asarray(y) - reference).max())
+        result["impls"][name] = row
+        print(f"  {case['name']:>22s} P={num_ranks} T={tokens:5d} {name:18s} "
+              f"dispatch {row['dispatch_s']*1e3:8.2f} ms  combine {row['combine_s']*1e3:8.2f} ms  "
+              f"layer {row['layer_s']*1e3:8.2f} ms", flush=True)
+    base = result["impls"].get("relayfree", {})
+    for name, row in result["impls"].items():
+        if "skipped" in row or "dispatch_s" not in base:
+            continue
+        for key in ("dispatch_s", "combine_s", "layer_s"):
+            row[key.replace("_s", "_vs_relayfree")] = row[key] / base[key]
+            row[key.replace("_s", "_vs_floor")] = row[key] / result["floor_s"]
+    return result
+
+
+# --- configurations ---------------------------------------------------------------------------
+
+def configurations(mode: str):
+    if mode == "smoke":
+        main = [dict(name="smoke", P=4, T=16, E=8, k=2, d=32, f=16)]
+        return main, [dict(P=4, T=4, E=8, k=2, d=16, f=8)], [dict(P=2, T=8, E=8, k=2, d=16, f=8)]
+    quick = mode == "quick"
+    main = [
+        dict(name="prefill E64 k8", P=8, T=256 if quick else 512, E=64, k=8, d=1024, f=512),
+        dict(name="prefill DeepSeek-like", P=8, T=256 if quick else 512, E=256, k=8, d=1024, f=256),
+        dict(name="decode E64 k8", P=8, T=8, E=64, k=8, d=1024, f=512),
+        dict(name="decode DeepSeek-like", P=8, T=8, E=256, k=8, d=1024, f=256),
+    ]
+    if not quick:
+        main.insert(2, dict(name="decode E64 k8", P=8, T=64, E=64, k=8, d=1024, f=512))
+        main.insert(2, dict(name="decode E64 k8", P=8, T=1, E=64, k=8, d=1024, f=512))
+    tokens = (16, 64, 256, 1024) if quick else (16, 64, 256, 1024, 4096)
+    scaling_t = [dict(P=8, T=t, E=64, k=8, d=256, f=128) for t in tokens]
+    scaling_p = [dict(P=p, T=256, E=64, k=8, d=256, f=128) for p in (1, 2, 4, 8)]
+    return main, scaling_t, scaling_p
+
+
+# --- output -----------------------------------------------------------------------------------
+
+IMPL_ORDER = ("relayfree", "relayfree_decode", "ragged_baseline", "capacity_baseline")
+
+
+def fmt_ms(s):
+    return f"{s * 1e3:.2f}"
+
+
+def markdown(report) -> str:
+    lines = [f"# Benchmark ({report['mode']})", "",
+             f"Machine: {report['machine']}; JAX {report['jax']}; {report['devices']} "
+             f"{report['platform']} devices. Command: `{report['command']}`.", "",
+             "Times are medians in ms; `x` columns are ratios to relay-free (prefill schedule) "
+             "measured in the same run; floor = one read+write pass over `T*k*d` per rank.", ""]
+    lines += ["## Dispatch / combine / layer", "",
+              "| case | P | T/rank | E | k | d | impl | dispatch | x | combine | x | layer | x "
+              "| temp MiB/dev | dropped |",
+              "|" + "---|" * 15]
+    for case in report["main"]:
+        for name in IMPL_ORDER:
+            row = case["impls"].get(name)
+            if row is None:
+                continue
+            head = f"| {case['name']} | {case['P']} | {case['T']} | {case['E']} | {case['k']} | {case['d']} | {name} "
+            if "skipped" in row:
+                lines.append(head + f"| skipped: {row['skipped']} |" + " |" * 9)
+                continue
+            lines.append(
+                head + f"| {fmt_ms(row['dispatch_s'])} | {row.get('dispatch_vs_relayfree', 1):.2f} "
+                f"| {fmt_ms(row['combine_s'])} | {row.get('combine_vs_relayfree', 1):.2f} "
+                f"| {fmt_ms(row['layer_s'])} | {row.get('layer_vs_relayfree', 1):.2f} "
+                f"| {row['temp_bytes_per_device'] / 2**20:.1f} | {row.get('dropped_copies', 0)} |")
+    lines += ["", "## Full-size (>= T*k*d elements) buffers per rank", "",
+              "native = data-movement ops in the `cuda`-lowered StableHLO; cpu = materialised "
+              "buffers of the compiled CPU program.", "",
+              "| case | impl | dispatch native | combine native | dispatch cpu | combine cpu |",
+              "|---|---|---|---|---|---|"]
+    for case in report["main"]:
+        for name in IMPL_ORDER:
+            row = case["impls"].get(name, {})
+            fs = row.get("full_size")
+            if not fs:
+                continue
+            cell = lambda s: f"{s['count']} ({s['bytes'] / 2**20:.0f} MiB)"  # noqa: E731
+            lines.append(f"| {case['name']} T={case['T']} | {name} | {cell(fs['dispatch']['native'])} "
+                         f"| {cell(fs['combine']['native'])} | {cell(fs['dispatch']['cpu'])} "
+                         f"| {cell(fs['combine']['cpu'])} |")
+    for title, key, col in (("Scaling with tokens per rank", "scaling_tokens", "T"),
+                            ("Scaling with ranks", "scaling_ranks", "P")):
+        first = report[key][0] if report[key] else {}
+        fixed = ", ".join(f"{c}={first.get(c)}" for c in ("P", "T", "E", "k", "d") if c != col)
+        lines += ["", f"## {title} ({fixed}; dispatch + combine, ms)", "",
+                  f"| {col} | " + " | ".join(IMPL_ORDER) + " |", "|---" * (len(IMPL_ORDER) + 1) + "|"]
+        for case in report[key]:
+            cells = []
+            for name in IMPL_ORDER:
+                row = case["impls"].get(name)
+                if row is None:
+                    cells.append("-")
+                elif "skipped" in row:
+                    cells.append("skipped")
+                else:
+                    cells.append(fmt_ms(row["dispatch_s"] + row["combine_s"]))
+            lines.append(f"| {case[col]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plots(report, out_dir):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plots", file=sys.stderr)
+        return []
+    files = []
+    for key, col, label in (("scaling_tokens", "T", "tokens per rank"), ("scaling_ranks", "P", "ranks (P)")):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for name in IMPL_ORDER:
+            pts = [(c[col], c["impls"][name]["dispatch_s"] + c["impls"][name]["combine_s"])
+                   for c in report[key] if "dispatch_s" in c["impls"].get(name, {})]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=name)
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel(label)
+        ax.set_ylabel("dispatch + combine (s, median)")
+        ax.set_title(f"{key.replace('_', ' ')}: {report['devices']} {report['platform']} devices")
+        ax.legend()
+        ax.grid(True, which="both", alpha=0.3)
+        path = os.path.join(out_dir, f"{key}.png")
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        files.append(path)
+    return files
+
+
+def main(argv=None) -> int:
+    a = args if argv is None and args is not None else parse_args(argv)
+    mode = "smoke" if a.smoke else "quick" if a.quick else "full"
+    repeats = a.repeats or {"smoke": 2, "quick": 3, "full": 5}[mode]
+    budget = a.memory_budget_gb * 2**30
+    main_cases, scaling_t, scaling_p = configurations(mode)
+    report = {
+        "mode": mode, "command": "python scripts/bench.py" + {"smoke": " --smoke", "quick": " --quick", "full": ""}[mode],
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "jax": jax.__version__, "platform": jax.devices()[0].platform, "devices": len(jax.devices()),
+        "relayfree_capacity_factor": RELAYFREE_FACTOR, "baseline_capacity_factor": CAPACITY_FACTOR,
+        "main": [], "scaling_tokens": [], "scaling_ranks": [],
+    }
+    for case in main_cases:
+        names = [n for n in IMPL_ORDER if n != "relayfree_decode" or case["T"] <= 64]
+        report["main"].append(run_case(case, repeats=repeats, analyse=True, budget_bytes=budget,
+                                       names=names))
+    for key, cases in (("scaling_tokens", scaling_t), ("scaling_ranks", scaling_p)):
+        for case in cases:
+            names = [n for n in IMPL_ORDER if n != "relayfree_decode" or case["T"] <= 64]
+            report[key].append(run_case(dict(case, name=key), repeats=repeats, analyse=False,
+                                        budget_bytes=budget, names=names))
+    os.makedirs(a.out, exist_ok=True)
+    with open(os.path.join(a.out, "bench.json"), "w") as fh:
+        json.dump(report, fh, indent=1)
+    with open(os.path.join(a.out, "bench.md"), "w") as fh:
+        fh.write(markdown(report))
+    files = [] if a.no_plots else plots(report, a.out)
+    print(f"wrote {a.out}/bench.json, bench.md" + "".join(f", {os.path.basename(p)}" for p in files))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

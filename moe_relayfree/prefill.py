@@ -82,9 +82,13 @@ def plan_and_pack(
     )
 
 
-def _rows_per_peer(handle: PrefillHandle) -> int:
-    # A source sends at most all its copies to one peer, and a peer takes at most R per round.
-    return min(handle.send.shape[0], handle.plan.rows_per_round)
+def _peer_sizes(handle: PrefillHandle) -> dict:
+    """Static per-peer sizes for emulated collectives: the proven bound (a source has ``T*k``
+    copies; a round delivers at most ``R`` rows to a peer) and the balanced-routing size."""
+    copies = handle.send.shape[0]
+    num_ranks = handle.plan.counts.shape[0]
+    return dict(rows_per_peer=min(copies, handle.plan.rows_per_round),
+                typical_rows_per_peer=-(-2 * copies // num_ranks))
 
 
 def dispatch_round(handle: PrefillHandle, round_index: jax.Array | int = 0) -> ExpertWindows:
@@ -99,7 +103,7 @@ def dispatch_round(handle: PrefillHandle, round_index: jax.Array | int = 0) -> E
         seg.dest_offsets.reshape(-1),
         seg.recv_sizes.reshape(-1),
         axis_name=handle.axis_name,
-        rows_per_peer=_rows_per_peer(handle),
+        **_peer_sizes(handle),
     )
     return ExpertWindows(rows=rows, group_sizes=seg.group_sizes)
 
@@ -117,7 +121,7 @@ def combine_round(
         seg.source_offsets.reshape(-1),
         seg.send_sizes.reshape(-1),
         axis_name=handle.axis_name,
-        rows_per_peer=_rows_per_peer(handle),
+        **_peer_sizes(handle),
     )
     return dataclasses.replace(handle, returned=returned)
 

@@ -134,7 +134,7 @@ def test_cuda_lowering_keeps_native_op_and_cpu_lowering_emulates():
 def test_registered_implementation_is_used_on_cpu():
     calls = []
 
-    def doubled(operand, output, *args, axis_name, rows_per_peer):
+    def doubled(operand, output, *args, axis_name, rows_per_peer, typical_rows_per_peer):
         calls.append(rows_per_peer)
         return collectives.emulated_ragged_all_to_all(
             operand * 2, output, *args, axis_name=axis_name, rows_per_peer=rows_per_peer
@@ -158,3 +158,27 @@ def test_registered_implementation_is_used_on_cpu():
         collectives.register_ragged_all_to_all("cpu", collectives.emulated_ragged_all_to_all)
     assert calls, "custom implementation was not traced"
     np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize("mode", ["fits", "overflows"])
+def test_small_exchange_and_fallback_are_both_exact(mode):
+    """The emulation's small padded exchange (rounded up to 8 rows) is taken only when every
+    rank's sends fit it; otherwise the bound-sized one runs. Both give the documented result:
+    had the small one run while overflowing, rows would be missing."""
+    rng = np.random.default_rng(0)
+    num, m = 4, 6
+    operands, outputs, in_off, send, out_off, recv = random_case(rng, num, m, 120, 100)
+    expected = np.stack(numpy_ragged_all_to_all(operands, outputs, in_off, send, out_off, recv))
+    largest = int(send.reshape(num, num, m).sum(-1).max())
+    assert largest > 8
+    typical = largest if mode == "fits" else 1
+
+    def body(op, out, io, ss, oo, rs):
+        return collectives.emulated_ragged_all_to_all(
+            op, out, io, ss, oo, rs, axis_name="ep", rows_per_peer=120,
+            typical_rows_per_peer=typical,
+        )
+
+    f, args = run_sharded(num, body, operands, outputs, list(in_off), list(send),
+                          list(out_off), list(recv))
+    np.testing.assert_array_equal(np.asarray(f(*args)).reshape(expected.shape), expected)

@@ -84,6 +84,7 @@ def dispatch(
     received = ragged_all_to_all(  # step 2: source-major
         permuted, buf, send_offsets, send_sizes, dest_offsets, recv_sizes,
         axis_name=axis_name, rows_per_peer=min(n, rows_bound),
+        typical_rows_per_peer=-(-2 * n // num_ranks),
     )
 
     # Step 3: local expert of every received row (padding rows sort last), argsort, gather.
@@ -119,6 +120,7 @@ def combine(expert_out: jax.Array, handle: RaggedHandle) -> jax.Array:
         unsorted, back, handle.recv_offsets, handle.recv_sizes, handle.return_offsets,
         handle.send_sizes, axis_name=handle.axis_name,
         rows_per_peer=min(handle.num_copies, expert_out.shape[0]),
+        typical_rows_per_peer=-(-2 * handle.num_copies // handle.send_sizes.shape[0]),
     )
     unpermuted = jnp.zeros_like(returned).at[handle.order].set(returned)  # step 7
     t, k = handle.weights.shape

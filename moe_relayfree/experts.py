@@ -7,7 +7,7 @@ run in Hugging Face), the expert output is cast to the input dtype.
 Grouped compute over expert-major windows (prefill): ``jax.lax.ragged_dot`` where it is
 native (GPU/TPU). On XLA:CPU ``ragged_dot`` is a dense masked dot that does ``El`` times the
 work, so CPU gets a tiled loop that visits only the rows of each window (plus at most one
-partial tile per expert), fused over the three matmuls, with its own backward pass.
+partial tile per expert), fused over the three matmuls, with its own backward pass; tiles shrink with the mean window.
 """
 
 from __future__ import annotations
@@ -147,8 +147,18 @@ _grouped_swiglu_tiled.defvjp(_tiled_fwd, _tiled_bwd)
 CPU_TILE_ROWS = 64
 
 
-def grouped_swiglu_tiled(x, group_sizes, w_gate, w_up, w_down, tile: int = CPU_TILE_ROWS):
+def cpu_tile_rows(num_rows: int, num_groups: int) -> int:
+    """Tile rows for the CPU kernel: at most ``CPU_TILE_ROWS``, and no larger than the power of
+    two above the mean window (``num_rows / num_groups``), so tiny windows (decode-sized
+    batches) do not pay a mostly-masked 64-row tile per expert. At least 8."""
+    mean = max(1, num_rows // max(1, num_groups))
+    return max(8, min(CPU_TILE_ROWS, 1 << (mean - 1).bit_length()))
+
+
+def grouped_swiglu_tiled(x, group_sizes, w_gate, w_up, w_down, tile: int | None = None):
     """CPU grouped SwiGLU: only window rows (+ one partial tile per expert) are computed."""
+    if tile is None:
+        tile = cpu_tile_rows(x.shape[0], w_gate.shape[0])
     return _grouped_swiglu_tiled(x, group_sizes, w_gate, w_up, w_down, tile)
 
 

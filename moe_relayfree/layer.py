@@ -70,6 +70,7 @@ class MoELayer(nnx.Module):
         shared_gate: bool = False,
         schedule: Schedule = "auto",
         capacity_factor: float | None = DEFAULT_CAPACITY_FACTOR,
+        implementation: str = "relayfree",
         param_dtype=jnp.float32,
         rngs: nnx.Rngs,
     ):
@@ -83,6 +84,7 @@ class MoELayer(nnx.Module):
             raise ValueError(f"k={k} must be in [1, num_experts={num_experts}]")
         self.mesh, self.axis, self.k, self.num_experts = mesh, axis, k, num_experts
         self.router_config, self.schedule, self.capacity_factor = router, schedule, capacity_factor
+        self.implementation = implementation
         self.router = nnx.Param(_normal(rngs, (d_model, num_experts), d_model**-0.5, param_dtype))
         self.router_bias = (
             RouterBias(jnp.zeros((num_experts,), jnp.float32)) if router.score_bias else None
@@ -122,7 +124,7 @@ class MoELayer(nnx.Module):
             self.w_gate[...].astype(dtype), self.w_up[...].astype(dtype),
             self.w_down[...].astype(dtype),
             mesh=self.mesh, axis=self.axis, schedule=self.schedule,
-            capacity_factor=self.capacity_factor,
+            capacity_factor=self.capacity_factor, implementation=self.implementation,
         )[:n]
         if self.shared is not None:
             y = y + self.shared(tokens[:n])

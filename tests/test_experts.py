@@ -79,3 +79,12 @@ def test_bf16_windows():
     assert got.dtype == jnp.bfloat16
     want = per_window(x, gs, wg, wu, wd)
     np.testing.assert_allclose(got.astype(np.float32), want.astype(np.float32), atol=2e-2, rtol=2e-2)
+
+
+def test_cpu_tile_rows_follow_the_mean_window():
+    from moe_relayfree.experts import CPU_TILE_ROWS, cpu_tile_rows
+
+    assert cpu_tile_rows(8192, 8) == CPU_TILE_ROWS  # prefill-sized windows
+    assert cpu_tile_rows(128, 8) == 16  # decode-sized windows
+    assert cpu_tile_rows(16, 32) == 8  # never below 8
+    assert cpu_tile_rows(100, 3) == CPU_TILE_ROWS

@@ -1,0 +1,201 @@
+"""Decoder-only MoE transformer (Flax NNX) on top of ``moe_relayfree.MoELayer``.
+
+Covers Qwen3-MoE, Qwen2-MoE, Mixtral and OLMoE (GQA attention with RoPE) by configuration.
+Shapes: tokens ``[B, S] int32``; hidden ``[B, S, d]``; KV cache per layer
+``k, v [B, L, n_kv, head_dim]`` with ``L`` the cache length.
+
+Batches are left-padded: ``pad [B] int32`` counts padding tokens at the start of each row;
+a row's positions (RoPE) start at 0 after its padding, and padded keys are never attended.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from jax.sharding import Mesh
+
+from models.config import ModelConfig
+from moe_relayfree.experts import swiglu
+from moe_relayfree.layer import MoELayer
+
+_F32 = jnp.float32
+
+
+def _normal(rngs: nnx.Rngs, shape, std: float, dtype) -> jax.Array:
+    return (jax.random.normal(rngs.params(), shape, _F32) * std).astype(dtype)
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, size: int, eps: float, param_dtype):
+        self.weight = nnx.Param(jnp.ones((size,), param_dtype))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        xf = x.astype(_F32)
+        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return (y * self.weight[...].astype(_F32)).astype(x.dtype)
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """Rotate-half RoPE (the Hugging Face Llama layout). x ``[B, S, H, D]``, positions ``[B, S]``."""
+    half = x.shape[-1] // 2
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, half, dtype=_F32) * 2.0 / x.shape[-1]))
+    angles = positions.astype(_F32)[..., None] * inv_freq  # [B, S, half]
+    cos = jnp.cos(angles)[:, :, None, :]
+    sin = jnp.sin(angles)[:, :, None, :]
+    xf = x.astype(_F32)
+    x1, x2 = xf[..., :half], xf[..., half:]
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+    """Per-layer keys/values ``[B, L, n_kv, head_dim]`` and the filled length (static per step)."""
+
+    k: list
+    v: list
+
+
+def init_cache(cfg: ModelConfig, batch: int, length: int, dtype) -> KVCache:
+    shape = (batch, length, cfg.n_kv_heads, cfg.head_dim)
+    return KVCache([jnp.zeros(shape, dtype) for _ in range(cfg.n_layers)],
+                   [jnp.zeros(shape, dtype) for _ in range(cfg.n_layers)])
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, param_dtype, rngs: nnx.Rngs):
+        d, h, kv, hd = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.cfg = cfg
+        std = d**-0.5
+        self.wq = nnx.Param(_normal(rngs, (d, h * hd), std, param_dtype))
+        self.wk = nnx.Param(_normal(rngs, (d, kv * hd), std, param_dtype))
+        self.wv = nnx.Param(_normal(rngs, (d, kv * hd), std, param_dtype))
+        self.wo = nnx.Param(_normal(rngs, (h * hd, d), (h * hd) ** -0.5, param_dtype))
+        if cfg.qkv_bias:
+            self.bq = nnx.Param(jnp.zeros((h * hd,), param_dtype))
+            self.bk = nnx.Param(jnp.zeros((kv * hd,), param_dtype))
+            self.bv = nnx.Param(jnp.zeros((kv * hd,), param_dtype))
+        else:
+            self.bq = self.bk = self.bv = None
+        if cfg.qk_norm == "head":
+            self.q_norm, self.k_norm = RMSNorm(hd, cfg.rms_eps, param_dtype), RMSNorm(hd, cfg.rms_eps, param_dtype)
+        elif cfg.qk_norm == "full":
+            self.q_norm = RMSNorm(h * hd, cfg.rms_eps, param_dtype)
+            self.k_norm = RMSNorm(kv * hd, cfg.rms_eps, param_dtype)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def __call__(self, x, positions, key_valid, cache_k, cache_v, start: int):
+        """x ``[B, S, d]``; positions ``[B, S]``; key_valid ``[B, L]`` bool (padding False);
+        cache ``[B, L, kv, hd]``; ``start`` (static) is where this chunk goes in the cache.
+        Returns (out ``[B, S, d]``, new cache_k, new cache_v)."""
+        cfg = self.cfg
+        b, s, _ = x.shape
+        dt = x.dtype
+
+        def proj(w, bias):
+            y = jnp.dot(x, w[...].astype(dt), preferred_element_type=_F32)
+            if bias is not None:
+                y = y + bias[...].astype(_F32)
+            return y.astype(dt)
+
+        q, k, v = proj(self.wq, self.bq), proj(self.wk, self.bk), proj(self.wv, self.bv)
+        if cfg.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.reshape(b, s, cfg.n_heads, cfg.head_dim)
+        k = k.reshape(b, s, cfg.n_kv_heads, cfg.head_dim)
+        v = v.reshape(b, s, cfg.n_kv_heads, cfg.head_dim)
+        if cfg.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
+        cache_k = jax.lax.dynamic_update_slice_in_dim(cache_k, k.astype(cache_k.dtype), start, 1)
+        cache_v = jax.lax.dynamic_update_slice_in_dim(cache_v, v.astype(cache_v.dtype), start, 1)
+        length = cache_k.shape[1]
+        groups = cfg.n_heads // cfg.n_kv_heads
+        qg = q.reshape(b, s, cfg.n_kv_heads, groups, cfg.head_dim)
+        scores = jnp.einsum("bsngh,blnh->bngsl", qg, cache_k.astype(dt),
+                            preferred_element_type=_F32) * cfg.head_dim**-0.5
+        causal = (start + jnp.arange(s))[:, None] >= jnp.arange(length)[None, :]  # [S, L]
+        mask = causal[None] & key_valid[:, None, :]  # [B, S, L]
+        scores = jnp.where(mask[:, None, None], scores, -1e30)
+        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+        out = jnp.einsum("bngsl,blnh->bsngh", probs, cache_v.astype(dt), preferred_element_type=_F32)
+        out = out.reshape(b, s, cfg.n_heads * cfg.head_dim).astype(dt)
+        return jnp.dot(out, self.wo[...].astype(dt), preferred_element_type=_F32).astype(dt), cache_k, cache_v
+
+
+class DenseMLP(nnx.Module):
+    def __init__(self, d_model: int, d_ff: int, *, param_dtype, rngs: nnx.Rngs):
+        self.w_gate = nnx.Param(_normal(rngs, (d_model, d_ff), d_model**-0.5, param_dtype))
+        self.w_up = nnx.Param(_normal(rngs, (d_model, d_ff), d_model**-0.5, param_dtype))
+        self.w_down = nnx.Param(_normal(rngs, (d_ff, d_model), d_ff**-0.5, param_dtype))
+
+    def __call__(self, x):
+        dt = x.dtype
+        flat = x.reshape(-1, x.shape[-1])
+        y = swiglu(flat, self.w_gate[...].astype(dt), self.w_up[...].astype(dt), self.w_down[...].astype(dt))
+        return y.reshape(x.shape)
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, index: int, *, mesh: Mesh, axis: str, schedule: str,
+                 implementation: str, param_dtype, rngs: nnx.Rngs):
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.rms_eps, param_dtype)
+        self.attn = Attention(cfg, param_dtype=param_dtype, rngs=rngs)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.rms_eps, param_dtype)
+        if cfg.moe_layers[index]:
+            self.mlp = MoELayer(
+                cfg.d_model, cfg.d_ff_expert, cfg.num_experts, cfg.k, mesh=mesh, axis=axis,
+                router=cfg.router, shared_d_ff=cfg.shared_d_ff, shared_gate=cfg.shared_gate,
+                schedule=schedule, implementation=implementation, param_dtype=param_dtype, rngs=rngs,
+            )
+        else:
+            self.mlp = DenseMLP(cfg.d_model, cfg.d_ff, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x, positions, key_valid, cache_k, cache_v, start: int):
+        h, cache_k, cache_v = self.attn(self.attn_norm(x), positions, key_valid, cache_k, cache_v, start)
+        x = x + h
+        return x + self.mlp(self.mlp_norm(x)), cache_k, cache_v
+
+
+class MoETransformer(nnx.Module):
+    """Embedding -> decoder layers (dense or MoE per ``cfg.moe_layers``) -> norm -> LM head."""
+
+    def __init__(self, cfg: ModelConfig, *, mesh: Mesh, axis: str = "ep", schedule: str = "auto",
+                 implementation: str = "relayfree", param_dtype=jnp.float32, rngs: nnx.Rngs):
+        if cfg.is_mla:
+            raise NotImplementedError("MLA attention (deepseek_v3) is not implemented yet")
+        self.cfg = cfg
+        self.embed = nnx.Param(_normal(rngs, (cfg.vocab_size, cfg.d_model), 1.0, param_dtype))
+        self.layers = nnx.List([
+            DecoderLayer(cfg, i, mesh=mesh, axis=axis, schedule=schedule,
+                         implementation=implementation, param_dtype=param_dtype, rngs=rngs)
+            for i in range(cfg.n_layers)
+        ])
+        self.norm = RMSNorm(cfg.d_model, cfg.rms_eps, param_dtype)
+        self.lm_head = None if cfg.tie_embeddings else nnx.Param(
+            _normal(rngs, (cfg.d_model, cfg.vocab_size), cfg.d_model**-0.5, param_dtype))
+
+    def __call__(self, tokens: jax.Array, pad: jax.Array, cache: KVCache, start: int,
+                 dtype=jnp.float32) -> tuple[jax.Array, KVCache]:
+        """tokens ``[B, S]`` written at cache rows ``[start, start+S)`` (static ``start``);
+        pad ``[B]`` left-padding per row. Returns (logits ``[B, S, V] f32``, cache)."""
+        b, s = tokens.shape
+        length = cache.k[0].shape[1]
+        x = jnp.take(self.embed[...], tokens, axis=0).astype(dtype)
+        positions = jnp.maximum(start + jnp.arange(s)[None, :] - pad[:, None], 0)
+        key_valid = jnp.arange(length)[None, :] >= pad[:, None]
+        new_k, new_v = [], []
+        for layer, ck, cv in zip(self.layers, cache.k, cache.v):
+            x, ck, cv = layer(x, positions, key_valid, ck, cv, start)
+            new_k.append(ck)
+            new_v.append(cv)
+        x = self.norm(x)
+        head = self.embed[...].T if self.lm_head is None else self.lm_head[...]
+        logits = jnp.dot(x, head.astype(dtype), preferred_element_type=_F32)
+        return logits, KVCache(new_k, new_v)

@@ -136,3 +136,32 @@ def from_hf_config(cfg: dict) -> ModelConfig:
             v_head_dim=_get(cfg, "v_head_dim", required=True),
         )
     raise ValueError(f"unsupported model_type {model_type!r}; supported: {ARCHITECTURES}")
+
+
+def to_hf_config(cfg: ModelConfig) -> dict:
+    """The Hugging Face ``config.json`` dict for ``cfg`` (GQA architectures)."""
+    if cfg.is_mla:
+        raise NotImplementedError("writing deepseek_v3 configs is not supported yet")
+    out = dict(
+        model_type=cfg.arch, vocab_size=cfg.vocab_size, hidden_size=cfg.d_model,
+        num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
+        num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim, rope_theta=cfg.rope_theta,
+        rms_norm_eps=cfg.rms_eps, tie_word_embeddings=cfg.tie_embeddings,
+        max_position_embeddings=cfg.max_position, num_experts_per_tok=cfg.k,
+        hidden_act="silu",
+    )
+    if cfg.arch in ("qwen3_moe", "qwen2_moe"):
+        out.update(num_experts=cfg.num_experts, moe_intermediate_size=cfg.d_ff_expert,
+                   intermediate_size=cfg.d_ff, decoder_sparse_step=1,
+                   mlp_only_layers=[i for i, m in enumerate(cfg.moe_layers) if not m],
+                   norm_topk_prob=cfg.router.renormalize)
+        if cfg.arch == "qwen2_moe":
+            out.update(shared_expert_intermediate_size=cfg.shared_d_ff, qkv_bias=True)
+        else:
+            out.update(attention_bias=cfg.qkv_bias)
+    elif cfg.arch == "mixtral":
+        out.update(num_local_experts=cfg.num_experts, intermediate_size=cfg.d_ff_expert)
+    elif cfg.arch == "olmoe":
+        out.update(num_experts=cfg.num_experts, intermediate_size=cfg.d_ff_expert,
+                   norm_topk_prob=cfg.router.renormalize)
+    return out

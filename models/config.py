@@ -65,6 +65,23 @@ def _get(cfg: dict, key: str, default: Any = None, required: bool = False):
     return default
 
 
+def _num_experts(cfg: dict) -> int:
+    """``num_experts`` (transformers 4 Qwen/OLMoE) or ``num_local_experts`` (Mixtral, v5)."""
+    value = _get(cfg, "num_experts", _get(cfg, "num_local_experts"))
+    if value is None:
+        raise ValueError("config.json has neither 'num_experts' nor 'num_local_experts'")
+    return int(value)
+
+
+def _rope_theta(cfg: dict) -> float:
+    """RoPE base from ``rope_theta`` (transformers 4) or ``rope_parameters`` (transformers 5)."""
+    params = _get(cfg, "rope_parameters") or _get(cfg, "rope_scaling") or {}
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind not in ("default", None):
+        raise ValueError(f"rope_type {kind!r} is not supported yet (only default RoPE)")
+    return float(_get(cfg, "rope_theta") or params.get("rope_theta") or 10000.0)
+
+
 def from_hf_config(cfg: dict) -> ModelConfig:
     """Maps a Hugging Face ``config.json`` (as a dict) to :class:`ModelConfig`."""
     model_type = _get(cfg, "model_type", required=True)
@@ -79,7 +96,7 @@ def from_hf_config(cfg: dict) -> ModelConfig:
         n_kv_heads=_get(cfg, "num_key_value_heads", n_heads),
         head_dim=_get(cfg, "head_dim", d_model // n_heads),
         d_ff=_get(cfg, "intermediate_size", 0),
-        rope_theta=float(_get(cfg, "rope_theta", 10000.0)),
+        rope_theta=_rope_theta(cfg),
         rms_eps=float(_get(cfg, "rms_norm_eps", 1e-6)),
         tie_embeddings=bool(_get(cfg, "tie_word_embeddings", False)),
         max_position=int(_get(cfg, "max_position_embeddings", 4096)),
@@ -87,7 +104,7 @@ def from_hf_config(cfg: dict) -> ModelConfig:
     if model_type in ("qwen3_moe", "qwen2_moe"):
         step = _get(cfg, "decoder_sparse_step", 1)
         dense = set(_get(cfg, "mlp_only_layers", []))
-        num_experts = _get(cfg, "num_experts", required=True)
+        num_experts = _num_experts(cfg)
         moe = tuple(i not in dense and num_experts > 0 and (i + 1) % step == 0 for i in range(n_layers))
         extra = dict(
             arch=model_type, num_experts=num_experts, k=_get(cfg, "num_experts_per_tok", required=True),
@@ -102,14 +119,14 @@ def from_hf_config(cfg: dict) -> ModelConfig:
         return ModelConfig(**common, **extra)
     if model_type == "mixtral":
         return ModelConfig(
-            **common, arch="mixtral", num_experts=_get(cfg, "num_local_experts", required=True),
+            **common, arch="mixtral", num_experts=_num_experts(cfg),
             k=_get(cfg, "num_experts_per_tok", required=True),
             d_ff_expert=_get(cfg, "intermediate_size", required=True),
             moe_layers=(True,) * n_layers, router=RouterConfig(renormalize=True),
         )
     if model_type == "olmoe":
         return ModelConfig(
-            **common, arch="olmoe", num_experts=_get(cfg, "num_experts", required=True),
+            **common, arch="olmoe", num_experts=_num_experts(cfg),
             k=_get(cfg, "num_experts_per_tok", required=True),
             d_ff_expert=_get(cfg, "intermediate_size", required=True),
             moe_layers=(True,) * n_layers, qk_norm="full",

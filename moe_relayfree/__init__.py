@@ -1,7 +1,7 @@
 """moe-relayfree: relay-buffer-free expert-parallel MoE dispatch/combine for JAX."""
 
 from moe_relayfree import collectives, decode, plan, prefill, routing
-from moe_relayfree.api import DEFAULT_CAPACITY_FACTOR, expert_parallel_moe
+from moe_relayfree.api import DEFAULT_CAPACITY_FACTOR, expert_parallel_moe, make_ep_mesh
 from moe_relayfree.selection import (
     DEFAULT_DECODE_THRESHOLD,
     calibrate_decode_threshold,
@@ -29,6 +29,7 @@ __all__ = [
     "dense_moe_reference",
     "dispatch",
     "expert_parallel_moe",
+    "make_ep_mesh",
     "grouped_swiglu",
     "plan",
     "prefill",

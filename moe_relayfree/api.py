@@ -184,3 +184,15 @@ def expert_parallel_moe(
 @functools.lru_cache(maxsize=256)
 def _jitted(fn):
     return jax.jit(fn)
+
+
+def make_ep_mesh(num_devices: int | None = None, axis: str = "ep", devices=None) -> Mesh:
+    """A 1-D expert-parallel mesh with an Auto axis (the default ``jax.make_mesh`` axis is
+    Explicit, whose sharding types then propagate into the surrounding model code)."""
+    devices = list(devices if devices is not None else jax.devices())
+    if num_devices is not None:
+        if num_devices > len(devices):
+            raise ValueError(f"asked for {num_devices} devices, {len(devices)} available")
+        devices = devices[:num_devices]
+    return jax.make_mesh((len(devices),), (axis,), devices=devices,
+                         axis_types=(jax.sharding.AxisType.Auto,))

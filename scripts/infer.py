@@ -110,7 +110,7 @@ def main(argv=None) -> int:
               "`python scripts/train_default.py` or pass --checkpoint DIR", file=sys.stderr)
         return 2
     devices = jax.devices()
-    mesh = jax.make_mesh((len(devices),), ("ep",))
+    mesh = mr.make_ep_mesh()
     model = checkpoint.load_model(args.checkpoint, mesh=mesh, schedule=args.schedule,
                                   implementation=DISPATCH[args.dispatch])
     texts = args.prompt or DEFAULT_PROMPTS

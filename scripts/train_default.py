@@ -69,6 +69,7 @@ def main(argv=None) -> int:
     from models import checkpoint, safetensors_io, tokenizer
     from models.config import ModelConfig, to_hf_config
     from models.transformer import MoETransformer, init_cache
+    from moe_relayfree import make_ep_mesh
 
     cfg = ModelConfig(
         arch="qwen3_moe", vocab_size=tokenizer.VOCAB_SIZE, d_model=128, n_layers=4, n_heads=4,
@@ -77,9 +78,10 @@ def main(argv=None) -> int:
     )
     corpus = np.frombuffer(docstring_corpus().encode(), dtype=np.uint8).astype(np.int32)
     print(f"corpus: {corpus.size} bytes from {len(MODULES)} modules", flush=True)
-    mesh = jax.make_mesh((1,), ("ep",), devices=jax.devices()[:1])
+    mesh = make_ep_mesh(1)
     model = MoETransformer(cfg, mesh=mesh, rngs=nnx.Rngs(args.seed))
-    schedule = optax.warmup_cosine_decay_schedule(0.0, args.lr, 100, args.steps, args.lr * 0.05)
+    warmup = min(100, args.steps // 10)
+    schedule = optax.warmup_cosine_decay_schedule(0.0, args.lr, warmup, args.steps, args.lr * 0.05)
     opt = nnx.Optimizer(model, optax.chain(optax.clip_by_global_norm(1.0),
                                            optax.adamw(schedule, weight_decay=0.01)), wrt=nnx.Param)
     pad = jnp.zeros((args.batch,), jnp.int32)

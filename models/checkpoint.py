@@ -111,14 +111,26 @@ def _entries(model: MoETransformer):
         a = layer.attn
         plain += [(f"{pre}.input_layernorm.weight", layer.attn_norm.weight, False),
                   (f"{pre}.post_attention_layernorm.weight", layer.mlp_norm.weight, False)]
-        plain += [(f"{pre}.self_attn.{n}_proj.weight", w, True)
-                  for n, w in (("q", a.wq), ("k", a.wk), ("v", a.wv), ("o", a.wo))]
-        if cfg.qkv_bias:
-            plain += [(f"{pre}.self_attn.{n}_proj.bias", b, False)
-                      for n, b in (("q", a.bq), ("k", a.bk), ("v", a.bv))]
-        if a.q_norm is not None:
-            plain += [(f"{pre}.self_attn.q_norm.weight", a.q_norm.weight, False),
-                      (f"{pre}.self_attn.k_norm.weight", a.k_norm.weight, False)]
+        if cfg.is_mla:
+            att = f"{pre}.self_attn"
+            if a.wq is not None:
+                plain.append((f"{att}.q_proj.weight", a.wq, True))
+            else:
+                plain += [(f"{att}.q_a_proj.weight", a.q_a, True),
+                          (f"{att}.q_a_layernorm.weight", a.q_a_norm.weight, False),
+                          (f"{att}.q_b_proj.weight", a.q_b, True)]
+            plain += [(f"{att}.kv_a_proj_with_mqa.weight", a.kv_a, True),
+                      (f"{att}.kv_a_layernorm.weight", a.kv_a_norm.weight, False),
+                      (f"{att}.kv_b_proj.weight", a.kv_b, True), (f"{att}.o_proj.weight", a.wo, True)]
+        else:
+            plain += [(f"{pre}.self_attn.{n}_proj.weight", w, True)
+                      for n, w in (("q", a.wq), ("k", a.wk), ("v", a.wv), ("o", a.wo))]
+            if cfg.qkv_bias:
+                plain += [(f"{pre}.self_attn.{n}_proj.bias", b, False)
+                          for n, b in (("q", a.bq), ("k", a.bk), ("v", a.bv))]
+            if a.q_norm is not None:
+                plain += [(f"{pre}.self_attn.q_norm.weight", a.q_norm.weight, False),
+                          (f"{pre}.self_attn.k_norm.weight", a.k_norm.weight, False)]
         m = layer.mlp
         if not cfg.moe_layers[i]:
             plain += [(f"{pre}.mlp.{n}_proj.weight", w, True)
@@ -126,9 +138,12 @@ def _entries(model: MoETransformer):
             continue
         mp = f"{pre}.block_sparse_moe" if cfg.arch == "mixtral" else f"{pre}.mlp"
         plain.append((f"{mp}.gate.weight", m.router, True))
+        if m.router_bias is not None:
+            plain.append((f"{mp}.gate.e_score_correction_bias", m.router_bias, False))
         if m.shared is not None:
             s = m.shared
-            plain += [(f"{mp}.shared_expert.{n}_proj.weight", w, True)
+            shared = "shared_experts" if cfg.arch == "deepseek_v3" else "shared_expert"
+            plain += [(f"{mp}.{shared}.{n}_proj.weight", w, True)
                       for n, w in (("gate", s.w_gate), ("up", s.w_up), ("down", s.w_down))]
             if s.gate is not None:
                 plain.append((f"{mp}.shared_expert_gate.weight", s.gate, True))

@@ -40,6 +40,7 @@ class ModelConfig:
     qk_nope_head_dim: int = 0
     qk_rope_head_dim: int = 0
     v_head_dim: int = 0
+    rope_interleave: bool = True
     max_position: int = 4096
 
     def __post_init__(self):
@@ -136,6 +137,8 @@ def from_hf_config(cfg: dict) -> ModelConfig:
         first_dense = _get(cfg, "first_k_dense_replace", 0)
         freq = _get(cfg, "moe_layer_freq", 1)
         moe = tuple(i >= first_dense and i % freq == 0 for i in range(n_layers))
+        if not _get(cfg, "n_routed_experts") and _get(cfg, "num_local_experts"):
+            cfg = dict(cfg, n_routed_experts=cfg["num_local_experts"])
         d_ff_expert = _get(cfg, "moe_intermediate_size", required=True)
         return ModelConfig(
             **dict(common, head_dim=_get(cfg, "qk_nope_head_dim", 0) + _get(cfg, "qk_rope_head_dim", 0)),
@@ -151,14 +154,13 @@ def from_hf_config(cfg: dict) -> ModelConfig:
             qk_nope_head_dim=_get(cfg, "qk_nope_head_dim", required=True),
             qk_rope_head_dim=_get(cfg, "qk_rope_head_dim", required=True),
             v_head_dim=_get(cfg, "v_head_dim", required=True),
+            rope_interleave=bool(_get(cfg, "rope_interleave", True)),
         )
     raise ValueError(f"unsupported model_type {model_type!r}; supported: {ARCHITECTURES}")
 
 
 def to_hf_config(cfg: ModelConfig) -> dict:
-    """The Hugging Face ``config.json`` dict for ``cfg`` (GQA architectures)."""
-    if cfg.is_mla:
-        raise NotImplementedError("writing deepseek_v3 configs is not supported yet")
+    """The Hugging Face ``config.json`` dict for ``cfg``."""
     out = dict(
         model_type=cfg.arch, vocab_size=cfg.vocab_size, hidden_size=cfg.d_model,
         num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
@@ -178,6 +180,21 @@ def to_hf_config(cfg: ModelConfig) -> dict:
             out.update(attention_bias=cfg.qkv_bias)
     elif cfg.arch == "mixtral":
         out.update(num_local_experts=cfg.num_experts, intermediate_size=cfg.d_ff_expert)
+    elif cfg.arch == "deepseek_v3":
+        first = cfg.moe_layers.index(True) if any(cfg.moe_layers) else cfg.n_layers
+        if cfg.moe_layers != tuple(i >= first for i in range(cfg.n_layers)):
+            raise ValueError("deepseek_v3 configs need dense layers first, then MoE layers")
+        if cfg.shared_d_ff % cfg.d_ff_expert:
+            raise ValueError("deepseek_v3 shared_d_ff must be a multiple of d_ff_expert")
+        r = cfg.router
+        out.update(n_routed_experts=cfg.num_experts, moe_intermediate_size=cfg.d_ff_expert,
+                   n_shared_experts=cfg.shared_d_ff // cfg.d_ff_expert, intermediate_size=cfg.d_ff,
+                   first_k_dense_replace=first, moe_layer_freq=1, n_group=r.n_group,
+                   topk_group=r.topk_group, routed_scaling_factor=r.routed_scaling_factor,
+                   norm_topk_prob=r.renormalize, q_lora_rank=cfg.q_lora_rank,
+                   kv_lora_rank=cfg.kv_lora_rank, qk_nope_head_dim=cfg.qk_nope_head_dim,
+                   qk_rope_head_dim=cfg.qk_rope_head_dim, v_head_dim=cfg.v_head_dim,
+                   head_dim=cfg.qk_rope_head_dim, rope_interleave=cfg.rope_interleave)
     elif cfg.arch == "olmoe":
         out.update(num_experts=cfg.num_experts, intermediate_size=cfg.d_ff_expert,
                    norm_topk_prob=cfg.router.renormalize)

@@ -1,6 +1,7 @@
 """Decoder-only MoE transformer (Flax NNX) on top of ``moe_relayfree.MoELayer``.
 
-Covers Qwen3-MoE, Qwen2-MoE, Mixtral and OLMoE (GQA attention with RoPE) by configuration.
+Covers Qwen3-MoE, Qwen2-MoE, Mixtral and OLMoE (GQA attention with RoPE) and DeepSeek-V3
+(multi-head latent attention, ``models/mla.py``) by configuration.
 Shapes: tokens ``[B, S] int32``; hidden ``[B, S, d]``; KV cache per layer
 ``k, v [B, L, n_kv, head_dim]`` with ``L`` the cache length.
 
@@ -62,9 +63,13 @@ class KVCache:
 
 
 def init_cache(cfg: ModelConfig, batch: int, length: int, dtype) -> KVCache:
-    shape = (batch, length, cfg.n_kv_heads, cfg.head_dim)
-    return KVCache([jnp.zeros(shape, dtype) for _ in range(cfg.n_layers)],
-                   [jnp.zeros(shape, dtype) for _ in range(cfg.n_layers)])
+    """GQA: k, v ``[B, L, n_kv, head_dim]``; MLA: latent ``[B, L, kv_lora]``, rope key ``[B, L, rope]``."""
+    if cfg.is_mla:
+        k_shape, v_shape = (batch, length, cfg.kv_lora_rank), (batch, length, cfg.qk_rope_head_dim)
+    else:
+        k_shape = v_shape = (batch, length, cfg.n_kv_heads, cfg.head_dim)
+    return KVCache([jnp.zeros(k_shape, dtype) for _ in range(cfg.n_layers)],
+                   [jnp.zeros(v_shape, dtype) for _ in range(cfg.n_layers)])
 
 
 class Attention(nnx.Module):
@@ -146,7 +151,12 @@ class DecoderLayer(nnx.Module):
     def __init__(self, cfg: ModelConfig, index: int, *, mesh: Mesh, axis: str, schedule: str,
                  implementation: str, param_dtype, rngs: nnx.Rngs):
         self.attn_norm = RMSNorm(cfg.d_model, cfg.rms_eps, param_dtype)
-        self.attn = Attention(cfg, param_dtype=param_dtype, rngs=rngs)
+        if cfg.is_mla:
+            from models.mla import MLAttention
+
+            self.attn = MLAttention(cfg, param_dtype=param_dtype, rngs=rngs)
+        else:
+            self.attn = Attention(cfg, param_dtype=param_dtype, rngs=rngs)
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.rms_eps, param_dtype)
         if cfg.moe_layers[index]:
             self.mlp = MoELayer(
@@ -168,8 +178,6 @@ class MoETransformer(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, *, mesh: Mesh, axis: str = "ep", schedule: str = "auto",
                  implementation: str = "relayfree", param_dtype=jnp.float32, rngs: nnx.Rngs):
-        if cfg.is_mla:
-            raise NotImplementedError("MLA attention (deepseek_v3) is not implemented yet")
         self.cfg = cfg
         self.embed = nnx.Param(_normal(rngs, (cfg.vocab_size, cfg.d_model), 1.0, param_dtype))
         self.layers = nnx.List([

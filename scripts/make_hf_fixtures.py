@@ -42,6 +42,12 @@ ARCHS = {
                 dict(num_local_experts=8, intermediate_size=24)),
     "olmoe": (transformers.OlmoeConfig, transformers.OlmoeForCausalLM,
               dict(num_experts=8, intermediate_size=24, norm_topk_prob=False)),
+    "deepseek_v3": (transformers.DeepseekV3Config, transformers.DeepseekV3ForCausalLM,
+                    dict(n_routed_experts=8, moe_intermediate_size=16, n_shared_experts=1,
+                         intermediate_size=48, first_k_dense_replace=1, n_group=4, topk_group=2,
+                         routed_scaling_factor=2.5, norm_topk_prob=True, q_lora_rank=16,
+                         kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,
+                         head_dim=4, num_key_value_heads=4)),
 }
 
 
@@ -61,6 +67,9 @@ def build(arch: str, scale: str, seed: int):
                     p.copy_(1.0 + 0.3 * torch.randn_like(p))
                 elif name.endswith("bias"):
                     p.copy_(0.1 * torch.randn_like(p))
+            for name, b in model.named_buffers():
+                if name.endswith("e_score_correction_bias"):  # DeepSeek-V3's selection bias
+                    b.copy_(0.1 * torch.randn_like(b))
     return model
 
 

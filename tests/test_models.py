@@ -23,6 +23,10 @@ def tiny(arch="qwen3_moe", **kw):
         "qwen2_moe": dict(qkv_bias=True, shared_d_ff=40, shared_gate=True,
                           router=RouterConfig(renormalize=False)),
         "mixtral": dict(moe_layers=(True, True), d_ff=24),  # all-MoE: HF has one FFN size
+        "deepseek_v3": dict(head_dim=12, n_kv_heads=4, shared_d_ff=24, q_lora_rank=16,
+                            kv_lora_rank=16, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=8,
+                            router=RouterConfig(method="sigmoid_grouped", n_group=4, topk_group=2,
+                                                routed_scaling_factor=2.5, score_bias=True)),
         "olmoe": dict(qk_norm="full", moe_layers=(True, True), d_ff=24,
                       router=RouterConfig(renormalize=False)),
     }[arch]
@@ -42,7 +46,7 @@ TOKENS = jnp.array([[5, 9, 12, 3, 7, 1], [0, 0, 8, 2, 60, 33]], jnp.int32)
 PAD = jnp.array([0, 2], jnp.int32)
 
 
-@pytest.mark.parametrize("arch", ["qwen3_moe", "qwen2_moe", "mixtral", "olmoe"])
+@pytest.mark.parametrize("arch", ["qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v3"])
 def test_prefill_then_decode_matches_full_forward(arch):
     model = build(tiny(arch), make_mesh(8))
     want = full_logits(model, TOKENS, PAD)
@@ -84,7 +88,7 @@ def save_folder(path, cfg, tensors):
     return str(path)
 
 
-@pytest.mark.parametrize("arch", ["qwen3_moe", "qwen2_moe", "mixtral", "olmoe"])
+@pytest.mark.parametrize("arch", ["qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v3"])
 @pytest.mark.parametrize("fused", [False, True])
 def test_checkpoint_round_trip(tmp_path, arch, fused):
     mesh = make_mesh(2)

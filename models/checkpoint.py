@@ -22,6 +22,7 @@ from jax.sharding import PartitionSpec as P
 from models import safetensors_io
 from models.config import ModelConfig, from_hf_config
 from models.transformer import MoETransformer
+from moe_relayfree.api import auto_mesh
 
 
 class CheckpointError(ValueError):
@@ -153,11 +154,15 @@ def _entries(model: MoETransformer):
 
 def load_weights(model: MoETransformer, tensors: dict[str, np.ndarray], *, mesh: Mesh, axis: str) -> None:
     """Fills ``model`` from Hugging Face tensor names; raises on missing/mismatched/unused."""
+    mesh = auto_mesh(mesh)
     t = _Tensors(tensors)
     plain, experts = _entries(model)
+    # Replicated parameters are placed on the mesh up front: left as single-device arrays, the
+    # first jitted call would hand them back replicated and the second call would recompile.
+    replicated = NamedSharding(mesh, P())
     for name, var, linear in plain:
         shape = tuple(var[...].shape)
-        _assign(var, t.take(name, shape[::-1]).T if linear else t.take(name, shape))
+        _assign(var, t.take(name, shape[::-1]).T if linear else t.take(name, shape), replicated)
     ep = NamedSharding(mesh, P(axis, None, None))
     for prefix, moe in experts:
         for var, value in zip((moe.w_gate, moe.w_up, moe.w_down), _experts(t, prefix, model.cfg)):

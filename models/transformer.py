@@ -20,6 +20,7 @@ from jax.sharding import Mesh
 
 from models.config import ModelConfig
 from moe_relayfree.experts import swiglu
+from moe_relayfree.api import auto_mesh
 from moe_relayfree.layer import MoELayer
 
 _F32 = jnp.float32
@@ -178,6 +179,9 @@ class MoETransformer(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, *, mesh: Mesh, axis: str = "ep", schedule: str = "auto",
                  implementation: str = "relayfree", param_dtype=jnp.float32, rngs: nnx.Rngs):
+        # One mesh type for the whole model: an Explicit axis would give the MoE outputs an
+        # explicit sharding type that then meets the unsharded rest of the model.
+        mesh = auto_mesh(mesh)
         self.cfg = cfg
         self.embed = nnx.Param(_normal(rngs, (cfg.vocab_size, cfg.d_model), 1.0, param_dtype))
         self.layers = nnx.List([

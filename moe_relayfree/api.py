@@ -186,6 +186,14 @@ def _jitted(fn):
     return jax.jit(fn)
 
 
+def auto_mesh(mesh: Mesh) -> Mesh:
+    """The same devices and axis names with every axis Auto."""
+    auto = (jax.sharding.AxisType.Auto,) * len(mesh.axis_names)
+    if tuple(mesh.axis_types) == auto:
+        return mesh
+    return Mesh(mesh.devices, mesh.axis_names, axis_types=auto)
+
+
 def make_ep_mesh(num_devices: int | None = None, axis: str = "ep", devices=None) -> Mesh:
     """A 1-D expert-parallel mesh with an Auto axis (the default ``jax.make_mesh`` axis is
     Explicit, whose sharding types then propagate into the surrounding model code)."""

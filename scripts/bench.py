@@ -29,7 +29,7 @@ def parse_args(argv=None):
     p.add_argument("--devices", type=int, default=8, help="emulated CPU devices (CPU only)")
     p.add_argument("--repeats", type=int, default=None)
     p.add_argument("--out", default="results/bench")
-    p.add_argument("--memory-budget-gb", type=float, default=10.0,
+    p.add_argument("--memory-budget-gb", type=float, default=14.0,
                    help="skip an implementation whose estimated buffers exceed this (all ranks)")
     p.add_argument("--no-plots", action="store_true")
     return p.parse_args(argv)
@@ -253,9 +253,9 @@ def configurations(mode: str):
     if not quick:
         main.insert(2, dict(name="decode E64 k8", P=8, T=64, E=64, k=8, d=1024, f=512))
         main.insert(2, dict(name="decode E64 k8", P=8, T=1, E=64, k=8, d=1024, f=512))
-    tokens = (16, 64, 256, 1024) if quick else (16, 64, 256, 1024, 4096)
-    scaling_t = [dict(P=8, T=t, E=64, k=8, d=256, f=128) for t in tokens]
-    scaling_p = [dict(P=p, T=256, E=64, k=8, d=256, f=128) for p in (1, 2, 4, 8)]
+    tokens = (16, 64, 256, 1024) if quick else (16, 64, 256, 1024, 4096, 16384)
+    scaling_t = [dict(P=8, T=t, E=64, k=8, d=128, f=64) for t in tokens]
+    scaling_p = [dict(P=p, T=256, E=64, k=8, d=128, f=64) for p in (1, 2, 4, 8)]
     return main, scaling_t, scaling_p
 
 

@@ -14,3 +14,53 @@ def encode(text: str, *, bos: bool = True) -> list[int]:
 def decode(ids) -> str:
     """Bytes back to text; special ids are dropped, invalid UTF-8 is replaced."""
     return bytes(int(i) for i in ids if 0 <= int(i) < 256).decode("utf-8", errors="replace")
+
+
+class ByteTokenizer:
+    """This module's byte-level scheme behind the same interface as a loaded tokenizer."""
+
+    bos_id = BOS
+
+    def encode(self, text: str) -> list[int]:
+        return encode(text)
+
+    def decode(self, ids) -> str:
+        return decode(ids)
+
+
+class HFTokenizer:
+    """A Hugging Face ``tokenizer.json`` through the ``tokenizers`` package (no transformers)."""
+
+    def __init__(self, path: str, bos_id: int | None):
+        try:
+            from tokenizers import Tokenizer
+        except ImportError:
+            raise ImportError(
+                f"{path} needs the 'tokenizers' package: pip install tokenizers "
+                "(or pip install -e '.[hf]')"
+            ) from None
+        self.tok = Tokenizer.from_file(path)
+        self.bos_id = bos_id
+
+    def encode(self, text: str) -> list[int]:
+        ids = self.tok.encode(text, add_special_tokens=False).ids
+        return ([self.bos_id] if self.bos_id is not None else []) + ids
+
+    def decode(self, ids) -> str:
+        return self.tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+
+def load_tokenizer(folder: str, vocab_size: int, bos_id: int | None = None):
+    """``folder/tokenizer.json`` if present; else the byte-level scheme, but only for a model
+    whose vocabulary is exactly it (259 ids), so a real checkpoint never gets the wrong one."""
+    import os
+
+    path = os.path.join(folder, "tokenizer.json")
+    if os.path.exists(path):
+        return HFTokenizer(path, bos_id)
+    if vocab_size == VOCAB_SIZE:
+        return ByteTokenizer()
+    raise FileNotFoundError(
+        f"{folder} has no tokenizer.json and its vocabulary ({vocab_size}) is not the byte-level "
+        f"one ({VOCAB_SIZE}); add the checkpoint's tokenizer.json"
+    )

@@ -113,10 +113,14 @@ def main(argv=None) -> int:
     mesh = mr.make_ep_mesh()
     model = checkpoint.load_model(args.checkpoint, mesh=mesh, schedule=args.schedule,
                                   implementation=DISPATCH[args.dispatch])
+    with open(os.path.join(args.checkpoint, "config.json")) as fh:
+        bos = json.load(fh).get("bos_token_id")
+    tok = tokenizer.load_tokenizer(args.checkpoint, model.cfg.vocab_size,
+                                   bos if bos is not None else tokenizer.BOS)
     texts = args.prompt or DEFAULT_PROMPTS
     if args.batch:
         texts = [texts[i % len(texts)] for i in range(args.batch)]
-    prompts = [tokenizer.encode(t) for t in texts]
+    prompts = [tok.encode(t) for t in texts]
 
     def progress(done, total):
         if not args.quiet:
@@ -134,7 +138,7 @@ def main(argv=None) -> int:
         "ttft_ms": 1e3 * result["ttft_s"], "tpot_ms": 1e3 * tpot,
         "decode_tokens_per_s": batch / tpot if tpot == tpot else None,
         "compile_s": result["compile_s"],
-        "outputs": [{"prompt": t, "completion": tokenizer.decode(g)} for t, g in zip(texts, result["tokens"])],
+        "outputs": [{"prompt": t, "completion": tok.decode(g)} for t, g in zip(texts, result["tokens"])],
     }
     if args.json:
         print(json.dumps(report, indent=2))

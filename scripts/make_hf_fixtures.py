@@ -11,7 +11,8 @@ Per architecture and init scale ("default": the architecture's own init, "large"
 random norm weights, so logits differ visibly between tokens), the folder holds the model as
 ``save_pretrained`` writes it (``config.json`` + ``model.safetensors``) and ``reference.npz``:
 ``input_ids [2, 12]``, ``logits [2, 12, V]`` (float32, one forward), ``prompt [1, 5]`` and
-``greedy [1, 8]`` (``generate`` with ``do_sample=False``).
+``greedy [1, 8]`` (``generate`` with ``do_sample=False``). ``tokenizer/`` holds the byte-level
+tokenizer as a Hugging Face ``tokenizer.json`` and the ids it produces for sample texts.
 """
 
 from __future__ import annotations
@@ -73,7 +74,31 @@ def build(arch: str, scale: str, seed: int):
     return model
 
 
+TOKENIZER_SAMPLES = ["def f(x):\n    return x + 1", "Return the number of items.",
+                     "naïve café, ünïcödé ✓", "  leading spaces\tand tabs\n\n"]
+
+
+def byte_tokenizer(folder: str) -> None:
+    """The project's byte-level tokenizer (ids 0-255 = bytes, 256 BOS, 257 EOS, 258 PAD) as a
+    Hugging Face ``tokenizer.json``, plus the ids it gives for a few texts."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    vocab = {ch: b for b, ch in bytes_to_unicode().items()}
+    vocab.update({"<bos>": 256, "<eos>": 257, "<pad>": 258})
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(["<bos>", "<eos>", "<pad>"])
+    os.makedirs(folder, exist_ok=True)
+    tok.save(os.path.join(folder, "tokenizer.json"))
+    samples = [{"text": t, "ids": tok.encode(t).ids} for t in TOKENIZER_SAMPLES]
+    with open(os.path.join(folder, "samples.json"), "w") as fh:
+        json.dump(samples, fh, indent=1, ensure_ascii=False)
+
+
 def main() -> int:
+    byte_tokenizer(os.path.join(OUT, "tokenizer"))
     rng = np.random.default_rng(0)
     input_ids = rng.integers(0, 256, size=(2, 12)).astype(np.int64)
     prompt = np.array([[256, 100, 101, 102, 32]], np.int64)

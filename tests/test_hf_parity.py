@@ -39,3 +39,25 @@ def test_logits_and_greedy_tokens_match_transformers(name, num_ranks, schedule):
     scale = max(1.0, float(np.abs(ref["logits"]).max()))
     np.testing.assert_allclose(np.asarray(logits), ref["logits"], atol=1e-5 * scale, rtol=1e-4)
     np.testing.assert_array_equal(greedy(model, ref["prompt"], ref["greedy"].shape[1]), ref["greedy"])
+
+
+def test_byte_tokenizer_matches_its_hugging_face_form():
+    from models import tokenizer
+
+    folder = os.path.join(FIXTURES, "tokenizer")
+    samples = json.load(open(os.path.join(folder, "samples.json")))
+    for s in samples:
+        assert tokenizer.encode(s["text"], bos=False) == s["ids"]
+        assert tokenizer.decode(s["ids"]) == s["text"]
+    assert any(max(s["ids"]) > 127 for s in samples)  # non-ASCII bytes covered
+    assert isinstance(tokenizer.load_tokenizer(FIXTURES, tokenizer.VOCAB_SIZE), tokenizer.ByteTokenizer)
+    with pytest.raises(FileNotFoundError, match="no tokenizer.json"):
+        tokenizer.load_tokenizer(FIXTURES, 32000)
+    try:
+        import tokenizers  # noqa: F401
+    except ImportError:
+        with pytest.raises(ImportError, match="pip install tokenizers"):
+            tokenizer.load_tokenizer(folder, tokenizer.VOCAB_SIZE)
+    else:
+        hf = tokenizer.load_tokenizer(folder, tokenizer.VOCAB_SIZE, bos_id=None)
+        assert [hf.encode(s["text"]) for s in samples] == [s["ids"] for s in samples]

@@ -42,8 +42,8 @@ def main(argv=None) -> int:
     from infer import generate
     from models import checkpoint
 
-    batches = args.batches or ([1, 4, 16] if args.quick else [1, 2, 4, 8, 16, 32, 64])
-    lengths = args.prompt_lengths or ([16, 64] if args.quick else [16, 64, 256])
+    batches = args.batches or ([1, 4, 16] if args.quick else [1, 4, 16, 64, 128, 256, 512])
+    lengths = args.prompt_lengths or ([16, 64] if args.quick else [16, 64, 256, 1024])
     base_len, base_batch = lengths[0], 8 if not args.quick else 4
     mesh = mr.make_ep_mesh()
     rng = np.random.default_rng(0)
@@ -109,10 +109,10 @@ def main(argv=None) -> int:
         for name in models:
             pts = [(r["batch"], r["tpot_ms"]) for r in decode_rows if r["dispatch"] == name]
             a1.plot(*zip(*pts), marker="o", label=name)
-            pts = [(r["prompt"], r["ttft_ms"]) for r in rows
-                   if r["dispatch"] == name and (r["batch"] == base_batch or r["prompt"] == base_len and r["batch"] == base_batch)]
+            pts = sorted((r["prompt"], r["ttft_ms"]) for r in rows
+                         if r["dispatch"] == name and r["batch"] == base_batch)
             if pts:
-                a2.plot(*zip(*sorted(set(pts))), marker="o", label=name)
+                a2.plot(*zip(*pts), marker="o", label=name)
         a1.axhline(target, color="gray", ls="--", label="TPOT target")
         a1.set(xscale="log", xlabel="batch", ylabel="TPOT ms (median)", title=f"decode, prompt {base_len}")
         a2.set(xscale="log", xlabel="prompt tokens", ylabel="TTFT ms", title=f"prefill, batch {base_batch}")

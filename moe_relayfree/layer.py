@@ -54,6 +54,8 @@ class MoELayer(nnx.Module):
 
     Call: x ``[..., d]`` -> ``[..., d]`` (x.dtype). Any token count works: the flattened tokens
     are padded to a multiple of the axis size with zero-weight rows, which are dropped after.
+    ``schedule``, ``capacity_factor`` and ``implementation`` are passed to
+    :func:`moe_relayfree.expert_parallel_moe` ("relayfree", or a baseline for comparison).
     """
 
     def __init__(

@@ -33,15 +33,14 @@ def dense_layer(params, x, k, cfg):
 
 def layer_params(layer):
     """Plain arrays from a MoELayer, or from the nnx.State of its gradients."""
-    get = lambda obj, name: getattr(obj, name, None) if hasattr(obj, name) else None  # noqa: E731
     p = {"router": host(layer.router), "wg": host(layer.w_gate), "wu": host(layer.w_up),
          "wd": host(layer.w_down)}
-    if get(layer, "router_bias") is not None:
+    if getattr(layer, "router_bias", None) is not None:
         p["bias"] = host(layer.router_bias)
-    shared = get(layer, "shared")
+    shared = getattr(layer, "shared", None)
     if shared is not None:
         p.update(s_wg=host(shared.w_gate), s_wu=host(shared.w_up), s_wd=host(shared.w_down))
-        if get(shared, "gate") is not None:
+        if getattr(shared, "gate", None) is not None:
             p["s_gate"] = host(shared.gate)
     return p
 

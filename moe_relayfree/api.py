@@ -48,15 +48,25 @@ def _validate(x, topk_ids, topk_weights, w_gate, w_up, w_down, num_ranks: int, a
     if k > e:
         raise ValueError(f"k={k} exceeds the number of experts E={e}")
     if not isinstance(topk_ids, jax.core.Tracer):
-        ids = np.asarray(topk_ids)
-        bad = (ids < 0) | (ids >= e)
+        _check_id_range(topk_ids, e)
+    return n, k, e
+
+
+def _check_id_range(topk_ids, num_experts: int) -> None:
+    """Raises on out-of-range ids. Multi-process arrays are checked on this process's shards
+    (every process checks its own, so a bad id anywhere raises somewhere)."""
+    if isinstance(topk_ids, jax.Array) and not topk_ids.is_fully_addressable:
+        pieces = [(np.asarray(s.data), s.index[0].start or 0) for s in topk_ids.addressable_shards]
+    else:
+        pieces = [(np.asarray(topk_ids), 0)]
+    for ids, row0 in pieces:
+        bad = (ids < 0) | (ids >= num_experts)
         if bad.any():
             t, j = np.argwhere(bad)[0]
             raise ValueError(
-                f"topk_ids out of range [0, {e}): topk_ids[{t}, {j}] = {ids[t, j]} "
+                f"topk_ids out of range [0, {num_experts}): topk_ids[{row0 + t}, {j}] = {ids[t, j]} "
                 f"({int(bad.sum())} bad entries)"
             )
-    return n, k, e
 
 
 def _poison_invalid(topk_ids, topk_weights, num_experts: int):

@@ -1,0 +1,49 @@
+"""One process of the multi-process test (started by tests/test_multihost.py, not collected).
+
+usage: multihost_worker.py PROCESS_ID NUM_PROCESSES PORT OUT_DIR [TIMEOUT_S]
+Runs both schedules of expert_parallel_moe on a mesh over every process's 4 CPU devices and
+writes the gathered outputs to OUT_DIR/process{PROCESS_ID}.npz.
+"""
+
+import os
+import sys
+
+pid, nproc, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+timeout = int(sys.argv[5]) if len(sys.argv) > 5 else 60
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
+os.environ["JAX_PLATFORMS"] = "cpu"
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.experimental import multihost_utils  # noqa: E402
+from jax.sharding import NamedSharding  # noqa: E402
+from jax.sharding import PartitionSpec as P  # noqa: E402
+
+import moe_relayfree as mr  # noqa: E402
+from moe_relayfree import distributed  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from helpers import moe_inputs  # noqa: E402
+
+try:
+    distributed.initialize(f"127.0.0.1:{port}", nproc, pid, timeout_s=timeout)
+except distributed.DistributedInitError as e:
+    print(e, file=sys.stderr, flush=True)
+    sys.exit(3)
+
+mesh = mr.make_ep_mesh()
+host = [np.asarray(a) for a in moe_inputs(32, 8, 12, 16, 2, seed=21)]
+
+
+def put(a, spec):
+    return jax.make_array_from_callback(a.shape, NamedSharding(mesh, spec), lambda idx: a[idx])
+
+
+args = [put(a, P("ep")) for a in host[:3]] + [put(a, P("ep", None, None)) for a in host[3:]]
+results = {}
+for schedule in ("prefill", "decode"):
+    y = mr.expert_parallel_moe(*args, mesh=mesh, schedule=schedule, capacity_factor=1.0)
+    results[schedule] = np.asarray(multihost_utils.process_allgather(y, tiled=True))
+results["devices"] = np.array([jax.device_count(), jax.process_count()])
+np.savez(os.path.join(out, f"process{pid}.npz"), **results)
+distributed.shutdown()

@@ -1,6 +1,6 @@
 """moe-relayfree: relay-buffer-free expert-parallel MoE dispatch/combine for JAX."""
 
-from moe_relayfree import collectives, decode, plan, prefill, routing
+from moe_relayfree import collectives, decode, distributed, plan, platform, prefill, routing
 from moe_relayfree.api import DEFAULT_CAPACITY_FACTOR, expert_parallel_moe, make_ep_mesh
 from moe_relayfree.selection import (
     DEFAULT_DECODE_THRESHOLD,
@@ -26,12 +26,14 @@ __all__ = [
     "combine",
     "decode",
     "decode_threshold",
+    "distributed",
     "dense_moe_reference",
     "dispatch",
     "expert_parallel_moe",
     "make_ep_mesh",
     "grouped_swiglu",
     "plan",
+    "platform",
     "prefill",
     "ragged_all_to_all",
     "register_ragged_all_to_all",

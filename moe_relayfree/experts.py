@@ -162,6 +162,22 @@ def grouped_swiglu_tiled(x, group_sizes, w_gate, w_up, w_down, tile: int | None 
     return _grouped_swiglu_tiled(x, group_sizes, w_gate, w_up, w_down, tile)
 
 
+# platform (as in jax.lax.platform_dependent) -> grouped SwiGLU; others use ragged_dot.
+_GROUPED_SWIGLU = {"cpu": grouped_swiglu_tiled}
+
+
+def register_grouped_swiglu(platform: str, impl) -> None:
+    """Use ``impl(x, group_sizes, w_gate, w_up, w_down)`` on ``platform`` (``None``: ragged_dot)."""
+    if impl is None:
+        _GROUPED_SWIGLU.pop(platform, None)
+    else:
+        _GROUPED_SWIGLU[platform] = impl
+
+
+def grouped_swiglu_impls() -> dict:
+    return dict(_GROUPED_SWIGLU)
+
+
 def grouped_swiglu(
     x: jax.Array, group_sizes: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array
 ) -> jax.Array:
@@ -172,5 +188,5 @@ def grouped_swiglu(
     -> ``[R, d]`` (x.dtype); rows past the last window are 0.
     """
     return lax.platform_dependent(
-        x, group_sizes, w_gate, w_up, w_down, cpu=grouped_swiglu_tiled, default=grouped_swiglu_native
+        x, group_sizes, w_gate, w_up, w_down, **_GROUPED_SWIGLU, default=grouped_swiglu_native
     )

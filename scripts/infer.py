@@ -3,6 +3,7 @@
     python scripts/infer.py                                  # built-in default model, 8 CPU devices
     python scripts/infer.py --checkpoint DIR --prompt "def " --max-new-tokens 64
     python scripts/infer.py --dispatch ragged-baseline --json
+    python scripts/infer.py --devices 4 --coordinator HOST:PORT --num-processes 2 --process-id I
 
 Reports time to first token (prefill + first sampled token), time per output token (decode
 steps), tokens/s and the schedule each phase used. Compilation is done (and timed) before.
@@ -34,6 +35,9 @@ def parse_args(argv=None):
     p.add_argument("--schedule", choices=["auto", "prefill", "decode"], default="auto")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
+    p.add_argument("--coordinator", help="HOST:PORT of process 0, to run over several processes")
+    p.add_argument("--num-processes", type=int, default=1)
+    p.add_argument("--process-id", type=int, default=0)
     return p.parse_args(argv)
 
 
@@ -105,6 +109,9 @@ def main(argv=None) -> int:
     import moe_relayfree as mr
     from models import checkpoint, tokenizer
 
+    if args.coordinator:
+        mr.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+
     if not os.path.exists(os.path.join(args.checkpoint, "config.json")):
         print(f"no checkpoint at {args.checkpoint}; train the default one with "
               "`python scripts/train_default.py` or pass --checkpoint DIR", file=sys.stderr)
@@ -123,7 +130,7 @@ def main(argv=None) -> int:
     prompts = [tok.encode(t) for t in texts]
 
     def progress(done, total):
-        if not args.quiet:
+        if not args.quiet and jax.process_index() == 0:
             print(f"\rdecode {done}/{total}", end="" if done < total else "\n", file=sys.stderr, flush=True)
 
     result = generate(model, prompts, args.max_new_tokens, progress=progress)
@@ -140,6 +147,9 @@ def main(argv=None) -> int:
         "compile_s": result["compile_s"],
         "outputs": [{"prompt": t, "completion": tok.decode(g)} for t, g in zip(texts, result["tokens"])],
     }
+    report["processes"] = jax.process_count()
+    if jax.process_index() != 0:  # every process computes the same tokens; one reports
+        return 0
     if args.json:
         print(json.dumps(report, indent=2))
         return 0

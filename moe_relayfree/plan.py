@@ -94,8 +94,22 @@ def rows_per_round(tokens: int, k: int, num_ranks: int, capacity_factor: float |
         return worst
     if capacity_factor <= 0:
         raise ValueError(f"capacity_factor must be positive or None, got {capacity_factor}")
-    rows = -(-int(capacity_factor * tokens * k * 8) // 8)  # multiple of 8
+    rows = -(-int(capacity_factor * tokens * k * 8) // 8)  # ceil(capacity_factor * T * k)
     return max(1, min(worst, rows))
+
+
+def sort_and_count(topk_ids: jax.Array, num_experts: int, axis_name: str):
+    """Copy order by global expert (stable) and every rank's per-expert counts.
+
+    topk_ids ``[T, k]`` -> (order ``[T*k] int32``: flat (token, choice) index of each position
+    in expert order; counts ``[P_src, P_dst, El] int32``, from one ``all_gather`` of ``E`` ints).
+    """
+    num_ranks = lax.axis_size(axis_name)
+    flat = topk_ids.reshape(-1).astype(jnp.int32)
+    order = jnp.argsort(flat, stable=True).astype(jnp.int32)
+    my_counts = jnp.zeros((num_experts,), jnp.int32).at[flat].add(1, mode="drop")
+    counts = lax.all_gather(my_counts, axis_name)
+    return order, counts.reshape(num_ranks, num_ranks, num_experts // num_ranks)
 
 
 def make_prefill_plan(
@@ -110,13 +124,9 @@ def make_prefill_plan(
       rows_per_round: static ``R``.
     """
     num_ranks = lax.axis_size(axis_name)
-    local = num_experts // num_ranks
-    flat = topk_ids.reshape(-1).astype(jnp.int32)
-    n = flat.shape[0]
-    order = jnp.argsort(flat, stable=True).astype(jnp.int32)
+    order, counts = sort_and_count(topk_ids, num_experts, axis_name)
+    n = order.shape[0]
     slot = jnp.zeros((n,), jnp.int32).at[order].set(jnp.arange(n, dtype=jnp.int32))
-    my_counts = jnp.zeros((num_experts,), jnp.int32).at[flat].add(1, mode="drop")
-    counts = lax.all_gather(my_counts, axis_name).reshape(num_ranks, num_ranks, local)
 
     send_start = _exclusive_cumsum(counts.reshape(num_ranks, num_experts), 1).reshape(counts.shape)
     window_size = counts.sum(axis=0)  # [P_dst, El]

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from moe_relayfree.collectives import ensure_varying, ragged_all_to_all
+from moe_relayfree.plan import sort_and_count
 
 _F32 = jnp.float32
 
@@ -64,12 +65,9 @@ def dispatch(
     t, k = topk_ids.shape
     n = t * k
     rows_bound = num_ranks * n if recv_rows is None else recv_rows
-    flat = topk_ids.reshape(-1).astype(jnp.int32)
-    order = jnp.argsort(flat, stable=True).astype(jnp.int32)
+    order, all_counts = sort_and_count(topk_ids, num_experts, axis_name)
     permuted = jnp.take(x, order // k, axis=0)  # step 1: [T*k, d]
 
-    counts = jnp.zeros((num_experts,), jnp.int32).at[flat].add(1)
-    all_counts = lax.all_gather(counts, axis_name).reshape(num_ranks, num_ranks, local)
     me = lax.axis_index(axis_name)
     per_peer = all_counts.sum(-1)  # [P_src, P_dst]
     send_sizes = per_peer[me]

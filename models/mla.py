@@ -12,48 +12,32 @@ import jax.numpy as jnp
 from flax import nnx
 
 from models.config import ModelConfig
+from models.layers import RMSNorm, attention_mask, rope
+from moe_relayfree.layer import normal_init
 
 _F32 = jnp.float32
 LATENT_NORM_EPS = 1e-6  # DeepseekV3RMSNorm's default, used for q_a/kv_a norms
 
 
-def rope_pairs(x: jax.Array, positions: jax.Array, theta: float, interleave: bool) -> jax.Array:
-    """RoPE on the last dim of x ``[B, S, H, D]``. ``interleave``: pairs ``(x0, x1), (x2, x3)``
-    (DeepSeek checkpoints), output in de-interleaved order as Hugging Face computes it."""
-    from models.transformer import rope
-
-    if not interleave:
-        return rope(x, positions, theta)
-    half = x.shape[-1] // 2
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, half, dtype=_F32) * 2.0 / x.shape[-1]))
-    angles = positions.astype(_F32)[..., None] * inv_freq
-    cos, sin = jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
-    xf = x.astype(_F32)
-    x1, x2 = xf[..., 0::2], xf[..., 1::2]
-    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
-
-
 class MLAttention(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, param_dtype, rngs: nnx.Rngs):
-        from models.transformer import RMSNorm, _normal
-
         self.cfg = cfg
         d, h = cfg.d_model, cfg.n_heads
         qk = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
         std = d**-0.5
         if cfg.q_lora_rank:
-            self.q_a = nnx.Param(_normal(rngs, (d, cfg.q_lora_rank), std, param_dtype))
+            self.q_a = nnx.Param(normal_init(rngs, (d, cfg.q_lora_rank), std, param_dtype))
             self.q_a_norm = RMSNorm(cfg.q_lora_rank, LATENT_NORM_EPS, param_dtype)
-            self.q_b = nnx.Param(_normal(rngs, (cfg.q_lora_rank, h * qk), cfg.q_lora_rank**-0.5, param_dtype))
+            self.q_b = nnx.Param(normal_init(rngs, (cfg.q_lora_rank, h * qk), cfg.q_lora_rank**-0.5, param_dtype))
             self.wq = None
         else:
-            self.wq = nnx.Param(_normal(rngs, (d, h * qk), std, param_dtype))
+            self.wq = nnx.Param(normal_init(rngs, (d, h * qk), std, param_dtype))
             self.q_a = self.q_a_norm = self.q_b = None
-        self.kv_a = nnx.Param(_normal(rngs, (d, cfg.kv_lora_rank + cfg.qk_rope_head_dim), std, param_dtype))
+        self.kv_a = nnx.Param(normal_init(rngs, (d, cfg.kv_lora_rank + cfg.qk_rope_head_dim), std, param_dtype))
         self.kv_a_norm = RMSNorm(cfg.kv_lora_rank, LATENT_NORM_EPS, param_dtype)
-        self.kv_b = nnx.Param(_normal(rngs, (cfg.kv_lora_rank, h * (cfg.qk_nope_head_dim + cfg.v_head_dim)),
+        self.kv_b = nnx.Param(normal_init(rngs, (cfg.kv_lora_rank, h * (cfg.qk_nope_head_dim + cfg.v_head_dim)),
                                       cfg.kv_lora_rank**-0.5, param_dtype))
-        self.wo = nnx.Param(_normal(rngs, (h * cfg.v_head_dim, d), (h * cfg.v_head_dim) ** -0.5, param_dtype))
+        self.wo = nnx.Param(normal_init(rngs, (h * cfg.v_head_dim, d), (h * cfg.v_head_dim) ** -0.5, param_dtype))
 
     def __call__(self, x, positions, key_valid, cache_ckv, cache_krope, start):
         """x ``[B, S, d]``; cache_ckv ``[B, L, kv_lora]``, cache_krope ``[B, L, rope]``."""
@@ -70,8 +54,8 @@ class MLAttention(nnx.Module):
         q_nope, q_rope = q[..., :nope], q[..., nope:]
         kv = mm(x, self.kv_a)
         ckv, k_rope = self.kv_a_norm(kv[..., : cfg.kv_lora_rank]), kv[..., cfg.kv_lora_rank :]
-        q_rope = rope_pairs(q_rope, positions, cfg.rope_theta, cfg.rope_interleave)
-        k_rope = rope_pairs(k_rope[:, :, None, :], positions, cfg.rope_theta, cfg.rope_interleave)[:, :, 0]
+        q_rope = rope(q_rope, positions, cfg.rope_theta, cfg.rope_interleave)
+        k_rope = rope(k_rope[:, :, None, :], positions, cfg.rope_theta, cfg.rope_interleave)[:, :, 0]
         cache_ckv = jax.lax.dynamic_update_slice_in_dim(cache_ckv, ckv.astype(cache_ckv.dtype), start, 1)
         cache_krope = jax.lax.dynamic_update_slice_in_dim(cache_krope, k_rope.astype(cache_krope.dtype), start, 1)
         length = cache_ckv.shape[1]
@@ -80,9 +64,7 @@ class MLAttention(nnx.Module):
         scores = (jnp.einsum("bshd,blhd->bhsl", q_nope, k_nope, preferred_element_type=_F32)
                   + jnp.einsum("bshd,bld->bhsl", q_rope, cache_krope.astype(dt), preferred_element_type=_F32))
         scores = scores * (nope + rdim) ** -0.5
-        causal = (start + jnp.arange(s))[:, None] >= jnp.arange(length)[None, :]
-        mask = causal[None] & key_valid[:, None, :]
-        scores = jnp.where(mask[:, None], scores, -1e30)
+        scores = jnp.where(attention_mask(start, s, key_valid)[:, None], scores, -1e30)
         probs = jax.nn.softmax(scores, axis=-1).astype(dt)
         out = jnp.einsum("bhsl,blhd->bshd", probs, v, preferred_element_type=_F32).astype(dt)
         return mm(out.reshape(b, s, h * vdim), self.wo), cache_ckv, cache_krope

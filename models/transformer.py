@@ -19,45 +19,18 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from models.config import ModelConfig
-from moe_relayfree.experts import swiglu
+from models.layers import RMSNorm, attention_mask, rope
+from models.mla import MLAttention
 from moe_relayfree.api import auto_mesh
-from moe_relayfree.layer import MoELayer
+from moe_relayfree.layer import MoELayer, SwiGLUMLP, normal_init
 
 _F32 = jnp.float32
-
-
-def _normal(rngs: nnx.Rngs, shape, std: float, dtype) -> jax.Array:
-    return (jax.random.normal(rngs.params(), shape, _F32) * std).astype(dtype)
-
-
-class RMSNorm(nnx.Module):
-    def __init__(self, size: int, eps: float, param_dtype):
-        self.weight = nnx.Param(jnp.ones((size,), param_dtype))
-        self.eps = eps
-
-    def __call__(self, x: jax.Array) -> jax.Array:
-        xf = x.astype(_F32)
-        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
-        return (y * self.weight[...].astype(_F32)).astype(x.dtype)
-
-
-def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-    """Rotate-half RoPE (the Hugging Face Llama layout). x ``[B, S, H, D]``, positions ``[B, S]``."""
-    half = x.shape[-1] // 2
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, half, dtype=_F32) * 2.0 / x.shape[-1]))
-    angles = positions.astype(_F32)[..., None] * inv_freq  # [B, S, half]
-    cos = jnp.cos(angles)[:, :, None, :]
-    sin = jnp.sin(angles)[:, :, None, :]
-    xf = x.astype(_F32)
-    x1, x2 = xf[..., :half], xf[..., half:]
-    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-    return out.astype(x.dtype)
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVCache:
-    """Per-layer keys/values ``[B, L, n_kv, head_dim]`` and the filled length (static per step)."""
+    """Per-layer caches (lists over layers); shapes in :func:`init_cache`."""
 
     k: list
     v: list
@@ -78,10 +51,10 @@ class Attention(nnx.Module):
         d, h, kv, hd = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.cfg = cfg
         std = d**-0.5
-        self.wq = nnx.Param(_normal(rngs, (d, h * hd), std, param_dtype))
-        self.wk = nnx.Param(_normal(rngs, (d, kv * hd), std, param_dtype))
-        self.wv = nnx.Param(_normal(rngs, (d, kv * hd), std, param_dtype))
-        self.wo = nnx.Param(_normal(rngs, (h * hd, d), (h * hd) ** -0.5, param_dtype))
+        self.wq = nnx.Param(normal_init(rngs, (d, h * hd), std, param_dtype))
+        self.wk = nnx.Param(normal_init(rngs, (d, kv * hd), std, param_dtype))
+        self.wv = nnx.Param(normal_init(rngs, (d, kv * hd), std, param_dtype))
+        self.wo = nnx.Param(normal_init(rngs, (h * hd, d), (h * hd) ** -0.5, param_dtype))
         if cfg.qkv_bias:
             self.bq = nnx.Param(jnp.zeros((h * hd,), param_dtype))
             self.bk = nnx.Param(jnp.zeros((kv * hd,), param_dtype))
@@ -121,13 +94,11 @@ class Attention(nnx.Module):
         q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
         cache_k = jax.lax.dynamic_update_slice_in_dim(cache_k, k.astype(cache_k.dtype), start, 1)
         cache_v = jax.lax.dynamic_update_slice_in_dim(cache_v, v.astype(cache_v.dtype), start, 1)
-        length = cache_k.shape[1]
         groups = cfg.n_heads // cfg.n_kv_heads
         qg = q.reshape(b, s, cfg.n_kv_heads, groups, cfg.head_dim)
         scores = jnp.einsum("bsngh,blnh->bngsl", qg, cache_k.astype(dt),
                             preferred_element_type=_F32) * cfg.head_dim**-0.5
-        causal = (start + jnp.arange(s))[:, None] >= jnp.arange(length)[None, :]  # [S, L]
-        mask = causal[None] & key_valid[:, None, :]  # [B, S, L]
+        mask = attention_mask(start, s, key_valid)  # [B, S, L]
         scores = jnp.where(mask[:, None, None], scores, -1e30)
         probs = jax.nn.softmax(scores, axis=-1).astype(dt)
         out = jnp.einsum("bngsl,blnh->bsngh", probs, cache_v.astype(dt), preferred_element_type=_F32)
@@ -135,26 +106,11 @@ class Attention(nnx.Module):
         return jnp.dot(out, self.wo[...].astype(dt), preferred_element_type=_F32).astype(dt), cache_k, cache_v
 
 
-class DenseMLP(nnx.Module):
-    def __init__(self, d_model: int, d_ff: int, *, param_dtype, rngs: nnx.Rngs):
-        self.w_gate = nnx.Param(_normal(rngs, (d_model, d_ff), d_model**-0.5, param_dtype))
-        self.w_up = nnx.Param(_normal(rngs, (d_model, d_ff), d_model**-0.5, param_dtype))
-        self.w_down = nnx.Param(_normal(rngs, (d_ff, d_model), d_ff**-0.5, param_dtype))
-
-    def __call__(self, x):
-        dt = x.dtype
-        flat = x.reshape(-1, x.shape[-1])
-        y = swiglu(flat, self.w_gate[...].astype(dt), self.w_up[...].astype(dt), self.w_down[...].astype(dt))
-        return y.reshape(x.shape)
-
-
 class DecoderLayer(nnx.Module):
     def __init__(self, cfg: ModelConfig, index: int, *, mesh: Mesh, axis: str, schedule: str,
                  implementation: str, param_dtype, rngs: nnx.Rngs):
         self.attn_norm = RMSNorm(cfg.d_model, cfg.rms_eps, param_dtype)
         if cfg.is_mla:
-            from models.mla import MLAttention
-
             self.attn = MLAttention(cfg, param_dtype=param_dtype, rngs=rngs)
         else:
             self.attn = Attention(cfg, param_dtype=param_dtype, rngs=rngs)
@@ -166,7 +122,7 @@ class DecoderLayer(nnx.Module):
                 schedule=schedule, implementation=implementation, param_dtype=param_dtype, rngs=rngs,
             )
         else:
-            self.mlp = DenseMLP(cfg.d_model, cfg.d_ff, param_dtype=param_dtype, rngs=rngs)
+            self.mlp = SwiGLUMLP(cfg.d_model, cfg.d_ff, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x, positions, key_valid, cache_k, cache_v, start: int):
         h, cache_k, cache_v = self.attn(self.attn_norm(x), positions, key_valid, cache_k, cache_v, start)
@@ -183,7 +139,7 @@ class MoETransformer(nnx.Module):
         # explicit sharding type that then meets the unsharded rest of the model.
         mesh = auto_mesh(mesh)
         self.cfg = cfg
-        self.embed = nnx.Param(_normal(rngs, (cfg.vocab_size, cfg.d_model), 1.0, param_dtype))
+        self.embed = nnx.Param(normal_init(rngs, (cfg.vocab_size, cfg.d_model), 1.0, param_dtype))
         self.layers = nnx.List([
             DecoderLayer(cfg, i, mesh=mesh, axis=axis, schedule=schedule,
                          implementation=implementation, param_dtype=param_dtype, rngs=rngs)
@@ -191,7 +147,7 @@ class MoETransformer(nnx.Module):
         ])
         self.norm = RMSNorm(cfg.d_model, cfg.rms_eps, param_dtype)
         self.lm_head = None if cfg.tie_embeddings else nnx.Param(
-            _normal(rngs, (cfg.d_model, cfg.vocab_size), cfg.d_model**-0.5, param_dtype))
+            normal_init(rngs, (cfg.d_model, cfg.vocab_size), cfg.d_model**-0.5, param_dtype))
 
     def __call__(self, tokens: jax.Array, pad: jax.Array, cache: KVCache, start: int,
                  dtype=jnp.float32) -> tuple[jax.Array, KVCache]:

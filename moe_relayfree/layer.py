@@ -17,31 +17,33 @@ class RouterBias(nnx.Variable):
     """Selection-only expert bias (DeepSeek-V3 ``e_score_correction_bias``): not a gradient param."""
 
 
-def _normal(rngs: nnx.Rngs, shape, std: float, dtype) -> jax.Array:
+def normal_init(rngs: nnx.Rngs, shape, std: float, dtype) -> jax.Array:
+    """``N(0, std^2)`` parameters drawn in float32, stored in ``dtype``."""
     return (jax.random.normal(rngs.params(), shape, jnp.float32) * std).astype(dtype)
 
 
-class SharedExperts(nnx.Module):
-    """A dense SwiGLU MLP every token goes through, optionally scaled by ``sigmoid(x @ gate)``
-    (Qwen2-MoE's ``shared_expert_gate``)."""
+class SwiGLUMLP(nnx.Module):
+    """A dense SwiGLU MLP every token goes through (shared experts, dense layers), optionally
+    scaled by ``sigmoid(x @ gate)`` (Qwen2-MoE's ``shared_expert_gate``)."""
 
-    def __init__(self, d_model: int, d_ff: int, *, gated: bool, param_dtype, rngs: nnx.Rngs):
-        self.w_gate = nnx.Param(_normal(rngs, (d_model, d_ff), d_model**-0.5, param_dtype))
-        self.w_up = nnx.Param(_normal(rngs, (d_model, d_ff), d_model**-0.5, param_dtype))
-        self.w_down = nnx.Param(_normal(rngs, (d_ff, d_model), d_ff**-0.5, param_dtype))
+    def __init__(self, d_model: int, d_ff: int, *, gated: bool = False, param_dtype, rngs: nnx.Rngs):
+        self.w_gate = nnx.Param(normal_init(rngs, (d_model, d_ff), d_model**-0.5, param_dtype))
+        self.w_up = nnx.Param(normal_init(rngs, (d_model, d_ff), d_model**-0.5, param_dtype))
+        self.w_down = nnx.Param(normal_init(rngs, (d_ff, d_model), d_ff**-0.5, param_dtype))
         self.gate = (
-            nnx.Param(_normal(rngs, (d_model, 1), d_model**-0.5, param_dtype)) if gated else None
+            nnx.Param(normal_init(rngs, (d_model, 1), d_model**-0.5, param_dtype)) if gated else None
         )
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        """x ``[N, d]`` -> ``[N, d]``."""
-        y = swiglu(x, self.w_gate[...].astype(x.dtype), self.w_up[...].astype(x.dtype),
+        """x ``[..., d]`` -> ``[..., d]``."""
+        flat = x.reshape(-1, x.shape[-1])
+        y = swiglu(flat, self.w_gate[...].astype(x.dtype), self.w_up[...].astype(x.dtype),
                    self.w_down[...].astype(x.dtype))
         if self.gate is not None:
-            g = jax.nn.sigmoid(jnp.dot(x, self.gate[...].astype(x.dtype),
+            g = jax.nn.sigmoid(jnp.dot(flat, self.gate[...].astype(x.dtype),
                                        preferred_element_type=jnp.float32))
             y = (g * y.astype(jnp.float32)).astype(x.dtype)
-        return y
+        return y.reshape(x.shape)
 
 
 class MoELayer(nnx.Module):
@@ -87,17 +89,17 @@ class MoELayer(nnx.Module):
         self.mesh, self.axis, self.k, self.num_experts = mesh, axis, k, num_experts
         self.router_config, self.schedule, self.capacity_factor = router, schedule, capacity_factor
         self.implementation = implementation
-        self.router = nnx.Param(_normal(rngs, (d_model, num_experts), d_model**-0.5, param_dtype))
+        self.router = nnx.Param(normal_init(rngs, (d_model, num_experts), d_model**-0.5, param_dtype))
         self.router_bias = (
             RouterBias(jnp.zeros((num_experts,), jnp.float32)) if router.score_bias else None
         )
         ep = dict(out_sharding=(axis, None, None), mesh=mesh)
         shape_in, shape_out = (num_experts, d_model, d_ff), (num_experts, d_ff, d_model)
-        self.w_gate = nnx.Param(_normal(rngs, shape_in, d_model**-0.5, param_dtype), **ep)
-        self.w_up = nnx.Param(_normal(rngs, shape_in, d_model**-0.5, param_dtype), **ep)
-        self.w_down = nnx.Param(_normal(rngs, shape_out, d_ff**-0.5, param_dtype), **ep)
+        self.w_gate = nnx.Param(normal_init(rngs, shape_in, d_model**-0.5, param_dtype), **ep)
+        self.w_up = nnx.Param(normal_init(rngs, shape_in, d_model**-0.5, param_dtype), **ep)
+        self.w_down = nnx.Param(normal_init(rngs, shape_out, d_ff**-0.5, param_dtype), **ep)
         self.shared = (
-            SharedExperts(d_model, shared_d_ff, gated=shared_gate, param_dtype=param_dtype, rngs=rngs)
+            SwiGLUMLP(d_model, shared_d_ff, gated=shared_gate, param_dtype=param_dtype, rngs=rngs)
             if shared_d_ff
             else None
         )

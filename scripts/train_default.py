@@ -59,7 +59,6 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=os.path.join(ROOT, "models", "default"))
     args = p.parse_args(argv)
 
-    import jax
     import jax.numpy as jnp
     import ml_dtypes
     import numpy as np

@@ -111,3 +111,52 @@ def summarize(buffers: list[Buffer]) -> dict:
     for b in buffers:
         ops[b.op] = ops.get(b.op, 0) + 1
     return {"count": len(buffers), "bytes": sum(b.nbytes for b in buffers), "ops": ops}
+
+
+# Collective ops of the lowered program and the buffer each one moves per rank.
+_MLIR_COLLECTIVES = {
+    "stablehlo.all_gather": "all_gather", "stablehlo.all_to_all": "all_to_all",
+    "stablehlo.reduce_scatter": "reduce_scatter", "stablehlo.all_reduce": "all_reduce",
+    "stablehlo.collective_permute": "collective_permute",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Collective:
+    """A collective of a StableHLO program: its operands' and result's buffers.
+
+    ``moved`` is the buffer one rank puts through it: the gathered result of an all-gather,
+    the operand of an all-to-all / reduce-scatter / all-reduce, and the send buffer (first
+    operand) of a ragged all-to-all, which sends at most all of it.
+    """
+
+    op: str
+    operands: tuple[Buffer, ...]
+    result: Buffer
+
+    @property
+    def moved(self) -> Buffer:
+        return self.result if self.op == "all_gather" else self.operands[0]
+
+
+def _buffers(types: str, op: str) -> list[Buffer]:
+    return [Buffer(op, tuple(int(d) for d in dims.split("x") if d), dtype)
+            for dims, dtype in _MLIR_TENSOR.findall(types)]
+
+
+def collectives(text: str) -> list[Collective]:
+    """Every collective op of a StableHLO module (``jit(...).lower(...).as_text()``)."""
+    out = []
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        if "@ragged_all_to_all" in line:
+            op = "ragged_all_to_all"
+        else:
+            m = _MLIR_LINE.match(line)
+            op = _MLIR_COLLECTIVES.get(m.group(1)) if m else None
+        if op is None:
+            continue
+        signature = _result_text(lines, i).rsplit(" : (", 1)[-1]
+        operands, _, result = signature.partition("->")
+        out.append(Collective(op, tuple(_buffers(operands, op)), _buffers(result, op)[-1]))
+    return out

@@ -10,9 +10,10 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from moe_relayfree import baselines, decode, prefill
-from moe_relayfree.experts import dense_swiglu_weighted, grouped_swiglu, swiglu
+from moe_relayfree.experts import grouped_swiglu, swiglu
 from moe_relayfree.plan import rows_per_round
 from moe_relayfree.selection import Schedule, select_schedule
+from moe_relayfree.windows import ExpertWindows
 
 DEFAULT_CAPACITY_FACTOR = 2.0
 
@@ -90,15 +91,12 @@ def _per_rank(x, topk_ids, topk_weights, w_gate, w_up, w_down, *, axis, schedule
         expert_in, handle = baselines.capacity.dispatch(x, topk_ids, topk_weights, **common)
         out = jax.vmap(swiglu)(expert_in, w_gate, w_up, w_down)
         return baselines.capacity.combine(out, handle)
-    if schedule == "decode":
 
-        def experts(slots: decode.DecodeSlots):
-            return dense_swiglu_weighted(slots.rows, slots.row_weights, w_gate, w_up, w_down)
-
-        return decode.decode_moe(x, topk_ids, topk_weights, experts, **common)
-
-    def experts(win: prefill.ExpertWindows):
+    def experts(win: ExpertWindows):
         return grouped_swiglu(win.rows, win.group_sizes, w_gate, w_up, w_down)
+
+    if schedule == "decode":
+        return decode.decode_moe(x, topk_ids, topk_weights, experts, **common)
 
     return prefill.prefill_moe(x, topk_ids, topk_weights, experts, rows_per_round=rows, **common)
 

@@ -1,81 +1,392 @@
-"""Decode schedule: fixed slots, no count exchange, no sort (call inside ``shard_map``).
+"""Decode schedule: data first, no count exchange, only useful rows computed (inside ``shard_map``).
 
-Token ``t`` of source ``s`` owns slot ``s*T + t`` on every rank. Op sequence per rank:
+Per rank: ``P`` ranks, ``E`` experts, ``El = E/P`` local experts, ``T`` tokens, ``k`` choices.
+Two transports, picked statically by the bytes they move (:func:`choose_transport`):
 
-1. ``all_gather`` of x ``[T, d]`` and of the routing ``[T, k]`` ids and weights: every rank
-   holds all ``P*T`` slots. (A dense ``all_to_all`` of ``[P, T, d]`` copies of x moves the
-   same bytes; the gather also spares the ``[P, T, d]`` broadcast on the source.)
-2. each rank builds its own ``[P*T, El]`` local-expert weight table from the gathered routing
-   (ids owned by another rank give weight 0).
-3. every local expert runs on the ``P*T`` slots; the rows are reduced over local experts with
-   the table -> partial sums ``[P*T, d]``.
-4. ``psum_scatter`` returns slot block ``s`` to source ``s`` summed over ranks: the result is
-   already in token order. No count exchange, no un-permute.
+``gather`` (``P <= k``: gathering every token moves no more rows than sending every copy)
 
-Bytes per rank and direction: ``P*T*d`` (prefill: ``T*k*d``), no data-dependent shapes.
+1. one ``all_gather`` of ``[T, d + m]`` rows: x with its ids and weights bit-packed into x's
+   dtype (one collective, not three; a custom VJP gives exact gradients).
+2. each rank keys the ``P*T*k`` gathered copies by local expert (``El`` = not mine) and sorts
+   the int32 keys: the first rows of that order are its expert windows.
+3. one gather of those rows -> :class:`ExpertWindows`; grouped SwiGLU on the windows.
+4. a weighted scatter-add into ``[P*T, d]`` float32 partial sums at the copies' slots.
+5. ``psum_scatter`` returns slot block ``s`` to source ``s``, summed over ranks.
+
+``blocks`` (``P > k``: ``T*k*d`` bytes per rank whatever ``P``)
+
+1. sort this rank's ``T*k`` copy ids (destination rank, local expert); one gather builds the
+   send buffer (also the k-fold replication).
+2. one ``all_to_all`` of ``[P, El + 1]`` int32: copies per (destination, local expert) and
+   where that destination's block starts in this rank's send buffer. XLA's ragged
+   all-to-all needs exact ``recv_sizes`` (the NCCL path posts its receives with them, and
+   the transpose rule sends with them), so this small exchange is the one metadata step.
+3. ``ragged_all_to_all`` with one segment per peer writes source ``s``'s copies into the
+   fixed block ``[s*C, (s+1)*C)`` of the receiver, ``C = T*min(k, El)`` (the most one source
+   can send to one rank): the sender knows the offset without asking anybody.
+4. the receiver maps expert-major rows to block rows by arithmetic on the received counts
+   (no sort), gathers them -> :class:`ExpertWindows`, runs grouped SwiGLU, and writes the
+   results back over the block rows they came from.
+5. the mirrored ``ragged_all_to_all`` returns each block to its source, at the rows it was
+   sent from; 6. one weighted gather-sum over ``k`` at the source.
+
+Rows: :func:`decode_moe` computes windows of ``B = 2*T*k`` rows when this rank received that
+few (the usual case), else the proven worst case ``P*T*min(k, El)``; the choice is a local
+``lax.cond`` with no collective inside, so ranks need not agree. Nothing is ever dropped.
+The verbs (:func:`dispatch` / :func:`combine`) always use the worst case.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
+import functools
+from typing import Callable, Literal
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
+from moe_relayfree.collectives import ensure_varying, ragged_all_to_all
+from moe_relayfree.windows import (
+    ExpertWindows,
+    exclusive_cumsum,
+    local_expert_order,
+    weighted_gather_sum,
+)
+
 _F32 = jnp.float32
+_I32 = jnp.int32
+
+Transport = Literal["auto", "gather", "blocks"]
+
+
+def choose_transport(num_ranks: int, k: int, transport: Transport = "auto") -> str:
+    """"gather" when ``P <= k`` (its ``P*T`` rows are no more than ``T*k`` copies), else
+    "blocks" (exactly ``T*k`` rows per rank at any ``P``)."""
+    if transport in ("gather", "blocks"):
+        return transport
+    if transport != "auto":
+        raise ValueError(f"transport must be 'auto', 'gather' or 'blocks', got {transport!r}")
+    return "gather" if num_ranks <= k else "blocks"
+
+
+def typical_rows(tokens: int, k: int) -> int:
+    """Window rows for the usual case: twice the mean ``T*k`` copies a rank receives."""
+    return -(-2 * tokens * k // 8) * 8
+
+
+def worst_rows(num_ranks: int, tokens: int, k: int, num_local: int) -> int:
+    """Most copies one rank can receive: each of ``P*T`` tokens sends ``min(k, El)`` at most."""
+    return num_ranks * tokens * min(k, num_local)
+
+
+# --- gather transport ---------------------------------------------------------------------
+
+
+def _pack(x: jax.Array, ids: jax.Array, w: jax.Array) -> jax.Array:
+    """x ``[T, d]``, ids ``[T, k]`` int, w ``[T, k] f32`` -> ``[T, d + m]`` in x.dtype, bit-exact."""
+    t = x.shape[0]
+    meta = jnp.concatenate([ids.astype(_I32), lax.bitcast_convert_type(w, _I32)], axis=1)
+    size = jnp.dtype(x.dtype).itemsize
+    if size == 8:
+        meta = lax.bitcast_convert_type(meta.reshape(t, -1, 2), x.dtype)
+    else:
+        meta = lax.bitcast_convert_type(meta, x.dtype).reshape(t, -1)
+    return jnp.concatenate([x, meta], axis=1)
+
+
+def _unpack(packed: jax.Array, d: int, k: int):
+    n, size = packed.shape[0], jnp.dtype(packed.dtype).itemsize
+    meta = packed[:, d:]
+    if size == 8:
+        meta = lax.bitcast_convert_type(meta, _I32).reshape(n, 2 * k)
+    elif size == 4:
+        meta = lax.bitcast_convert_type(meta, _I32)
+    else:
+        meta = lax.bitcast_convert_type(meta.reshape(n, 2 * k, 4 // size), _I32)
+    return packed[:, :d], meta[:, :k], lax.bitcast_convert_type(meta[:, k:], _F32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def gather_tokens(x: jax.Array, ids: jax.Array, w: jax.Array, axis_name: str):
+    """All-gathers x ``[T, d]``, ids ``[T, k]`` and weights ``[T, k] f32`` in ONE collective.
+
+    Returns (``[P*T, d]``, ``[P*T, k] int32``, ``[P*T, k] f32``). Gradients are exact: the
+    backward pass reduce-scatters the cotangents of x and w.
+    """
+    return _gather_fwd(x, ids, w, axis_name)[0]
+
+
+def _gather_fwd(x, ids, w, axis_name):
+    packed = lax.all_gather(_pack(x, ids, w), axis_name, tiled=True)
+    return _unpack(packed, x.shape[1], ids.shape[1]), None
+
+
+def _gather_bwd(axis_name, _, cotangents):
+    dx, _, dw = cotangents
+
+    def scatter(a):
+        return lax.psum_scatter(a, axis_name, scatter_dimension=0, tiled=True)
+
+    return scatter(dx), None, scatter(dw)
+
+
+gather_tokens.defvjp(_gather_fwd, _gather_bwd)
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class DecodeSlots:
-    """rows ``[P*T, d]`` (slot order), row_weights ``[P*T, El] float32``."""
+class GatherHandle:
+    """slot ``[B] int32`` gathered row of each window row; row_weights ``[B] f32`` (0 past
+    ``total``); total ``[] int32`` rows in the windows."""
 
-    rows: jax.Array
+    slot: jax.Array
     row_weights: jax.Array
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class DecodeHandle:
+    total: jax.Array
+    num_slots: int = dataclasses.field(metadata=dict(static=True))
     out_dtype: jnp.dtype = dataclasses.field(metadata=dict(static=True))
     axis_name: str = dataclasses.field(metadata=dict(static=True))
 
 
-def dispatch(
-    x: jax.Array, topk_ids: jax.Array, topk_weights: jax.Array, *, num_experts: int, axis_name: str
-) -> tuple[DecodeSlots, DecodeHandle]:
-    """Steps 1-2. x ``[T, d]``, topk_ids ``[T, k] int32``, topk_weights ``[T, k]``."""
+def _gather_plan(x, ids, w, num_experts, axis_name):
     num_ranks = lax.axis_size(axis_name)
     local = num_experts // num_ranks
-    rows = lax.all_gather(x, axis_name, tiled=True)  # [P*T, d]
-    ids = lax.all_gather(topk_ids, axis_name, tiled=True)  # [P*T, k]
-    w = lax.all_gather(topk_weights.astype(_F32), axis_name, tiled=True)
-    local_id = ids - lax.axis_index(axis_name) * local
-    mine = (local_id >= 0) & (local_id < local)
-    one_hot = (local_id[..., None] == jnp.arange(local)) & mine[..., None]  # [P*T, k, El]
-    row_weights = jnp.einsum("nk,nke->ne", w, one_hot.astype(_F32))
-    return DecodeSlots(rows=rows, row_weights=row_weights), DecodeHandle(x.dtype, axis_name)
+    xs, ids_all, w_all = gather_tokens(x, ids, w, axis_name)
+    mine = ids_all - lax.axis_index(axis_name) * local
+    keys = jnp.where((mine >= 0) & (mine < local), mine, local).reshape(-1)
+    order, sizes = local_expert_order(keys, local)
+    return xs, w_all.reshape(-1), order, sizes
 
 
-def combine(partial: jax.Array, handle: DecodeHandle) -> jax.Array:
-    """Step 4. partial ``[P*T, d]`` float32 -> ``[T, d]`` summed over ranks (x dtype)."""
-    y = lax.psum_scatter(partial.astype(_F32), handle.axis_name, scatter_dimension=0, tiled=True)
-    return y.astype(handle.out_dtype)
+def _gather_windows(xs, w_flat, order, sizes, rows: int, k: int, x, axis_name):
+    copy = order[:rows]
+    total = sizes.sum()
+    valid = jnp.arange(rows) < total
+    handle = GatherHandle(
+        slot=copy // k,
+        row_weights=jnp.where(valid, jnp.take(w_flat, copy), 0.0),
+        total=total,
+        num_slots=xs.shape[0],
+        out_dtype=x.dtype,
+        axis_name=axis_name,
+    )
+    return ExpertWindows(rows=jnp.take(xs, copy // k, axis=0), group_sizes=sizes), handle
+
+
+def _gather_partial(expert_out: jax.Array, h: GatherHandle) -> jax.Array:
+    """Weighted scatter-add of window rows into ``[P*T, d]`` float32 partial sums."""
+    valid = (jnp.arange(h.slot.shape[0]) < h.total)[:, None]
+    rows = jnp.where(valid, expert_out.astype(_F32) * h.row_weights[:, None], 0.0)
+    partial = jnp.zeros((h.num_slots, expert_out.shape[1]), _F32)
+    return partial.at[h.slot].add(rows)
+
+
+def _gather_combine(partial: jax.Array, axis_name: str, out_dtype) -> jax.Array:
+    """Step 5: ``[P*T, d]`` partial sums -> this rank's ``[T, d]``, summed over ranks."""
+    y = lax.psum_scatter(partial, axis_name, scatter_dimension=0, tiled=True)
+    return y.astype(out_dtype)
+
+
+# --- blocks transport ---------------------------------------------------------------------
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class BlocksHandle:
+    """What the return trip needs (``C`` block rows per source, ``B`` window rows).
+
+    blocks ``[P*C, d]`` received copies (overwritten with results); block_row ``[B] int32`` the
+    block row of each window row; total ``[] int32`` rows in the windows; recv_sizes ``[P]``
+    rows received from each source; source_offsets ``[P]`` where each source's block starts in
+    its own send buffer; send_sizes ``[P]`` rows this rank sent to each peer; slot ``[T*k]``
+    send-buffer row of each flat (token, choice); weights ``[T, k] f32``.
+    """
+
+    blocks: jax.Array
+    block_row: jax.Array
+    total: jax.Array
+    recv_sizes: jax.Array
+    source_offsets: jax.Array
+    send_sizes: jax.Array
+    slot: jax.Array
+    weights: jax.Array
+    block_rows: int = dataclasses.field(metadata=dict(static=True))
+    axis_name: str = dataclasses.field(metadata=dict(static=True))
+
+
+def _peer_rows(copies: int, block_rows: int, num_ranks: int) -> dict:
+    """Static per-peer sizes for emulated collectives: the bound and the balanced size."""
+    return dict(rows_per_peer=min(copies, block_rows),
+                typical_rows_per_peer=-(-2 * copies // num_ranks))
+
+
+def _blocks_send(x, ids, w, num_experts, axis_name):
+    """Steps 1-3: returns the handle with the received blocks and the received counts."""
+    num_ranks = lax.axis_size(axis_name)
+    local = num_experts // num_ranks
+    t, k = ids.shape
+    block_rows = t * min(k, local)
+    flat = ids.reshape(-1).astype(_I32)
+    order = jnp.argsort(flat, stable=True).astype(_I32)
+    slot = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=_I32))
+    counts = jnp.zeros((num_experts,), _I32).at[flat].add(1).reshape(num_ranks, local)
+    send_sizes = counts.sum(axis=1)
+    send_offsets = exclusive_cumsum(send_sizes, 0)
+    meta = jnp.concatenate([counts, send_offsets[:, None]], axis=1)
+    meta = lax.all_to_all(meta, axis_name, 0, 0, tiled=True)  # [P_src, El + 1]
+    recv_counts, source_offsets = meta[:, :local], meta[:, local]
+    recv_sizes = recv_counts.sum(axis=1)
+    send = jnp.take(x, order // k, axis=0)
+    me = lax.axis_index(axis_name).astype(_I32)
+    buf = jnp.zeros((num_ranks * block_rows, x.shape[1]), x.dtype)
+    blocks = ragged_all_to_all(
+        send, buf, send_offsets, send_sizes, jnp.full((num_ranks,), me * block_rows, _I32),
+        recv_sizes, axis_name=axis_name, **_peer_rows(t * k, block_rows, num_ranks),
+    )
+    handle = BlocksHandle(
+        blocks=blocks, block_row=jnp.zeros((0,), _I32), total=recv_sizes.sum(),
+        recv_sizes=recv_sizes, source_offsets=source_offsets, send_sizes=send_sizes, slot=slot,
+        weights=w, block_rows=block_rows, axis_name=axis_name,
+    )
+    return handle, recv_counts
+
+
+def expert_major_rows(recv_counts: jax.Array, block_rows: int, rows: int) -> jax.Array:
+    """Block row of each of the first ``rows`` expert-major window rows (arithmetic, no sort).
+
+    recv_counts ``[P_src, El]``: source ``s`` sent ``recv_counts[s, l]`` copies for local
+    expert ``l``, stored in its block (``block_rows`` rows at ``s * block_rows``) in
+    local-expert order. Windows are expert-major and, inside a window, ordered by source.
+    Returns ``[rows] int32``; rows past the windows map to row 0 (callers mask them).
+    """
+    num_ranks, local = recv_counts.shape
+    seg = recv_counts.T.reshape(-1)  # (l, s) segments in window order
+    seg_end = jnp.cumsum(seg)
+    i = jnp.arange(rows, dtype=_I32)
+    g = jnp.clip(jnp.searchsorted(seg_end, i, side="right"), 0, seg.shape[0] - 1).astype(_I32)
+    l, s = g // num_ranks, g % num_ranks
+    within_block = exclusive_cumsum(recv_counts, 1)[s, l]
+    row = s * block_rows + within_block + i - (seg_end[g] - seg[g])
+    return jnp.where(i < seg_end[-1], row, 0)
+
+
+def _blocks_windows(handle: BlocksHandle, recv_counts, rows: int):
+    block_row = expert_major_rows(recv_counts, handle.block_rows, rows)
+    windows = ExpertWindows(rows=jnp.take(handle.blocks, block_row, axis=0),
+                            group_sizes=recv_counts.sum(axis=0))
+    return windows, dataclasses.replace(handle, block_row=block_row)
+
+
+def _blocks_write_back(expert_out: jax.Array, h: BlocksHandle) -> jax.Array:
+    """Window results over the block rows they came from -> ``[P*C, d]``."""
+    n = h.block_row.shape[0]
+    dest = jnp.where(jnp.arange(n) < h.total, h.block_row, h.blocks.shape[0])
+    return h.blocks.at[dest].set(expert_out.astype(h.blocks.dtype), mode="drop")
+
+
+def _blocks_return(results: jax.Array, h: BlocksHandle) -> jax.Array:
+    """Steps 5-6: blocks back to their sources' send rows; weighted gather-sum -> ``[T, d]``."""
+    num_ranks = h.recv_sizes.shape[0]
+    returned = ensure_varying(jnp.zeros((h.slot.shape[0], results.shape[1]), results.dtype),
+                              h.axis_name)
+    returned = ragged_all_to_all(
+        results, returned, jnp.arange(num_ranks, dtype=_I32) * h.block_rows, h.recv_sizes,
+        h.source_offsets, h.send_sizes, axis_name=h.axis_name,
+        **_peer_rows(h.slot.shape[0], h.block_rows, num_ranks),
+    )
+    return weighted_gather_sum(returned, h.slot, h.weights, results.dtype)
+
+
+# --- the schedule ---------------------------------------------------------------------------
+
+DecodeHandle = GatherHandle | BlocksHandle
+
+
+def dispatch(
+    x: jax.Array,
+    topk_ids: jax.Array,
+    topk_weights: jax.Array,
+    *,
+    num_experts: int,
+    axis_name: str,
+    transport: Transport = "auto",
+) -> tuple[ExpertWindows, DecodeHandle]:
+    """x ``[T, d]``, topk_ids ``[T, k] int32``, topk_weights ``[T, k]`` -> expert windows of
+    the worst-case ``P*T*min(k, El)`` rows (group sizes ``[El]``) and the handle."""
+    num_ranks = lax.axis_size(axis_name)
+    t, k = topk_ids.shape
+    local = num_experts // num_ranks
+    rows = worst_rows(num_ranks, t, k, local)
+    w = topk_weights.astype(_F32)
+    if choose_transport(num_ranks, k, transport) == "gather":
+        plan = _gather_plan(x, topk_ids, w, num_experts, axis_name)
+        return _gather_windows(*plan, rows, k, x, axis_name)
+    handle, recv_counts = _blocks_send(x, topk_ids, w, num_experts, axis_name)
+    return _blocks_windows(handle, recv_counts, rows)
+
+
+def combine(expert_out: jax.Array, handle: DecodeHandle) -> jax.Array:
+    """expert_out ``[B, d]`` unweighted, one row per window row -> ``[T, d]`` (x dtype)."""
+    if isinstance(handle, GatherHandle):
+        return _gather_combine(_gather_partial(expert_out, handle), handle.axis_name,
+                               handle.out_dtype)
+    return _blocks_return(_blocks_write_back(expert_out, handle), handle)
+
+
+ExpertFn = Callable[[ExpertWindows], jax.Array]
 
 
 def decode_moe(
     x: jax.Array,
     topk_ids: jax.Array,
     topk_weights: jax.Array,
-    expert_fn: Callable[[DecodeSlots], jax.Array],
+    expert_fn: ExpertFn,
     *,
     num_experts: int,
     axis_name: str,
+    transport: Transport = "auto",
 ) -> jax.Array:
-    """The whole decode schedule; ``expert_fn(slots) -> [P*T, d]`` weighted partial sums."""
-    slots, handle = dispatch(
-        x, topk_ids, topk_weights, num_experts=num_experts, axis_name=axis_name
-    )
-    return combine(expert_fn(slots), handle)
+    """The whole decode schedule; ``expert_fn(windows) -> [B, d]``. Returns ``[T, d]``.
+
+    Windows have ``2*T*k`` rows when this rank received no more (a local choice, no
+    collective inside), else the worst case: the work follows the rows actually received.
+    """
+    num_ranks = lax.axis_size(axis_name)
+    t, k = topk_ids.shape
+    local = num_experts // num_ranks
+    worst = worst_rows(num_ranks, t, k, local)
+    typical = min(worst, typical_rows(t, k))
+    w = topk_weights.astype(_F32)
+    if choose_transport(num_ranks, k, transport) == "gather":
+        plan = _gather_plan(x, topk_ids, w, num_experts, axis_name)
+
+        def partial(rows):
+            def run(plan):
+                windows, handle = _gather_windows(*plan, rows, k, x, axis_name)
+                return _gather_partial(expert_fn(windows), handle)
+            return run
+
+        total = plan[3].sum()
+        out = _local_choice(total <= typical, partial(typical), partial(worst), plan, typical, worst)
+        return _gather_combine(out, axis_name, x.dtype)
+
+    handle, recv_counts = _blocks_send(x, topk_ids, w, num_experts, axis_name)
+
+    def results(rows):
+        def run(args):
+            h, counts = args
+            windows, h = _blocks_windows(h, counts, rows)
+            return _blocks_write_back(expert_fn(windows), h)
+        return run
+
+    args = (handle, recv_counts)
+    out = _local_choice(handle.total <= typical, results(typical), results(worst), args,
+                        typical, worst)
+    return _blocks_return(out, handle)
+
+
+def _local_choice(small: jax.Array, fast, full, operand, typical: int, worst: int):
+    """``fast(operand)`` when ``small`` else ``full(operand)``; a single branch when equal."""
+    if typical >= worst:
+        return full(operand)
+    return lax.cond(small, fast, full, operand)

@@ -29,21 +29,6 @@ def swiglu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array) 
     return jnp.dot(h, w_down, preferred_element_type=_F32).astype(x.dtype)
 
 
-def dense_swiglu_weighted(
-    x: jax.Array, row_weights: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array
-) -> jax.Array:
-    """Every local expert on every row, reduced with per-row weights (decode schedule).
-
-    x ``[n, d]``, row_weights ``[n, El] float32``, weights ``[El, d, f]``/``[El, f, d]``
-    -> ``[n, d] float32`` (sum over local experts of weight * expert(x)).
-    """
-    g = jnp.einsum("nd,edf->enf", x, w_gate, preferred_element_type=_F32)
-    u = jnp.einsum("nd,edf->enf", x, w_up, preferred_element_type=_F32)
-    h = (jax.nn.silu(g) * u).astype(x.dtype)
-    y = jnp.einsum("enf,efd->end", h, w_down, preferred_element_type=_F32).astype(x.dtype)
-    return jnp.einsum("end,ne->nd", y.astype(_F32), row_weights.astype(_F32))
-
-
 def grouped_swiglu_native(x, group_sizes, w_gate, w_up, w_down):
     """Expert-major windows through ``lax.ragged_dot``; rows past the windows come out 0."""
     gs = group_sizes.astype(jnp.int32)

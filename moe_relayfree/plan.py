@@ -24,9 +24,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-
-def _exclusive_cumsum(x: jax.Array, axis: int) -> jax.Array:
-    return jnp.cumsum(x, axis=axis) - x
+from moe_relayfree.windows import exclusive_cumsum
 
 
 @jax.tree_util.register_dataclass
@@ -128,10 +126,10 @@ def make_prefill_plan(
     n = order.shape[0]
     slot = jnp.zeros((n,), jnp.int32).at[order].set(jnp.arange(n, dtype=jnp.int32))
 
-    send_start = _exclusive_cumsum(counts.reshape(num_ranks, num_experts), 1).reshape(counts.shape)
+    send_start = exclusive_cumsum(counts.reshape(num_ranks, num_experts), 1).reshape(counts.shape)
     window_size = counts.sum(axis=0)  # [P_dst, El]
-    window_start = _exclusive_cumsum(window_size, 1)
-    virtual_start = window_start[None] + _exclusive_cumsum(counts, 0)
+    window_start = exclusive_cumsum(window_size, 1)
+    virtual_start = window_start[None] + exclusive_cumsum(counts, 0)
     total = window_size.sum(axis=1)
     num_rounds = jnp.maximum(1, -(-total.max() // rows_per_round)).astype(jnp.int32)
     max_rounds = -(-(num_ranks * n) // rows_per_round)

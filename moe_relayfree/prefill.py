@@ -29,20 +29,9 @@ from jax import lax
 
 from moe_relayfree.collectives import ensure_varying, ragged_all_to_all
 from moe_relayfree.plan import PrefillPlan, make_prefill_plan, round_segments
+from moe_relayfree.windows import ExpertWindows, weighted_gather_sum
 
 _F32 = jnp.float32
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class ExpertWindows:
-    """Received rows, expert-major: window ``l`` is rows ``[sum(gs[:l]), sum(gs[:l+1]))``.
-
-    rows ``[R, d]``; group_sizes ``[El] int32``. Rows past the last window are unused.
-    """
-
-    rows: jax.Array
-    group_sizes: jax.Array
 
 
 @jax.tree_util.register_dataclass
@@ -128,10 +117,8 @@ def combine_round(
 
 def weighted_sum(handle: PrefillHandle) -> jax.Array:
     """Step 6: ``y[t] = sum_j w[t, j] * returned[slot[t, j]]`` -> ``[T, d]`` (send dtype)."""
-    t, k = handle.weights.shape
-    rows = jnp.take(handle.returned, handle.plan.slot.reshape(t, k), axis=0)  # [T, k, d]
-    y = jnp.einsum("tk,tkd->td", handle.weights, rows.astype(_F32))
-    return y.astype(handle.send.dtype)
+    return weighted_gather_sum(handle.returned, handle.plan.slot, handle.weights,
+                               handle.send.dtype)
 
 
 ExpertFn = Callable[[ExpertWindows], jax.Array]

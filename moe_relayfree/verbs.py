@@ -14,8 +14,9 @@ import jax
 from jax import lax
 
 from moe_relayfree import decode, prefill
+from moe_relayfree.windows import ExpertWindows
 
-Handle = Union[prefill.PrefillHandle, decode.DecodeHandle]
+Handle = Union[prefill.PrefillHandle, decode.GatherHandle, decode.BlocksHandle]
 
 
 def dispatch(
@@ -26,16 +27,18 @@ def dispatch(
     num_experts: int,
     axis_name: str,
     schedule: Literal["prefill", "decode"] = "prefill",
-) -> tuple[prefill.ExpertWindows | decode.DecodeSlots, Handle]:
+    transport: decode.Transport = "auto",
+) -> tuple[ExpertWindows, Handle]:
     """x ``[T, d]``, topk_ids ``[T, k] int32``, topk_weights ``[T, k]``.
 
-    Returns ``(ExpertWindows, PrefillHandle)`` for prefill (expert-major windows
-    ``[P*T*k, d]`` + group sizes ``[El]``), or ``(DecodeSlots, DecodeHandle)`` for decode
-    (slots ``[P*T, d]`` + local-expert weights ``[P*T, El]``).
+    Returns expert-major :class:`ExpertWindows` (rows ``[R, d]`` + group sizes ``[El]``) and
+    the handle. Prefill: ``R = P*T*k``; decode: ``R = P*T*min(k, El)``, with ``transport``
+    chosen as in :func:`moe_relayfree.decode.choose_transport`.
     """
     if schedule == "decode":
         return decode.dispatch(
-            x, topk_ids, topk_weights, num_experts=num_experts, axis_name=axis_name
+            x, topk_ids, topk_weights, num_experts=num_experts, axis_name=axis_name,
+            transport=transport,
         )
     if schedule != "prefill":
         raise ValueError(f"schedule must be 'prefill' or 'decode', got {schedule!r}")
@@ -48,8 +51,7 @@ def dispatch(
 
 
 def combine(expert_out: jax.Array, handle: Handle) -> jax.Array:
-    """Prefill: expert_out ``[P*T*k, d]`` per window row (unweighted); decode: ``[P*T, d]``
-    partial sums already weighted with the slots' table. Returns ``[T, d]``."""
-    if isinstance(handle, decode.DecodeHandle):
+    """expert_out ``[R, d]``: one unweighted result per window row. Returns ``[T, d]``."""
+    if isinstance(handle, (decode.GatherHandle, decode.BlocksHandle)):
         return decode.combine(expert_out, handle)
     return prefill.weighted_sum(prefill.combine_round(handle, expert_out, 0))

@@ -49,7 +49,7 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from moe_relayfree import analysis, decode, prefill  # noqa: E402
 from moe_relayfree.baselines import capacity, ragged  # noqa: E402
-from moe_relayfree.experts import dense_swiglu_weighted, grouped_swiglu, swiglu  # noqa: E402
+from moe_relayfree.experts import grouped_swiglu, swiglu  # noqa: E402
 from moe_relayfree.plan import rows_per_round  # noqa: E402
 
 AXIS = "ep"
@@ -80,20 +80,21 @@ def implementations(num_experts: int, tokens: int, k: int, num_ranks: int):
     def rf_comb(out, h):
         return prefill.weighted_sum(prefill.combine_round(h, out, 0))
 
+    def windows_fn(win, wg, wu, wd):
+        return grouped_swiglu(win.rows, win.group_sizes, wg, wu, wd)
+
     def rf_layer(x, ids, w, wg, wu, wd):
         return prefill.prefill_moe(
-            x, ids, w, lambda win: grouped_swiglu(win.rows, win.group_sizes, wg, wu, wd),
-            rows_per_round=rows, **common)
+            x, ids, w, lambda win: windows_fn(win, wg, wu, wd), rows_per_round=rows, **common)
+
+    def decode_layer(x, ids, w, wg, wu, wd):
+        return decode.decode_moe(x, ids, w, lambda win: windows_fn(win, wg, wu, wd), **common)
 
     impls = {
-        "relayfree": dict(
-            dispatch=rf_disp,
-            experts=lambda win, wg, wu, wd: grouped_swiglu(win.rows, win.group_sizes, wg, wu, wd),
-            combine=rf_comb, layer=rf_layer),
+        "relayfree": dict(dispatch=rf_disp, experts=windows_fn, combine=rf_comb, layer=rf_layer),
         "relayfree_decode": dict(
             dispatch=lambda x, ids, w: decode.dispatch(x, ids, w, **common),
-            experts=lambda s, wg, wu, wd: dense_swiglu_weighted(s.rows, s.row_weights, wg, wu, wd),
-            combine=decode.combine),
+            experts=windows_fn, combine=decode.combine, layer=decode_layer),
         "ragged_baseline": dict(
             dispatch=lambda x, ids, w: ragged.dispatch(x, ids, w, **common),
             experts=lambda g, wg, wu, wd: grouped_swiglu(g[0], g[1], wg, wu, wd),
@@ -114,7 +115,7 @@ def estimated_bytes(name: str, tokens: int, k: int, d: int, num_ranks: int, num_
         rows = rows_per_round(tokens, k, num_ranks, RELAYFREE_FACTOR)
         per_rank = 3 * tk + 2 * rows + 2 * num_ranks * min(tk, rows)  # + emulation padding
     elif name == "relayfree_decode":
-        per_rank = 4 * num_ranks * tokens + num_ranks * tokens * (num_experts // num_ranks) * 2
+        per_rank = 2 * num_ranks * tokens + 4 * num_ranks * tokens * min(k, num_experts // num_ranks)
     elif name == "ragged_baseline":
         per_rank = 3 * tk + 5 * num_ranks * tk + 2 * num_ranks * tk
     else:

@@ -1,0 +1,55 @@
+"""Expert windows and the row bookkeeping both schedules share.
+
+An expert window is a run of received rows that all belong to one local expert; windows are
+laid out expert-major, so a grouped GEMM (``ragged_dot``, or the CPU tiled kernel) runs on
+them with the window sizes as group sizes and no re-sort.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+_F32 = jnp.float32
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class ExpertWindows:
+    """Received rows, expert-major: window ``l`` is rows ``[sum(gs[:l]), sum(gs[:l+1]))``.
+
+    rows ``[R, d]``; group_sizes ``[El] int32``. Rows past the last window are unused.
+    """
+
+    rows: jax.Array
+    group_sizes: jax.Array
+
+
+def exclusive_cumsum(x: jax.Array, axis: int) -> jax.Array:
+    return jnp.cumsum(x, axis=axis) - x
+
+
+def weighted_gather_sum(
+    returned: jax.Array, slot: jax.Array, weights: jax.Array, out_dtype
+) -> jax.Array:
+    """``y[t] = sum_j w[t, j] * returned[slot[t, j]]`` in float32 -> ``[T, d]`` (out_dtype).
+
+    returned ``[T*k, d]`` expert outputs in send order; slot ``[T*k] int32`` the returned row of
+    each flat (token, choice); weights ``[T, k] float32``.
+    """
+    t, k = weights.shape
+    rows = jnp.take(returned, slot.reshape(t, k), axis=0)  # [T, k, d]
+    return jnp.einsum("tk,tkd->td", weights, rows.astype(_F32)).astype(out_dtype)
+
+
+def local_expert_order(keys: jax.Array, num_local: int) -> tuple[jax.Array, jax.Array]:
+    """Expert-major order of copies from their local-expert keys (``num_local`` = not mine).
+
+    keys ``[n] int32`` in ``[0, El]`` -> (order ``[n] int32``, stable, so copies keep their
+    (source, token, choice) order inside a window; group_sizes ``[El] int32``).
+    """
+    order = jnp.argsort(keys, stable=True).astype(jnp.int32)
+    sizes = jnp.zeros((num_local + 1,), jnp.int32).at[keys].add(1)
+    return order, sizes[:num_local]

@@ -1,0 +1,182 @@
+"""Decode schedule (both transports) against the dense reference, and its lowered program."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+import moe_relayfree as mr
+from helpers import moe_inputs, skewed_ids
+from moe_relayfree import analysis, decode
+from moe_relayfree.experts import grouped_swiglu
+
+D, F = 16, 24
+TOK, EXP = P("ep"), P("ep", None, None)
+
+
+@functools.lru_cache(maxsize=None)
+def decode_layer(num_ranks: int, num_experts: int, transport: str):
+    """jit(shard_map(decode_moe)) on the first ``num_ranks`` devices."""
+    mesh = mr.make_ep_mesh(num_ranks)
+
+    def body(x, ids, w, wg, wu, wd):
+        def experts(win):
+            return grouped_swiglu(win.rows, win.group_sizes, wg, wu, wd)
+
+        return decode.decode_moe(x, ids, w, experts, num_experts=num_experts, axis_name="ep",
+                                 transport=transport)
+
+    return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(TOK,) * 3 + (EXP,) * 3,
+                                 out_specs=TOK))
+
+
+def check(num_ranks, num_experts, transport, inputs, atol=2e-5):
+    want = mr.dense_moe_reference(*inputs)
+    got = decode_layer(num_ranks, num_experts, transport)(*inputs)
+    assert got.shape == want.shape and got.dtype == want.dtype
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                               atol=atol, rtol=atol)
+
+
+@pytest.mark.parametrize(
+    "num_ranks,num_experts,k,transport",
+    [
+        (1, 4, 2, "auto"),  # gather
+        (2, 2, 1, "auto"),  # blocks, one local expert
+        (2, 8, 2, "auto"),  # gather, P == k
+        (4, 16, 8, "auto"),  # gather, El < k
+        (8, 8, 1, "auto"),  # blocks, El = 1
+        (8, 32, 5, "auto"),  # blocks, odd k
+        (8, 64, 8, "auto"),  # gather
+        (8, 256, 8, "blocks"),  # blocks at P == k, El = 32
+        (4, 256, 3, "gather"),  # gather at P > k
+    ],
+)
+def test_matches_dense_reference(num_ranks, num_experts, k, transport):
+    assert decode.choose_transport(num_ranks, k) == ("gather" if num_ranks <= k else "blocks")
+    inputs = moe_inputs(5 * num_ranks, D, F, num_experts, k, seed=num_ranks + k)
+    check(num_ranks, num_experts, transport, inputs)
+
+
+@pytest.mark.parametrize("kind", ["one_expert", "one_rank", "empty_experts"])
+@pytest.mark.parametrize("transport", ["gather", "blocks"])
+def test_skewed_routing_is_exact(kind, transport):
+    """``one_rank`` sends every copy to the last rank: 8x the typical window rows, so that
+    rank takes the worst-case branch while the others take the small one."""
+    ids = skewed_ids(kind, 64, 2, 16, 8)
+    check(8, 16, transport, moe_inputs(64, D, F, 16, 2, seed=3, ids=ids))
+
+
+@pytest.mark.parametrize("transport", ["gather", "blocks"])
+def test_every_token_on_one_expert_k1(transport):
+    ids = np.full((48, 1), 5, np.int32)
+    check(8, 8, transport, moe_inputs(48, D, F, 8, 1, ids=ids))
+
+
+@pytest.mark.parametrize("transport", ["gather", "blocks"])
+def test_bfloat16(transport):
+    inputs = moe_inputs(64, D, F, 16, 4, seed=5, dtype=jnp.bfloat16)
+    check(8, 16, transport, inputs, atol=3e-2)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+def test_gather_tokens_packs_ids_and_weights_bit_exactly(dtype):
+    """One all_gather carries x, ids and f32 weights (NaN, inf, subnormals included)."""
+    mesh = mr.make_ep_mesh(4)
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((8, 6)), dtype)
+    ids = jnp.asarray(rng.integers(-2**31, 2**31 - 1, (8, 3)), jnp.int32)
+    w = np.array(rng.standard_normal((8, 3)), np.float32)
+    w.flat[:4] = [np.nan, np.inf, -0.0, 1e-40]
+    fn = jax.jit(jax.shard_map(lambda *a: decode.gather_tokens(*a, "ep"), mesh=mesh,
+                               in_specs=(TOK,) * 3, out_specs=(P(),) * 3, check_vma=False))
+    gx, gids, gw = fn(x, ids, jnp.asarray(w))
+    np.testing.assert_array_equal(np.asarray(gx), np.asarray(x))
+    np.testing.assert_array_equal(np.asarray(gids), np.asarray(ids))
+    assert np.asarray(gw).view(np.int32).tolist() == w.view(np.int32).tolist()
+
+
+@pytest.mark.parametrize("transport,kind", [("gather", None), ("gather", "one_rank"),
+                                            ("blocks", None), ("blocks", "one_rank")])
+def test_gradients_match_reference(transport, kind):
+    ids = None if kind is None else skewed_ids(kind, 32, 2, 8, 4)
+    x, ids, w, wg, wu, wd = moe_inputs(32, 8, 12, 8, 2, seed=7, ids=ids)
+    ct = jax.random.normal(jax.random.PRNGKey(0), x.shape)
+    layer = decode_layer(4, 8, transport)
+
+    def loss(fn):
+        return lambda x, w, wg, wu, wd: jnp.sum(ct * fn(x, ids, w, wg, wu, wd))
+
+    args = (x, w, wg, wu, wd)
+    want = jax.grad(loss(mr.dense_moe_reference), argnums=range(5))(*args)
+    got = jax.jit(jax.grad(loss(layer), argnums=range(5)))(*args)
+    for g, r in zip(got, want):
+        np.testing.assert_allclose(g, r, atol=2e-5, rtol=2e-5)
+
+
+def lowered_collectives(num_ranks, num_experts, k, tokens, transport="auto"):
+    inputs = moe_inputs(tokens * num_ranks, D, F, num_experts, k)
+    text = decode_layer(num_ranks, num_experts, transport).trace(*inputs).lower(
+        lowering_platforms=("cuda",)).as_text()
+    return text, analysis.collectives(text)
+
+
+def test_blocks_program_moves_copies_not_gathered_tokens():
+    """P > k: no all_gather, no reduce-scatter, no sort longer than this rank's T*k copy
+    ids; one small int32 all_to_all and two ragged all-to-alls of exactly T*k rows."""
+    tokens, k = 4, 2
+    text, ops = lowered_collectives(8, 16, k, tokens)
+    kinds = sorted(c.op for c in ops)
+    assert kinds == ["all_to_all", "ragged_all_to_all", "ragged_all_to_all"], kinds
+    meta = next(c for c in ops if c.op == "all_to_all")
+    assert meta.moved.dtype == "i32" and meta.moved.elements == 8 * (16 // 8 + 1)
+    sent = [c.moved for c in ops if c.op == "ragged_all_to_all"]
+    assert sorted(b.shape[0] for b in sent) == [tokens * k, 8 * tokens * min(k, 2)]
+    sorts = [b for b in analysis.stablehlo_buffers(text, 1) if b.op == "stablehlo.sort"]
+    assert sorts and max(b.elements for b in sorts) <= tokens * k
+
+
+def test_gather_program_is_one_gather_and_one_reduce_scatter():
+    """P <= k: x, ids and weights travel in one all_gather; results in one reduce-scatter."""
+    tokens, k = 4, 8
+    _, ops = lowered_collectives(8, 64, k, tokens)
+    assert sorted(c.op for c in ops) == ["all_gather", "reduce_scatter"]
+    gather = next(c for c in ops if c.op == "all_gather")
+    assert gather.moved.shape == (8 * tokens, D + 2 * k)  # f32 x + int32 ids + f32 weights
+
+
+@pytest.mark.parametrize("transport", ["gather", "blocks"])
+def test_verbs_with_custom_expert_compute(transport):
+    """A user's own expert compute between the verbs (here: 2x SwiGLU), worst-case windows."""
+    mesh = mr.make_ep_mesh(4)
+    x, ids, w, wg, wu, wd = moe_inputs(32, D, F, 8, 2, seed=11)
+
+    def body(x, ids, w, wg, wu, wd):
+        recv, handle = mr.dispatch(x, ids, w, num_experts=8, axis_name="ep", schedule="decode",
+                                   transport=transport)
+        assert recv.rows.shape == (4 * 8 * 2, D)  # P*T*min(k, El)
+        return mr.combine(2 * grouped_swiglu(recv.rows, recv.group_sizes, wg, wu, wd), handle)
+
+    fn = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(TOK,) * 3 + (EXP,) * 3,
+                               out_specs=TOK))
+    want = 2 * mr.dense_moe_reference(x, ids, w, wg, wu, wd)
+    np.testing.assert_allclose(fn(x, ids, w, wg, wu, wd), want, atol=4e-5, rtol=4e-5)
+
+
+def test_expert_major_rows_matches_a_numpy_layout():
+    rng = np.random.default_rng(1)
+    num_ranks, local, block = 3, 4, 9
+    counts = rng.integers(0, 3, (num_ranks, local)).astype(np.int32)
+    want = [s * block + counts[s, :l].sum() + j
+            for l in range(local) for s in range(num_ranks) for j in range(counts[s, l])]
+    got = decode.expert_major_rows(jnp.asarray(counts), block, num_ranks * block)
+    assert np.asarray(got)[: len(want)].tolist() == want
+    assert not np.asarray(got)[len(want):].any()
+
+
+def test_unknown_transport_is_rejected():
+    with pytest.raises(ValueError, match="transport must be"):
+        decode.choose_transport(8, 2, "dense")

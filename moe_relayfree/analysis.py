@@ -126,8 +126,9 @@ class Collective:
     """A collective of a StableHLO program: its operands' and result's buffers.
 
     ``moved`` is the buffer one rank puts through it: the gathered result of an all-gather,
-    the operand of an all-to-all / reduce-scatter / all-reduce, and the send buffer (first
-    operand) of a ragged all-to-all, which sends at most all of it.
+    the operand of an all-to-all / reduce-scatter / all-reduce. A ragged all-to-all sends at
+    most its operand and receives at most its output buffer; over all ranks the rows sent and
+    received are equal, so the smaller of the two bounds a rank's traffic.
     """
 
     op: str
@@ -136,6 +137,8 @@ class Collective:
 
     @property
     def moved(self) -> Buffer:
+        if self.op == "ragged_all_to_all":
+            return min(self.operands[:2], key=lambda b: b.elements)
         return self.result if self.op == "all_gather" else self.operands[0]
 
 

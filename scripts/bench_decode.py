@@ -47,15 +47,34 @@ def _setup_jax(devices: int):
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
+def _gather_transport_fn(mesh):
+    """The decode schedule with its gather transport forced, at any P."""
+    import jax
+    from jax.sharding import PartitionSpec as P
+
+    from moe_relayfree import decode
+    from moe_relayfree.experts import grouped_swiglu
+
+    def body(x, ids, w, wg, wu, wd):
+        return decode.decode_moe(
+            x, ids, w, lambda win: grouped_swiglu(win.rows, win.group_sizes, wg, wu, wd),
+            num_experts=wg.shape[0] * mesh.shape["ep"], axis_name="ep", transport="gather")
+
+    tok, exp = P("ep"), P("ep", None, None)
+    return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(tok,) * 3 + (exp,) * 3, out_specs=tok))
+
+
 def _layer_fn(mesh, name):
     import jax
 
     import moe_relayfree as mr
 
+    if name == "decode_gather":
+        return _gather_transport_fn(mesh)
+
     kw = {"decode": dict(schedule="decode"), "prefill": dict(schedule="prefill"),
           "auto": dict(schedule="auto"), "ragged_baseline": dict(implementation="ragged_baseline"),
           "capacity_baseline": dict(implementation="capacity_baseline"),
-          "decode_gather": dict(schedule="decode"),
           # one round (the worst-case buffer): skewed batches add rounds, bytes are the same
           "prefill_one_round": dict(schedule="prefill", capacity_factor=None)}[name]
     return jax.jit(lambda *a: mr.expert_parallel_moe(*a, mesh=mesh, **kw))
@@ -119,9 +138,9 @@ def bytes_part(smoke: bool) -> list[dict]:
     from jax.sharding import PartitionSpec as P
 
     import moe_relayfree as mr
-    from moe_relayfree import analysis, decode
+    from moe_relayfree import analysis
 
-    shape = dict(T=2, E=64, k=4, d=64, f=32) if smoke else dict(T=8, E=256, k=8, d=7168, f=2048)
+    shape = dict(T=2, E=64, k=4, d=512, f=32) if smoke else dict(T=8, E=256, k=8, d=7168, f=2048)
     ranks = (4, 8, 16) if smoke else (8, 16, 32, 64)
     t, e, k, d, f = (shape[c] for c in ("T", "E", "k", "d", "f"))
     rows = []
@@ -133,14 +152,7 @@ def bytes_part(smoke: bool) -> list[dict]:
                 spec((p * t, k), jnp.float32, tok), spec((e, d, f), jnp.bfloat16, exp),
                 spec((e, d, f), jnp.bfloat16, exp), spec((e, f, d), jnp.bfloat16, exp)]
         for name in BYTES_IMPLS:
-            force = {"decode_gather": "gather"}.get(name)
-            original = decode.choose_transport
-            if force:  # the gather transport at any P: v1's decode moved the same buffers
-                decode.choose_transport = lambda n, kk, tr="auto": force
-            try:
-                text = _layer_fn(mesh, name).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-            finally:
-                decode.choose_transport = original
+            text = _layer_fn(mesh, name).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
             ops = analysis.collectives(text)
             moved = sum(c.moved.nbytes for c in ops)
             data = sum(c.moved.nbytes for c in ops if c.moved.elements >= d)

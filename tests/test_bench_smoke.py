@@ -31,3 +31,20 @@ def test_bench_smoke(tmp_path):
     assert native["ragged_baseline"]["combine"]["count"] == 3
     for row in impls.values():
         assert row["dispatch_s"] > 0 and row["combine_s"] > 0 and row["layer_s"] > 0
+
+
+def test_bench_decode_bytes_stay_flat_in_ranks(tmp_path):
+    """Lowered for cuda at P = 4, 8, 16 (k=4): the decode schedule moves the copies once each
+    way at P > k, whatever P; the gather transport forced at every P grows with P."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "bench_decode.py"), "--smoke",
+                    "--part", "bytes", "--out", str(tmp_path)], check=True, env=env, cwd=ROOT,
+                   timeout=600)
+    rows = {(r["impl"], r["P"]): r for r in json.loads((tmp_path / "decode.json").read_text())["bytes"]}
+    for p in (8, 16):
+        assert rows[("decode", p)]["vs_exact"] < 1.05, rows[("decode", p)]
+        assert "all_gather" not in rows[("decode", p)]["collectives"]
+    assert rows[("decode", 4)]["collectives"] == ["all_gather", "reduce_scatter"]  # P <= k
+    gathered = [rows[("decode_gather", p)]["vs_exact"] for p in (4, 8, 16)]
+    assert gathered[2] > 1.9 * gathered[1] > 3.5 * gathered[0]
+    assert "| decode |" in (tmp_path / "decode.md").read_text()

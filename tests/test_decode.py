@@ -133,8 +133,12 @@ def test_blocks_program_moves_copies_not_gathered_tokens():
     assert kinds == ["all_to_all", "ragged_all_to_all", "ragged_all_to_all"], kinds
     meta = next(c for c in ops if c.op == "all_to_all")
     assert meta.moved.dtype == "i32" and meta.moved.elements == 8 * (16 // 8 + 1)
-    sent = [c.moved for c in ops if c.op == "ragged_all_to_all"]
-    assert sorted(b.shape[0] for b in sent) == [tokens * k, 8 * tokens * min(k, 2)]
+    ragged = [c for c in ops if c.op == "ragged_all_to_all"]
+    assert [c.moved.shape[0] for c in ragged] == [tokens * k, tokens * k]
+    # out of the T*k send rows into the P*C blocks, and back out of them
+    blocks = 8 * tokens * min(k, 16 // 8)
+    assert [(c.operands[0].shape[0], c.operands[1].shape[0]) for c in ragged] == [
+        (tokens * k, blocks), (blocks, tokens * k)]
     sorts = [b for b in analysis.stablehlo_buffers(text, 1) if b.op == "stablehlo.sort"]
     assert sorts and max(b.elements for b in sorts) <= tokens * k
 

@@ -42,6 +42,11 @@ class ModelConfig:
     v_head_dim: int = 0
     rope_interleave: bool = True
     max_position: int = 4096
+    # Sliding-window attention: ``sliding_window`` keys for the layers where
+    # ``sliding_layers[i]`` is True (all layers when ``sliding_layers`` is None); None: off.
+    sliding_window: int | None = None
+    sliding_layers: tuple[bool, ...] | None = None
+    clip_qkv: float | None = None  # OLMoE: clamp q, k, v to [-clip_qkv, clip_qkv]
 
     def __post_init__(self):
         if self.arch not in ARCHITECTURES:
@@ -52,6 +57,14 @@ class ModelConfig:
             raise ValueError(f"n_heads={self.n_heads} not divisible by n_kv_heads={self.n_kv_heads}")
         if self.qk_norm not in ("none", "head", "full"):
             raise ValueError(f"qk_norm must be none|head|full, got {self.qk_norm!r}")
+
+    def attention_window(self, layer: int) -> int | None:
+        """The sliding window of ``layer``'s attention, or None for full causal attention."""
+        if self.sliding_window is None:
+            return None
+        if self.sliding_layers is not None and not self.sliding_layers[layer]:
+            return None
+        return self.sliding_window
 
     @property
     def is_mla(self) -> bool:

@@ -36,9 +36,16 @@ def rope(x: jax.Array, positions: jax.Array, theta: float, interleave: bool = Fa
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
 
 
-def attention_mask(start, num_queries: int, key_valid: jax.Array) -> jax.Array:
-    """Queries at cache rows ``[start, start+S)`` see earlier-or-equal keys that are not padding.
+def attention_mask(start, num_queries: int, key_valid: jax.Array,
+                   window: int | None = None) -> jax.Array:
+    """Queries at cache rows ``[start, start+S)`` see earlier-or-equal keys that are not padding,
+    and with a sliding ``window`` only the last ``window`` of them (query row ``q`` sees key
+    row ``j`` when ``q - window < j <= q``, as Hugging Face's sliding-window mask does).
     key_valid ``[B, L]`` bool -> ``[B, S, L]`` bool."""
     length = key_valid.shape[1]
-    causal = (start + jnp.arange(num_queries))[:, None] >= jnp.arange(length)[None, :]
-    return causal[None] & key_valid[:, None, :]
+    q = (start + jnp.arange(num_queries))[:, None]
+    j = jnp.arange(length)[None, :]
+    visible = q >= j
+    if window is not None:
+        visible = visible & (q - j < window)
+    return visible[None] & key_valid[:, None, :]

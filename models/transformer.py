@@ -47,9 +47,10 @@ def init_cache(cfg: ModelConfig, batch: int, length: int, dtype) -> KVCache:
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, param_dtype, rngs: nnx.Rngs, window: int | None = None):
         d, h, kv, hd = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.cfg = cfg
+        self.window = window  # sliding-window attention over the last `window` keys, or None
         std = d**-0.5
         self.wq = nnx.Param(normal_init(rngs, (d, h * hd), std, param_dtype))
         self.wk = nnx.Param(normal_init(rngs, (d, kv * hd), std, param_dtype))
@@ -86,6 +87,8 @@ class Attention(nnx.Module):
         q, k, v = proj(self.wq, self.bq), proj(self.wk, self.bk), proj(self.wv, self.bv)
         if cfg.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
+        if cfg.clip_qkv is not None:  # OLMoE: after the projection norms, before RoPE
+            q, k, v = (jnp.clip(a, -cfg.clip_qkv, cfg.clip_qkv) for a in (q, k, v))
         q = q.reshape(b, s, cfg.n_heads, cfg.head_dim)
         k = k.reshape(b, s, cfg.n_kv_heads, cfg.head_dim)
         v = v.reshape(b, s, cfg.n_kv_heads, cfg.head_dim)
@@ -98,7 +101,7 @@ class Attention(nnx.Module):
         qg = q.reshape(b, s, cfg.n_kv_heads, groups, cfg.head_dim)
         scores = jnp.einsum("bsngh,blnh->bngsl", qg, cache_k.astype(dt),
                             preferred_element_type=_F32) * cfg.head_dim**-0.5
-        mask = attention_mask(start, s, key_valid)  # [B, S, L]
+        mask = attention_mask(start, s, key_valid, self.window)  # [B, S, L]
         scores = jnp.where(mask[:, None, None], scores, -1e30)
         probs = jax.nn.softmax(scores, axis=-1).astype(dt)
         out = jnp.einsum("bngsl,blnh->bsngh", probs, cache_v.astype(dt), preferred_element_type=_F32)
@@ -113,7 +116,8 @@ class DecoderLayer(nnx.Module):
         if cfg.is_mla:
             self.attn = MLAttention(cfg, param_dtype=param_dtype, rngs=rngs)
         else:
-            self.attn = Attention(cfg, param_dtype=param_dtype, rngs=rngs)
+            self.attn = Attention(cfg, param_dtype=param_dtype, rngs=rngs,
+                                  window=cfg.attention_window(index))
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.rms_eps, param_dtype)
         if cfg.moe_layers[index]:
             self.mlp = MoELayer(

@@ -3,7 +3,7 @@
 from moe_relayfree import collectives, decode, distributed, plan, platform, prefill, routing
 from moe_relayfree.api import DEFAULT_CAPACITY_FACTOR, expert_parallel_moe, make_ep_mesh
 from moe_relayfree.selection import (
-    DEFAULT_DECODE_THRESHOLD,
+    DEFAULT_DECODE_THRESHOLDS,
     calibrate_decode_threshold,
     decode_threshold,
     select_schedule,
@@ -18,7 +18,7 @@ from moe_relayfree.verbs import combine, dispatch
 
 __all__ = [
     "DEFAULT_CAPACITY_FACTOR",
-    "DEFAULT_DECODE_THRESHOLD",
+    "DEFAULT_DECODE_THRESHOLDS",
     "MoELayer",
     "RouterConfig",
     "calibrate_decode_threshold",

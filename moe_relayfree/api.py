@@ -156,7 +156,8 @@ def expert_parallel_moe(
       schedule: "prefill", "decode" or "auto" (decode when ``N / P <= decode_threshold``).
       capacity_factor: prefill receive rows per round = ``capacity_factor * T * k`` (T tokens per
         rank); skewed batches take extra rounds, never drop tokens. ``None``: worst-case buffer.
-      decode_threshold: tokens per rank for "auto" (default: :func:`decode_threshold`).
+      decode_threshold: tokens per rank for "auto" (default: :func:`decode_threshold` of the
+        mesh's platform).
       implementation: "relayfree" (this project), or for comparison "ragged_baseline"
         (MaxText-style sort / one segment per peer / receiver re-sort, worst-case buffer) or
         "capacity_baseline" (GShard-style masks, capacity T per expert so nothing drops);
@@ -173,7 +174,8 @@ def expert_parallel_moe(
     num_ranks = mesh.shape[axis]
     n, k, num_experts = _validate(x, topk_ids, topk_weights, w_gate, w_up, w_down, num_ranks, axis)
     tokens = n // num_ranks
-    resolved = select_schedule(tokens, schedule, decode_threshold)
+    resolved = select_schedule(tokens, schedule, decode_threshold,
+                               platform=mesh.devices.flat[0].platform)
     rows = rows_per_round(tokens, k, num_ranks, capacity_factor)
     fn = _sharded_fn(mesh, axis, resolved, num_experts, rows, implementation)
     tok, exp = P(axis), P(axis, None, None)

@@ -1,7 +1,8 @@
 """Decode schedule: data first, no count exchange, only useful rows computed (inside ``shard_map``).
 
 Per rank: ``P`` ranks, ``E`` experts, ``El = E/P`` local experts, ``T`` tokens, ``k`` choices.
-Two transports, picked statically by the bytes they move (:func:`choose_transport`):
+Two transports, picked statically by the bytes they move (:func:`choose_transport`; on CPU,
+where ranks are emulated devices sharing one memory, :func:`decode_moe` gathers at every P):
 
 ``gather`` (``P <= k``: gathering every token moves no more rows than sending every copy)
 
@@ -47,6 +48,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from moe_relayfree.collectives import ensure_varying, ragged_all_to_all
+from moe_relayfree.plan import sort_copies
 from moe_relayfree.windows import (
     ExpertWindows,
     exclusive_cumsum,
@@ -62,7 +64,14 @@ Transport = Literal["auto", "gather", "blocks"]
 
 def choose_transport(num_ranks: int, k: int, transport: Transport = "auto") -> str:
     """"gather" when ``P <= k`` (its ``P*T`` rows are no more than ``T*k`` copies), else
-    "blocks" (exactly ``T*k`` rows per rank at any ``P``)."""
+    "blocks" (exactly ``T*k`` rows per rank at any ``P``).
+
+    This is the rule for a real interconnect, where bytes cost. :func:`decode_moe` with
+    "auto" applies it on every platform but CPU, where the ranks are emulated devices of one
+    process: there collectives are memory copies, the blocks transport's three exchanges (each
+    emulated ragged all-to-all is two dense ones) cost more than the gathered bytes, and the
+    gather transport was measured as fast or faster at every size (docs/benchmarks.md).
+    """
     if transport in ("gather", "blocks"):
         return transport
     if transport != "auto":
@@ -226,10 +235,8 @@ def _blocks_send(x, ids, w, num_experts, axis_name):
     local = num_experts // num_ranks
     t, k = ids.shape
     block_rows = t * min(k, local)
-    flat = ids.reshape(-1).astype(_I32)
-    order = jnp.argsort(flat, stable=True).astype(_I32)
-    slot = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=_I32))
-    counts = jnp.zeros((num_experts,), _I32).at[flat].add(1).reshape(num_ranks, local)
+    order, slot, counts = sort_copies(ids, num_experts)
+    counts = counts.reshape(num_ranks, local)
     send_sizes = counts.sum(axis=1)
     send_offsets = exclusive_cumsum(send_sizes, 0)
     meta = jnp.concatenate([counts, send_offsets[:, None]], axis=1)
@@ -350,14 +357,32 @@ def decode_moe(
 
     Windows have ``2*T*k`` rows when this rank received no more (a local choice, no
     collective inside), else the worst case: the work follows the rows actually received.
+    ``transport="auto"``: :func:`choose_transport`, except that on CPU (emulated devices) the
+    gather transport runs at every ``P``; picked at lowering time, so a program lowered for
+    a GPU or TPU keeps the blocks transport at ``P > k``.
     """
+    num_ranks = lax.axis_size(axis_name)
+    k = topk_ids.shape[1]
+    chosen = choose_transport(num_ranks, k, transport)
+    run = functools.partial(_decode_moe, expert_fn=expert_fn, num_experts=num_experts,
+                            axis_name=axis_name)
+    if transport == "auto" and chosen == "blocks":
+        return lax.platform_dependent(
+            x, topk_ids, topk_weights,
+            cpu=functools.partial(run, transport="gather"),
+            default=functools.partial(run, transport="blocks"),
+        )
+    return run(x, topk_ids, topk_weights, transport=chosen)
+
+
+def _decode_moe(x, topk_ids, topk_weights, *, expert_fn, num_experts, axis_name, transport):
     num_ranks = lax.axis_size(axis_name)
     t, k = topk_ids.shape
     local = num_experts // num_ranks
     worst = worst_rows(num_ranks, t, k, local)
     typical = min(worst, typical_rows(t, k))
     w = topk_weights.astype(_F32)
-    if choose_transport(num_ranks, k, transport) == "gather":
+    if transport == "gather":
         plan = _gather_plan(x, topk_ids, w, num_experts, axis_name)
 
         def partial(rows):

@@ -96,18 +96,30 @@ def rows_per_round(tokens: int, k: int, num_ranks: int, capacity_factor: float |
     return max(1, min(worst, rows))
 
 
-def sort_and_count(topk_ids: jax.Array, num_experts: int, axis_name: str):
-    """Copy order by global expert (stable) and every rank's per-expert counts.
+def sort_copies(topk_ids: jax.Array, num_experts: int):
+    """This rank's copies in global-expert order (stable), its inverse and per-expert counts.
 
     topk_ids ``[T, k]`` -> (order ``[T*k] int32``: flat (token, choice) index of each position
-    in expert order; counts ``[P_src, P_dst, El] int32``, from one ``all_gather`` of ``E`` ints).
+    in expert order; slot ``[T*k] int32``: position of each flat (token, choice), the inverse
+    of ``order``; counts ``[E] int32``: copies per global expert). Purely local.
     """
-    num_ranks = lax.axis_size(axis_name)
     flat = topk_ids.reshape(-1).astype(jnp.int32)
     order = jnp.argsort(flat, stable=True).astype(jnp.int32)
-    my_counts = jnp.zeros((num_experts,), jnp.int32).at[flat].add(1, mode="drop")
+    n = order.shape[0]
+    slot = jnp.zeros((n,), jnp.int32).at[order].set(jnp.arange(n, dtype=jnp.int32))
+    counts = jnp.zeros((num_experts,), jnp.int32).at[flat].add(1, mode="drop")
+    return order, slot, counts
+
+
+def sort_and_count(topk_ids: jax.Array, num_experts: int, axis_name: str):
+    """:func:`sort_copies`, with every rank's counts from one ``all_gather`` of ``E`` ints.
+
+    Returns (order ``[T*k]``, slot ``[T*k]``, counts ``[P_src, P_dst, El] int32``).
+    """
+    num_ranks = lax.axis_size(axis_name)
+    order, slot, my_counts = sort_copies(topk_ids, num_experts)
     counts = lax.all_gather(my_counts, axis_name)
-    return order, counts.reshape(num_ranks, num_ranks, num_experts // num_ranks)
+    return order, slot, counts.reshape(num_ranks, num_ranks, num_experts // num_ranks)
 
 
 def make_prefill_plan(
@@ -122,9 +134,8 @@ def make_prefill_plan(
       rows_per_round: static ``R``.
     """
     num_ranks = lax.axis_size(axis_name)
-    order, counts = sort_and_count(topk_ids, num_experts, axis_name)
+    order, slot, counts = sort_and_count(topk_ids, num_experts, axis_name)
     n = order.shape[0]
-    slot = jnp.zeros((n,), jnp.int32).at[order].set(jnp.arange(n, dtype=jnp.int32))
 
     send_start = exclusive_cumsum(counts.reshape(num_ranks, num_experts), 1).reshape(counts.shape)
     window_size = counts.sum(axis=0)  # [P_dst, El]

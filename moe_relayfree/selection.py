@@ -9,36 +9,72 @@ import numpy as np
 
 Schedule = Literal["auto", "prefill", "decode"]
 
-# Tokens per rank at or below which "auto" picks the decode schedule. DeepEP's low-latency
-# mode is sized for 128 tokens per rank and vllm-ascend switches at 512; decode here runs every
-# local expert on all P*T slots, so the default is lower. Calibrate per machine and model shape
-# with calibrate_decode_threshold.
-DEFAULT_DECODE_THRESHOLD = 64
+# Tokens per rank at or below which "auto" picks the decode schedule, per platform (JAX's names:
+# ``Device.platform`` says "gpu" where ``lax.platform_dependent`` says "cuda"/"rocm"; both are
+# listed). CPU: scripts/calibrate.py on 8 emulated devices (docs/benchmarks.md, "Schedule
+# selection"): decode was at most 1.08x prefill at every size from 1 to 8192 tokens per rank,
+# and the crossover pooled over four runs and two shapes at 1..1024 is 1024; above that the two
+# are within 3% and decode's worst-case window (P*T*min(k, El) rows) only costs memory.
+# Accelerators: not measured here (no GPU in this project's CI); 128 is the size DeepEP's
+# low-latency kernels are built for, and decode's worst-case window stays a few hundred MB at
+# EP 64 and d=7168 there. Calibrate per machine and model shape with calibrate_decode_threshold.
+DEFAULT_DECODE_THRESHOLDS: dict[str, int] = {
+    "cpu": 1024,
+    "gpu": 128,
+    "cuda": 128,
+    "rocm": 128,
+    "tpu": 128,
+}
+# Platforms not in the table (PJRT plugins such as Ascend).
+FALLBACK_DECODE_THRESHOLD = 128
 
-_threshold_override: int | None = None
+_ALL = "*"
+_overrides: dict[str, int] = {}
 
 
-def set_decode_threshold(tokens_per_rank: int | None) -> None:
-    """Sets the process-wide auto threshold (``None`` restores the default)."""
-    global _threshold_override
+def set_decode_threshold(tokens_per_rank: int | None, platform: str | None = None) -> None:
+    """Sets the process-wide auto threshold for ``platform`` (every platform when ``None``);
+    ``tokens_per_rank=None`` restores the default(s)."""
     if tokens_per_rank is not None and tokens_per_rank < 0:
         raise ValueError("tokens_per_rank must be >= 0")
-    _threshold_override = tokens_per_rank
+    key = _ALL if platform is None else platform
+    if tokens_per_rank is None:
+        if key == _ALL:
+            _overrides.clear()
+        else:
+            _overrides.pop(key, None)
+    else:
+        _overrides[key] = int(tokens_per_rank)
 
 
-def decode_threshold() -> int:
-    return DEFAULT_DECODE_THRESHOLD if _threshold_override is None else _threshold_override
+def _default_platform() -> str:
+    import jax
+
+    return jax.default_backend()
+
+
+def decode_threshold(platform: str | None = None) -> int:
+    """The auto threshold in force for ``platform`` (default: JAX's default backend)."""
+    platform = platform or _default_platform()
+    for key in (platform, _ALL):
+        if key in _overrides:
+            return _overrides[key]
+    return DEFAULT_DECODE_THRESHOLDS.get(platform, FALLBACK_DECODE_THRESHOLD)
 
 
 def select_schedule(
-    tokens_per_rank: int, schedule: Schedule = "auto", threshold: int | None = None
+    tokens_per_rank: int,
+    schedule: Schedule = "auto",
+    threshold: int | None = None,
+    platform: str | None = None,
 ) -> Literal["prefill", "decode"]:
-    """Resolves ``schedule``; "auto" picks decode when ``tokens_per_rank <= threshold``."""
+    """Resolves ``schedule``; "auto" picks decode when ``tokens_per_rank <= threshold``
+    (default: :func:`decode_threshold` of ``platform``)."""
     if schedule in ("prefill", "decode"):
         return schedule
     if schedule != "auto":
         raise ValueError(f"schedule must be 'auto', 'prefill' or 'decode', got {schedule!r}")
-    limit = decode_threshold() if threshold is None else threshold
+    limit = decode_threshold(platform) if threshold is None else threshold
     return "decode" if tokens_per_rank <= limit else "prefill"
 
 
@@ -65,7 +101,7 @@ def calibrate_decode_threshold(
     num_experts: int,
     k: int,
     axis: str = "ep",
-    tokens_per_rank: Sequence[int] = (1, 2, 4, 8, 16, 32, 64, 128, 256),
+    tokens_per_rank: Sequence[int] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024),
     repeats: int = 5,
     dtype=None,
     apply: bool = False,
@@ -74,7 +110,8 @@ def calibrate_decode_threshold(
     """Times both schedules on this machine and returns the crossover.
 
     Returns ``{"threshold": int, "tokens_per_rank": [...], "decode_s": [...], "prefill_s": [...]}``
-    (median seconds per layer call); ``apply=True`` also makes it the process-wide threshold.
+    (median seconds per layer call); ``apply=True`` also makes it the process-wide threshold
+    of the mesh's platform.
     """
     import jax
     import jax.numpy as jnp
@@ -121,5 +158,5 @@ def calibrate_decode_threshold(
         results["tokens_per_rank"], results["decode_s"], results["prefill_s"]
     )
     if apply:
-        set_decode_threshold(results["threshold"])
+        set_decode_threshold(results["threshold"], mesh.devices.flat[0].platform)
     return results

@@ -47,7 +47,7 @@ import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
-from moe_relayfree import analysis, decode, prefill  # noqa: E402
+from moe_relayfree import analysis, decode, prefill, selection  # noqa: E402
 from moe_relayfree.baselines import capacity, ragged  # noqa: E402
 from moe_relayfree.experts import grouped_swiglu, swiglu  # noqa: E402
 from moe_relayfree.plan import rows_per_round  # noqa: E402
@@ -115,7 +115,9 @@ def estimated_bytes(name: str, tokens: int, k: int, d: int, num_ranks: int, num_
         rows = rows_per_round(tokens, k, num_ranks, RELAYFREE_FACTOR)
         per_rank = 3 * tk + 2 * rows + 2 * num_ranks * min(tk, rows)  # + emulation padding
     elif name == "relayfree_decode":
-        per_rank = 2 * num_ranks * tokens + 4 * num_ranks * tokens * min(k, num_experts // num_ranks)
+        # gathered tokens or per-source blocks, worst-case windows (in, expert out, partials)
+        worst = num_ranks * tokens * min(k, num_experts // num_ranks)
+        per_rank = num_ranks * tokens + 3 * worst + 2 * tk
     elif name == "ragged_baseline":
         per_rank = 3 * tk + 5 * num_ranks * tk + 2 * num_ranks * tk
     else:
@@ -228,6 +230,7 @@ def run_case(case, *, repeats, analyse, budget_bytes, names=None):
         print(f"  {case['name']:>22s} P={num_ranks} T={tokens:5d} {name:18s} "
               f"dispatch {row['dispatch_s']*1e3:8.2f} ms  combine {row['combine_s']*1e3:8.2f} ms  "
               f"layer {row['layer_s']*1e3:8.2f} ms", flush=True)
+    result["auto"] = auto_choice(result, tokens)
     base = result["impls"].get("relayfree", {})
     for name, row in result["impls"].items():
         if "skipped" in row or "dispatch_s" not in base:
@@ -236,6 +239,19 @@ def run_case(case, *, repeats, analyse, budget_bytes, names=None):
             row[key.replace("_s", "_vs_relayfree")] = row[key] / base[key]
             row[key.replace("_s", "_vs_floor")] = row[key] / result["floor_s"]
     return result
+
+
+def auto_choice(result, tokens: int) -> dict:
+    """What ``schedule="auto"`` resolves to at this size, and its layer time over the faster of
+    the two schedules measured in this run (the program auto runs is the chosen one's)."""
+    choice = selection.select_schedule(tokens, platform=jax.devices()[0].platform)
+    times = {s: result["impls"].get(name, {}).get("layer_s")
+             for s, name in (("prefill", "relayfree"), ("decode", "relayfree_decode"))}
+    measured = {s: t for s, t in times.items() if t is not None}
+    row = {"schedule": choice, "threshold": selection.decode_threshold(jax.devices()[0].platform)}
+    if choice in measured:
+        row["vs_faster"] = measured[choice] / min(measured.values())
+    return row
 
 
 # --- configurations ---------------------------------------------------------------------------
@@ -325,6 +341,19 @@ def markdown(report) -> str:
                 else:
                     cells.append(fmt_ms(row["dispatch_s"] + row["combine_s"]))
             lines.append(f"| {case[col]} | " + " | ".join(cells) + " |")
+    lines += ["", "## Schedule choice (`auto`) over the token sweep (layer ms)", "",
+              "`auto` runs the program of the schedule it picks; `auto / faster` is that "
+              "schedule's layer time over the faster one's, same run.", "",
+              "| T | prefill | decode | auto picks | auto / faster |", "|---|---|---|---|---|"]
+    for case in report["scaling_tokens"]:
+        cells = []
+        for name in ("relayfree", "relayfree_decode"):
+            row = case["impls"].get(name, {})
+            cells.append(fmt_ms(row["layer_s"]) if "layer_s" in row else row.get("skipped", "-"))
+        auto = case.get("auto", {})
+        ratio = f"{auto['vs_faster']:.2f}" if "vs_faster" in auto else "-"
+        lines.append(f"| {case['T']} | {cells[0]} | {cells[1]} | {auto.get('schedule', '-')} "
+                     f"(threshold {auto.get('threshold', '-')}) | {ratio} |")
     return "\n".join(lines) + "\n"
 
 
@@ -378,7 +407,9 @@ def main(argv=None) -> int:
                                        names=names))
     for key, cases in (("scaling_tokens", scaling_t), ("scaling_ranks", scaling_p)):
         for case in cases:
-            names = [n for n in IMPL_ORDER if n != "relayfree_decode" or case["T"] <= 64]
+            # decode runs wherever its worst-case buffers fit the budget, so auto's choice is
+            # checked against both schedules across the sweep
+            names = list(IMPL_ORDER)
             report[key].append(run_case(dict(case, name=key), repeats=repeats, analyse=False,
                                         budget_bytes=budget, names=names))
     os.makedirs(a.out, exist_ok=True)

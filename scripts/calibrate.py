@@ -1,6 +1,9 @@
 """Measures the decode/prefill crossover on this machine and prints it as JSON.
 
     python scripts/calibrate.py [--devices 8] [--experts 64 --k 8 --d-model 256 --d-ff 512]
+
+Apply the result process-wide with ``moe_relayfree.set_decode_threshold(threshold, platform)``
+(layers and models then use it) or per call with ``expert_parallel_moe(..., decode_threshold=)``.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ def main(argv=None):
     p.add_argument("--k", type=int, default=8)
     p.add_argument("--d-model", type=int, default=256)
     p.add_argument("--d-ff", type=int, default=512)
-    p.add_argument("--tokens", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64])
+    p.add_argument("--tokens", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024])
     p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args(argv)
     flags = os.environ.get("XLA_FLAGS", "")

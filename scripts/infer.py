@@ -49,11 +49,34 @@ def setup_devices(count: int) -> None:
         sys.path.insert(0, ROOT)
 
 
+_PROGRAMS = {}
+
+
+def _programs():
+    """The jitted prefill and decode step, made once so repeated generate calls reuse their
+    compiled programs (jit caches per model structure and shapes)."""
+    if not _PROGRAMS:
+        import jax.numpy as jnp
+        from flax import nnx
+
+        @nnx.jit
+        def prefill(m, tokens, pad, cache):
+            logits, cache = m(tokens, pad, cache, 0)
+            return jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), cache
+
+        @nnx.jit
+        def step(m, token, pad, cache, position):
+            logits, cache = m(token[:, None], pad, cache, position)
+            return jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), cache
+
+        _PROGRAMS.update(prefill=prefill, step=step)
+    return _PROGRAMS["prefill"], _PROGRAMS["step"]
+
+
 def generate(model, prompts: list[list[int]], max_new_tokens: int, *, progress=None) -> dict:
     """Greedy batched generation. Returns tokens per row and timings (seconds)."""
     import jax
     import jax.numpy as jnp
-    from flax import nnx
 
     from models.transformer import init_cache
 
@@ -62,16 +85,7 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, progress=N
     pad = jnp.asarray([width - len(p) for p in prompts], jnp.int32)
     tokens = jnp.asarray([[0] * (width - len(p)) + p for p in prompts], jnp.int32)
     length = width + max_new_tokens
-
-    @nnx.jit
-    def prefill(m, tokens, pad, cache):
-        logits, cache = m(tokens, pad, cache, 0)
-        return jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), cache
-
-    @nnx.jit
-    def step(m, token, pad, cache, position):
-        logits, cache = m(token[:, None], pad, cache, position)
-        return jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), cache
+    prefill, step = _programs()
 
     def fresh_cache():
         return init_cache(model.cfg, batch, length, jnp.float32)
@@ -120,10 +134,9 @@ def main(argv=None) -> int:
     mesh = mr.make_ep_mesh()
     model = checkpoint.load_model(args.checkpoint, mesh=mesh, schedule=args.schedule,
                                   implementation=DISPATCH[args.dispatch])
-    with open(os.path.join(args.checkpoint, "config.json")) as fh:
-        bos = json.load(fh).get("bos_token_id")
-    tok = tokenizer.load_tokenizer(args.checkpoint, model.cfg.vocab_size,
-                                   bos if bos is not None else tokenizer.BOS)
+    # Prompts are encoded as the checkpoint's tokenizer says (config.json's bos_token_id
+    # is not a promise that the tokenizer adds it; Qwen's and OLMoE's do not).
+    tok = tokenizer.load_tokenizer(args.checkpoint, model.cfg.vocab_size)
     texts = args.prompt or DEFAULT_PROMPTS
     if args.batch:
         texts = [texts[i % len(texts)] for i in range(args.batch)]

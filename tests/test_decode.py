@@ -45,11 +45,12 @@ def check(num_ranks, num_experts, transport, inputs, atol=2e-5):
     "num_ranks,num_experts,k,transport",
     [
         (1, 4, 2, "auto"),  # gather
-        (2, 2, 1, "auto"),  # blocks, one local expert
+        (2, 2, 1, "blocks"),  # one local expert
         (2, 8, 2, "auto"),  # gather, P == k
         (4, 16, 8, "auto"),  # gather, El < k
-        (8, 8, 1, "auto"),  # blocks, El = 1
-        (8, 32, 5, "auto"),  # blocks, odd k
+        (8, 8, 1, "blocks"),  # El = 1
+        (8, 32, 5, "blocks"),  # odd k
+        (8, 32, 3, "auto"),  # P > k: blocks natively, gather on CPU
         (8, 64, 8, "auto"),  # gather
         (8, 256, 8, "blocks"),  # blocks at P == k, El = 32
         (4, 256, 3, "gather"),  # gather at P > k
@@ -141,6 +142,17 @@ def test_blocks_program_moves_copies_not_gathered_tokens():
         (tokens * k, blocks), (blocks, tokens * k)]
     sorts = [b for b in analysis.stablehlo_buffers(text, 1) if b.op == "stablehlo.sort"]
     assert sorts and max(b.elements for b in sorts) <= tokens * k
+
+
+def test_auto_takes_the_gather_transport_on_cpu_only():
+    """P > k: the CPU program gathers (memory copies between emulated devices), the cuda
+    program of the same traced function moves copies through ragged all-to-alls."""
+    inputs = moe_inputs(4 * 8, D, F, 16, 2)
+    traced = decode_layer(8, 16, "auto").trace(*inputs)
+    cpu = analysis.collectives(traced.lower().as_text())
+    cuda = analysis.collectives(traced.lower(lowering_platforms=("cuda",)).as_text())
+    assert sorted(c.op for c in cpu) == ["all_gather", "reduce_scatter"]
+    assert "ragged_all_to_all" in {c.op for c in cuda} and "all_gather" not in {c.op for c in cuda}
 
 
 def test_gather_program_is_one_gather_and_one_reduce_scatter():

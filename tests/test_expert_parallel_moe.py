@@ -79,17 +79,11 @@ def test_auto_selects_by_tokens_per_rank():
     def lowered(threshold):
         fn = jax.jit(lambda *a: mr.expert_parallel_moe(
             *a, mesh=mesh, schedule="auto", decode_threshold=threshold))
-        return fn.trace(*inputs).lower().as_text()
+        return fn.trace(*inputs).lower(lowering_platforms=("cuda",)).as_text()
 
     decode_hlo, prefill_hlo = lowered(4), lowered(3)  # 4 tokens per rank
-    # prefill all-gathers its counts; decode (blocks transport at P > k) gathers nothing
+    # prefill all-gathers its counts; decode (blocks transport at P > k on a GPU) gathers nothing
     assert "all_gather" not in decode_hlo and "all_gather" in prefill_hlo
-    assert mr.select_schedule(64) == "decode" and mr.select_schedule(65) == "prefill"
-    mr.set_decode_threshold(100)
-    try:
-        assert mr.select_schedule(65) == "decode"
-    finally:
-        mr.set_decode_threshold(None)
     check(mesh, inputs, "auto")
 
 
@@ -140,7 +134,7 @@ def test_bad_input_gets_clear_errors():
 
 @pytest.mark.parametrize("schedule,k", [("prefill", 2), ("decode", 2), ("decode", 4)])
 def test_out_of_range_ids_under_jit_poison_only_their_token(schedule, k):
-    """decode with k=2 on 4 ranks runs the blocks transport, with k=4 the gather one."""
+    """decode with k=2 on 4 ranks (P > k; CPU runs its gather transport) and k=4 (P == k)."""
     mesh = make_mesh(4)
     x, ids, w, wg, wu, wd = moe_inputs(16, D, F, 8, k)
     bad = ids.at[5, 0].set(99)

@@ -59,5 +59,5 @@ def test_byte_tokenizer_matches_its_hugging_face_form():
         with pytest.raises(ImportError, match="pip install tokenizers"):
             tokenizer.load_tokenizer(folder, tokenizer.VOCAB_SIZE)
     else:
-        hf = tokenizer.load_tokenizer(folder, tokenizer.VOCAB_SIZE, bos_id=None)
+        hf = tokenizer.load_tokenizer(folder, tokenizer.VOCAB_SIZE)
         assert [hf.encode(s["text"]) for s in samples] == [s["ids"] for s in samples]

@@ -57,7 +57,7 @@ CONFIGS = {
 
 
 # Every router and shared-expert form on 8 ranks with both schedules; 1 and 2 ranks once each
-# (the decode schedule takes its blocks transport at 8 ranks with k=4, its gather one at 2).
+# (on CPU the decode schedule takes its gather transport; tests/test_decode.py forces blocks).
 @pytest.mark.parametrize(
     "num_ranks,arch,schedule",
     [(8, arch, schedule) for arch in sorted(CONFIGS) for schedule in ("prefill", "decode")]

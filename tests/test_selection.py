@@ -16,6 +16,29 @@ def test_crossover_picks_the_fastest_step():
     assert crossover(tokens, [2.2, 1, 1, 3, 9], [2, 2, 2, 2, 2]) == 4
 
 
+def test_thresholds_per_platform_and_overrides():
+    cpu = mr.DEFAULT_DECODE_THRESHOLDS["cpu"]
+    assert mr.decode_threshold() == cpu  # the tests run on CPU
+    assert mr.select_schedule(cpu, platform="cpu") == "decode"
+    assert mr.select_schedule(cpu + 1, platform="cpu") == "prefill"
+    gpu = mr.DEFAULT_DECODE_THRESHOLDS["cuda"]
+    assert mr.DEFAULT_DECODE_THRESHOLDS["gpu"] == gpu  # Device.platform's name for it
+    assert mr.select_schedule(gpu, platform="gpu") == "decode"
+    assert mr.select_schedule(gpu + 1, platform="gpu") == "prefill"
+    assert mr.decode_threshold("ascend") == mr.selection.FALLBACK_DECODE_THRESHOLD
+    assert mr.select_schedule(10**6, threshold=10**6) == "decode"
+    try:
+        mr.set_decode_threshold(3, platform="cpu")
+        assert mr.decode_threshold("cpu") == 3 and mr.decode_threshold("gpu") == gpu
+        mr.set_decode_threshold(7)  # every platform; a platform's own override still wins
+        assert mr.decode_threshold("gpu") == 7 and mr.decode_threshold("cpu") == 3
+        mr.set_decode_threshold(None, platform="cpu")
+        assert mr.decode_threshold("cpu") == 7
+    finally:
+        mr.set_decode_threshold(None)
+    assert mr.decode_threshold("cpu") == cpu and mr.decode_threshold("gpu") == gpu
+
+
 def test_select_schedule_rejects_unknown():
     with pytest.raises(ValueError, match="schedule must be"):
         mr.select_schedule(4, "fastest")
@@ -36,4 +59,4 @@ def test_calibration_measures_both_and_applies():
         assert mr.decode_threshold() == r["threshold"]
     finally:
         mr.set_decode_threshold(None)
-    assert mr.decode_threshold() == mr.DEFAULT_DECODE_THRESHOLD
+    assert mr.decode_threshold() == mr.DEFAULT_DECODE_THRESHOLDS["cpu"]

@@ -65,7 +65,7 @@ def dispatch(
     t, k = topk_ids.shape
     n = t * k
     rows_bound = num_ranks * n if recv_rows is None else recv_rows
-    order, all_counts = sort_and_count(topk_ids, num_experts, axis_name)
+    order, _, all_counts = sort_and_count(topk_ids, num_experts, axis_name)
     permuted = jnp.take(x, order // k, axis=0)  # step 1: [T*k, d]
 
     me = lax.axis_index(axis_name)

@@ -20,7 +20,8 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from models import safetensors_io
-from models.config import ModelConfig, from_hf_config
+from models.config import ModelConfig
+from models.hf_config import from_hf_config
 from models.transformer import MoETransformer
 from moe_relayfree.api import auto_mesh
 
@@ -129,6 +130,8 @@ def _entries(model: MoETransformer):
             if cfg.qkv_bias:
                 plain += [(f"{pre}.self_attn.{n}_proj.bias", b, False)
                           for n, b in (("q", a.bq), ("k", a.bk), ("v", a.bv))]
+            if cfg.o_bias:
+                plain.append((f"{pre}.self_attn.o_proj.bias", a.bo, False))
             if a.q_norm is not None:
                 plain += [(f"{pre}.self_attn.q_norm.weight", a.q_norm.weight, False),
                           (f"{pre}.self_attn.k_norm.weight", a.k_norm.weight, False)]

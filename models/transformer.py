@@ -62,6 +62,7 @@ class Attention(nnx.Module):
             self.bv = nnx.Param(jnp.zeros((kv * hd,), param_dtype))
         else:
             self.bq = self.bk = self.bv = None
+        self.bo = nnx.Param(jnp.zeros((d,), param_dtype)) if cfg.o_bias else None
         if cfg.qk_norm == "head":
             self.q_norm, self.k_norm = RMSNorm(hd, cfg.rms_eps, param_dtype), RMSNorm(hd, cfg.rms_eps, param_dtype)
         elif cfg.qk_norm == "full":
@@ -106,7 +107,10 @@ class Attention(nnx.Module):
         probs = jax.nn.softmax(scores, axis=-1).astype(dt)
         out = jnp.einsum("bngsl,blnh->bsngh", probs, cache_v.astype(dt), preferred_element_type=_F32)
         out = out.reshape(b, s, cfg.n_heads * cfg.head_dim).astype(dt)
-        return jnp.dot(out, self.wo[...].astype(dt), preferred_element_type=_F32).astype(dt), cache_k, cache_v
+        y = jnp.dot(out, self.wo[...].astype(dt), preferred_element_type=_F32)
+        if self.bo is not None:
+            y = y + self.bo[...].astype(_F32)
+        return y.astype(dt), cache_k, cache_v
 
 
 class DecoderLayer(nnx.Module):

@@ -66,7 +66,8 @@ def main(argv=None) -> int:
     from flax import nnx
 
     from models import checkpoint, safetensors_io, tokenizer
-    from models.config import ModelConfig, to_hf_config
+    from models.config import ModelConfig
+    from models.hf_config import to_hf_config
     from models.transformer import MoETransformer, init_cache
     from moe_relayfree import make_ep_mesh
 

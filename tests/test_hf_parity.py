@@ -12,7 +12,10 @@ from helpers import make_mesh
 from models import checkpoint, init_cache
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "hf")
-NAMES = json.load(open(os.path.join(FIXTURES, "manifest.json")))["models"]
+MANIFEST = json.load(open(os.path.join(FIXTURES, "manifest.json")))
+NAMES = MANIFEST["models"]
+# sliding windows (Mixtral, Qwen3, Qwen2 per layer), clip_qkv and attention biases
+VARIANTS = MANIFEST["variants"]
 
 
 def greedy(model, prompt, steps):
@@ -27,8 +30,11 @@ def greedy(model, prompt, steps):
     return np.stack([np.asarray(o) for o in out], axis=1)
 
 
-@pytest.mark.parametrize("name", NAMES)
-@pytest.mark.parametrize("num_ranks,schedule", [(1, "prefill"), (8, "prefill"), (8, "decode")])
+@pytest.mark.parametrize(
+    "name,num_ranks,schedule",
+    [(n, p, s) for n in NAMES for p, s in [(1, "prefill"), (8, "prefill"), (8, "decode")]]
+    + [(n, p, s) for n in VARIANTS for p, s in [(1, "prefill"), (8, "decode")]],
+)
 def test_logits_and_greedy_tokens_match_transformers(name, num_ranks, schedule):
     ref = np.load(os.path.join(FIXTURES, name, "reference.npz"))
     model = checkpoint.load_model(os.path.join(FIXTURES, name), mesh=make_mesh(num_ranks),
@@ -61,3 +67,22 @@ def test_byte_tokenizer_matches_its_hugging_face_form():
     else:
         hf = tokenizer.load_tokenizer(folder, tokenizer.VOCAB_SIZE)
         assert [hf.encode(s["text"]) for s in samples] == [s["ids"] for s in samples]
+
+
+@pytest.mark.parametrize("case", sorted(os.listdir(os.path.join(FIXTURES, "tokenizers"))))
+def test_prompt_encoding_matches_transformers(case):
+    """BOS exactly where the checkpoint's tokenizer puts it: a template post-processor adds it
+    (even with add_bos_token false in tokenizer_config.json), a byte-level one does not (even
+    with add_bos_token true), as transformers' AutoTokenizer encodes."""
+    pytest.importorskip("tokenizers")
+    from models import tokenizer
+
+    folder = os.path.join(FIXTURES, "tokenizers", case)
+    samples = json.load(open(os.path.join(folder, "samples.json")))["samples"]
+    tok = tokenizer.load_tokenizer(folder, vocab_size=259)
+    for s in samples:
+        assert s["transformers"] == s["tokenizers"]
+        assert tok.encode(s["text"]) == s["transformers"], s["text"]
+    adds_bos = {"bytelevel-template-bos": True, "bytelevel-no-bos": False,
+                "bytelevel-no-postprocessor": False, "metaspace-llama-bos": True}[case]
+    assert all((s["transformers"][0] in (1, 256)) == adds_bos for s in samples)

@@ -10,7 +10,8 @@ from flax import nnx
 from helpers import make_mesh
 from models import MoETransformer, init_cache
 from models import checkpoint, safetensors_io
-from models.config import ModelConfig, from_hf_config, to_hf_config
+from models.config import ModelConfig
+from models.hf_config import from_hf_config, to_hf_config
 from moe_relayfree.routing import RouterConfig
 
 

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import moe_relayfree as mr
 from helpers import make_mesh
 from models import checkpoint, init_cache, tokenizer
 
@@ -32,9 +33,10 @@ def run(mesh, implementation, schedule="auto", new=12):
 
 
 def test_dispatch_paths_and_schedules_generate_identical_tokens(mesh):
-    model, base = run(mesh, "relayfree")
+    model, base = run(mesh, "relayfree")  # auto: the decode schedule at these sizes
+    assert max(len(tokenizer.encode(p)) for p in PROMPTS) * len(PROMPTS) // 8 <= mr.decode_threshold()
     for impl, sched in (("ragged_baseline", "auto"), ("capacity_baseline", "auto"),
-                        ("relayfree", "prefill"), ("relayfree", "decode")):
+                        ("relayfree", "prefill")):
         _, other = run(mesh, impl, sched)
         assert other["tokens"] == base["tokens"], (impl, sched)
     # greedy decoding with the cache equals argmax of one full forward over the result

@@ -95,9 +95,9 @@ TOKENIZER_SAMPLES = ["def f(x):\n    return x + 1", "Return the number of items.
                      "naïve café, ünïcödé ✓", "  leading spaces\tand tabs\n\n"]
 
 
-def byte_tokenizer(folder: str) -> None:
-    """The project's byte-level tokenizer (ids 0-255 = bytes, 256 BOS, 257 EOS, 258 PAD) as a
-    Hugging Face ``tokenizer.json``, plus the ids it gives for a few texts."""
+def byte_level_tokenizer():
+    """The project's byte-level scheme (ids 0-255 = bytes, 256 BOS, 257 EOS, 258 PAD) as a
+    ``tokenizers.Tokenizer`` with no post-processor."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
@@ -107,6 +107,13 @@ def byte_tokenizer(folder: str) -> None:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens(["<bos>", "<eos>", "<pad>"])
+    return tok
+
+
+def byte_tokenizer(folder: str) -> None:
+    """The byte-level scheme as a Hugging Face ``tokenizer.json``, plus the ids it gives for a
+    few texts."""
+    tok = byte_level_tokenizer()
     os.makedirs(folder, exist_ok=True)
     tok.save(os.path.join(folder, "tokenizer.json"))
     samples = [{"text": t, "ids": tok.encode(t).ids} for t in TOKENIZER_SAMPLES]
@@ -180,7 +187,6 @@ def tokenizer_cases(folder: str) -> None:
     """Tokenizer folders whose special-token handling differs, with the ids transformers'
     AutoTokenizer and the tokenizers package give for each sample text."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers.convert_slow_tokenizer import bytes_to_unicode
 
     for name, (post, config) in TOKENIZER_CASES.items():
         if post == "llama":
@@ -192,12 +198,7 @@ def tokenizer_cases(folder: str) -> None:
             tok.add_special_tokens(["<unk>", "<s>", "</s>"])
             tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
         else:
-            vocab = {ch: b for b, ch in bytes_to_unicode().items()}
-            vocab.update({"<bos>": 256, "<eos>": 257, "<pad>": 258})
-            tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-            tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-            tok.decoder = decoders.ByteLevel()
-            tok.add_special_tokens(["<bos>", "<eos>", "<pad>"])
+            tok = byte_level_tokenizer()
             if post == "bos":
                 tok.post_processor = processors.TemplateProcessing(single="<bos> $A",
                                                                    special_tokens=[("<bos>", 256)])

@@ -1,14 +1,19 @@
 """Load a local Hugging Face checkpoint folder (``config.json`` + ``*.safetensors``).
 
-Expert weights come per expert (``experts.{e}.gate_proj.weight``, Mixtral's ``w1/w2/w3``) or
-fused (``experts.gate_up_proj`` ``[E, 2f, d]`` + ``experts.down_proj`` ``[E, d, f]``). Every
-tensor of the checkpoint must be used and every parameter of the model filled, or loading
-stops with a message that names the tensors. Nothing is downloaded.
+Streaming and sharded: the model is built abstractly (``nnx.eval_shape``, no random init), every
+name and shape is checked against the file headers before any data is read, and each parameter
+is created straight on its devices with ``jax.make_array_from_callback``: expert tensors are read
+per device shard (a process reads only the experts its own devices hold; per-expert layouts stack
+only those), replicated tensors once per process. Sharded checkpoints are found through
+``model.safetensors.index.json``. Expert weights come per expert (``experts.{e}.gate_proj.weight``,
+Mixtral's ``w1/w2/w3``) or fused (``experts.gate_up_proj`` ``[E, 2f, d]`` +
+``experts.down_proj`` ``[E, d, f]``). Parameters keep the checkpoint's dtype unless ``dtype`` is
+given. Every tensor must be used and every parameter filled, or loading stops with a message that
+names the tensors. Nothing is downloaded.
 """
 
 from __future__ import annotations
 
-import glob
 import json
 import os
 
@@ -19,28 +24,11 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from models import safetensors_io
 from models.config import ModelConfig
 from models.hf_config import from_hf_config
+from models.tensor_index import CheckpointError, TensorIndex
 from models.transformer import MoETransformer
 from moe_relayfree.api import auto_mesh
-
-
-class CheckpointError(ValueError):
-    pass
-
-
-def read_tensors(folder: str) -> dict[str, np.ndarray]:
-    files = sorted(glob.glob(os.path.join(folder, "*.safetensors")))
-    if not files:
-        raise CheckpointError(f"no *.safetensors files in {folder}")
-    tensors: dict[str, np.ndarray] = {}
-    for path in files:
-        for name, value in safetensors_io.load(path).items():
-            if name in tensors:
-                raise CheckpointError(f"tensor {name!r} appears in more than one file")
-            tensors[name] = value
-    return tensors
 
 
 def read_config(folder: str) -> ModelConfig:
@@ -51,53 +39,40 @@ def read_config(folder: str) -> ModelConfig:
         return from_hf_config(json.load(fh))
 
 
-class _Tensors:
-    """Takes tensors by name, remembering which were used."""
-
-    def __init__(self, tensors: dict[str, np.ndarray]):
-        self.tensors, self.used = tensors, set()
-
-    def has(self, name: str) -> bool:
-        return name in self.tensors
-
-    def take(self, name: str, shape: tuple[int, ...] | None = None) -> np.ndarray:
-        if name not in self.tensors:
-            raise CheckpointError(f"checkpoint is missing tensor {name!r}")
-        value = self.tensors[name]
-        if shape is not None and tuple(value.shape) != tuple(shape):
-            raise CheckpointError(f"tensor {name!r} has shape {tuple(value.shape)}, expected {shape}")
-        self.used.add(name)
-        return value
-
-    def linear(self, name: str, d_in: int, d_out: int) -> np.ndarray:
-        """A torch Linear weight ``[out, in]`` as ``[in, out]``."""
-        return self.take(name, (d_out, d_in)).T
-
-    def unused(self) -> list[str]:
-        return sorted(set(self.tensors) - self.used)
+def _check(index: TensorIndex, name: str, shape: tuple[int, ...], used: set[str]) -> None:
+    if name not in index:
+        raise CheckpointError(f"checkpoint is missing tensor {name!r}")
+    if index.shape[name] != tuple(shape):
+        raise CheckpointError(f"tensor {name!r} has shape {index.shape[name]}, expected {tuple(shape)}")
+    used.add(name)
 
 
-def _experts(t: _Tensors, prefix: str, cfg: ModelConfig):
-    """Stacked ``w_gate, w_up [E, d, f]``, ``w_down [E, f, d]`` from per-expert or fused layouts."""
+def _expert_reader(index: TensorIndex, prefix: str, cfg: ModelConfig, used: set[str]):
+    """Checks the expert tensors of one MoE layer; returns ``read(which, e0, e1)`` giving
+    experts ``[e0, e1)`` of ``which`` in {"gate", "up", "down"} as ``[n, d, f]`` / ``[n, f, d]``."""
     e, d, f = cfg.num_experts, cfg.d_model, cfg.d_ff_expert
-    if t.has(f"{prefix}.experts.gate_up_proj"):
-        gate_up = t.take(f"{prefix}.experts.gate_up_proj", (e, 2 * f, d))
-        down = t.take(f"{prefix}.experts.down_proj", (e, d, f))
-        return (np.swapaxes(gate_up[:, :f], 1, 2), np.swapaxes(gate_up[:, f:], 1, 2),
-                np.swapaxes(down, 1, 2))
-    names = ("w1", "w3", "w2") if cfg.arch == "mixtral" else ("gate_proj", "up_proj", "down_proj")
-    gate = np.stack([t.linear(f"{prefix}.experts.{i}.{names[0]}.weight", d, f) for i in range(e)])
-    up = np.stack([t.linear(f"{prefix}.experts.{i}.{names[1]}.weight", d, f) for i in range(e)])
-    down = np.stack([t.linear(f"{prefix}.experts.{i}.{names[2]}.weight", f, d) for i in range(e)])
-    return gate, up, down
+    fused = f"{prefix}.experts.gate_up_proj"
+    if fused in index:
+        _check(index, fused, (e, 2 * f, d), used)
+        _check(index, f"{prefix}.experts.down_proj", (e, d, f), used)
 
+        def read(which, e0, e1):
+            rows = slice(e0, e1)
+            if which == "down":
+                return np.swapaxes(index.read(f"{prefix}.experts.down_proj", (rows,)), 1, 2)
+            half = slice(0, f) if which == "gate" else slice(f, 2 * f)
+            return np.swapaxes(index.read(fused, (rows, half)), 1, 2)
+        return read
+    names = dict(zip(("gate", "up", "down"), ("w1", "w3", "w2") if cfg.arch == "mixtral"
+                     else ("gate_proj", "up_proj", "down_proj")))
+    for i in range(e):
+        for which, torch_shape in (("gate", (f, d)), ("up", (f, d)), ("down", (d, f))):
+            _check(index, f"{prefix}.experts.{i}.{names[which]}.weight", torch_shape, used)
 
-def _assign(param: nnx.Variable, value: np.ndarray, sharding=None) -> None:
-    target = param[...]
-    if tuple(target.shape) != tuple(value.shape):
-        raise CheckpointError(f"internal: parameter shape {target.shape} vs tensor {value.shape}")
-    array = jnp.asarray(value, target.dtype)
-    param[...] = jax.device_put(array, sharding) if sharding is not None else array
+    def read(which, e0, e1):
+        return np.stack([index.read(f"{prefix}.experts.{i}.{names[which]}.weight").T
+                         for i in range(e0, e1)])
+    return read
 
 
 def _entries(model: MoETransformer):
@@ -155,25 +130,25 @@ def _entries(model: MoETransformer):
     return plain, experts
 
 
-def load_weights(model: MoETransformer, tensors: dict[str, np.ndarray], *, mesh: Mesh, axis: str) -> None:
-    """Fills ``model`` from Hugging Face tensor names; raises on missing/mismatched/unused."""
-    mesh = auto_mesh(mesh)
-    t = _Tensors(tensors)
-    plain, experts = _entries(model)
-    # Replicated parameters are placed on the mesh up front: left as single-device arrays, the
-    # first jitted call would hand them back replicated and the second call would recompile.
-    replicated = NamedSharding(mesh, P())
-    for name, var, linear in plain:
-        shape = tuple(var[...].shape)
-        _assign(var, t.take(name, shape[::-1]).T if linear else t.take(name, shape), replicated)
-    ep = NamedSharding(mesh, P(axis, None, None))
-    for prefix, moe in experts:
-        for var, value in zip((moe.w_gate, moe.w_up, moe.w_down), _experts(t, prefix, model.cfg)):
-            _assign(var, value, ep)
-    unused = t.unused()
-    if unused:
-        shown = ", ".join(unused[:8]) + (" ..." if len(unused) > 8 else "")
-        raise CheckpointError(f"{len(unused)} checkpoint tensors were not used: {shown}")
+def _place(var: nnx.Variable, sharding: NamedSharding, build, dtype) -> None:
+    """Creates ``var``'s array shard by shard from ``build(index) -> numpy``."""
+    shape = tuple(var.get_value().shape)
+
+    def shard(idx):
+        return np.asarray(build(idx)).astype(dtype, copy=False)
+
+    var.set_value(jax.make_array_from_callback(shape, sharding, shard))
+
+
+def _replicated(read):
+    """A shard builder for a replicated parameter: one read per process, shared by its devices."""
+    cache = []
+
+    def build(idx):
+        if not cache:
+            cache.append(read())
+        return cache[0][idx]
+    return build
 
 
 def export_tensors(model: MoETransformer, *, fused_experts: bool = False, dtype=None) -> dict[str, np.ndarray]:
@@ -201,10 +176,53 @@ def export_tensors(model: MoETransformer, *, fused_experts: bool = False, dtype=
 
 
 def load_model(folder: str, *, mesh: Mesh, axis: str = "ep", schedule: str = "auto",
-               implementation: str = "relayfree", param_dtype=jnp.float32) -> MoETransformer:
-    """Builds the model described by ``folder/config.json`` and loads its safetensors."""
+               implementation: str = "relayfree", dtype=None, stats: dict | None = None
+               ) -> MoETransformer:
+    """Builds the model described by ``folder/config.json`` and streams its safetensors in.
+
+    Args:
+      dtype: parameter dtype; default the checkpoint's (that of its embedding).
+      stats: if given, filled with ``bytes_read`` (tensor bytes this process read),
+        ``tensor_bytes`` (all tensors of the checkpoint) and ``expert_bytes`` (their routed-expert
+        part).
+    """
     cfg = read_config(folder)
-    model = MoETransformer(cfg, mesh=mesh, axis=axis, schedule=schedule,
-                           implementation=implementation, param_dtype=param_dtype, rngs=nnx.Rngs(0))
-    load_weights(model, read_tensors(folder), mesh=mesh, axis=axis)
+    index = TensorIndex(folder)
+    if dtype is None:
+        dtype = index.dtype.get("model.embed_tokens.weight", np.dtype(np.float32))
+    dtype = jnp.dtype(dtype)
+    mesh = auto_mesh(mesh)
+    model = nnx.eval_shape(lambda: MoETransformer(
+        cfg, mesh=mesh, axis=axis, schedule=schedule, implementation=implementation,
+        param_dtype=dtype, rngs=nnx.Rngs(0)))
+    plain, experts = _entries(model)
+    used: set[str] = set()
+    for name, var, linear in plain:  # every name and shape checked before any data is read
+        shape = tuple(var.get_value().shape)
+        _check(index, name, shape[::-1] if linear else shape, used)
+    plain_names = set(used)
+    readers = [(moe, _expert_reader(index, prefix, cfg, used)) for prefix, moe in experts]
+    unused = sorted(set(index.file) - used)
+    if unused:
+        shown = ", ".join(unused[:8]) + (" ..." if len(unused) > 8 else "")
+        raise CheckpointError(f"{len(unused)} checkpoint tensors were not used: {shown}")
+    # Replicated parameters are placed on the mesh up front: left as single-device arrays, the
+    # first jitted call would hand them back replicated and the second call would recompile.
+    replicated = NamedSharding(mesh, P())
+    for name, var, linear in plain:
+        def read(name=name, linear=linear):
+            value = index.read(name)
+            return value.T if linear else value
+        _place(var, replicated, _replicated(read), dtype)
+    ep = NamedSharding(mesh, P(axis, None, None))
+    for moe, read in readers:
+        for var, which in ((moe.w_gate, "gate"), (moe.w_up, "up"), (moe.w_down, "down")):
+            def build(idx, read=read, which=which):
+                rows = idx[0]
+                return read(which, rows.start or 0, cfg.num_experts if rows.stop is None else rows.stop)
+            _place(var, ep, build, dtype)
+    if stats is not None:
+        stats.update(bytes_read=index.bytes_read,
+                     tensor_bytes=sum(index.nbytes(n) for n in index.file),
+                     expert_bytes=sum(index.nbytes(n) for n in used - plain_names))
     return model

@@ -5,7 +5,8 @@ Two parts, one JSON + markdown report (``--out``, default ``results/decode``):
 * ``layer``: whole-layer time at decode sizes (P=8 emulated CPU devices, k=8, d=1024) for the
   relay-free decode schedule, the relay-free prefill schedule, "auto", and the baselines that
   drop nothing (MaxText-style ragged, GShard-style capacity with C=T). Every implementation is
-  timed once per round, rounds interleaved; ratios are medians of per-round ratios.
+  timed once per round (warm: right after an untimed call), rounds interleaved in a rotating
+  order; ratios are medians of per-round ratios.
 * ``bytes``: the dispatch+combine lowered for ``cuda`` (no GPU needed) at P = 8..64 emulated
   devices with DeepSeek-V3 shapes (E=256, k=8, d=7168, bf16), summing the buffer each
   collective moves per rank (``moe_relayfree.analysis.collectives``). Runs in a subprocess
@@ -110,10 +111,15 @@ def layer_part(smoke: bool, rounds: int) -> list[dict]:
         outs = {name: np.asarray(fn(*args)) for name, fn in fns.items()}  # compile + check
         err = max(float(np.abs(o - outs["prefill"]).max()) for o in outs.values())
         times = {name: [] for name in fns}
-        for _ in range(rounds):
-            for name, fn in fns.items():
+        names = list(fns)
+        for r in range(rounds):
+            # The order rotates every round and each program runs once untimed right before its
+            # timed call: otherwise whichever program follows the capacity baseline (seconds of
+            # cache-thrashing at E=256) is always timed cold, which cost it up to 1.2x here.
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                jax.block_until_ready(fns[name](*args))
                 start = time.perf_counter()
-                jax.block_until_ready(fn(*args))
+                jax.block_until_ready(fns[name](*args))
                 times[name].append(time.perf_counter() - start)
         t = {name: np.asarray(v) for name, v in times.items()}
         best_base = np.minimum(t["ragged_baseline"], t["capacity_baseline"])

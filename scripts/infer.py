@@ -33,6 +33,8 @@ def parse_args(argv=None):
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--dispatch", choices=sorted(DISPATCH), default="relayfree")
     p.add_argument("--schedule", choices=["auto", "prefill", "decode"], default="auto")
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
+                   help="parameter dtype (default: the checkpoint's)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     p.add_argument("--coordinator", help="HOST:PORT of process 0, to run over several processes")
@@ -133,7 +135,7 @@ def main(argv=None) -> int:
     devices = jax.devices()
     mesh = mr.make_ep_mesh()
     model = checkpoint.load_model(args.checkpoint, mesh=mesh, schedule=args.schedule,
-                                  implementation=DISPATCH[args.dispatch])
+                                  implementation=DISPATCH[args.dispatch], dtype=args.dtype)
     # Prompts are encoded as the checkpoint's tokenizer says (config.json's bos_token_id
     # is not a promise that the tokenizer adds it; Qwen's and OLMoE's do not).
     tok = tokenizer.load_tokenizer(args.checkpoint, model.cfg.vocab_size)

@@ -65,7 +65,9 @@ def main(argv=None) -> int:
     import optax
     from flax import nnx
 
-    from models import checkpoint, safetensors_io, tokenizer
+    from safetensors.numpy import save_file
+
+    from models import checkpoint, tokenizer
     from models.config import ModelConfig
     from models.hf_config import to_hf_config
     from models.transformer import MoETransformer, init_cache
@@ -110,9 +112,9 @@ def main(argv=None) -> int:
     with open(os.path.join(args.out, "config.json"), "w") as fh:
         json.dump(to_hf_config(cfg), fh, indent=1)
     tensors = checkpoint.export_tensors(model, dtype=ml_dtypes.bfloat16)
-    safetensors_io.save(os.path.join(args.out, "model.safetensors"), tensors,
-                        metadata={"trained_by": "scripts/train_default.py", "steps": str(args.steps),
-                                  "final_loss": f"{np.mean(losses[-100:]):.4f}"})
+    save_file(tensors, os.path.join(args.out, "model.safetensors"),
+              metadata={"trained_by": "scripts/train_default.py", "steps": str(args.steps),
+                        "final_loss": f"{np.mean(losses[-100:]):.4f}"})
     print(f"saved {args.out} (final loss {np.mean(losses[-100:]):.3f} nats/byte)")
     return 0
 

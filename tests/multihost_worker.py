@@ -45,5 +45,13 @@ for schedule in ("prefill", "decode"):
     y = mr.expert_parallel_moe(*args, mesh=mesh, schedule=schedule, capacity_factor=1.0)
     results[schedule] = np.asarray(multihost_utils.process_allgather(y, tiled=True))
 results["devices"] = np.array([jax.device_count(), jax.process_count()])
+# The shipped default checkpoint, streamed: this process reads its own experts only.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from models import checkpoint  # noqa: E402
+
+stats = {}
+checkpoint.load_model(os.path.join(os.path.dirname(__file__), "..", "models", "default"), mesh=mesh,
+                      stats=stats)
+results["load_bytes"] = np.array([stats["bytes_read"], stats["tensor_bytes"], stats["expert_bytes"]])
 np.savez(os.path.join(out, f"process{pid}.npz"), **results)
 distributed.shutdown()

@@ -6,10 +6,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from safetensors.numpy import save_file
 
 from helpers import make_mesh
 from models import MoETransformer, init_cache
-from models import checkpoint, safetensors_io
+from models import checkpoint
 from models.config import ModelConfig
 from models.hf_config import from_hf_config, to_hf_config
 from moe_relayfree.routing import RouterConfig
@@ -84,7 +85,7 @@ def test_dispatch_paths_agree():
 def save_folder(path, cfg, tensors):
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps(to_hf_config(cfg)))
-    safetensors_io.save(str(path / "model.safetensors"), tensors)
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(path / "model.safetensors"))
     return str(path)
 
 
@@ -108,9 +109,13 @@ def test_bf16_checkpoint_loads(tmp_path):
 
     tensors = checkpoint.export_tensors(model, dtype=ml_dtypes.bfloat16)
     folder = save_folder(tmp_path / "bf16", cfg, tensors)
-    loaded = checkpoint.load_model(folder, mesh=mesh)
+    loaded = checkpoint.load_model(folder, mesh=mesh)  # bf16 stays bf16
+    assert loaded.layers[1].mlp.w_up[...].dtype == jnp.bfloat16
     want = np.asarray(tensors["model.layers.1.mlp.experts.3.up_proj.weight"], np.float32).T
-    np.testing.assert_array_equal(np.asarray(loaded.layers[1].mlp.w_up[...])[3], want)
+    np.testing.assert_array_equal(np.asarray(loaded.layers[1].mlp.w_up[...], np.float32)[3], want)
+    as_f32 = checkpoint.load_model(folder, mesh=mesh, dtype=jnp.float32)  # unless asked
+    assert as_f32.embed[...].dtype == jnp.float32
+    np.testing.assert_array_equal(full_logits(as_f32, TOKENS, PAD), full_logits(loaded, TOKENS, PAD))
 
 
 def test_checkpoint_errors(tmp_path):
@@ -134,8 +139,44 @@ def test_checkpoint_errors(tmp_path):
     with pytest.raises(checkpoint.CheckpointError, match="no \\*.safetensors"):
         checkpoint.load_model(str(tmp_path / "d"), mesh=mesh)
     (tmp_path / "d" / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
-    with pytest.raises(safetensors_io.SafetensorsError, match="header"):
+    with pytest.raises(checkpoint.CheckpointError, match="model.safetensors is not a readable safetensors file"):
         checkpoint.load_model(str(tmp_path / "d"), mesh=mesh)
+    # a file cut short: its header promises more bytes than are there
+    good = save_folder(tmp_path / "e", cfg, tensors)
+    blob = (tmp_path / "e" / "model.safetensors").read_bytes()
+    (tmp_path / "e" / "model.safetensors").write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(checkpoint.CheckpointError, match="model.safetensors is not a readable safetensors file"):
+        checkpoint.load_model(good, mesh=mesh)
     with pytest.raises(ValueError, match="unsupported model_type 'llama'"):
         from_hf_config({"model_type": "llama", "num_hidden_layers": 1, "num_attention_heads": 1,
                         "hidden_size": 8, "vocab_size": 4})
+
+
+def test_sharded_checkpoint_with_index(tmp_path):
+    """Several files found through model.safetensors.index.json load like one file; an index
+    that lists a missing file or misplaces a tensor is an error naming it."""
+    mesh = make_mesh(4)
+    cfg = tiny()
+    model = build(cfg, mesh)
+    tensors = checkpoint.export_tensors(model)
+    folder = tmp_path / "sharded"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(to_hf_config(cfg)))
+    names = sorted(tensors)
+    parts = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    for file, part in parts.items():
+        save_file({k: np.ascontiguousarray(tensors[k]) for k in part}, str(folder / file))
+    weight_map = {k: f for f, part in parts.items() for k in part}
+    index = folder / "model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": weight_map}))
+    stats = {}
+    loaded = checkpoint.load_model(str(folder), mesh=mesh, stats=stats)
+    np.testing.assert_array_equal(full_logits(loaded, TOKENS, PAD), full_logits(model, TOKENS, PAD))
+    assert stats["bytes_read"] == stats["tensor_bytes"] == sum(v.nbytes for v in tensors.values())
+    moved = dict(weight_map, **{names[0]: "model-00002-of-00002.safetensors"})
+    index.write_text(json.dumps({"weight_map": moved}))
+    with pytest.raises(checkpoint.CheckpointError, match=f"places 1 tensors in files that do not hold them: {names[0]}"):
+        checkpoint.load_model(str(folder), mesh=mesh)
+    index.write_text(json.dumps({"weight_map": dict(weight_map, extra="model-00003-of-00003.safetensors")}))
+    with pytest.raises(checkpoint.CheckpointError, match="lists model-00003-of-00003.safetensors, which is not in"):
+        checkpoint.load_model(str(folder), mesh=mesh)

@@ -54,6 +54,9 @@ def test_two_processes_match_single_process(tmp_path):
     for i in range(2):
         got = np.load(tmp_path / f"process{i}.npz")
         assert got["devices"].tolist() == [8, 2]  # 8 global devices over 2 processes
+        # checkpoint loading: every shared tensor, and half of the experts (this process's 4 of 8)
+        read, total, expert = got["load_bytes"].tolist()
+        assert 0 < expert < total and read == (total - expert) + expert // 2
         for s in ("prefill", "decode"):
             np.testing.assert_allclose(got[s], want[s], atol=1e-6, rtol=1e-6)
             np.testing.assert_allclose(got[s], ref, atol=2e-5, rtol=2e-5)

@@ -1,0 +1,214 @@
+"""Checkpoint loading at size: peak host memory and time, against a plain safetensors read.
+
+Writes a synthetic Qwen3-MoE checkpoint of ``--gb`` GB (bf16, several ``*.safetensors`` files
+and ``model.safetensors.index.json``, written with the safetensors package into a temporary
+folder), then in fresh subprocesses, alternating, ``--repeats`` times each:
+
+* ``load``: ``models.checkpoint.load_model`` on 8 emulated CPU devices, the model kept in bf16;
+* ``plain``: the safetensors package reading every tensor of the same files into numpy
+  (``safe_open(...).get_tensor``), the floor for reading these bytes.
+
+Each child reports its peak RSS above its own baseline (measured after imports and mesh set-up,
+just before reading) and its wall time. Writes ``load.json`` and ``load.md`` to ``--out``.
+
+    python scripts/bench_load.py                 # 2 GB, about 3 minutes on 2 cores
+    python scripts/bench_load.py --gb 0.05 --repeats 1 --out /tmp/l    # seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--gb", type=float, default=2.0, help="checkpoint size to write")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--devices", type=int, default=8)
+    p.add_argument("--out", default=os.path.join(ROOT, "results", "load"))
+    p.add_argument("--child", nargs=2, metavar=("MODE", "DIR"), help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def shapes(gb: float) -> dict:
+    """A Qwen3-MoE config whose bf16 weights total about ``gb`` GB, experts dominating as in the
+    real models (d=1024, 64 experts of f=512, top-8; layers set the size)."""
+    d, e, f, vocab, heads, kv, hd = 1024, 64, 512, 32000, 16, 4, 64
+    per_layer = 2 * (3 * e * d * f + d * (heads + 2 * kv) * hd + heads * hd * d + e * d + 2 * d + 2 * hd)
+    fixed = 2 * (2 * vocab * d + d)
+    layers = max(1, round((gb * 1e9 - fixed) / per_layer))
+    return dict(model_type="qwen3_moe", vocab_size=vocab, hidden_size=d, num_hidden_layers=layers,
+                num_attention_heads=heads, num_key_value_heads=kv, head_dim=hd,
+                intermediate_size=2048, moe_intermediate_size=f, num_experts=e,
+                num_experts_per_tok=8, norm_topk_prob=True, rms_norm_eps=1e-6,
+                max_position_embeddings=4096, tie_word_embeddings=False, hidden_act="silu")
+
+
+def write_checkpoint(folder: str, cfg: dict, layers_per_file: int = 2) -> int:
+    """Random bf16 tensors under Hugging Face Qwen3-MoE names; returns the total tensor bytes."""
+    import ml_dtypes
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    rng = np.random.default_rng(0)
+    d, e, f, hd = cfg["hidden_size"], cfg["num_experts"], cfg["moe_intermediate_size"], cfg["head_dim"]
+    heads, kv, vocab = cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["vocab_size"]
+
+    def t(*shape):
+        return (rng.standard_normal(shape, dtype=np.float32) * 0.02).astype(ml_dtypes.bfloat16)
+
+    groups = [{"model.embed_tokens.weight": t(vocab, d), "model.norm.weight": t(d), "lm_head.weight": t(vocab, d)}]
+    for i in range(cfg["num_hidden_layers"]):
+        if i % layers_per_file == 0:
+            groups.append({})
+        p = f"model.layers.{i}"
+        g = groups[-1]
+        g.update({f"{p}.input_layernorm.weight": t(d), f"{p}.post_attention_layernorm.weight": t(d),
+                  f"{p}.self_attn.q_proj.weight": t(heads * hd, d), f"{p}.self_attn.k_proj.weight": t(kv * hd, d),
+                  f"{p}.self_attn.v_proj.weight": t(kv * hd, d), f"{p}.self_attn.o_proj.weight": t(d, heads * hd),
+                  f"{p}.self_attn.q_norm.weight": t(hd), f"{p}.self_attn.k_norm.weight": t(hd),
+                  f"{p}.mlp.gate.weight": t(e, d)})
+        for x in range(e):
+            for n, shape in (("gate_proj", (f, d)), ("up_proj", (f, d)), ("down_proj", (d, f))):
+                g[f"{p}.mlp.experts.{x}.{n}.weight"] = t(*shape)
+    weight_map, total = {}, 0
+    for j, g in enumerate(groups):
+        name = f"model-{j + 1:05d}-of-{len(groups):05d}.safetensors"
+        save_file(g, os.path.join(folder, name), metadata={"format": "pt"})
+        for k, v in g.items():
+            weight_map[k] = name
+            total += v.nbytes
+    with open(os.path.join(folder, "model.safetensors.index.json"), "w") as fh:
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, fh)
+    with open(os.path.join(folder, "config.json"), "w") as fh:
+        json.dump(cfg, fh)
+    return total
+
+
+def _rss_peak_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def child(mode: str, folder: str, devices: int) -> dict:
+    os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+    os.environ["JAX_PLATFORMS"] = "cpu"
+    sys.path.insert(0, ROOT)
+    import glob
+
+    import jax
+    import ml_dtypes  # noqa: F401  (bf16 for numpy)
+    import numpy as np
+    from safetensors import safe_open
+
+    import moe_relayfree as mr
+    from models import checkpoint
+
+    mesh = mr.make_ep_mesh(devices)
+    jax.block_until_ready(jax.device_put(0.0))
+    base = _rss_peak_bytes()
+    start = time.perf_counter()
+    stats = {}
+    if mode == "load":
+        model = checkpoint.load_model(folder, mesh=mesh, **_load_kwargs(checkpoint, stats))
+        from flax import nnx
+
+        jax.block_until_ready(nnx.state(model))
+    else:
+        held, touched = {}, 0
+        for path in sorted(glob.glob(os.path.join(folder, "*.safetensors"))):
+            with safe_open(path, framework="numpy") as fh:
+                for k in fh.keys():
+                    held[k] = fh.get_tensor(k)
+                    # one byte per page, so a memory-mapped result is really read
+                    touched += int(held[k].reshape(-1).view(np.uint8)[::4096].sum())
+        stats["bytes_read"] = sum(v.nbytes for v in held.values())
+    seconds = time.perf_counter() - start
+    return dict(mode=mode, seconds=seconds, peak_above_baseline=_rss_peak_bytes() - base,
+                baseline=base, **stats)
+
+
+def _load_kwargs(checkpoint, stats: dict) -> dict:
+    """bf16 kept as stored, and the reader's byte count, where the loader offers them."""
+    import inspect
+
+    params = inspect.signature(checkpoint.load_model).parameters
+    kw = {}
+    if "stats" in params:
+        kw["stats"] = stats
+    if "param_dtype" in params:  # the loader before streaming: f32 unless told
+        import jax.numpy as jnp
+
+        kw["param_dtype"] = jnp.bfloat16
+    return kw
+
+
+def main(argv=None) -> int:
+    a = parse_args(argv)
+    if a.child:
+        print(json.dumps(child(a.child[0], a.child[1], a.devices)))
+        return 0
+    import numpy as np
+
+    cfg = shapes(a.gb)
+    runs = []
+    with tempfile.TemporaryDirectory() as folder:
+        start = time.perf_counter()
+        total = write_checkpoint(folder, cfg)
+        print(f"wrote {total / 1e9:.2f} GB ({cfg['num_hidden_layers']} layers) in "
+              f"{time.perf_counter() - start:.0f} s", flush=True)
+        for r in range(a.repeats):
+            for mode in (("load", "plain") if r % 2 == 0 else ("plain", "load")):
+                out = subprocess.run([sys.executable, __file__, "--child", mode, folder,
+                                      "--devices", str(a.devices)],
+                                     capture_output=True, text=True, check=True)
+                row = json.loads(out.stdout.strip().splitlines()[-1])
+                runs.append(row)
+                print(f"  {mode:5s} {row['seconds']:6.2f} s  peak RSS above baseline "
+                      f"{row['peak_above_baseline'] / 1e9:5.2f} GB "
+                      f"({row['peak_above_baseline'] / total:.2f}x the model)", flush=True)
+    med = {m: {k: float(np.median([r[k] for r in runs if r["mode"] == m]))
+               for k in ("seconds", "peak_above_baseline")} for m in ("load", "plain")}
+    # What the devices hold: experts once (sharded), every other tensor once per device
+    # (replicated; on emulated CPU devices those copies all live in this process's memory).
+    load_runs = [r for r in runs if r["mode"] == "load" and "expert_bytes" in r]
+    expert = load_runs[0]["expert_bytes"] if load_runs else None
+    resident = None if expert is None else expert + a.devices * (total - expert)
+    report = dict(model_bytes=total, resident_bytes=resident, config=cfg, devices=a.devices,
+                  runs=runs, median=med,
+                  load_peak_vs_resident=(med["load"]["peak_above_baseline"] / resident
+                                         if resident else None),
+                  load_vs_plain_seconds=med["load"]["seconds"] / med["plain"]["seconds"],
+                  load_peak_vs_model=med["load"]["peak_above_baseline"] / total,
+                  command="python scripts/bench_load.py" + (f" --gb {a.gb}" if a.gb != 2.0 else ""))
+    os.makedirs(a.out, exist_ok=True)
+    with open(os.path.join(a.out, "load.json"), "w") as fh:
+        json.dump(report, fh, indent=1)
+    lines = [f"# Checkpoint loading ({report['command']})", "",
+             f"Synthetic Qwen3-MoE, {total / 1e9:.2f} GB bf16, {cfg['num_hidden_layers']} layers, "
+             f"{a.devices} emulated CPU devices; medians of {a.repeats} fresh processes each.", "",
+             "| reader | seconds | peak RSS above baseline (GB) | x model bytes |", "|---|---|---|---|"]
+    for m in ("load", "plain"):
+        lines.append(f"| {m} | {med[m]['seconds']:.2f} | {med[m]['peak_above_baseline'] / 1e9:.2f} "
+                     f"| {med[m]['peak_above_baseline'] / total:.2f} |")
+    lines += ["", f"load / plain time: {report['load_vs_plain_seconds']:.2f}x", ""]
+    if resident:
+        lines += [f"Bytes the {a.devices} devices hold after loading: {resident / 1e9:.2f} GB "
+                  f"(experts once, {total - expert:,} bytes of replicated tensors per device); "
+                  f"load peak / that: {report['load_peak_vs_resident']:.2f}x", ""]
+    with open(os.path.join(a.out, "load.md"), "w") as fh:
+        fh.write("\n".join(lines))
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -140,13 +140,28 @@ def _place(var: nnx.Variable, sharding: NamedSharding, build, dtype) -> None:
     var.set_value(jax.make_array_from_callback(shape, sharding, shard))
 
 
-def _replicated(read):
-    """A shard builder for a replicated parameter: one read per process, shared by its devices."""
+def _aligned(value: np.ndarray, dtype, align: int = 64) -> np.ndarray:
+    """A C-contiguous, ``align``-byte aligned copy of ``value`` in ``dtype``.
+
+    XLA:CPU takes such a buffer without copying it, so every (emulated) device of the process
+    shares this one copy of a replicated tensor instead of holding its own.
+    """
+    dtype = np.dtype(dtype)
+    raw = np.empty(value.size * dtype.itemsize + align, np.uint8)
+    start = (-raw.ctypes.data) % align
+    out = raw[start:start + value.size * dtype.itemsize].view(dtype).reshape(value.shape)
+    out[...] = value
+    return out
+
+
+def _replicated(read, dtype):
+    """A shard builder for a replicated parameter: one read per process, one buffer shared by
+    its devices."""
     cache = []
 
     def build(idx):
         if not cache:
-            cache.append(read())
+            cache.append(_aligned(read(), dtype))
         return cache[0][idx]
     return build
 
@@ -213,7 +228,7 @@ def load_model(folder: str, *, mesh: Mesh, axis: str = "ep", schedule: str = "au
         def read(name=name, linear=linear):
             value = index.read(name)
             return value.T if linear else value
-        _place(var, replicated, _replicated(read), dtype)
+        _place(var, replicated, _replicated(read, dtype), dtype)
     ep = NamedSharding(mesh, P(axis, None, None))
     for moe, read in readers:
         for var, which in ((moe.w_gate, "gate"), (moe.w_up, "up"), (moe.w_down, "down")):

@@ -177,15 +177,7 @@ def main(argv=None) -> int:
                       f"({row['peak_above_baseline'] / total:.2f}x the model)", flush=True)
     med = {m: {k: float(np.median([r[k] for r in runs if r["mode"] == m]))
                for k in ("seconds", "peak_above_baseline")} for m in ("load", "plain")}
-    # What the devices hold: experts once (sharded), every other tensor once per device
-    # (replicated; on emulated CPU devices those copies all live in this process's memory).
-    load_runs = [r for r in runs if r["mode"] == "load" and "expert_bytes" in r]
-    expert = load_runs[0]["expert_bytes"] if load_runs else None
-    resident = None if expert is None else expert + a.devices * (total - expert)
-    report = dict(model_bytes=total, resident_bytes=resident, config=cfg, devices=a.devices,
-                  runs=runs, median=med,
-                  load_peak_vs_resident=(med["load"]["peak_above_baseline"] / resident
-                                         if resident else None),
+    report = dict(model_bytes=total, config=cfg, devices=a.devices, runs=runs, median=med,
                   load_vs_plain_seconds=med["load"]["seconds"] / med["plain"]["seconds"],
                   load_peak_vs_model=med["load"]["peak_above_baseline"] / total,
                   command="python scripts/bench_load.py" + (f" --gb {a.gb}" if a.gb != 2.0 else ""))
@@ -200,10 +192,6 @@ def main(argv=None) -> int:
         lines.append(f"| {m} | {med[m]['seconds']:.2f} | {med[m]['peak_above_baseline'] / 1e9:.2f} "
                      f"| {med[m]['peak_above_baseline'] / total:.2f} |")
     lines += ["", f"load / plain time: {report['load_vs_plain_seconds']:.2f}x", ""]
-    if resident:
-        lines += [f"Bytes the {a.devices} devices hold after loading: {resident / 1e9:.2f} GB "
-                  f"(experts once, {total - expert:,} bytes of replicated tensors per device); "
-                  f"load peak / that: {report['load_peak_vs_resident']:.2f}x", ""]
     with open(os.path.join(a.out, "load.md"), "w") as fh:
         fh.write("\n".join(lines))
     print("\n".join(lines))

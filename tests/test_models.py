@@ -113,6 +113,9 @@ def test_bf16_checkpoint_loads(tmp_path):
     assert loaded.layers[1].mlp.w_up[...].dtype == jnp.bfloat16
     want = np.asarray(tensors["model.layers.1.mlp.experts.3.up_proj.weight"], np.float32).T
     np.testing.assert_array_equal(np.asarray(loaded.layers[1].mlp.w_up[...], np.float32)[3], want)
+    # a replicated tensor is one host buffer shared by the process's CPU devices, not a copy each
+    shards = loaded.embed[...].addressable_shards
+    assert len(shards) == 2 and len({s.data.unsafe_buffer_pointer() for s in shards}) == 1
     as_f32 = checkpoint.load_model(folder, mesh=mesh, dtype=jnp.float32)  # unless asked
     assert as_f32.embed[...].dtype == jnp.float32
     np.testing.assert_array_equal(full_logits(as_f32, TOKENS, PAD), full_logits(loaded, TOKENS, PAD))

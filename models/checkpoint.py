@@ -39,6 +39,18 @@ def read_config(folder: str) -> ModelConfig:
         return from_hf_config(json.load(fh))
 
 
+def _mtp_tensor(name: str, cfg: ModelConfig, folder: str) -> bool:
+    """DeepSeek-V3's multi-token-prediction layers (``model.layers.{i}`` for ``i`` past the
+    last decoder layer, declared by ``num_nextn_predict_layers``): transformers skips them on
+    load and so does this loader (next-token logits do not use them)."""
+    if cfg.arch != "deepseek_v3" or not name.startswith("model.layers."):
+        return False
+    with open(os.path.join(folder, "config.json")) as fh:
+        extra = int(json.load(fh).get("num_nextn_predict_layers") or 0)
+    layer = name.split(".")[2]
+    return layer.isdigit() and cfg.n_layers <= int(layer) < cfg.n_layers + extra
+
+
 def _check(index: TensorIndex, name: str, shape: tuple[int, ...], used: set[str]) -> None:
     if name not in index:
         raise CheckpointError(f"checkpoint is missing tensor {name!r}")
@@ -217,7 +229,7 @@ def load_model(folder: str, *, mesh: Mesh, axis: str = "ep", schedule: str = "au
         _check(index, name, shape[::-1] if linear else shape, used)
     plain_names = set(used)
     readers = [(moe, _expert_reader(index, prefix, cfg, used)) for prefix, moe in experts]
-    unused = sorted(set(index.file) - used)
+    unused = sorted(n for n in set(index.file) - used if not _mtp_tensor(n, cfg, folder))
     if unused:
         shown = ", ".join(unused[:8]) + (" ..." if len(unused) > 8 else "")
         raise CheckpointError(f"{len(unused)} checkpoint tensors were not used: {shown}")

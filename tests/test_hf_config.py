@@ -122,3 +122,25 @@ def test_first_k_dense_default_asks_for_dense_mlp_tensors(tmp_path):
 
     with pytest.raises(checkpoint.CheckpointError, match=r"missing tensor 'model.layers.1.mlp.gate_proj.weight'"):
         checkpoint.load_model(str(tmp_path), mesh=make_mesh(1))
+
+
+def test_deepseek_mtp_layers_are_skipped_like_transformers(tmp_path):
+    """Tensors of the layers past the last decoder layer load only when num_nextn_predict_layers
+    declares them (transformers ignores them on load); anything else stays an unused-tensor error."""
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    from helpers import make_mesh
+
+    folder = os.path.join(FIXTURES, "deepseek_v3-default")
+    cfg = json.load(open(os.path.join(folder, "config.json")))
+    tensors = load_file(os.path.join(folder, "model.safetensors"))
+    mtp = f"model.layers.{cfg['num_hidden_layers']}.eh_proj.weight"
+    save_file(dict(tensors, **{mtp: np.zeros((4, 4), np.float32)}), str(tmp_path / "model.safetensors"))
+    for declared, ok in ((1, True), (0, False)):
+        (tmp_path / "config.json").write_text(json.dumps(dict(cfg, num_nextn_predict_layers=declared)))
+        if ok:
+            checkpoint.load_model(str(tmp_path), mesh=make_mesh(1))
+        else:
+            with pytest.raises(checkpoint.CheckpointError, match=f"not used: {mtp}"):
+                checkpoint.load_model(str(tmp_path), mesh=make_mesh(1))

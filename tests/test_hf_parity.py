@@ -32,7 +32,10 @@ def greedy(model, prompt, steps):
 
 @pytest.mark.parametrize(
     "name,num_ranks,schedule",
-    [(n, p, s) for n in NAMES for p, s in [(1, "prefill"), (8, "prefill"), (8, "decode")]]
+    # every family on 1 device and with both schedules on 8; the 8-device prefill run once per
+    # family, on the init with the larger logits
+    [(n, p, s) for n in NAMES for p, s in [(1, "prefill"), (8, "prefill"), (8, "decode")]
+     if not (p == 8 and s == "prefill" and n.endswith("-default"))]
     + [(n, p, s) for n in VARIANTS for p, s in [(1, "prefill"), (8, "decode")]],
 )
 def test_logits_and_greedy_tokens_match_transformers(name, num_ranks, schedule):

@@ -39,16 +39,22 @@ def read_config(folder: str) -> ModelConfig:
         return from_hf_config(json.load(fh))
 
 
-def _mtp_tensor(name: str, cfg: ModelConfig, folder: str) -> bool:
+def _mtp_layers(cfg: ModelConfig, folder: str) -> range:
     """DeepSeek-V3's multi-token-prediction layers (``model.layers.{i}`` for ``i`` past the
     last decoder layer, declared by ``num_nextn_predict_layers``): transformers skips them on
     load and so does this loader (next-token logits do not use them)."""
-    if cfg.arch != "deepseek_v3" or not name.startswith("model.layers."):
-        return False
+    if cfg.arch != "deepseek_v3":
+        return range(0)
     with open(os.path.join(folder, "config.json")) as fh:
         extra = int(json.load(fh).get("num_nextn_predict_layers") or 0)
-    layer = name.split(".")[2]
-    return layer.isdigit() and cfg.n_layers <= int(layer) < cfg.n_layers + extra
+    return range(cfg.n_layers, cfg.n_layers + extra)
+
+
+def _layer_of(name: str) -> int | None:
+    parts = name.split(".")
+    if len(parts) > 2 and parts[:2] == ["model", "layers"] and parts[2].isdigit():
+        return int(parts[2])
+    return None
 
 
 def _check(index: TensorIndex, name: str, shape: tuple[int, ...], used: set[str]) -> None:
@@ -229,7 +235,8 @@ def load_model(folder: str, *, mesh: Mesh, axis: str = "ep", schedule: str = "au
         _check(index, name, shape[::-1] if linear else shape, used)
     plain_names = set(used)
     readers = [(moe, _expert_reader(index, prefix, cfg, used)) for prefix, moe in experts]
-    unused = sorted(n for n in set(index.file) - used if not _mtp_tensor(n, cfg, folder))
+    mtp = _mtp_layers(cfg, folder)
+    unused = sorted(n for n in set(index.file) - used if _layer_of(n) not in mtp)
     if unused:
         shown = ", ".join(unused[:8]) + (" ..." if len(unused) > 8 else "")
         raise CheckpointError(f"{len(unused)} checkpoint tensors were not used: {shown}")

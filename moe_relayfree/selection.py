@@ -11,8 +11,8 @@ Schedule = Literal["auto", "prefill", "decode"]
 
 # Tokens per rank at or below which "auto" picks the decode schedule, per platform (JAX's names:
 # ``Device.platform`` says "gpu" where ``lax.platform_dependent`` says "cuda"/"rocm"; both are
-# listed). CPU: scripts/calibrate.py on 8 emulated devices (docs/benchmarks.md, "Schedule
-# selection"): decode was at most 1.08x prefill at every size from 1 to 8192 tokens per rank,
+# listed). CPU: scripts/calibrate.py on 8 emulated devices (docs/design.md, "Selection"; raw runs
+# in results/calibration/): decode was at most 1.08x prefill at every size from 1 to 8192 tokens per rank,
 # and the crossover pooled over four runs and two shapes at 1..1024 is 1024; above that the two
 # are within 3% and decode's worst-case window (P*T*min(k, El) rows) only costs memory.
 # Accelerators: not measured here (no GPU in this project's CI); 128 is the size DeepEP's

@@ -118,7 +118,7 @@ def child(mode: str, folder: str, devices: int) -> dict:
     start = time.perf_counter()
     stats = {}
     if mode == "load":
-        model = checkpoint.load_model(folder, mesh=mesh, **_load_kwargs(checkpoint, stats))
+        model = checkpoint.load_model(folder, mesh=mesh, stats=stats)
         from flax import nnx
 
         jax.block_until_ready(nnx.state(model))
@@ -134,21 +134,6 @@ def child(mode: str, folder: str, devices: int) -> dict:
     seconds = time.perf_counter() - start
     return dict(mode=mode, seconds=seconds, peak_above_baseline=_rss_peak_bytes() - base,
                 baseline=base, **stats)
-
-
-def _load_kwargs(checkpoint, stats: dict) -> dict:
-    """bf16 kept as stored, and the reader's byte count, where the loader offers them."""
-    import inspect
-
-    params = inspect.signature(checkpoint.load_model).parameters
-    kw = {}
-    if "stats" in params:
-        kw["stats"] = stats
-    if "param_dtype" in params:  # the loader before streaming: f32 unless told
-        import jax.numpy as jnp
-
-        kw["param_dtype"] = jnp.bfloat16
-    return kw
 
 
 def main(argv=None) -> int:

@@ -1,7 +1,8 @@
 """moe-relayfree: relay-buffer-free expert-parallel MoE dispatch/combine for JAX."""
 
-from moe_relayfree import collectives, decode, distributed, plan, platform, prefill, routing
-from moe_relayfree.api import DEFAULT_CAPACITY_FACTOR, expert_parallel_moe, make_ep_mesh
+from moe_relayfree import balance, collectives, decode, distributed, layout, plan, platform, prefill, routing
+from moe_relayfree.api import DEFAULT_CAPACITY_FACTOR, expert_parallel_moe
+from moe_relayfree.layout import MeshLayout, make_ep_mesh, make_layout, make_mesh, parse_mesh
 from moe_relayfree.selection import (
     DEFAULT_DECODE_THRESHOLDS,
     calibrate_decode_threshold,
@@ -19,8 +20,10 @@ from moe_relayfree.verbs import combine, dispatch
 __all__ = [
     "DEFAULT_CAPACITY_FACTOR",
     "DEFAULT_DECODE_THRESHOLDS",
+    "MeshLayout",
     "MoELayer",
     "RouterConfig",
+    "balance",
     "calibrate_decode_threshold",
     "collectives",
     "combine",
@@ -30,7 +33,11 @@ __all__ = [
     "dense_moe_reference",
     "dispatch",
     "expert_parallel_moe",
+    "layout",
     "make_ep_mesh",
+    "make_layout",
+    "make_mesh",
+    "parse_mesh",
     "grouped_swiglu",
     "plan",
     "platform",

@@ -1,16 +1,19 @@
-"""Public entry point: expert-parallel MoE over a mesh axis, schedule chosen by tokens per rank."""
+"""Public entry point: expert-parallel MoE on a mesh, schedule chosen by tokens per device."""
 
 from __future__ import annotations
 
 import functools
 import jax
 import jax.numpy as jnp
+from jax import lax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from moe_relayfree import baselines, decode, prefill
+from moe_relayfree.collectives import vary_like
 from moe_relayfree.experts import grouped_swiglu, swiglu
+from moe_relayfree.layout import AxisNames, MeshLayout, make_layout
 from moe_relayfree.plan import rows_per_round
 from moe_relayfree.selection import Schedule, select_schedule
 from moe_relayfree.windows import ExpertWindows
@@ -18,7 +21,7 @@ from moe_relayfree.windows import ExpertWindows
 DEFAULT_CAPACITY_FACTOR = 2.0
 
 
-def _validate(x, topk_ids, topk_weights, w_gate, w_up, w_down, num_ranks: int, axis: str):
+def _validate(x, topk_ids, topk_weights, w_gate, w_up, w_down, lay: MeshLayout):
     def shape(a):
         return tuple(np.shape(a))
 
@@ -39,13 +42,20 @@ def _validate(x, topk_ids, topk_weights, w_gate, w_up, w_down, num_ranks: int, a
         raise ValueError(f"w_up must be {(e, d, f)} like w_gate, got shape {shape(w_up)}")
     if shape(w_down) != (e, f, d):
         raise ValueError(f"w_down must be [E, f, d]={(e, f, d)}, got shape {shape(w_down)}")
-    if n % num_ranks:
+    shards = lay.num_token_shards
+    if n % shards:
         raise ValueError(
-            f"N={n} tokens is not divisible by the {num_ranks} ranks of mesh axis {axis!r}; "
-            "pad the batch (MoELayer does this for you)"
+            f"N={n} tokens is not divisible by the {shards} devices of batch axes "
+            f"{lay.batch_axes}; pad the batch (MoELayer does this for you)"
         )
-    if e % num_ranks:
-        raise ValueError(f"E={e} experts is not divisible by the {num_ranks} ranks of axis {axis!r}")
+    if e % lay.num_ranks:
+        raise ValueError(
+            f"E={e} experts is not divisible by the {lay.num_ranks} ranks of axis {lay.axis!r}"
+        )
+    if f % lay.tensor_size:
+        raise ValueError(
+            f"f={f} is not divisible by the {lay.tensor_size} ranks of tensor_axis {lay.tensor_axis!r}"
+        )
     if k > e:
         raise ValueError(f"k={k} exceeds the number of experts E={e}")
     if not isinstance(topk_ids, jax.core.Tracer):
@@ -80,8 +90,26 @@ def _poison_invalid(topk_ids, topk_weights, num_experts: int):
 IMPLEMENTATIONS = ("relayfree", "ragged_baseline", "capacity_baseline")
 
 
-def _per_rank(x, topk_ids, topk_weights, w_gate, w_up, w_down, *, axis, schedule, num_experts,
-              rows, implementation):
+def _per_rank(x, topk_ids, topk_weights, w_gate, w_up, w_down, *, axis, tensor_axis, schedule,
+              num_experts, rows, implementation):
+    # Every input varies over every axis any of them does (weights over the batch axes, tokens
+    # over the tensor axis) before the schedules' branches: otherwise the backward pass sums a
+    # replicated input's gradient inside a branch that only the ranks of one expert-parallel
+    # group agree on, and ranks of different groups meet different collectives (a deadlock).
+    # Here the sums happen once, after the whole layer's backward pass.
+    args = (x, topk_ids, topk_weights, w_gate, w_up, w_down)
+    args = [vary_like(a, *args) for a in args]
+    y = _routed(*args, axis=axis, schedule=schedule, num_experts=num_experts, rows=rows,
+                implementation=implementation)
+    if tensor_axis is not None:
+        # Each tensor rank computed its slice of f: combine is linear in the expert outputs, so
+        # one sum of [T, d] here replaces a sum of every window row after the down projection.
+        y = lax.psum(y, tensor_axis)
+    return y
+
+
+def _routed(x, topk_ids, topk_weights, w_gate, w_up, w_down, *, axis, schedule, num_experts,
+            rows, implementation):
     topk_ids, topk_weights = _poison_invalid(topk_ids, topk_weights, num_experts)
     common = dict(num_experts=num_experts, axis_name=axis)
     if implementation == "ragged_baseline":
@@ -102,16 +130,15 @@ def _per_rank(x, topk_ids, topk_weights, w_gate, w_up, w_down, *, axis, schedule
 
 
 @functools.lru_cache(maxsize=256)
-def _sharded_fn(
-    mesh: Mesh, axis: str, schedule: str, num_experts: int, rows: int, implementation: str
-):
-    tok, exp = P(axis), P(axis, None, None)
+def _sharded_fn(lay: MeshLayout, schedule: str, num_experts: int, rows: int, implementation: str):
     body = functools.partial(
-        _per_rank, axis=axis, schedule=schedule, num_experts=num_experts, rows=rows,
-        implementation=implementation,
+        _per_rank, axis=lay.axis, tensor_axis=lay.tensor_axis, schedule=schedule,
+        num_experts=num_experts, rows=rows, implementation=implementation,
     )
+    tok = lay.tokens
     return jax.shard_map(
-        body, mesh=mesh, in_specs=(tok, tok, tok, exp, exp, exp), out_specs=tok
+        body, mesh=lay.mesh, in_specs=(tok, tok, tok, lay.w_in, lay.w_in, lay.w_out),
+        out_specs=tok,
     )
 
 
@@ -140,6 +167,8 @@ def expert_parallel_moe(
     *,
     mesh: Mesh,
     axis: str = "ep",
+    batch_axes: AxisNames | None = None,
+    tensor_axis: str | None = None,
     schedule: Schedule = "auto",
     capacity_factor: float | None = DEFAULT_CAPACITY_FACTOR,
     decode_threshold: int | None = None,
@@ -148,15 +177,22 @@ def expert_parallel_moe(
     """Relay-free expert-parallel MoE (routed experts only).
 
     Args:
-      x: ``[N, d]`` tokens, sharded (or to be sharded) over ``axis``; N divisible by its size.
-      topk_ids: ``[N, k]`` int global expert ids in ``[0, E)``, sharded like x.
-      topk_weights: ``[N, k]`` routing weights, sharded like x.
-      w_gate, w_up: ``[E, d, f]``; w_down: ``[E, f, d]``, sharded on E over ``axis``.
-      mesh: the device mesh; ``axis`` names its expert-parallel axis.
-      schedule: "prefill", "decode" or "auto" (decode when ``N / P <= decode_threshold``).
+      x: ``[N, d]`` tokens; split over ``batch_axes`` (N divisible by their total size).
+      topk_ids: ``[N, k]`` int global expert ids in ``[0, E)``, split like x.
+      topk_weights: ``[N, k]`` routing weights, split like x.
+      w_gate, w_up: ``[E, d, f]``; w_down: ``[E, f, d]``: split on E over ``axis`` (and on f
+        over ``tensor_axis`` if given), replicated over the other axes.
+      mesh: the device mesh, any number of axes; ``axis`` names its expert axis. Collectives
+        run over ``axis`` only: each slice along the other axes is its own expert-parallel
+        group (see :mod:`moe_relayfree.layout`).
+      batch_axes: the axes tokens are split over, the expert axis included (default: every
+        axis but ``tensor_axis``); each device holds ``N / prod(sizes)`` tokens.
+      tensor_axis: optional axis splitting each expert's width ``f``; outputs summed over it.
+      schedule: "prefill", "decode" or "auto" (decode when tokens per device
+        ``<= decode_threshold``).
       capacity_factor: prefill receive rows per round = ``capacity_factor * T * k`` (T tokens per
-        rank); skewed batches take extra rounds, never drop tokens. ``None``: worst-case buffer.
-      decode_threshold: tokens per rank for "auto" (default: :func:`decode_threshold` of the
+        device); skewed batches take extra rounds, never drop tokens. ``None``: worst-case buffer.
+      decode_threshold: tokens per device for "auto" (default: :func:`decode_threshold` of the
         mesh's platform).
       implementation: "relayfree" (this project), or for comparison "ragged_baseline"
         (MaxText-style sort / one segment per peer / receiver re-sort, worst-case buffer) or
@@ -164,53 +200,42 @@ def expert_parallel_moe(
         the baselines ignore ``schedule`` and ``capacity_factor``.
 
     Returns:
-      ``[N, d]`` in x.dtype, with x's sharding (a plain array in gives a plain array out). Concrete out-of-range ids raise ``ValueError``;
-      traced ones (inside jit) turn their token's output into NaN.
+      ``[N, d]`` in x.dtype. Eager calls: with x's sharding when x is committed to devices,
+      else split over the batch axes of ``mesh`` (replicated on a mesh with Explicit axes, as
+      under jit). Under jit: split over the batch axes (Explicit axes: resharded like x). Concrete out-of-range ids raise ``ValueError``; traced
+      ones (inside jit) turn their token's output into NaN. ``N = 0`` gives ``[0, d]``.
     """
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
-    if axis not in mesh.axis_names:
-        raise ValueError(f"mesh has no axis {axis!r} (axes: {mesh.axis_names})")
-    num_ranks = mesh.shape[axis]
-    n, k, num_experts = _validate(x, topk_ids, topk_weights, w_gate, w_up, w_down, num_ranks, axis)
-    tokens = n // num_ranks
-    resolved = select_schedule(tokens, schedule, decode_threshold,
-                               platform=mesh.devices.flat[0].platform)
-    rows = rows_per_round(tokens, k, num_ranks, capacity_factor)
-    fn = _sharded_fn(mesh, axis, resolved, num_experts, rows, implementation)
-    tok, exp = P(axis), P(axis, None, None)
-    args = [_place(a, mesh, tok) for a in (x, topk_ids, topk_weights)]
-    args += [_place(a, mesh, exp) for a in (w_gate, w_up, w_down)]
+    lay = make_layout(mesh, axis, batch_axes, tensor_axis)
+    n, k, num_experts = _validate(x, topk_ids, topk_weights, w_gate, w_up, w_down, lay)
+    if n == 0:
+        y = jnp.zeros(np.shape(x), jnp.result_type(x))
+        return y if isinstance(x, jax.core.Tracer) else jax.device_put(y, lay.sharding(lay.tokens))
+    tokens = n // lay.num_token_shards
+    resolved = select_schedule(tokens, schedule, decode_threshold, platform=lay.platform)
+    rows = rows_per_round(tokens, k, lay.num_ranks, capacity_factor)
+    fn = _sharded_fn(lay, resolved, num_experts, rows, implementation)
+    args = [_place(a, mesh, lay.tokens) for a in (x, topk_ids, topk_weights)]
+    args += [_place(a, mesh, spec) for a, spec in
+             ((w_gate, lay.w_in), (w_up, lay.w_in), (w_down, lay.w_out))]
     if any(isinstance(a, jax.core.Tracer) for a in args):
         y = fn(*args)
         if isinstance(x, jax.core.Tracer) and _explicit(mesh):
             y = jax.sharding.reshard(y, NamedSharding(mesh, jax.typeof(x).sharding.spec))
         return y
     y = _jitted(fn)(*args)
-    sharding = getattr(x, "sharding", None)
-    return y if sharding is None or sharding == y.sharding else jax.device_put(y, sharding)
+    # A committed x says where the caller keeps its arrays; an uncommitted one (a numpy array,
+    # a fresh jnp array) says nothing, and the mesh placement combines with the caller's
+    # other mesh arrays where device 0 would clash with them. Explicit axes: as under jit,
+    # the output's sharding type is x's, which for an uncommitted x is replicated.
+    if isinstance(x, jax.Array) and x.committed:
+        return y if x.sharding == y.sharding else jax.device_put(y, x.sharding)
+    if _explicit(mesh):
+        return jax.device_put(y, NamedSharding(mesh, P()))
+    return y
 
 
 @functools.lru_cache(maxsize=256)
 def _jitted(fn):
     return jax.jit(fn)
-
-
-def auto_mesh(mesh: Mesh) -> Mesh:
-    """The same devices and axis names with every axis Auto."""
-    auto = (jax.sharding.AxisType.Auto,) * len(mesh.axis_names)
-    if tuple(mesh.axis_types) == auto:
-        return mesh
-    return Mesh(mesh.devices, mesh.axis_names, axis_types=auto)
-
-
-def make_ep_mesh(num_devices: int | None = None, axis: str = "ep", devices=None) -> Mesh:
-    """A 1-D expert-parallel mesh with an Auto axis (the default ``jax.make_mesh`` axis is
-    Explicit, whose sharding types then propagate into the surrounding model code)."""
-    devices = list(devices if devices is not None else jax.devices())
-    if num_devices is not None:
-        if num_devices > len(devices):
-            raise ValueError(f"asked for {num_devices} devices, {len(devices)} available")
-        devices = devices[:num_devices]
-    return jax.make_mesh((len(devices),), (axis,), devices=devices,
-                         axis_types=(jax.sharding.AxisType.Auto,))

@@ -34,11 +34,27 @@ class RaggedAllToAll(Protocol):
     ) -> jax.Array: ...
 
 
-def ensure_varying(x: jax.Array, axis_name: str) -> jax.Array:
-    """Marks ``x`` as varying over ``axis_name`` (needed for buffers created in a shard_map body)."""
-    if axis_name in jax.typeof(x).manual_axis_type.varying:
-        return x
-    return lax.pcast(x, axis_name, to="varying")
+def varying_axes(x) -> frozenset:
+    """Mesh axes ``x`` varies over inside ``shard_map`` (empty outside)."""
+    return frozenset(jax.typeof(x).manual_axis_type.varying)
+
+
+def vary_like(x: jax.Array, *like: jax.Array, axes: tuple[str, ...] = ()) -> jax.Array:
+    """Marks ``x`` varying over ``axes`` and every axis some array of ``like`` varies over.
+
+    Buffers made inside a ``shard_map`` body (``jnp.zeros``) vary over no axis; under
+    ``check_vma`` a collective's output, loop carries and both branches of a platform choice
+    must carry the axes of the data they will hold, which on a ``(data, ep)`` mesh is both
+    axes, not only the expert axis. Outside ``shard_map`` this is the identity.
+    """
+    want = frozenset(axes).union(*(varying_axes(a) for a in like))
+    missing = tuple(a for a in want if a not in varying_axes(x))
+    return lax.pcast(x, missing, to="varying") if missing else x
+
+
+def ensure_varying(x: jax.Array, axis_name: str, *like: jax.Array) -> jax.Array:
+    """:func:`vary_like` that always includes ``axis_name`` (a buffer a collective fills)."""
+    return vary_like(x, *like, axes=(axis_name,))
 
 
 def _padded_exchange(operand, output, input_offsets, send_sizes, output_offsets, *, axis_name,
@@ -162,7 +178,8 @@ def ragged_all_to_all(
     if rows_per_peer is None:
         rows_per_peer = operand.shape[0]
     rows_per_peer = max(1, min(int(rows_per_peer), operand.shape[0]))
-    output = ensure_varying(output, axis_name)
+    output = ensure_varying(output, axis_name, operand, input_offsets, send_sizes,
+                            output_offsets, recv_sizes)
     args = (operand, output, input_offsets, send_sizes, output_offsets, recv_sizes)
 
     def bind(impl: RaggedAllToAll) -> Callable[..., jax.Array]:

@@ -295,7 +295,7 @@ def _blocks_return(results: jax.Array, h: BlocksHandle) -> jax.Array:
     """Steps 5-6: blocks back to their sources' send rows; weighted gather-sum -> ``[T, d]``."""
     num_ranks = h.recv_sizes.shape[0]
     returned = ensure_varying(jnp.zeros((h.slot.shape[0], results.shape[1]), results.dtype),
-                              h.axis_name)
+                              h.axis_name, results)
     returned = ragged_all_to_all(
         results, returned, jnp.arange(num_ranks, dtype=_I32) * h.block_rows, h.recv_sizes,
         h.source_offsets, h.send_sizes, axis_name=h.axis_name,
@@ -360,6 +360,12 @@ def decode_moe(
     ``transport="auto"``: :func:`choose_transport`, except that on CPU (emulated devices) the
     gather transport runs at every ``P``; picked at lowering time, so a program lowered for
     a GPU or TPU keeps the blocks transport at ``P > k``.
+
+    Several mesh axes: ``expert_fn`` runs inside branches that only the ranks of one
+    expert-parallel group agree on. For gradients, make the arrays it closes over vary over
+    every axis x does first (``collectives.vary_like(w, x)``), so the backward pass sums a
+    replicated weight's gradient after the schedule, not inside a branch (where ranks of
+    different groups would meet different collectives). :func:`expert_parallel_moe` does this.
     """
     num_ranks = lax.axis_size(axis_name)
     k = topk_ids.shape[1]

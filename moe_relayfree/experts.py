@@ -18,6 +18,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from moe_relayfree.collectives import vary_like
+
 _F32 = jnp.float32
 
 
@@ -81,7 +83,8 @@ def _grouped_swiglu_tiled_fwd_impl(x, group_sizes, w_gate, w_up, w_down, tile):
 
         return lax.fori_loop(0, counts[e], one_tile, y)
 
-    return lax.fori_loop(0, w_gate.shape[0], expert, jnp.zeros_like(x))
+    y0 = vary_like(jnp.zeros_like(x), x, group_sizes, w_gate, w_up, w_down)
+    return lax.fori_loop(0, w_gate.shape[0], expert, y0)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
@@ -115,14 +118,17 @@ def _tiled_bwd(tile, res, dy):
             dx = lax.dynamic_update_slice_in_dim(dx, jnp.where(mask[:, None], dxt, old), a, 0)
             return dx, gwg + dg.astype(_F32), gwu + du.astype(_F32), gwd + dd.astype(_F32)
 
-        zeros = tuple(jnp.zeros_like(w, dtype=_F32) for w in (wg, wu, wd))
+        zeros = tuple(vary_like(jnp.zeros_like(w, dtype=_F32), w) for w in (wg, wu, wd))
         dx, gwg, gwu, gwd = lax.fori_loop(0, counts[e], one_tile, (dx,) + zeros)
         dwg = dwg.at[e].set(gwg.astype(dwg.dtype))
         dwu = dwu.at[e].set(gwu.astype(dwu.dtype))
         dwd = dwd.at[e].set(gwd.astype(dwd.dtype))
         return dx, dwg, dwu, dwd
 
-    init = (jnp.zeros_like(x), jnp.zeros_like(w_gate), jnp.zeros_like(w_up), jnp.zeros_like(w_down))
+    # Inside shard_map each cotangent carries its primal's varying axes: jax.vjp already sums
+    # a replicated weight's per-device partials (and x's over a tensor axis), so the carries
+    # start like their primals and nothing is summed again here.
+    init = tuple(vary_like(jnp.zeros_like(a), a) for a in (x, w_gate, w_up, w_down))
     dx, dwg, dwu, dwd = lax.fori_loop(0, w_gate.shape[0], expert, init)
     return dx, None, dwg, dwu, dwd
 

@@ -8,6 +8,14 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from moe_relayfree.api import DEFAULT_CAPACITY_FACTOR, expert_parallel_moe
+from moe_relayfree.balance import (
+    expert_load,
+    load_balancing_loss,
+    router_probabilities,
+    router_z_loss,
+    update_score_bias,
+)
+from moe_relayfree.layout import AxisNames, make_layout
 from moe_relayfree.selection import Schedule
 from moe_relayfree.experts import swiglu
 from moe_relayfree.routing import RouterConfig, route
@@ -51,13 +59,23 @@ class MoELayer(nnx.Module):
 
     Parameters (``E`` experts, ``d`` model size, ``f`` expert size):
       router ``[d, E]`` (replicated); router_bias ``[E]`` if ``router.score_bias``;
-      w_gate, w_up ``[E, d, f]`` and w_down ``[E, f, d]``, created sharded on E over ``axis``;
-      shared experts (``shared_d_ff`` > 0) replicated.
+      w_gate, w_up ``[E, d, f]`` and w_down ``[E, f, d]``, created sharded on E over ``axis``
+      (and on f over ``tensor_axis``); shared experts (``shared_d_ff`` > 0) replicated.
+
+    Mesh: any axes. Tokens are split over ``batch_axes`` (default: every axis but
+    ``tensor_axis``), experts over ``axis``; see :mod:`moe_relayfree.layout`.
 
     Call: x ``[..., d]`` -> ``[..., d]`` (x.dtype). Any token count works: the flattened tokens
-    are padded to a multiple of the axis size with zero-weight rows, which are dropped after.
+    are padded to a multiple of the token shards with zero-weight rows, dropped after.
     ``schedule``, ``capacity_factor`` and ``implementation`` are passed to
     :func:`moe_relayfree.expert_parallel_moe` ("relayfree", or a baseline for comparison).
+
+    Training (opt-in, sown as ``nnx.Intermediate``: ``nnx.capture(model, nnx.Intermediate)``
+    returns them with the output; see :mod:`moe_relayfree.balance`):
+    ``router_stats=True`` sows ``router_load [E]`` (share of token copies per expert) and
+    ``router_prob_mean [E]``; ``load_balancing_weight`` / ``z_loss_weight`` > 0 sow the
+    weighted ``load_balancing_loss`` / ``router_z_loss`` scalars, which
+    :func:`moe_relayfree.balance.total_aux_loss` adds up. Padding rows are not counted.
     """
 
     def __init__(
@@ -69,53 +87,102 @@ class MoELayer(nnx.Module):
         *,
         mesh: Mesh,
         axis: str = "ep",
+        batch_axes: AxisNames | None = None,
+        tensor_axis: str | None = None,
         router: RouterConfig = RouterConfig(),
         shared_d_ff: int = 0,
         shared_gate: bool = False,
         schedule: Schedule = "auto",
         capacity_factor: float | None = DEFAULT_CAPACITY_FACTOR,
         implementation: str = "relayfree",
+        router_stats: bool = False,
+        load_balancing_weight: float = 0.0,
+        z_loss_weight: float = 0.0,
         param_dtype=jnp.float32,
         rngs: nnx.Rngs,
     ):
-        if axis not in mesh.axis_names:
-            raise ValueError(f"mesh has no axis {axis!r} (axes: {mesh.axis_names})")
-        if num_experts % mesh.shape[axis]:
+        lay = make_layout(mesh, axis, batch_axes, tensor_axis)
+        if num_experts % lay.num_ranks:
             raise ValueError(
-                f"num_experts={num_experts} is not divisible by the {mesh.shape[axis]} ranks of {axis!r}"
+                f"num_experts={num_experts} is not divisible by the {lay.num_ranks} ranks of {axis!r}"
+            )
+        if d_ff % lay.tensor_size:
+            raise ValueError(
+                f"d_ff={d_ff} is not divisible by the {lay.tensor_size} ranks of {tensor_axis!r}"
             )
         if not 1 <= k <= num_experts:
             raise ValueError(f"k={k} must be in [1, num_experts={num_experts}]")
+        if load_balancing_weight < 0 or z_loss_weight < 0:
+            raise ValueError("load_balancing_weight and z_loss_weight must be >= 0")
         self.mesh, self.axis, self.k, self.num_experts = mesh, axis, k, num_experts
+        self.batch_axes, self.tensor_axis = lay.batch_axes, tensor_axis
         self.router_config, self.schedule, self.capacity_factor = router, schedule, capacity_factor
         self.implementation = implementation
+        self.router_stats = router_stats
+        self.load_balancing_weight, self.z_loss_weight = load_balancing_weight, z_loss_weight
         self.router = nnx.Param(normal_init(rngs, (d_model, num_experts), d_model**-0.5, param_dtype))
         self.router_bias = (
             RouterBias(jnp.zeros((num_experts,), jnp.float32)) if router.score_bias else None
         )
-        ep = dict(out_sharding=(axis, None, None), mesh=mesh)
         shape_in, shape_out = (num_experts, d_model, d_ff), (num_experts, d_ff, d_model)
-        self.w_gate = nnx.Param(normal_init(rngs, shape_in, d_model**-0.5, param_dtype), **ep)
-        self.w_up = nnx.Param(normal_init(rngs, shape_in, d_model**-0.5, param_dtype), **ep)
-        self.w_down = nnx.Param(normal_init(rngs, shape_out, d_ff**-0.5, param_dtype), **ep)
+        self.w_gate = nnx.Param(normal_init(rngs, shape_in, d_model**-0.5, param_dtype),
+                                out_sharding=tuple(lay.w_in), mesh=mesh)
+        self.w_up = nnx.Param(normal_init(rngs, shape_in, d_model**-0.5, param_dtype),
+                              out_sharding=tuple(lay.w_in), mesh=mesh)
+        self.w_down = nnx.Param(normal_init(rngs, shape_out, d_ff**-0.5, param_dtype),
+                                out_sharding=tuple(lay.w_out), mesh=mesh)
         self.shared = (
             SwiGLUMLP(d_model, shared_d_ff, gated=shared_gate, param_dtype=param_dtype, rngs=rngs)
             if shared_d_ff
             else None
         )
 
+    def logits(self, x: jax.Array) -> jax.Array:
+        """x ``[N, d]`` -> router logits ``[N, E] float32``."""
+        return jnp.dot(x, self.router[...].astype(x.dtype), preferred_element_type=jnp.float32)
+
     def route(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         """x ``[N, d]`` -> (topk_ids ``[N, k] int32``, topk_weights ``[N, k] float32``)."""
-        logits = jnp.dot(x, self.router[...].astype(x.dtype), preferred_element_type=jnp.float32)
+        return self._route(self.logits(x))
+
+    def _route(self, logits: jax.Array) -> tuple[jax.Array, jax.Array]:
         bias = None if self.router_bias is None else self.router_bias[...]
         return route(logits, self.k, self.router_config, bias)
+
+    def update_router_bias(self, load: jax.Array, rate: float = 1e-3) -> None:
+        """DeepSeek-V3 balancing: ``bias += rate * sign(mean(load) - load)``.
+
+        load ``[E]``: measured load over the last step(s), e.g. the sown ``router_load``
+        (summed over calls). Needs ``RouterConfig(score_bias=True)``.
+        """
+        if self.router_bias is None:
+            raise ValueError("this layer has no router bias (RouterConfig(score_bias=True))")
+        if jnp.shape(load) != (self.num_experts,):
+            raise ValueError(f"load must be [E={self.num_experts}], got shape {jnp.shape(load)}")
+        self.router_bias[...] = update_score_bias(self.router_bias[...], load, rate)
+
+    def _sow_router_terms(self, logits: jax.Array, ids: jax.Array) -> None:
+        wants_probs = self.router_stats or self.load_balancing_weight
+        probs = router_probabilities(logits, self.router_config.method) if wants_probs else None
+        if self.router_stats:
+            self.sow(nnx.Intermediate, "router_load", expert_load(ids, self.num_experts))
+            self.sow(nnx.Intermediate, "router_prob_mean", probs.mean(axis=0))
+        if self.load_balancing_weight:
+            self.sow(nnx.Intermediate, "load_balancing_loss",
+                     self.load_balancing_weight * load_balancing_loss(probs, ids))
+        if self.z_loss_weight:
+            self.sow(nnx.Intermediate, "router_z_loss", self.z_loss_weight * router_z_loss(logits))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         lead, d = x.shape[:-1], x.shape[-1]
         tokens = x.reshape(-1, d)
         n = tokens.shape[0]
-        ids, weights = self.route(tokens)
-        pad = -n % self.mesh.shape[self.axis]
+        logits = self.logits(tokens)
+        ids, weights = self._route(logits)
+        if n:
+            self._sow_router_terms(logits, ids)
+        shards = make_layout(self.mesh, self.axis, self.batch_axes, self.tensor_axis).num_token_shards
+        pad = -n % shards
         if pad:
             tokens = jnp.pad(tokens, ((0, pad), (0, 0)))
             # Padding rows spread over experts with weight 0: they add no result and no hot spot.
@@ -127,7 +194,8 @@ class MoELayer(nnx.Module):
             tokens, ids, weights,
             self.w_gate[...].astype(dtype), self.w_up[...].astype(dtype),
             self.w_down[...].astype(dtype),
-            mesh=self.mesh, axis=self.axis, schedule=self.schedule,
+            mesh=self.mesh, axis=self.axis, batch_axes=self.batch_axes,
+            tensor_axis=self.tensor_axis, schedule=self.schedule,
             capacity_factor=self.capacity_factor, implementation=self.implementation,
         )[:n]
         if self.shared is not None:

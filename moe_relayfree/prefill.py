@@ -66,7 +66,7 @@ def plan_and_pack(
         plan=plan,
         send=send,
         weights=topk_weights.astype(_F32),
-        returned=ensure_varying(jnp.zeros_like(send), axis_name),
+        returned=ensure_varying(jnp.zeros_like(send), axis_name, send),
         axis_name=axis_name,
     )
 
@@ -134,7 +134,14 @@ def prefill_moe(
     axis_name: str,
     rows_per_round: int,
 ) -> jax.Array:
-    """The whole prefill schedule; ``expert_fn(windows) -> [R, d]``. Returns ``[T, d]``."""
+    """The whole prefill schedule; ``expert_fn(windows) -> [R, d]``. Returns ``[T, d]``.
+
+    Several mesh axes: ``expert_fn`` runs inside branches that only the ranks of one
+    expert-parallel group agree on. For gradients, make the arrays it closes over vary over
+    every axis x does first (``collectives.vary_like(w, x)``), so the backward pass sums a
+    replicated weight's gradient after the schedule, not inside a branch (where ranks of
+    different groups would meet different collectives). :func:`expert_parallel_moe` does this.
+    """
     handle = plan_and_pack(
         x, topk_ids, topk_weights, num_experts=num_experts, axis_name=axis_name,
         rows_per_round=rows_per_round,

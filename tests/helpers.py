@@ -4,6 +4,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import moe_relayfree as mr
+
 
 def make_mesh(num_ranks: int, axis: str = "ep"):
     return jax.make_mesh((num_ranks,), (axis,), devices=jax.devices()[:num_ranks])
@@ -37,3 +39,38 @@ def skewed_ids(kind, n, k, num_experts, num_ranks):
     if kind == "empty_experts":
         return np.stack([2 * rng.choice(num_experts // 2, k, replace=False) for _ in range(n)]).astype(np.int32)
     raise ValueError(kind)
+
+
+# --- MoELayer as plain arrays and dense math -------------------------------------------
+
+
+def host(v):
+    return jnp.asarray(np.asarray(v[...]))
+
+
+def dense_layer(params, x, k, cfg):
+    """The layer's math on one device from plain arrays."""
+    t = x.reshape(-1, x.shape[-1])
+    logits = jnp.dot(t, params["router"], preferred_element_type=jnp.float32)
+    ids, w = mr.route(logits, k, cfg, params.get("bias"))
+    y = mr.dense_moe_reference(t, ids, w, params["wg"], params["wu"], params["wd"])
+    if "s_wg" in params:
+        s = mr.swiglu(t, params["s_wg"], params["s_wu"], params["s_wd"])
+        if "s_gate" in params:
+            s = jax.nn.sigmoid(t @ params["s_gate"]) * s
+        y = y + s
+    return y.reshape(x.shape)
+
+
+def layer_params(layer):
+    """Plain arrays from a MoELayer, or from the nnx.State of its gradients."""
+    p = {"router": host(layer.router), "wg": host(layer.w_gate), "wu": host(layer.w_up),
+         "wd": host(layer.w_down)}
+    if getattr(layer, "router_bias", None) is not None:
+        p["bias"] = host(layer.router_bias)
+    shared = getattr(layer, "shared", None)
+    if shared is not None:
+        p.update(s_wg=host(shared.w_gate), s_wu=host(shared.w_up), s_wd=host(shared.w_down))
+        if getattr(shared, "gate", None) is not None:
+            p["s_gate"] = host(shared.gate)
+    return p

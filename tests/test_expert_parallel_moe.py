@@ -110,7 +110,7 @@ def test_bad_input_gets_clear_errors():
     mesh = make_mesh(4)
     x, ids, w, wg, wu, wd = moe_inputs(16, D, F, 8, 2)
     run = lambda *a, **kw: mr.expert_parallel_moe(*a, mesh=mesh, **kw)  # noqa: E731
-    with pytest.raises(ValueError, match="not divisible by the 4 ranks"):
+    with pytest.raises(ValueError, match=r"not divisible by the 4 devices of batch axes \(.ep.,\)"):
         run(x[:14], ids[:14], w[:14], wg, wu, wd)
     with pytest.raises(ValueError, match="topk_ids must be"):
         run(x, ids[:8], w, wg, wu, wd)

@@ -8,41 +8,9 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 import moe_relayfree as mr
-from helpers import make_mesh
+from helpers import dense_layer, layer_params, make_mesh
 
 D, F, E = 16, 24, 16
-
-
-def host(v):
-    return jnp.asarray(np.asarray(v[...]))
-
-
-def dense_layer(params, x, k, cfg):
-    """The layer's math on one device from plain arrays."""
-    t = x.reshape(-1, x.shape[-1])
-    logits = jnp.dot(t, params["router"], preferred_element_type=jnp.float32)
-    ids, w = mr.route(logits, k, cfg, params.get("bias"))
-    y = mr.dense_moe_reference(t, ids, w, params["wg"], params["wu"], params["wd"])
-    if "s_wg" in params:
-        s = mr.swiglu(t, params["s_wg"], params["s_wu"], params["s_wd"])
-        if "s_gate" in params:
-            s = jax.nn.sigmoid(t @ params["s_gate"]) * s
-        y = y + s
-    return y.reshape(x.shape)
-
-
-def layer_params(layer):
-    """Plain arrays from a MoELayer, or from the nnx.State of its gradients."""
-    p = {"router": host(layer.router), "wg": host(layer.w_gate), "wu": host(layer.w_up),
-         "wd": host(layer.w_down)}
-    if getattr(layer, "router_bias", None) is not None:
-        p["bias"] = host(layer.router_bias)
-    shared = getattr(layer, "shared", None)
-    if shared is not None:
-        p.update(s_wg=host(shared.w_gate), s_wu=host(shared.w_up), s_wd=host(shared.w_down))
-        if getattr(shared, "gate", None) is not None:
-            p["s_gate"] = host(shared.gate)
-    return p
 
 
 CONFIGS = {
@@ -56,12 +24,13 @@ CONFIGS = {
 }
 
 
-# Every router and shared-expert form on 8 ranks with both schedules; 1 and 2 ranks once each
-# (on CPU the decode schedule takes its gather transport; tests/test_decode.py forces blocks).
+# Every router and shared-expert form on 8 ranks, both schedules on 8 ranks, 1 and 2 ranks once
+# each (the router and the schedule are independent; on CPU the decode schedule takes its gather
+# transport; tests/test_decode.py forces blocks).
 @pytest.mark.parametrize(
     "num_ranks,arch,schedule",
-    [(8, arch, schedule) for arch in sorted(CONFIGS) for schedule in ("prefill", "decode")]
-    + [(1, "deepseek", "prefill"), (2, "qwen2", "decode")],
+    [(8, "deepseek", "prefill"), (8, "qwen2", "decode"), (8, "qwen3", "decode"),
+     (1, "deepseek", "prefill"), (2, "qwen2", "prefill")],
 )
 def test_layer_forward_backward(num_ranks, arch, schedule):
     mesh = make_mesh(num_ranks)

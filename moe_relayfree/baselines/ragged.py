@@ -78,7 +78,7 @@ def dispatch(
     recv_offsets = arrive[:, me]
     # where each source's block for me sits in that source's sorted send buffer
     return_offsets = (jnp.cumsum(per_peer, axis=1) - per_peer)[:, me]
-    buf = ensure_varying(jnp.zeros((rows_bound, x.shape[1]), x.dtype), axis_name)
+    buf = ensure_varying(jnp.zeros((rows_bound, x.shape[1]), x.dtype), axis_name, x)
     received = ragged_all_to_all(  # step 2: source-major
         permuted, buf, send_offsets, send_sizes, dest_offsets, recv_sizes,
         axis_name=axis_name, rows_per_peer=min(n, rows_bound),
@@ -112,7 +112,8 @@ def combine(expert_out: jax.Array, handle: RaggedHandle) -> jax.Array:
     """Steps 5-7. expert_out ``[R, d]`` in local-expert order -> ``[T, d]``."""
     unsorted = jnp.zeros_like(expert_out).at[handle.local_order].set(expert_out)  # step 5
     back = ensure_varying(
-        jnp.zeros((handle.num_copies, expert_out.shape[1]), expert_out.dtype), handle.axis_name
+        jnp.zeros((handle.num_copies, expert_out.shape[1]), expert_out.dtype), handle.axis_name,
+        expert_out,
     )
     returned = ragged_all_to_all(  # step 6: lands in the source's sorted order
         unsorted, back, handle.recv_offsets, handle.recv_sizes, handle.return_offsets,

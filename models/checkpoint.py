@@ -28,7 +28,7 @@ from models.config import ModelConfig
 from models.hf_config import from_hf_config
 from models.tensor_index import CheckpointError, TensorIndex
 from models.transformer import MoETransformer
-from moe_relayfree.api import auto_mesh
+from moe_relayfree.layout import auto_mesh, make_layout
 
 
 def read_config(folder: str) -> ModelConfig:
@@ -149,11 +149,18 @@ def _entries(model: MoETransformer):
 
 
 def _place(var: nnx.Variable, sharding: NamedSharding, build, dtype) -> None:
-    """Creates ``var``'s array shard by shard from ``build(index) -> numpy``."""
+    """Creates ``var``'s array shard by shard from ``build(index) -> numpy``.
+
+    Devices holding the same shard (replicas along a data axis) get one read, not one each.
+    """
     shape = tuple(var.get_value().shape)
+    read: dict = {}
 
     def shard(idx):
-        return np.asarray(build(idx)).astype(dtype, copy=False)
+        key = tuple((s.start, s.stop, s.step) for s in idx)
+        if key not in read:
+            read[key] = np.asarray(build(idx)).astype(dtype, copy=False)
+        return read[key]
 
     var.set_value(jax.make_array_from_callback(shape, sharding, shard))
 
@@ -209,11 +216,14 @@ def export_tensors(model: MoETransformer, *, fused_experts: bool = False, dtype=
 
 
 def load_model(folder: str, *, mesh: Mesh, axis: str = "ep", schedule: str = "auto",
-               implementation: str = "relayfree", dtype=None, stats: dict | None = None
-               ) -> MoETransformer:
+               implementation: str = "relayfree", dtype=None, stats: dict | None = None,
+               batch_axes=None, tensor_axis: str | None = None) -> MoETransformer:
     """Builds the model described by ``folder/config.json`` and streams its safetensors in.
 
     Args:
+      mesh, axis, batch_axes, tensor_axis: the mesh and its axis roles
+        (:mod:`moe_relayfree.layout`); expert tensors are read per device, for the experts on
+        that device's expert rank (with a tensor axis, the full ``f`` is read and sliced).
       dtype: parameter dtype; default the checkpoint's (that of its embedding).
       stats: if given, filled with ``bytes_read`` (tensor bytes this process read),
         ``tensor_bytes`` (all tensors of the checkpoint) and ``expert_bytes`` (their routed-expert
@@ -227,7 +237,7 @@ def load_model(folder: str, *, mesh: Mesh, axis: str = "ep", schedule: str = "au
     mesh = auto_mesh(mesh)
     model = nnx.eval_shape(lambda: MoETransformer(
         cfg, mesh=mesh, axis=axis, schedule=schedule, implementation=implementation,
-        param_dtype=dtype, rngs=nnx.Rngs(0)))
+        param_dtype=dtype, rngs=nnx.Rngs(0), batch_axes=batch_axes, tensor_axis=tensor_axis))
     plain, experts = _entries(model)
     used: set[str] = set()
     for name, var, linear in plain:  # every name and shape checked before any data is read
@@ -248,13 +258,16 @@ def load_model(folder: str, *, mesh: Mesh, axis: str = "ep", schedule: str = "au
             value = index.read(name)
             return value.T if linear else value
         _place(var, replicated, _replicated(read, dtype), dtype)
-    ep = NamedSharding(mesh, P(axis, None, None))
+    lay = make_layout(mesh, axis, batch_axes, tensor_axis)
     for moe, read in readers:
-        for var, which in ((moe.w_gate, "gate"), (moe.w_up, "up"), (moe.w_down, "down")):
+        for var, which, spec in ((moe.w_gate, "gate", lay.w_in), (moe.w_up, "up", lay.w_in),
+                                 (moe.w_down, "down", lay.w_out)):
             def build(idx, read=read, which=which):
                 rows = idx[0]
-                return read(which, rows.start or 0, cfg.num_experts if rows.stop is None else rows.stop)
-            _place(var, ep, build, dtype)
+                value = read(which, rows.start or 0,
+                             cfg.num_experts if rows.stop is None else rows.stop)
+                return value[(slice(None),) + tuple(idx[1:])]
+            _place(var, NamedSharding(mesh, spec), build, dtype)
     if stats is not None:
         stats.update(bytes_read=index.bytes_read,
                      tensor_bytes=sum(index.nbytes(n) for n in index.file),

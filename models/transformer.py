@@ -21,7 +21,7 @@ from jax.sharding import Mesh
 from models.config import ModelConfig
 from models.layers import RMSNorm, attention_mask, rope
 from models.mla import MLAttention
-from moe_relayfree.api import auto_mesh
+from moe_relayfree.layout import auto_mesh
 from moe_relayfree.layer import MoELayer, SwiGLUMLP, normal_init
 
 _F32 = jnp.float32
@@ -115,7 +115,8 @@ class Attention(nnx.Module):
 
 class DecoderLayer(nnx.Module):
     def __init__(self, cfg: ModelConfig, index: int, *, mesh: Mesh, axis: str, schedule: str,
-                 implementation: str, param_dtype, rngs: nnx.Rngs):
+                 implementation: str, param_dtype, rngs: nnx.Rngs, batch_axes=None,
+                 tensor_axis: str | None = None):
         self.attn_norm = RMSNorm(cfg.d_model, cfg.rms_eps, param_dtype)
         if cfg.is_mla:
             self.attn = MLAttention(cfg, param_dtype=param_dtype, rngs=rngs)
@@ -126,6 +127,7 @@ class DecoderLayer(nnx.Module):
         if cfg.moe_layers[index]:
             self.mlp = MoELayer(
                 cfg.d_model, cfg.d_ff_expert, cfg.num_experts, cfg.k, mesh=mesh, axis=axis,
+                batch_axes=batch_axes, tensor_axis=tensor_axis,
                 router=cfg.router, shared_d_ff=cfg.shared_d_ff, shared_gate=cfg.shared_gate,
                 schedule=schedule, implementation=implementation, param_dtype=param_dtype, rngs=rngs,
             )
@@ -139,10 +141,15 @@ class DecoderLayer(nnx.Module):
 
 
 class MoETransformer(nnx.Module):
-    """Embedding -> decoder layers (dense or MoE per ``cfg.moe_layers``) -> norm -> LM head."""
+    """Embedding -> decoder layers (dense or MoE per ``cfg.moe_layers``) -> norm -> LM head.
+
+    ``mesh`` may have several axes: ``axis`` (experts), ``batch_axes`` and ``tensor_axis`` are
+    passed to every :class:`moe_relayfree.MoELayer` (see :mod:`moe_relayfree.layout`).
+    """
 
     def __init__(self, cfg: ModelConfig, *, mesh: Mesh, axis: str = "ep", schedule: str = "auto",
-                 implementation: str = "relayfree", param_dtype=jnp.float32, rngs: nnx.Rngs):
+                 implementation: str = "relayfree", param_dtype=jnp.float32, rngs: nnx.Rngs,
+                 batch_axes=None, tensor_axis: str | None = None):
         # One mesh type for the whole model: an Explicit axis would give the MoE outputs an
         # explicit sharding type that then meets the unsharded rest of the model.
         mesh = auto_mesh(mesh)
@@ -150,7 +157,8 @@ class MoETransformer(nnx.Module):
         self.embed = nnx.Param(normal_init(rngs, (cfg.vocab_size, cfg.d_model), 1.0, param_dtype))
         self.layers = nnx.List([
             DecoderLayer(cfg, i, mesh=mesh, axis=axis, schedule=schedule,
-                         implementation=implementation, param_dtype=param_dtype, rngs=rngs)
+                         implementation=implementation, param_dtype=param_dtype, rngs=rngs,
+                         batch_axes=batch_axes, tensor_axis=tensor_axis)
             for i in range(cfg.n_layers)
         ])
         self.norm = RMSNorm(cfg.d_model, cfg.rms_eps, param_dtype)

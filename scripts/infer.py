@@ -3,6 +3,8 @@
     python scripts/infer.py                                  # built-in default model, 8 CPU devices
     python scripts/infer.py --checkpoint DIR --prompt "def " --max-new-tokens 64
     python scripts/infer.py --dispatch ragged-baseline --json
+    python scripts/infer.py --mesh data=2,ep=4                # tokens over both axes, experts over ep
+    python scripts/infer.py --mesh data=2,ep=2,tp=2 --tensor-axis tp
     python scripts/infer.py --devices 4 --coordinator HOST:PORT --num-processes 2 --process-id I
 
 Reports time to first token (prefill + first sampled token), time per output token (decode
@@ -28,6 +30,11 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="Hugging Face folder")
     p.add_argument("--devices", type=int, default=8, help="emulated CPU devices (CPU only)")
+    p.add_argument("--mesh", default=None,
+                   help="mesh axes as NAME=SIZE,... in order (default: ep=<all devices>)")
+    p.add_argument("--expert-axis", default="ep", help="the mesh axis experts are split over")
+    p.add_argument("--tensor-axis", default=None,
+                   help="optional mesh axis splitting each expert's hidden width")
     p.add_argument("--prompt", action="append", help="repeatable; default: three short prompts")
     p.add_argument("--batch", type=int, default=None, help="repeat prompts up to this batch size")
     p.add_argument("--max-new-tokens", type=int, default=48)
@@ -133,8 +140,14 @@ def main(argv=None) -> int:
               "`python scripts/train_default.py` or pass --checkpoint DIR", file=sys.stderr)
         return 2
     devices = jax.devices()
-    mesh = mr.make_ep_mesh()
-    model = checkpoint.load_model(args.checkpoint, mesh=mesh, schedule=args.schedule,
+    try:
+        mesh = mr.make_mesh(mr.parse_mesh(args.mesh) if args.mesh else {args.expert_axis: len(devices)})
+        lay = mr.make_layout(mesh, args.expert_axis, tensor_axis=args.tensor_axis)
+    except ValueError as e:
+        print(f"--mesh: {e}", file=sys.stderr)
+        return 2
+    model = checkpoint.load_model(args.checkpoint, mesh=mesh, axis=args.expert_axis,
+                                  tensor_axis=args.tensor_axis, schedule=args.schedule,
                                   implementation=DISPATCH[args.dispatch], dtype=args.dtype)
     # Prompts are encoded as the checkpoint's tokenizer says (config.json's bos_token_id
     # is not a promise that the tokenizer adds it; Qwen's and OLMoE's do not).
@@ -151,12 +164,15 @@ def main(argv=None) -> int:
     result = generate(model, prompts, args.max_new_tokens, progress=progress)
     tpot = float(np.median(result["step_s"])) if result["step_s"] else float("nan")
     batch = len(prompts)
+    shards = lay.num_token_shards  # tokens per device = tokens / shards (MoELayer pads up)
     report = {
         "checkpoint": os.path.relpath(args.checkpoint, ROOT) if args.checkpoint.startswith(ROOT) else args.checkpoint,
         "platform": devices[0].platform, "devices": len(devices), "dispatch": args.dispatch,
+        "mesh": dict(mesh.shape), "expert_axis": lay.axis, "batch_axes": list(lay.batch_axes),
+        "tensor_axis": lay.tensor_axis,
         "batch": batch, "prompt_tokens": result["prompt_width"], "new_tokens": args.max_new_tokens,
-        "prefill_schedule": mr.select_schedule(-(-batch * result["prompt_width"] // len(devices)), args.schedule),
-        "decode_schedule": mr.select_schedule(-(-batch // len(devices)), args.schedule),
+        "prefill_schedule": mr.select_schedule(-(-batch * result["prompt_width"] // shards), args.schedule),
+        "decode_schedule": mr.select_schedule(-(-batch // shards), args.schedule),
         "ttft_ms": 1e3 * result["ttft_s"], "tpot_ms": 1e3 * tpot,
         "decode_tokens_per_s": batch / tpot if tpot == tpot else None,
         "compile_s": result["compile_s"],
@@ -170,7 +186,8 @@ def main(argv=None) -> int:
         return 0
     for o in report["outputs"]:
         print(f"--- {o['prompt']!r}\n{o['prompt']}{o['completion']}")
-    print(f"\n{report['devices']} {report['platform']} devices, dispatch={args.dispatch}, batch={batch}, "
+    mesh_text = ",".join(f"{a}={n}" for a, n in report["mesh"].items())
+    print(f"\n{report['devices']} {report['platform']} devices (mesh {mesh_text}), dispatch={args.dispatch}, batch={batch}, "
           f"prompt={report['prompt_tokens']} tokens, new={args.max_new_tokens}")
     print(f"prefill: schedule={report['prefill_schedule']}, time to first token {report['ttft_ms']:.1f} ms")
     print(f"decode:  schedule={report['decode_schedule']}, time per output token {report['tpot_ms']:.1f} ms "

@@ -32,6 +32,8 @@ def parse_args(argv=None):
     p.add_argument("--memory-budget-gb", type=float, default=14.0,
                    help="skip an implementation whose estimated buffers exceed this (all ranks)")
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--meshes-only", action="store_true",
+                   help="only the multi-axis mesh comparison (needs 8 devices)")
     return p.parse_args(argv)
 
 
@@ -47,6 +49,8 @@ import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
+import moe_relayfree as mr  # noqa: E402
+from bench_report import IMPL_ORDER, markdown, plots  # noqa: E402
 from moe_relayfree import analysis, decode, prefill, selection  # noqa: E402
 from moe_relayfree.baselines import capacity, ragged  # noqa: E402
 from moe_relayfree.experts import grouped_swiglu, swiglu  # noqa: E402
@@ -254,12 +258,62 @@ def auto_choice(result, tokens: int) -> dict:
     return row
 
 
+# --- meshes with several axes ----------------------------------------------------------------
+
+MESHES = (  # (label, mesh axes, batch_axes, experts multiplier)
+    ("ep=8", {"ep": 8}, None, 1),
+    ("data=2,ep=4", {"data": 2, "ep": 4}, None, 1),
+    ("data=2,ep=4, tokens over ep only", {"data": 2, "ep": 4}, ("ep",), 1),
+    ("ep=8 with 2E experts", {"ep": 8}, None, 2),
+)
+
+
+def mesh_case(case, *, repeats: int, rounds: int = 3) -> dict:
+    """Whole-layer time of ``expert_parallel_moe`` on a 2-D mesh against the 1-D mesh of the
+    same 8 devices and total tokens, programs timed in interleaved rounds (median).
+
+    Also: the old placement (tokens split over the expert axis only, each data replica
+    repeating the work), and a 1-D mesh with 2E experts, which holds E/4 experts per device
+    like the (2, 4) mesh: the cost of the layout itself, apart from the mesh handling.
+    """
+    n, e, k, d, f = (case[c] for c in ("N", "E", "k", "d", "f"))
+    rng = np.random.default_rng(0)
+    programs = {}
+    for label, axes, batch_axes, mult in MESHES:
+        mesh = mr.make_mesh(axes)
+        ne = e * mult
+        lay = mr.make_layout(mesh, batch_axes=batch_axes)
+        put = lambda a, spec: jax.device_put(a, lay.sharding(spec))  # noqa: E731
+        ids = np.argsort(rng.random((n, ne)), axis=1)[:, :k].astype(np.int32)
+        tokens = [put(jnp.asarray(a), lay.tokens) for a in
+                  (rng.standard_normal((n, d)).astype(np.float32), ids,
+                   rng.uniform(0.1, 1, (n, k)).astype(np.float32))]
+        weights = [put(jnp.asarray(rng.standard_normal(shape) / np.sqrt(shape[1]), jnp.float32), spec)
+                   for shape, spec in (((ne, d, f), lay.w_in), ((ne, d, f), lay.w_in),
+                                       ((ne, f, d), lay.w_out))]
+        fn = jax.jit(lambda *a, mesh=mesh, b=batch_axes: mr.expert_parallel_moe(
+            *a, mesh=mesh, batch_axes=b, schedule=case["schedule"]))
+        jax.block_until_ready(fn(*tokens, *weights))
+        programs[label] = (fn, tokens + weights)
+    times = {label: [] for label in programs}
+    for _ in range(rounds):
+        for label, (fn, a) in programs.items():
+            times[label].append(median_seconds(fn, *a, repeats=repeats))
+    base = float(np.median(times["ep=8"]))
+    rows = {label: {"layer_s": float(np.median(t)), "rounds_s": t,
+                    "vs_1d": float(np.median(t)) / base} for label, t in times.items()}
+    for label, row in rows.items():
+        print(f"  mesh {case['schedule']:7s} T/dev={n // 8:4d} {label:34s} "
+              f"layer {row['layer_s'] * 1e3:8.2f} ms  x{row['vs_1d']:.2f}", flush=True)
+    return dict(case, T=n // 8, meshes=rows)
+
+
 # --- configurations ---------------------------------------------------------------------------
 
 def configurations(mode: str):
     if mode == "smoke":
         main = [dict(name="smoke", P=4, T=16, E=8, k=2, d=32, f=16)]
-        return main, [dict(P=4, T=4, E=8, k=2, d=16, f=8)], [dict(P=2, T=8, E=8, k=2, d=16, f=8)]
+        return main, [dict(P=4, T=4, E=8, k=2, d=16, f=8)], []
     quick = mode == "quick"
     main = [
         dict(name="prefill E64 k8", P=8, T=256 if quick else 512, E=64, k=8, d=1024, f=512),
@@ -276,116 +330,15 @@ def configurations(mode: str):
     return main, scaling_t, scaling_p
 
 
-# --- output -----------------------------------------------------------------------------------
-
-IMPL_ORDER = ("relayfree", "relayfree_decode", "ragged_baseline", "capacity_baseline")
-
-
-def fmt_ms(s):
-    return f"{s * 1e3:.2f}"
-
-
-def markdown(report) -> str:
-    lines = [f"# Benchmark ({report['mode']})", "",
-             f"Machine: {report['machine']}; JAX {report['jax']}; {report['devices']} "
-             f"{report['platform']} devices. Command: `{report['command']}`.", "",
-             "Times are medians in ms; `x` columns are ratios to relay-free (prefill schedule) "
-             "measured in the same run; floor = one read+write pass over `T*k*d` per rank.", ""]
-    lines += ["## Dispatch / combine / layer", "",
-              "| case | P | T/rank | E | k | d | impl | dispatch | x | combine | x | layer | x "
-              "| temp MiB/dev | dropped |",
-              "|" + "---|" * 15]
-    for case in report["main"]:
-        for name in IMPL_ORDER:
-            row = case["impls"].get(name)
-            if row is None:
-                continue
-            head = f"| {case['name']} | {case['P']} | {case['T']} | {case['E']} | {case['k']} | {case['d']} | {name} "
-            if "skipped" in row:
-                lines.append(head + f"| skipped: {row['skipped']} |" + " |" * 9)
-                continue
-            lines.append(
-                head + f"| {fmt_ms(row['dispatch_s'])} | {row.get('dispatch_vs_relayfree', 1):.2f} "
-                f"| {fmt_ms(row['combine_s'])} | {row.get('combine_vs_relayfree', 1):.2f} "
-                f"| {fmt_ms(row['layer_s'])} | {row.get('layer_vs_relayfree', 1):.2f} "
-                f"| {row['temp_bytes_per_device'] / 2**20:.1f} | {row.get('dropped_copies', 0)} |")
-    lines += ["", "## Full-size (>= T*k*d elements) buffers per rank", "",
-              "native = data-movement ops in the `cuda`-lowered StableHLO; cpu = materialised "
-              "buffers of the compiled CPU program.", "",
-              "| case | impl | dispatch native | combine native | dispatch cpu | combine cpu |",
-              "|---|---|---|---|---|---|"]
-    for case in report["main"]:
-        for name in IMPL_ORDER:
-            row = case["impls"].get(name, {})
-            fs = row.get("full_size")
-            if not fs:
-                continue
-            cell = lambda s: f"{s['count']} ({s['bytes'] / 2**20:.0f} MiB)"  # noqa: E731
-            lines.append(f"| {case['name']} T={case['T']} | {name} | {cell(fs['dispatch']['native'])} "
-                         f"| {cell(fs['combine']['native'])} | {cell(fs['dispatch']['cpu'])} "
-                         f"| {cell(fs['combine']['cpu'])} |")
-    for title, key, col in (("Scaling with tokens per rank", "scaling_tokens", "T"),
-                            ("Scaling with ranks", "scaling_ranks", "P")):
-        first = report[key][0] if report[key] else {}
-        fixed = ", ".join(f"{c}={first.get(c)}" for c in ("P", "T", "E", "k", "d") if c != col)
-        lines += ["", f"## {title} ({fixed}; dispatch + combine, ms)", "",
-                  f"| {col} | " + " | ".join(IMPL_ORDER) + " |", "|---" * (len(IMPL_ORDER) + 1) + "|"]
-        for case in report[key]:
-            cells = []
-            for name in IMPL_ORDER:
-                row = case["impls"].get(name)
-                if row is None:
-                    cells.append("-")
-                elif "skipped" in row:
-                    cells.append("skipped")
-                else:
-                    cells.append(fmt_ms(row["dispatch_s"] + row["combine_s"]))
-            lines.append(f"| {case[col]} | " + " | ".join(cells) + " |")
-    lines += ["", "## Schedule choice (`auto`) over the token sweep (layer ms)", "",
-              "`auto` runs the program of the schedule it picks; `auto / faster` is that "
-              "schedule's layer time over the faster one's, same run.", "",
-              "| T | prefill | decode | auto picks | auto / faster |", "|---|---|---|---|---|"]
-    for case in report["scaling_tokens"]:
-        cells = []
-        for name in ("relayfree", "relayfree_decode"):
-            row = case["impls"].get(name, {})
-            cells.append(fmt_ms(row["layer_s"]) if "layer_s" in row else row.get("skipped", "-"))
-        auto = case.get("auto", {})
-        ratio = f"{auto['vs_faster']:.2f}" if "vs_faster" in auto else "-"
-        lines.append(f"| {case['T']} | {cells[0]} | {cells[1]} | {auto.get('schedule', '-')} "
-                     f"(threshold {auto.get('threshold', '-')}) | {ratio} |")
-    return "\n".join(lines) + "\n"
-
-
-def plots(report, out_dir):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plots", file=sys.stderr)
-        return []
-    files = []
-    for key, col, label in (("scaling_tokens", "T", "tokens per rank"), ("scaling_ranks", "P", "ranks (P)")):
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for name in IMPL_ORDER:
-            pts = [(c[col], c["impls"][name]["dispatch_s"] + c["impls"][name]["combine_s"])
-                   for c in report[key] if "dispatch_s" in c["impls"].get(name, {})]
-            if pts:
-                ax.plot(*zip(*pts), marker="o", label=name)
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel(label)
-        ax.set_ylabel("dispatch + combine (s, median)")
-        ax.set_title(f"{key.replace('_', ' ')}: {report['devices']} {report['platform']} devices")
-        ax.legend()
-        ax.grid(True, which="both", alpha=0.3)
-        path = os.path.join(out_dir, f"{key}.png")
-        fig.tight_layout()
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        files.append(path)
-    return files
+def mesh_configurations(mode: str):
+    if mode == "smoke":
+        return [dict(schedule="prefill", N=64, E=16, k=2, d=32, f=16)]
+    shape = dict(E=64, k=8, d=1024, f=512)
+    cases = [dict(schedule="prefill", N=8 * (256 if mode == "quick" else 512), **shape),
+             dict(schedule="decode", N=8 * 8, **shape)]
+    if mode != "quick":
+        cases.append(dict(schedule="decode", N=8 * 64, **shape))
+    return cases
 
 
 def main(argv=None) -> int:
@@ -394,12 +347,15 @@ def main(argv=None) -> int:
     repeats = a.repeats or {"smoke": 2, "quick": 3, "full": 5}[mode]
     budget = a.memory_budget_gb * 2**30
     main_cases, scaling_t, scaling_p = configurations(mode)
+    if a.meshes_only:
+        main_cases, scaling_t, scaling_p = [], [], []
     report = {
-        "mode": mode, "command": "python scripts/bench.py" + {"smoke": " --smoke", "quick": " --quick", "full": ""}[mode],
+        "mode": mode, "command": "python scripts/bench.py" + {"smoke": " --smoke", "quick": " --quick", "full": ""}[mode]
+                   + (" --meshes-only" if a.meshes_only else ""),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
         "jax": jax.__version__, "platform": jax.devices()[0].platform, "devices": len(jax.devices()),
         "relayfree_capacity_factor": RELAYFREE_FACTOR, "baseline_capacity_factor": CAPACITY_FACTOR,
-        "main": [], "scaling_tokens": [], "scaling_ranks": [],
+        "main": [], "scaling_tokens": [], "scaling_ranks": [], "meshes": [],
     }
     for case in main_cases:
         names = [n for n in IMPL_ORDER if n != "relayfree_decode" or case["T"] <= 64]
@@ -412,12 +368,15 @@ def main(argv=None) -> int:
             names = list(IMPL_ORDER)
             report[key].append(run_case(dict(case, name=key), repeats=repeats, analyse=False,
                                         budget_bytes=budget, names=names))
+    if len(jax.devices()) >= 8:
+        for case in mesh_configurations(mode):
+            report["meshes"].append(mesh_case(case, repeats=repeats))
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, "bench.json"), "w") as fh:
         json.dump(report, fh, indent=1)
     with open(os.path.join(a.out, "bench.md"), "w") as fh:
         fh.write(markdown(report))
-    files = [] if a.no_plots else plots(report, a.out)
+    files = [] if a.no_plots or a.meshes_only else plots(report, a.out)
     print(f"wrote {a.out}/bench.json, bench.md" + "".join(f", {os.path.basename(p)}" for p in files))
     return 0
 

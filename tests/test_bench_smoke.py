@@ -31,6 +31,11 @@ def test_bench_smoke(tmp_path):
     assert native["ragged_baseline"]["combine"]["count"] == 3
     for row in impls.values():
         assert row["dispatch_s"] > 0 and row["combine_s"] > 0 and row["layer_s"] > 0
+    meshes = report["meshes"][0]["meshes"]
+    assert set(meshes) == {"ep=8", "data=2,ep=4", "data=2,ep=4, tokens over ep only",
+                           "ep=8 with 2E experts"}
+    assert meshes["ep=8"]["vs_1d"] == 1.0 and all(r["layer_s"] > 0 for r in meshes.values())
+    assert "## Meshes with several axes" in (tmp_path / "bench.md").read_text()
 
 
 def test_bench_decode_bytes_stay_flat_in_ranks(tmp_path):

@@ -35,6 +35,10 @@ def parse_args(argv=None):
     p.add_argument("--part", choices=("all", "layer", "bytes"), default="all")
     p.add_argument("--smoke", action="store_true", help="tiny shapes, to check the script")
     p.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds")
+    p.add_argument("--experts", type=int, nargs="+", default=None,
+                   help="layer part: only these E (64 and/or 256)")
+    p.add_argument("--tokens", type=int, nargs="+", default=None,
+                   help="layer part: only these tokens per rank (of 1, 8, 16, 64)")
     p.add_argument("--devices", type=int, default=8)
     p.add_argument("--out", default="results/decode")
     p.add_argument("--bytes-child", action="store_true", help=argparse.SUPPRESS)
@@ -81,7 +85,7 @@ def _layer_fn(mesh, name):
     return jax.jit(lambda *a: mr.expert_parallel_moe(*a, mesh=mesh, **kw))
 
 
-def layer_part(smoke: bool, rounds: int) -> list[dict]:
+def layer_part(smoke: bool, rounds: int, experts=None, tokens=None) -> list[dict]:
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -96,7 +100,8 @@ def layer_part(smoke: bool, rounds: int) -> list[dict]:
         cases = [dict(E=16, f=16, T=t, k=2, d=32) for t in (1, 4)]
     else:
         cases = [dict(E=e, f=f, T=t, k=8, d=1024) for e, f in ((64, 512), (256, 256))
-                 for t in (1, 8, 16, 64)]
+                 for t in (1, 8, 16, 64)
+                 if (experts is None or e in experts) and (tokens is None or t in tokens)]
     rows = []
     for case in cases:
         rng = np.random.default_rng(0)
@@ -128,10 +133,19 @@ def layer_part(smoke: bool, rounds: int) -> list[dict]:
                    auto_schedule=mr.select_schedule(case["T"]),
                    decode_vs_prefill=float(np.median(t["decode"] / t["prefill"])),
                    decode_vs_best_baseline=float(np.median(t["decode"] / best_base)),
-                   auto_vs_faster=float(np.median(t["auto"] / np.minimum(t["decode"], t["prefill"]))))
+                   auto_vs_faster=float(np.median(t["auto"] / np.minimum(t["decode"], t["prefill"]))),
+                   # spread of the per-round ratio, and of auto/decode where both are one
+                   # program (the noise floor of this run)
+                   decode_vs_prefill_quartiles=np.percentile(t["decode"] / t["prefill"],
+                                                             [25, 75]).tolist(),
+                   auto_vs_decode_quartiles=np.percentile(t["auto"] / t["decode"],
+                                                          [25, 75]).tolist())
         rows.append(row)
         print(f"E={e:3d} T={case['T']:3d} " + " ".join(f"{k_} {v:7.1f}" for k_, v in row["ms"].items())
-              + f" | decode/prefill {row['decode_vs_prefill']:.2f} decode/best-baseline "
+              + f" | decode/prefill {row['decode_vs_prefill']:.2f} (quartiles "
+              + "/".join(f"{q:.2f}" for q in row["decode_vs_prefill_quartiles"])
+              + ", auto/decode " + "/".join(f"{q:.2f}" for q in row["auto_vs_decode_quartiles"])
+              + f") decode/best-baseline "
               f"{row['decode_vs_best_baseline']:.2f} auto/faster {row['auto_vs_faster']:.2f}", flush=True)
     return rows
 
@@ -211,7 +225,8 @@ def main(argv=None) -> int:
               "command": "python scripts/bench_decode.py" + (" --smoke" if a.smoke else "")
               + ("" if a.part == "all" else f" --part {a.part}")}
     if a.part in ("all", "layer"):
-        report["layer"] = layer_part(a.smoke, a.rounds or (2 if a.smoke else 7))
+        report["layer"] = layer_part(a.smoke, a.rounds or (2 if a.smoke else 7), a.experts,
+                                     a.tokens)
     if a.part in ("all", "bytes"):
         os.makedirs(a.out, exist_ok=True)
         child = os.path.join(a.out, "bytes.json")

@@ -6,4 +6,4 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$root/scripts/setup.sh"
 cd "$root"
-exec .venv/bin/python -m pytest -q -n "${MOE_RELAYFREE_TEST_WORKERS:-2}" "$@"
+exec .venv/bin/python -m pytest -q -n "${MOE_RELAYFREE_TEST_WORKERS:-2}" --dist worksteal "$@"

@@ -47,7 +47,9 @@ TOKENS = jnp.array([[5, 9, 12, 3, 7, 1], [0, 0, 8, 2, 60, 33]], jnp.int32)
 PAD = jnp.array([0, 2], jnp.int32)
 
 
-@pytest.mark.parametrize("arch", ["qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v3"])
+# The two cache layouts (GQA, DeepSeek MLA); every family's cached greedy decoding is also
+# checked against transformers in test_hf_parity.py.
+@pytest.mark.parametrize("arch", ["qwen3_moe", "deepseek_v3"])
 def test_prefill_then_decode_matches_full_forward(arch):
     model = build(tiny(arch), make_mesh(8))
     want = full_logits(model, TOKENS, PAD)

@@ -27,6 +27,8 @@ import sys
 import time
 
 LAYER_IMPLS = ("decode", "prefill", "auto", "ragged_baseline", "capacity_baseline")
+# the two schedules with the expert compute replaced by a copy: their own work alone
+EXCHANGE_IMPLS = ("decode_exchange", "prefill_exchange")
 BYTES_IMPLS = ("decode", "decode_gather", "prefill_one_round", "ragged_baseline", "capacity_baseline")
 
 
@@ -52,18 +54,26 @@ def _setup_jax(devices: int):
     os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
-def _gather_transport_fn(mesh):
-    """The decode schedule with its gather transport forced, at any P."""
+def _schedule_fn(mesh, schedule: str, *, transport: str = "auto", gemm: bool = True):
+    """One schedule called directly (``decode_moe`` / ``prefill_moe``). ``gemm=False``: the
+    expert compute is a copy of the window rows, leaving the schedule's own work (exchange,
+    windows, combine) to be timed apart from the weight reads both schedules share."""
     import jax
     from jax.sharding import PartitionSpec as P
 
-    from moe_relayfree import decode
+    from moe_relayfree import decode, prefill
     from moe_relayfree.experts import grouped_swiglu
+    from moe_relayfree.plan import rows_per_round
 
     def body(x, ids, w, wg, wu, wd):
-        return decode.decode_moe(
-            x, ids, w, lambda win: grouped_swiglu(win.rows, win.group_sizes, wg, wu, wd),
-            num_experts=wg.shape[0] * mesh.shape["ep"], axis_name="ep", transport="gather")
+        def experts(win):
+            return grouped_swiglu(win.rows, win.group_sizes, wg, wu, wd) if gemm else win.rows
+
+        common = dict(num_experts=wg.shape[0] * mesh.shape["ep"], axis_name="ep")
+        if schedule == "decode":
+            return decode.decode_moe(x, ids, w, experts, transport=transport, **common)
+        rows = rows_per_round(x.shape[0], ids.shape[1], mesh.shape["ep"], 2.0)
+        return prefill.prefill_moe(x, ids, w, experts, rows_per_round=rows, **common)
 
     tok, exp = P("ep"), P("ep", None, None)
     return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(tok,) * 3 + (exp,) * 3, out_specs=tok))
@@ -75,7 +85,9 @@ def _layer_fn(mesh, name):
     import moe_relayfree as mr
 
     if name == "decode_gather":
-        return _gather_transport_fn(mesh)
+        return _schedule_fn(mesh, "decode", transport="gather")
+    if name.endswith("_exchange"):
+        return _schedule_fn(mesh, name.split("_")[0], gemm=False)
 
     kw = {"decode": dict(schedule="decode"), "prefill": dict(schedule="prefill"),
           "auto": dict(schedule="auto"), "ragged_baseline": dict(implementation="ragged_baseline"),
@@ -112,9 +124,10 @@ def layer_part(smoke: bool, rounds: int, experts=None, tokens=None) -> list[dict
                 jax.device_put(jnp.asarray(rng.uniform(0.1, 1, (n, k)), jnp.float32), tok)]
         args += [jax.device_put(jnp.asarray(rng.standard_normal(s) / np.sqrt(s[1]), jnp.float32), exp)
                  for s in ((e, d, f), (e, d, f), (e, f, d))]
-        fns = {name: _layer_fn(mesh, name) for name in LAYER_IMPLS}
+        fns = {name: _layer_fn(mesh, name) for name in LAYER_IMPLS + EXCHANGE_IMPLS}
         outs = {name: np.asarray(fn(*args)) for name, fn in fns.items()}  # compile + check
-        err = max(float(np.abs(o - outs["prefill"]).max()) for o in outs.values())
+        err = max(float(np.abs(outs[n] - outs["prefill"]).max()) for n in LAYER_IMPLS)
+        err = max(err, float(np.abs(outs["decode_exchange"] - outs["prefill_exchange"]).max()))
         times = {name: [] for name in fns}
         names = list(fns)
         for r in range(rounds):
@@ -134,6 +147,8 @@ def layer_part(smoke: bool, rounds: int, experts=None, tokens=None) -> list[dict
                    decode_vs_prefill=float(np.median(t["decode"] / t["prefill"])),
                    decode_vs_best_baseline=float(np.median(t["decode"] / best_base)),
                    auto_vs_faster=float(np.median(t["auto"] / np.minimum(t["decode"], t["prefill"]))),
+                   exchange_decode_vs_prefill=float(np.median(t["decode_exchange"]
+                                                              / t["prefill_exchange"])),
                    # spread of the per-round ratio, and of auto/decode where both are one
                    # program (the noise floor of this run)
                    decode_vs_prefill_quartiles=np.percentile(t["decode"] / t["prefill"],
@@ -145,7 +160,7 @@ def layer_part(smoke: bool, rounds: int, experts=None, tokens=None) -> list[dict
               + f" | decode/prefill {row['decode_vs_prefill']:.2f} (quartiles "
               + "/".join(f"{q:.2f}" for q in row["decode_vs_prefill_quartiles"])
               + ", auto/decode " + "/".join(f"{q:.2f}" for q in row["auto_vs_decode_quartiles"])
-              + f") decode/best-baseline "
+              + f"; own work {row['exchange_decode_vs_prefill']:.2f}) decode/best-baseline "
               f"{row['decode_vs_best_baseline']:.2f} auto/faster {row['auto_vs_faster']:.2f}", flush=True)
     return rows
 
@@ -189,11 +204,14 @@ def markdown(report) -> str:
              f"Machine: {report['machine']}; JAX {report['jax']}. Command: `{report['command']}`.", ""]
     if report.get("layer"):
         lines += ["## Layer time, P=8 emulated CPU devices (median ms; ratios: median of per-round ratios)", "",
-                  "| E | T/rank | " + " | ".join(LAYER_IMPLS) + " | decode/prefill | decode/best baseline | auto picks | auto/faster |",
-                  "|" + "---|" * (len(LAYER_IMPLS) + 6)]
+                  "| E | T/rank | " + " | ".join(LAYER_IMPLS + EXCHANGE_IMPLS)
+                  + " | decode/prefill | own work: decode/prefill | decode/best baseline | auto picks | auto/faster |",
+                  "|" + "---|" * (len(LAYER_IMPLS + EXCHANGE_IMPLS) + 7)]
         for r in report["layer"]:
-            lines.append(f"| {r['E']} | {r['T']} | " + " | ".join(f"{r['ms'][n]:.1f}" for n in LAYER_IMPLS)
-                         + f" | {r['decode_vs_prefill']:.2f} | {r['decode_vs_best_baseline']:.2f} "
+            lines.append(f"| {r['E']} | {r['T']} | "
+                         + " | ".join(f"{r['ms'][n]:.1f}" for n in LAYER_IMPLS + EXCHANGE_IMPLS)
+                         + f" | {r['decode_vs_prefill']:.2f} | {r['exchange_decode_vs_prefill']:.2f} "
+                         f"| {r['decode_vs_best_baseline']:.2f} "
                          f"| {r['auto_schedule']} | {r['auto_vs_faster']:.2f} |")
     if report.get("bytes"):
         first = report["bytes"][0]

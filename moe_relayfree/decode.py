@@ -31,10 +31,11 @@ where ranks are emulated devices sharing one memory, :func:`decode_moe` gathers 
 5. the mirrored ``ragged_all_to_all`` returns each block to its source, at the rows it was
    sent from; 6. one weighted gather-sum over ``k`` at the source.
 
-Rows: :func:`decode_moe` computes windows of ``B = 2*T*k`` rows when this rank received that
-few (the usual case), else the proven worst case ``P*T*min(k, El)``; the choice is a local
-``lax.cond`` with no collective inside, so ranks need not agree. Nothing is ever dropped.
-The verbs (:func:`dispatch` / :func:`combine`) always use the worst case.
+Rows: :func:`decode_moe` always computes the first ``B = 2*T*k`` expert-major window rows
+(the usual case receives no more), outside any branch; a rank that received more computes
+the rest, up to the proven worst case ``P*T*min(k, El)``, in a second grouped GEMM under a
+local ``lax.cond`` with no collective inside, so ranks need not agree. Nothing is ever
+dropped. The verbs (:func:`dispatch` / :func:`combine`) always use the worst case.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ from moe_relayfree.windows import (
     ExpertWindows,
     exclusive_cumsum,
     local_expert_order,
+    sizes_in_range,
     weighted_gather_sum,
 )
 
@@ -147,7 +149,7 @@ gather_tokens.defvjp(_gather_fwd, _gather_bwd)
 @dataclasses.dataclass(frozen=True)
 class GatherHandle:
     """slot ``[B] int32`` gathered row of each window row; row_weights ``[B] f32`` (0 past
-    ``total``); total ``[] int32`` rows in the windows."""
+    ``total``); total ``[] int32`` rows of the ``B`` that hold copies."""
 
     slot: jax.Array
     row_weights: jax.Array
@@ -167,9 +169,10 @@ def _gather_plan(x, ids, w, num_experts, axis_name):
     return xs, w_all.reshape(-1), order, sizes
 
 
-def _gather_windows(xs, w_flat, order, sizes, rows: int, k: int, x, axis_name):
-    copy = order[:rows]
-    total = sizes.sum()
+def _gather_windows(xs, w_flat, order, sizes, rows: int, k: int, x, axis_name, start: int = 0):
+    """Windows of the expert-major rows ``[start, start + rows)`` and their handle."""
+    copy = order[start:start + rows]
+    total = jnp.clip(sizes.sum() - start, 0, rows)  # rows of this range that hold copies
     valid = jnp.arange(rows) < total
     handle = GatherHandle(
         slot=copy // k,
@@ -179,7 +182,9 @@ def _gather_windows(xs, w_flat, order, sizes, rows: int, k: int, x, axis_name):
         out_dtype=x.dtype,
         axis_name=axis_name,
     )
-    return ExpertWindows(rows=jnp.take(xs, copy // k, axis=0), group_sizes=sizes), handle
+    windows = ExpertWindows(rows=jnp.take(xs, copy // k, axis=0),
+                            group_sizes=sizes_in_range(sizes, start, rows))
+    return windows, handle
 
 
 def _gather_partial(expert_out: jax.Array, h: GatherHandle) -> jax.Array:
@@ -258,8 +263,9 @@ def _blocks_send(x, ids, w, num_experts, axis_name):
     return handle, recv_counts
 
 
-def expert_major_rows(recv_counts: jax.Array, block_rows: int, rows: int) -> jax.Array:
-    """Block row of each of the first ``rows`` expert-major window rows (arithmetic, no sort).
+def expert_major_rows(recv_counts: jax.Array, block_rows: int, rows: int,
+                      start: int = 0) -> jax.Array:
+    """Block row of expert-major window rows ``[start, start + rows)`` (arithmetic, no sort).
 
     recv_counts ``[P_src, El]``: source ``s`` sent ``recv_counts[s, l]`` copies for local
     expert ``l``, stored in its block (``block_rows`` rows at ``s * block_rows``) in
@@ -269,7 +275,7 @@ def expert_major_rows(recv_counts: jax.Array, block_rows: int, rows: int) -> jax
     num_ranks, local = recv_counts.shape
     seg = recv_counts.T.reshape(-1)  # (l, s) segments in window order
     seg_end = jnp.cumsum(seg)
-    i = jnp.arange(rows, dtype=_I32)
+    i = start + jnp.arange(rows, dtype=_I32)
     g = jnp.clip(jnp.searchsorted(seg_end, i, side="right"), 0, seg.shape[0] - 1).astype(_I32)
     l, s = g // num_ranks, g % num_ranks
     within_block = exclusive_cumsum(recv_counts, 1)[s, l]
@@ -277,18 +283,22 @@ def expert_major_rows(recv_counts: jax.Array, block_rows: int, rows: int) -> jax
     return jnp.where(i < seg_end[-1], row, 0)
 
 
-def _blocks_windows(handle: BlocksHandle, recv_counts, rows: int):
-    block_row = expert_major_rows(recv_counts, handle.block_rows, rows)
+def _blocks_windows(handle: BlocksHandle, recv_counts, rows: int, start: int = 0):
+    """Windows of the expert-major rows ``[start, start + rows)``, read from the blocks."""
+    block_row = expert_major_rows(recv_counts, handle.block_rows, rows, start)
     windows = ExpertWindows(rows=jnp.take(handle.blocks, block_row, axis=0),
-                            group_sizes=recv_counts.sum(axis=0))
+                            group_sizes=sizes_in_range(recv_counts.sum(axis=0), start, rows))
     return windows, dataclasses.replace(handle, block_row=block_row)
 
 
-def _blocks_write_back(expert_out: jax.Array, h: BlocksHandle) -> jax.Array:
-    """Window results over the block rows they came from -> ``[P*C, d]``."""
+def _blocks_write_back(expert_out: jax.Array, h: BlocksHandle, into: jax.Array | None = None,
+                       start: int = 0) -> jax.Array:
+    """Window results (rows ``start + i``) over the block rows they came from, written into
+    ``into`` (default: the received blocks) -> ``[P*C, d]``."""
+    into = h.blocks if into is None else into
     n = h.block_row.shape[0]
-    dest = jnp.where(jnp.arange(n) < h.total, h.block_row, h.blocks.shape[0])
-    return h.blocks.at[dest].set(expert_out.astype(h.blocks.dtype), mode="drop")
+    dest = jnp.where(start + jnp.arange(n) < h.total, h.block_row, into.shape[0])
+    return into.at[dest].set(expert_out.astype(into.dtype), mode="drop")
 
 
 def _blocks_return(results: jax.Array, h: BlocksHandle) -> jax.Array:
@@ -355,8 +365,8 @@ def decode_moe(
 ) -> jax.Array:
     """The whole decode schedule; ``expert_fn(windows) -> [B, d]``. Returns ``[T, d]``.
 
-    Windows have ``2*T*k`` rows when this rank received no more (a local choice, no
-    collective inside), else the worst case: the work follows the rows actually received.
+    ``expert_fn`` runs on the first ``2*T*k`` window rows, and again on the rest (up to the
+    worst case) only where this rank received more: the work follows the rows received.
     ``transport="auto"``: :func:`choose_transport`, except that on CPU (emulated devices) the
     gather transport runs at every ``P``; picked at lowering time, so a program lowered for
     a GPU or TPU keeps the blocks transport at ``P > k``.
@@ -388,36 +398,29 @@ def _decode_moe(x, topk_ids, topk_weights, *, expert_fn, num_experts, axis_name,
     worst = worst_rows(num_ranks, t, k, local)
     typical = min(worst, typical_rows(t, k))
     w = topk_weights.astype(_F32)
+    # The first `typical` window rows always run, outside any branch; the rest only on a rank
+    # that received more (a local cond, no collective inside, so ranks need not agree).
     if transport == "gather":
         plan = _gather_plan(x, topk_ids, w, num_experts, axis_name)
 
-        def partial(rows):
-            def run(plan):
-                windows, handle = _gather_windows(*plan, rows, k, x, axis_name)
-                return _gather_partial(expert_fn(windows), handle)
-            return run
+        def partial(start, rows):
+            windows, handle = _gather_windows(*plan, rows, k, x, axis_name, start)
+            return _gather_partial(expert_fn(windows), handle)
 
-        total = plan[3].sum()
-        out = _local_choice(total <= typical, partial(typical), partial(worst), plan, typical, worst)
+        out = partial(0, typical)
+        if typical < worst:
+            out = lax.cond(plan[3].sum() > typical,
+                           lambda o: o + partial(typical, worst - typical), lambda o: o, out)
         return _gather_combine(out, axis_name, x.dtype)
 
     handle, recv_counts = _blocks_send(x, topk_ids, w, num_experts, axis_name)
 
-    def results(rows):
-        def run(args):
-            h, counts = args
-            windows, h = _blocks_windows(h, counts, rows)
-            return _blocks_write_back(expert_fn(windows), h)
-        return run
+    def results(into, start, rows):
+        windows, h = _blocks_windows(handle, recv_counts, rows, start)
+        return _blocks_write_back(expert_fn(windows), h, into, start)
 
-    args = (handle, recv_counts)
-    out = _local_choice(handle.total <= typical, results(typical), results(worst), args,
-                        typical, worst)
+    out = results(handle.blocks, 0, typical)
+    if typical < worst:
+        out = lax.cond(handle.total > typical,
+                       lambda o: results(o, typical, worst - typical), lambda o: o, out)
     return _blocks_return(out, handle)
-
-
-def _local_choice(small: jax.Array, fast, full, operand, typical: int, worst: int):
-    """``fast(operand)`` when ``small`` else ``full(operand)``; a single branch when equal."""
-    if typical >= worst:
-        return full(operand)
-    return lax.cond(small, fast, full, operand)

@@ -31,6 +31,18 @@ def exclusive_cumsum(x: jax.Array, axis: int) -> jax.Array:
     return jnp.cumsum(x, axis=axis) - x
 
 
+def sizes_in_range(group_sizes: jax.Array, start: int, rows: int) -> jax.Array:
+    """Window sizes ``[El] int32`` of the expert-major rows ``[start, start + rows)``.
+
+    group_sizes ``[El]``: the windows' full sizes. Lets a grouped GEMM run on a slice of the
+    windows (rows past ``start + rows`` in a second call) without re-laying anything out.
+    """
+    ends = jnp.cumsum(group_sizes)
+    begins = ends - group_sizes
+    stop = start + rows
+    return (jnp.clip(ends, start, stop) - jnp.clip(begins, start, stop)).astype(jnp.int32)
+
+
 def weighted_gather_sum(
     returned: jax.Array, slot: jax.Array, weights: jax.Array, out_dtype
 ) -> jax.Array:

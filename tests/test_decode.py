@@ -66,7 +66,7 @@ def test_matches_dense_reference(num_ranks, num_experts, k, transport):
 @pytest.mark.parametrize("transport", ["gather", "blocks"])
 def test_skewed_routing_is_exact(kind, transport):
     """``one_rank`` sends every copy to the last rank: 8x the typical window rows, so that
-    rank takes the worst-case branch while the others take the small one."""
+    rank also runs the grouped GEMM over its overflow rows while the others do not."""
     ids = skewed_ids(kind, 64, 2, 16, 8)
     check(8, 16, transport, moe_inputs(64, D, F, 16, 2, seed=3, ids=ids))
 

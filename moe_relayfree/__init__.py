@@ -1,6 +1,17 @@
 """moe-relayfree: relay-buffer-free expert-parallel MoE dispatch/combine for JAX."""
 
-from moe_relayfree import balance, collectives, decode, distributed, layout, plan, platform, prefill, routing
+from moe_relayfree import (
+    balance,
+    collectives,
+    decode,
+    distributed,
+    layout,
+    plan,
+    platform,
+    prefill,
+    routing,
+    transports,
+)
 from moe_relayfree.api import DEFAULT_CAPACITY_FACTOR, expert_parallel_moe
 from moe_relayfree.layout import MeshLayout, make_ep_mesh, make_layout, make_mesh, parse_mesh
 from moe_relayfree.selection import (
@@ -49,4 +60,5 @@ __all__ = [
     "select_schedule",
     "set_decode_threshold",
     "swiglu",
+    "transports",
 ]

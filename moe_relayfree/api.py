@@ -54,7 +54,8 @@ def _validate(x, topk_ids, topk_weights, w_gate, w_up, w_down, lay: MeshLayout):
         )
     if f % lay.tensor_size:
         raise ValueError(
-            f"f={f} is not divisible by the {lay.tensor_size} ranks of tensor_axis {lay.tensor_axis!r}"
+            f"f={f} is not divisible by the {lay.tensor_size} ranks of tensor_axis "
+            f"{lay.tensor_axis!r}"
         )
     if k > e:
         raise ValueError(f"k={k} exceeds the number of experts E={e}")
@@ -202,8 +203,9 @@ def expert_parallel_moe(
     Returns:
       ``[N, d]`` in x.dtype. Eager calls: with x's sharding when x is committed to devices,
       else split over the batch axes of ``mesh`` (replicated on a mesh with Explicit axes, as
-      under jit). Under jit: split over the batch axes (Explicit axes: resharded like x). Concrete out-of-range ids raise ``ValueError``; traced
-      ones (inside jit) turn their token's output into NaN. ``N = 0`` gives ``[0, d]``.
+      under jit). Under jit: split over the batch axes (Explicit axes: resharded like x).
+      Concrete out-of-range ids raise ``ValueError``; traced ones (inside jit) turn their
+      token's output into NaN. ``N = 0`` gives ``[0, d]``.
     """
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")

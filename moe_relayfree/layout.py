@@ -36,11 +36,13 @@ def _names(axes: Sequence[str]) -> str:
 def _one_axis(mesh: Mesh, name, role: str) -> str:
     if not isinstance(name, str):
         raise ValueError(
-            f"{role} must be one mesh axis name, got {name!r} (mesh axes: {_names(mesh.axis_names)}); "
-            "tokens are split over several axes with batch_axes=(...)"
+            f"{role} must be one mesh axis name, got {name!r} "
+            f"(mesh axes: {_names(mesh.axis_names)}); tokens are split over several axes with "
+            "batch_axes=(...)"
         )
     if name not in mesh.axis_names:
-        raise ValueError(f"mesh has no axis {name!r} for {role} (mesh axes: {_names(mesh.axis_names)})")
+        raise ValueError(
+            f"mesh has no axis {name!r} for {role} (mesh axes: {_names(mesh.axis_names)})")
     return name
 
 

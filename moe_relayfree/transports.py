@@ -1,0 +1,254 @@
+"""The decode schedule's two transports (see :mod:`moe_relayfree.decode` for the op sequence).
+
+``gather``: one ``all_gather`` of tokens with their routing packed in, a local sort of int32
+keys, a weighted scatter-add and a ``psum_scatter`` back. ``blocks``: one small
+``all_to_all`` of counts, then one ragged all-to-all per direction into fixed per-source
+blocks. Both build expert-major :class:`~moe_relayfree.windows.ExpertWindows` of any row
+range ``[start, start + rows)``, so the schedule can run the usual rows and the overflow apart.
+Call inside ``shard_map`` over the expert axis.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from moe_relayfree.collectives import ensure_varying, ragged_all_to_all
+from moe_relayfree.plan import sort_copies
+from moe_relayfree.windows import (
+    ExpertWindows,
+    exclusive_cumsum,
+    local_expert_order,
+    sizes_in_range,
+    weighted_gather_sum,
+)
+
+_F32 = jnp.float32
+_I32 = jnp.int32
+
+
+# --- gather transport ---------------------------------------------------------------------
+
+
+def _pack(x: jax.Array, ids: jax.Array, w: jax.Array) -> jax.Array:
+    """x ``[T, d]``, ids ``[T, k]`` int, w ``[T, k] f32`` -> ``[T, d + m]`` in x.dtype, bit-exact."""
+    t = x.shape[0]
+    meta = jnp.concatenate([ids.astype(_I32), lax.bitcast_convert_type(w, _I32)], axis=1)
+    size = jnp.dtype(x.dtype).itemsize
+    if size == 8:
+        meta = lax.bitcast_convert_type(meta.reshape(t, -1, 2), x.dtype)
+    else:
+        meta = lax.bitcast_convert_type(meta, x.dtype).reshape(t, -1)
+    return jnp.concatenate([x, meta], axis=1)
+
+
+def _unpack(packed: jax.Array, d: int, k: int):
+    n, size = packed.shape[0], jnp.dtype(packed.dtype).itemsize
+    meta = packed[:, d:]
+    if size == 8:
+        meta = lax.bitcast_convert_type(meta, _I32).reshape(n, 2 * k)
+    elif size == 4:
+        meta = lax.bitcast_convert_type(meta, _I32)
+    else:
+        meta = lax.bitcast_convert_type(meta.reshape(n, 2 * k, 4 // size), _I32)
+    return packed[:, :d], meta[:, :k], lax.bitcast_convert_type(meta[:, k:], _F32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def gather_tokens(x: jax.Array, ids: jax.Array, w: jax.Array, axis_name: str):
+    """All-gathers x ``[T, d]``, ids ``[T, k]`` and weights ``[T, k] f32`` in ONE collective.
+
+    Returns (``[P*T, d]``, ``[P*T, k] int32``, ``[P*T, k] f32``). Gradients are exact: the
+    backward pass reduce-scatters the cotangents of x and w.
+    """
+    return _gather_fwd(x, ids, w, axis_name)[0]
+
+
+def _gather_fwd(x, ids, w, axis_name):
+    packed = lax.all_gather(_pack(x, ids, w), axis_name, tiled=True)
+    return _unpack(packed, x.shape[1], ids.shape[1]), None
+
+
+def _gather_bwd(axis_name, _, cotangents):
+    dx, _, dw = cotangents
+
+    def scatter(a):
+        return lax.psum_scatter(a, axis_name, scatter_dimension=0, tiled=True)
+
+    return scatter(dx), None, scatter(dw)
+
+
+gather_tokens.defvjp(_gather_fwd, _gather_bwd)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class GatherHandle:
+    """slot ``[B] int32`` gathered row of each window row; row_weights ``[B] f32`` (0 past
+    ``total``); total ``[] int32`` rows of the ``B`` that hold copies."""
+
+    slot: jax.Array
+    row_weights: jax.Array
+    total: jax.Array
+    num_slots: int = dataclasses.field(metadata=dict(static=True))
+    out_dtype: jnp.dtype = dataclasses.field(metadata=dict(static=True))
+    axis_name: str = dataclasses.field(metadata=dict(static=True))
+
+
+def gather_plan(x, ids, w, num_experts, axis_name):
+    num_ranks = lax.axis_size(axis_name)
+    local = num_experts // num_ranks
+    xs, ids_all, w_all = gather_tokens(x, ids, w, axis_name)
+    mine = ids_all - lax.axis_index(axis_name) * local
+    keys = jnp.where((mine >= 0) & (mine < local), mine, local).reshape(-1)
+    order, sizes = local_expert_order(keys, local)
+    return xs, w_all.reshape(-1), order, sizes
+
+
+def gather_windows(xs, w_flat, order, sizes, rows: int, k: int, x, axis_name, start: int = 0):
+    """Windows of the expert-major rows ``[start, start + rows)`` and their handle."""
+    copy = order[start:start + rows]
+    total = jnp.clip(sizes.sum() - start, 0, rows)  # rows of this range that hold copies
+    valid = jnp.arange(rows) < total
+    handle = GatherHandle(
+        slot=copy // k,
+        row_weights=jnp.where(valid, jnp.take(w_flat, copy), 0.0),
+        total=total,
+        num_slots=xs.shape[0],
+        out_dtype=x.dtype,
+        axis_name=axis_name,
+    )
+    windows = ExpertWindows(rows=jnp.take(xs, copy // k, axis=0),
+                            group_sizes=sizes_in_range(sizes, start, rows))
+    return windows, handle
+
+
+def gather_partial(expert_out: jax.Array, h: GatherHandle) -> jax.Array:
+    """Weighted scatter-add of window rows into ``[P*T, d]`` float32 partial sums."""
+    valid = (jnp.arange(h.slot.shape[0]) < h.total)[:, None]
+    rows = jnp.where(valid, expert_out.astype(_F32) * h.row_weights[:, None], 0.0)
+    partial = jnp.zeros((h.num_slots, expert_out.shape[1]), _F32)
+    return partial.at[h.slot].add(rows)
+
+
+def gather_combine(partial: jax.Array, axis_name: str, out_dtype) -> jax.Array:
+    """Step 5: ``[P*T, d]`` partial sums -> this rank's ``[T, d]``, summed over ranks."""
+    y = lax.psum_scatter(partial, axis_name, scatter_dimension=0, tiled=True)
+    return y.astype(out_dtype)
+
+
+# --- blocks transport ---------------------------------------------------------------------
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class BlocksHandle:
+    """What the return trip needs (``C`` block rows per source, ``B`` window rows).
+
+    blocks ``[P*C, d]`` received copies (overwritten with results); block_row ``[B] int32`` the
+    block row of each window row; total ``[] int32`` rows in the windows; recv_sizes ``[P]``
+    rows received from each source; source_offsets ``[P]`` where each source's block starts in
+    its own send buffer; send_sizes ``[P]`` rows this rank sent to each peer; slot ``[T*k]``
+    send-buffer row of each flat (token, choice); weights ``[T, k] f32``.
+    """
+
+    blocks: jax.Array
+    block_row: jax.Array
+    total: jax.Array
+    recv_sizes: jax.Array
+    source_offsets: jax.Array
+    send_sizes: jax.Array
+    slot: jax.Array
+    weights: jax.Array
+    block_rows: int = dataclasses.field(metadata=dict(static=True))
+    axis_name: str = dataclasses.field(metadata=dict(static=True))
+
+
+def _peer_rows(copies: int, block_rows: int, num_ranks: int) -> dict:
+    """Static per-peer sizes for emulated collectives: the bound and the balanced size."""
+    return dict(rows_per_peer=min(copies, block_rows),
+                typical_rows_per_peer=-(-2 * copies // num_ranks))
+
+
+def blocks_send(x, ids, w, num_experts, axis_name):
+    """Steps 1-3: returns the handle with the received blocks and the received counts."""
+    num_ranks = lax.axis_size(axis_name)
+    local = num_experts // num_ranks
+    t, k = ids.shape
+    block_rows = t * min(k, local)
+    order, slot, counts = sort_copies(ids, num_experts)
+    counts = counts.reshape(num_ranks, local)
+    send_sizes = counts.sum(axis=1)
+    send_offsets = exclusive_cumsum(send_sizes, 0)
+    meta = jnp.concatenate([counts, send_offsets[:, None]], axis=1)
+    meta = lax.all_to_all(meta, axis_name, 0, 0, tiled=True)  # [P_src, El + 1]
+    recv_counts, source_offsets = meta[:, :local], meta[:, local]
+    recv_sizes = recv_counts.sum(axis=1)
+    send = jnp.take(x, order // k, axis=0)
+    me = lax.axis_index(axis_name).astype(_I32)
+    buf = jnp.zeros((num_ranks * block_rows, x.shape[1]), x.dtype)
+    blocks = ragged_all_to_all(
+        send, buf, send_offsets, send_sizes, jnp.full((num_ranks,), me * block_rows, _I32),
+        recv_sizes, axis_name=axis_name, **_peer_rows(t * k, block_rows, num_ranks),
+    )
+    handle = BlocksHandle(
+        blocks=blocks, block_row=jnp.zeros((0,), _I32), total=recv_sizes.sum(),
+        recv_sizes=recv_sizes, source_offsets=source_offsets, send_sizes=send_sizes, slot=slot,
+        weights=w, block_rows=block_rows, axis_name=axis_name,
+    )
+    return handle, recv_counts
+
+
+def expert_major_rows(recv_counts: jax.Array, block_rows: int, rows: int,
+                      start: int = 0) -> jax.Array:
+    """Block row of expert-major window rows ``[start, start + rows)`` (arithmetic, no sort).
+
+    recv_counts ``[P_src, El]``: source ``s`` sent ``recv_counts[s, l]`` copies for local
+    expert ``l``, stored in its block (``block_rows`` rows at ``s * block_rows``) in
+    local-expert order. Windows are expert-major and, inside a window, ordered by source.
+    Returns ``[rows] int32``; rows past the windows map to row 0 (callers mask them).
+    """
+    num_ranks, local = recv_counts.shape
+    seg = recv_counts.T.reshape(-1)  # (l, s) segments in window order
+    seg_end = jnp.cumsum(seg)
+    i = start + jnp.arange(rows, dtype=_I32)
+    g = jnp.clip(jnp.searchsorted(seg_end, i, side="right"), 0, seg.shape[0] - 1).astype(_I32)
+    l, s = g // num_ranks, g % num_ranks
+    within_block = exclusive_cumsum(recv_counts, 1)[s, l]
+    row = s * block_rows + within_block + i - (seg_end[g] - seg[g])
+    return jnp.where(i < seg_end[-1], row, 0)
+
+
+def blocks_windows(handle: BlocksHandle, recv_counts, rows: int, start: int = 0):
+    """Windows of the expert-major rows ``[start, start + rows)``, read from the blocks."""
+    block_row = expert_major_rows(recv_counts, handle.block_rows, rows, start)
+    windows = ExpertWindows(rows=jnp.take(handle.blocks, block_row, axis=0),
+                            group_sizes=sizes_in_range(recv_counts.sum(axis=0), start, rows))
+    return windows, dataclasses.replace(handle, block_row=block_row)
+
+
+def blocks_write_back(expert_out: jax.Array, h: BlocksHandle, into: jax.Array | None = None,
+                       start: int = 0) -> jax.Array:
+    """Window results (rows ``start + i``) over the block rows they came from, written into
+    ``into`` (default: the received blocks) -> ``[P*C, d]``."""
+    into = h.blocks if into is None else into
+    n = h.block_row.shape[0]
+    dest = jnp.where(start + jnp.arange(n) < h.total, h.block_row, into.shape[0])
+    return into.at[dest].set(expert_out.astype(into.dtype), mode="drop")
+
+
+def blocks_return(results: jax.Array, h: BlocksHandle) -> jax.Array:
+    """Steps 5-6: blocks back to their sources' send rows; weighted gather-sum -> ``[T, d]``."""
+    num_ranks = h.recv_sizes.shape[0]
+    returned = ensure_varying(jnp.zeros((h.slot.shape[0], results.shape[1]), results.dtype),
+                              h.axis_name, results)
+    returned = ragged_all_to_all(
+        results, returned, jnp.arange(num_ranks, dtype=_I32) * h.block_rows, h.recv_sizes,
+        h.source_offsets, h.send_sizes, axis_name=h.axis_name,
+        **_peer_rows(h.slot.shape[0], h.block_rows, num_ranks),
+    )
+    return weighted_gather_sum(returned, h.slot, h.weights, results.dtype)

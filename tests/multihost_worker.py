@@ -1,8 +1,9 @@
 """One process of the multi-process test (started by tests/test_multihost.py, not collected).
 
 usage: multihost_worker.py PROCESS_ID NUM_PROCESSES PORT OUT_DIR [TIMEOUT_S]
-Runs both schedules of expert_parallel_moe on a mesh over every process's 4 CPU devices and
-writes the gathered outputs to OUT_DIR/process{PROCESS_ID}.npz.
+Runs both schedules of expert_parallel_moe on a mesh over every process's 4 CPU devices (1-D,
+and (data=2, ep=4) with data across processes) and writes the gathered outputs to
+OUT_DIR/process{PROCESS_ID}.npz.
 """
 
 import os
@@ -45,6 +46,32 @@ for schedule in ("prefill", "decode"):
     y = mr.expert_parallel_moe(*args, mesh=mesh, schedule=schedule, capacity_factor=1.0)
     results[schedule] = np.asarray(multihost_utils.process_allgather(y, tiled=True))
 results["devices"] = np.array([jax.device_count(), jax.process_count()])
+
+# A (data=2, ep=4) mesh with the data axis across the processes (expert parallelism inside a
+# host, data parallelism across hosts): forward of both schedules and the expert-weight
+# gradient, whose sum over 'data' crosses processes.
+mesh2 = mr.make_mesh({"data": 2, "ep": 4})
+
+
+def put2(a, spec):
+    return jax.make_array_from_callback(a.shape, NamedSharding(mesh2, spec), lambda idx: a[idx])
+
+
+tok2 = P(("data", "ep"))
+args2 = [put2(a, tok2) for a in host[:3]] + [put2(a, P("ep", None, None)) for a in host[3:]]
+ct = put2(np.linspace(-1, 1, host[0].size, dtype=np.float32).reshape(host[0].shape), tok2)
+for schedule in ("prefill", "decode"):
+    y = mr.expert_parallel_moe(*args2, mesh=mesh2, schedule=schedule, capacity_factor=1.0)
+    results[f"mesh2d_{schedule}"] = np.asarray(multihost_utils.process_allgather(y, tiled=True))
+
+
+def loss(wg, x, ids, w, wu, wd, ct):
+    y = mr.expert_parallel_moe(x, ids, w, wg, wu, wd, mesh=mesh2, schedule="prefill")
+    return (y * ct).sum()
+
+
+grad = jax.jit(jax.grad(loss))(args2[3], *args2[:3], *args2[4:], ct)
+results["mesh2d_grad_w_gate"] = np.asarray(multihost_utils.process_allgather(grad, tiled=True))
 # The shipped default checkpoint, streamed: this process reads its own experts only.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from models import checkpoint  # noqa: E402
@@ -53,5 +80,9 @@ stats = {}
 checkpoint.load_model(os.path.join(os.path.dirname(__file__), "..", "models", "default"), mesh=mesh,
                       stats=stats)
 results["load_bytes"] = np.array([stats["bytes_read"], stats["tensor_bytes"], stats["expert_bytes"]])
+stats = {}  # on (data=2, ep=4) each process holds a whole expert-parallel group: every expert
+checkpoint.load_model(os.path.join(os.path.dirname(__file__), "..", "models", "default"),
+                      mesh=mesh2, stats=stats)
+results["mesh2d_load_bytes"] = np.array([stats["bytes_read"], stats["tensor_bytes"]])
 np.savez(os.path.join(out, f"process{pid}.npz"), **results)
 distributed.shutdown()

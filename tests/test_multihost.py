@@ -6,6 +6,7 @@ import subprocess
 import sys
 import time
 
+import jax
 import numpy as np
 
 import moe_relayfree as mr
@@ -51,6 +52,10 @@ def test_two_processes_match_single_process(tmp_path):
                                                  capacity_factor=1.0))
             for s in ("prefill", "decode")}
     ref = np.asarray(mr.dense_moe_reference(*inputs))
+    x, ids, w, wg, wu, wd = inputs
+    ct = np.linspace(-1, 1, x.size, dtype=np.float32).reshape(x.shape)
+    want_grad = np.asarray(jax.grad(
+        lambda g: (mr.dense_moe_reference(x, ids, w, g, wu, wd) * ct).sum())(wg))
     for i in range(2):
         got = np.load(tmp_path / f"process{i}.npz")
         assert got["devices"].tolist() == [8, 2]  # 8 global devices over 2 processes
@@ -60,6 +65,10 @@ def test_two_processes_match_single_process(tmp_path):
         for s in ("prefill", "decode"):
             np.testing.assert_allclose(got[s], want[s], atol=1e-6, rtol=1e-6)
             np.testing.assert_allclose(got[s], ref, atol=2e-5, rtol=2e-5)
+            np.testing.assert_allclose(got[f"mesh2d_{s}"], ref, atol=2e-5, rtol=2e-5)
+        np.testing.assert_allclose(got["mesh2d_grad_w_gate"], want_grad, atol=5e-5, rtol=5e-5)
+        read, total = got["mesh2d_load_bytes"].tolist()
+        assert read == total  # data across processes: each process holds every expert
 
 
 def test_missing_peer_is_a_clear_bounded_error(tmp_path):

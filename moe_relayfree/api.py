@@ -48,15 +48,7 @@ def _validate(x, topk_ids, topk_weights, w_gate, w_up, w_down, lay: MeshLayout):
             f"N={n} tokens is not divisible by the {shards} devices of batch axes "
             f"{lay.batch_axes}; pad the batch (MoELayer does this for you)"
         )
-    if e % lay.num_ranks:
-        raise ValueError(
-            f"E={e} experts is not divisible by the {lay.num_ranks} ranks of axis {lay.axis!r}"
-        )
-    if f % lay.tensor_size:
-        raise ValueError(
-            f"f={f} is not divisible by the {lay.tensor_size} ranks of tensor_axis "
-            f"{lay.tensor_axis!r}"
-        )
+    lay.check_experts(e, f)
     if k > e:
         raise ValueError(f"k={k} exceeds the number of experts E={e}")
     if not isinstance(topk_ids, jax.core.Tracer):

@@ -175,14 +175,14 @@ def _decode_moe(x, topk_ids, topk_weights, *, expert_fn, num_experts, axis_name,
     if transport == "gather":
         plan = transports.gather_plan(x, topk_ids, w, num_experts, axis_name)
 
-        def partial(start, rows):
+        def partial(into, start, rows):
             windows, handle = transports.gather_windows(*plan, rows, k, x, axis_name, start)
-            return transports.gather_partial(expert_fn(windows), handle)
+            return transports.gather_partial(expert_fn(windows), handle, into)
 
-        out = partial(0, typical)
+        out = partial(None, 0, typical)
         if typical < worst:
             out = lax.cond(plan[3].sum() > typical,
-                           lambda o: o + partial(typical, worst - typical), lambda o: o, out)
+                           lambda o: partial(o, typical, worst - typical), lambda o: o, out)
         return transports.gather_combine(out, axis_name, x.dtype)
 
     handle, recv_counts = transports.blocks_send(x, topk_ids, w, num_experts, axis_name)

@@ -102,20 +102,13 @@ class MoELayer(nnx.Module):
         rngs: nnx.Rngs,
     ):
         lay = make_layout(mesh, axis, batch_axes, tensor_axis)
-        if num_experts % lay.num_ranks:
-            raise ValueError(
-                f"num_experts={num_experts} is not divisible by the {lay.num_ranks} ranks of {axis!r}"
-            )
-        if d_ff % lay.tensor_size:
-            raise ValueError(
-                f"d_ff={d_ff} is not divisible by the {lay.tensor_size} ranks of {tensor_axis!r}"
-            )
+        lay.check_experts(num_experts, d_ff)
         if not 1 <= k <= num_experts:
             raise ValueError(f"k={k} must be in [1, num_experts={num_experts}]")
         if load_balancing_weight < 0 or z_loss_weight < 0:
             raise ValueError("load_balancing_weight and z_loss_weight must be >= 0")
         self.mesh, self.axis, self.k, self.num_experts = mesh, axis, k, num_experts
-        self.batch_axes, self.tensor_axis = lay.batch_axes, tensor_axis
+        self.layout = lay
         self.router_config, self.schedule, self.capacity_factor = router, schedule, capacity_factor
         self.implementation = implementation
         self.router_stats = router_stats
@@ -181,8 +174,7 @@ class MoELayer(nnx.Module):
         ids, weights = self._route(logits)
         if n:
             self._sow_router_terms(logits, ids)
-        shards = make_layout(self.mesh, self.axis, self.batch_axes, self.tensor_axis).num_token_shards
-        pad = -n % shards
+        pad = -n % self.layout.num_token_shards
         if pad:
             tokens = jnp.pad(tokens, ((0, pad), (0, 0)))
             # Padding rows spread over experts with weight 0: they add no result and no hot spot.
@@ -194,8 +186,8 @@ class MoELayer(nnx.Module):
             tokens, ids, weights,
             self.w_gate[...].astype(dtype), self.w_up[...].astype(dtype),
             self.w_down[...].astype(dtype),
-            mesh=self.mesh, axis=self.axis, batch_axes=self.batch_axes,
-            tensor_axis=self.tensor_axis, schedule=self.schedule,
+            mesh=self.mesh, axis=self.axis, batch_axes=self.layout.batch_axes,
+            tensor_axis=self.layout.tensor_axis, schedule=self.schedule,
             capacity_factor=self.capacity_factor, implementation=self.implementation,
         )[:n]
         if self.shared is not None:

@@ -88,6 +88,16 @@ class MeshLayout:
         """Spec of ``w_down`` ``[E, f, d]``."""
         return P(self.axis, self.tensor_axis, None)
 
+    def check_experts(self, num_experts: int, d_ff: int) -> None:
+        """Raises unless ``num_experts`` splits over the expert axis and ``d_ff`` over the
+        tensor axis."""
+        if num_experts % self.num_ranks:
+            raise ValueError(f"E={num_experts} experts is not divisible by the {self.num_ranks} "
+                             f"ranks of axis {self.axis!r}")
+        if d_ff % self.tensor_size:
+            raise ValueError(f"f={d_ff} is not divisible by the {self.tensor_size} ranks of "
+                             f"tensor_axis {self.tensor_axis!r}")
+
     def sharding(self, spec: P) -> NamedSharding:
         return NamedSharding(self.mesh, spec)
 

@@ -127,12 +127,15 @@ def gather_windows(xs, w_flat, order, sizes, rows: int, k: int, x, axis_name, st
     return windows, handle
 
 
-def gather_partial(expert_out: jax.Array, h: GatherHandle) -> jax.Array:
-    """Weighted scatter-add of window rows into ``[P*T, d]`` float32 partial sums."""
+def gather_partial(expert_out: jax.Array, h: GatherHandle,
+                   into: jax.Array | None = None) -> jax.Array:
+    """Weighted scatter-add of window rows into ``[P*T, d]`` float32 partial sums (added to
+    ``into`` if given, e.g. the sums of an earlier row range)."""
     valid = (jnp.arange(h.slot.shape[0]) < h.total)[:, None]
     rows = jnp.where(valid, expert_out.astype(_F32) * h.row_weights[:, None], 0.0)
-    partial = jnp.zeros((h.num_slots, expert_out.shape[1]), _F32)
-    return partial.at[h.slot].add(rows)
+    if into is None:
+        into = jnp.zeros((h.num_slots, expert_out.shape[1]), _F32)
+    return into.at[h.slot].add(rows)
 
 
 def gather_combine(partial: jax.Array, axis_name: str, out_dtype) -> jax.Array:

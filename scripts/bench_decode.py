@@ -6,13 +6,14 @@ Two parts, one JSON + markdown report (``--out``, default ``results/decode``):
   relay-free decode schedule, the relay-free prefill schedule, "auto", and the baselines that
   drop nothing (MaxText-style ragged, GShard-style capacity with C=T). Every implementation is
   timed once per round (warm: right after an untimed call), rounds interleaved in a rotating
-  order; ratios are medians of per-round ratios.
+  order and repeated until each case has been timed ``--seconds``; ratios are medians of
+  per-round ratios with a bootstrap 95% interval of that median.
 * ``bytes``: the dispatch+combine lowered for ``cuda`` (no GPU needed) at P = 8..64 emulated
   devices with DeepSeek-V3 shapes (E=256, k=8, d=7168, bf16), summing the buffer each
   collective moves per rank (``moe_relayfree.analysis.collectives``). Runs in a subprocess
   with 64 emulated devices.
 
-    python scripts/bench_decode.py                 # both parts (about 10 min on 2 cores)
+    python scripts/bench_decode.py                 # both parts (about 15 min on 2 cores)
     python scripts/bench_decode.py --part bytes    # seconds
     python scripts/bench_decode.py --smoke --out /tmp/d   # tiny, for the tests
 """
@@ -36,7 +37,11 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--part", choices=("all", "layer", "bytes"), default="all")
     p.add_argument("--smoke", action="store_true", help="tiny shapes, to check the script")
-    p.add_argument("--rounds", type=int, default=None, help="interleaved timing rounds")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="layer part: at least this many interleaved timing rounds per case")
+    p.add_argument("--seconds", type=float, default=None,
+                   help="layer part: go on with rounds until a case has been timed this long "
+                   "(default 75; smoke 0)")
     p.add_argument("--experts", type=int, nargs="+", default=None,
                    help="layer part: only these E (64 and/or 256)")
     p.add_argument("--tokens", type=int, nargs="+", default=None,
@@ -97,7 +102,20 @@ def _layer_fn(mesh, name):
     return jax.jit(lambda *a: mr.expert_parallel_moe(*a, mesh=mesh, **kw))
 
 
-def layer_part(smoke: bool, rounds: int, experts=None, tokens=None) -> list[dict]:
+MAX_ROUNDS = 400
+
+
+def median_ci(ratios, level: float = 0.95, draws: int = 4000) -> list[float]:
+    """Bootstrap confidence interval of the median of per-round ratios (fixed seed)."""
+    import numpy as np
+
+    v = np.asarray(ratios, np.float64)
+    medians = np.median(np.random.default_rng(0).choice(v, (draws, v.size)), axis=1)
+    tail = (1 - level) / 2 * 100
+    return np.percentile(medians, [tail, 100 - tail]).tolist()
+
+
+def layer_part(smoke: bool, rounds: int, experts=None, tokens=None, seconds: float = 0.0) -> list[dict]:
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -130,7 +148,11 @@ def layer_part(smoke: bool, rounds: int, experts=None, tokens=None) -> list[dict
         err = max(err, float(np.abs(outs["decode_exchange"] - outs["prefill_exchange"]).max()))
         times = {name: [] for name in fns}
         names = list(fns)
-        for r in range(rounds):
+        begin, r = time.perf_counter(), 0
+        # Rounds go on until the case's time budget is spent (at least `rounds`): at T <= 16
+        # the schedules differ by a few percent of a weight-bound layer, and only many paired
+        # rounds resolve that on a noisy machine.
+        while r < rounds or (time.perf_counter() - begin < seconds and r < MAX_ROUNDS):
             # The order rotates every round and each program runs once untimed right before its
             # timed call: otherwise whichever program follows the capacity baseline (seconds of
             # cache-thrashing at E=256) is always timed cold, which cost it up to 1.2x here.
@@ -139,29 +161,25 @@ def layer_part(smoke: bool, rounds: int, experts=None, tokens=None) -> list[dict
                 start = time.perf_counter()
                 jax.block_until_ready(fns[name](*args))
                 times[name].append(time.perf_counter() - start)
+            r += 1
         t = {name: np.asarray(v) for name, v in times.items()}
         best_base = np.minimum(t["ragged_baseline"], t["capacity_baseline"])
-        row = dict(case, P=8, ms={name: float(np.median(v) * 1e3) for name, v in t.items()},
-                   max_abs_diff=err,
-                   auto_schedule=mr.select_schedule(case["T"]),
-                   decode_vs_prefill=float(np.median(t["decode"] / t["prefill"])),
-                   decode_vs_best_baseline=float(np.median(t["decode"] / best_base)),
-                   auto_vs_faster=float(np.median(t["auto"] / np.minimum(t["decode"], t["prefill"]))),
-                   exchange_decode_vs_prefill=float(np.median(t["decode_exchange"]
-                                                              / t["prefill_exchange"])),
-                   # spread of the per-round ratio, and of auto/decode where both are one
-                   # program (the noise floor of this run)
-                   decode_vs_prefill_quartiles=np.percentile(t["decode"] / t["prefill"],
-                                                             [25, 75]).tolist(),
-                   auto_vs_decode_quartiles=np.percentile(t["auto"] / t["decode"],
-                                                          [25, 75]).tolist())
+        ratios = {"decode_vs_prefill": t["decode"] / t["prefill"],
+                  "decode_vs_best_baseline": t["decode"] / best_base,
+                  "auto_vs_faster": t["auto"] / np.minimum(t["decode"], t["prefill"]),
+                  "exchange_decode_vs_prefill": t["decode_exchange"] / t["prefill_exchange"],
+                  # one program timed twice where auto picks decode: this run's noise floor
+                  "auto_vs_decode": t["auto"] / t["decode"]}
+        row = dict(case, P=8, rounds=r, ms={name: float(np.median(v) * 1e3) for name, v in t.items()},
+                   max_abs_diff=err, auto_schedule=mr.select_schedule(case["T"]))
+        for key, v in ratios.items():
+            row[key] = float(np.median(v))
+            row[key + "_quartiles"] = np.percentile(v, [25, 75]).tolist()
+            row[key + "_ci95"] = median_ci(v)
         rows.append(row)
-        print(f"E={e:3d} T={case['T']:3d} " + " ".join(f"{k_} {v:7.1f}" for k_, v in row["ms"].items())
-              + f" | decode/prefill {row['decode_vs_prefill']:.2f} (quartiles "
-              + "/".join(f"{q:.2f}" for q in row["decode_vs_prefill_quartiles"])
-              + ", auto/decode " + "/".join(f"{q:.2f}" for q in row["auto_vs_decode_quartiles"])
-              + f"; own work {row['exchange_decode_vs_prefill']:.2f}) decode/best-baseline "
-              f"{row['decode_vs_best_baseline']:.2f} auto/faster {row['auto_vs_faster']:.2f}", flush=True)
+        print(f"E={e:3d} T={case['T']:3d} rounds {r} " + " ".join(f"{k_} {v:7.1f}" for k_, v in row["ms"].items())
+              + " | " + "; ".join(f"{key} {row[key]:.3f} [{row[key + '_ci95'][0]:.3f}, "
+                                  f"{row[key + '_ci95'][1]:.3f}]" for key in ratios), flush=True)
     return rows
 
 
@@ -203,16 +221,26 @@ def markdown(report) -> str:
     lines = [f"# Decode-sized layers ({report['mode']})", "",
              f"Machine: {report['machine']}; JAX {report['jax']}. Command: `{report['command']}`.", ""]
     if report.get("layer"):
-        lines += ["## Layer time, P=8 emulated CPU devices (median ms; ratios: median of per-round ratios)", "",
-                  "| E | T/rank | " + " | ".join(LAYER_IMPLS + EXCHANGE_IMPLS)
-                  + " | decode/prefill | own work: decode/prefill | decode/best baseline | auto picks | auto/faster |",
-                  "|" + "---|" * (len(LAYER_IMPLS + EXCHANGE_IMPLS) + 7)]
+        def ci(r, key):
+            lo, hi = r[key + "_ci95"]
+            return f"{r[key]:.2f} [{lo:.2f}, {hi:.2f}]"
+
+        lines += ["## Layer time, P=8 emulated CPU devices", "",
+                  "Median ms; ratios: median of per-round ratios [bootstrap 95% interval of that "
+                  "median]. auto/decode: one program timed twice (where auto picks decode), the "
+                  "run's noise floor.", "",
+                  "| E | T/rank | rounds | decode | prefill | auto | ragged | capacity "
+                  "| decode/prefill | auto/decode (noise) | own work: decode / prefill ms "
+                  "| decode/best baseline | auto/faster |",
+                  "|---" * 13 + "|"]
         for r in report["layer"]:
-            lines.append(f"| {r['E']} | {r['T']} | "
-                         + " | ".join(f"{r['ms'][n]:.1f}" for n in LAYER_IMPLS + EXCHANGE_IMPLS)
-                         + f" | {r['decode_vs_prefill']:.2f} | {r['exchange_decode_vs_prefill']:.2f} "
-                         f"| {r['decode_vs_best_baseline']:.2f} "
-                         f"| {r['auto_schedule']} | {r['auto_vs_faster']:.2f} |")
+            ms = r["ms"]
+            lines.append(f"| {r['E']} | {r['T']} | {r['rounds']} | "
+                         + " | ".join(f"{ms[n]:.1f}" for n in LAYER_IMPLS)
+                         + f" | {ci(r, 'decode_vs_prefill')} | {ci(r, 'auto_vs_decode')} "
+                         f"| {ms['decode_exchange']:.1f} / {ms['prefill_exchange']:.1f} = "
+                         f"{r['exchange_decode_vs_prefill']:.2f} | {ci(r, 'decode_vs_best_baseline')} "
+                         f"| {r['auto_vs_faster']:.2f} |")
     if report.get("bytes"):
         first = report["bytes"][0]
         lines += ["", f"## Bytes moved per rank by the collectives, lowered for cuda (T={first['T']}, "
@@ -240,11 +268,11 @@ def main(argv=None) -> int:
 
     report = {"mode": "smoke" if a.smoke else "full", "machine": f"{platform.machine()}, {os.cpu_count()} cores",
               "jax": jax.__version__,
-              "command": "python scripts/bench_decode.py" + (" --smoke" if a.smoke else "")
-              + ("" if a.part == "all" else f" --part {a.part}")}
+              "command": " ".join(["python scripts/bench_decode.py"] + sys.argv[1:])}
     if a.part in ("all", "layer"):
-        report["layer"] = layer_part(a.smoke, a.rounds or (2 if a.smoke else 7), a.experts,
-                                     a.tokens)
+        seconds = a.seconds if a.seconds is not None else (0.0 if a.smoke else 75.0)
+        report["layer"] = layer_part(a.smoke, a.rounds or (2 if a.smoke else 9), a.experts,
+                                     a.tokens, seconds)
     if a.part in ("all", "bytes"):
         os.makedirs(a.out, exist_ok=True)
         child = os.path.join(a.out, "bytes.json")

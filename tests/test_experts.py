@@ -1,5 +1,7 @@
 """Grouped SwiGLU: the CPU tiled kernel and ragged_dot agree with per-window math, grads too."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -86,5 +88,66 @@ def test_cpu_tile_rows_follow_the_mean_window():
 
     assert cpu_tile_rows(8192, 8) == CPU_TILE_ROWS  # prefill-sized windows
     assert cpu_tile_rows(128, 8) == 16  # decode-sized windows
-    assert cpu_tile_rows(16, 32) == 8  # never below 8
+    assert cpu_tile_rows(16, 8) == 2  # T=1, k=8: two rows per window on average
+    assert cpu_tile_rows(16, 32) == 1  # fewer rows than experts
     assert cpu_tile_rows(100, 3) == CPU_TILE_ROWS
+
+
+def _computations(hlo: str) -> dict[str, str]:
+    """Compiled HLO text -> {computation name: its body}."""
+    comps, name, body = {}, None, []
+    for line in hlo.splitlines():
+        head = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$", line)
+        if head and not line.startswith(" "):
+            name, body = head.group(1), []
+        elif line.startswith("}") and name:
+            comps[name] = "\n".join(body)
+            name = None
+        elif name:
+            body.append(line)
+    return comps
+
+
+def _reachable(comps: dict[str, str], start: str) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        c = todo.pop()
+        if c not in seen and c in comps:
+            seen.add(c)
+            todo += re.findall(r"(?:calls|to_apply|body|condition)=%?([\w.\-]+)", comps[c])
+            for group in re.findall(r"branch_computations=\{([^}]*)\}", comps[c]):
+                todo += re.findall(r"%?([\w.\-]+)", group)
+    return seen
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["forward", "backward"])
+def test_cpu_kernel_reads_no_weights_of_an_empty_expert(grad):
+    """The loop that slices experts' weights out of the stacked weights runs once per expert
+    with rows, not a fixed ``El`` times: XLA:CPU copies an expert's weight slices before its
+    tile loop even when that loop runs zero times, so an empty expert used to cost a copy of
+    its weights (most of a rank's experts are empty at decode sizes)."""
+    el, d, f, rows = 4, 48, 40, 16
+    wg, wu, wd = weights(np.random.default_rng(0), el, d, f)
+    x = jnp.ones((rows, d), jnp.float32)
+    gs = jnp.asarray([16, 0, 0, 0], jnp.int32)
+
+    def fn(x, gs, wg, wu, wd):  # group sizes are an argument: runtime values, as in a layer
+        y = grouped_swiglu_tiled(x, gs, wg, wu, wd, tile=8)
+        return jnp.sum(y * y)
+
+    fn = jax.grad(fn, argnums=(0, 2, 3, 4)) if grad else fn
+    comps = _computations(jax.jit(fn).lower(x, gs, wg, wu, wd).compile().as_text())
+    slice_shapes = (f"f32[1,{d},{f}]", f"f32[1,{f},{d}]")
+    reading = {name for name, body in comps.items()
+               if any(re.search(rf"= {re.escape(s)}\S* dynamic-slice\(", body) for s in slice_shapes)}
+    assert reading, "no per-expert weight slice found in the compiled program"
+    loops = []  # (body computation, known trip count or None) of every while loop
+    for body in comps.values():
+        for line in body.splitlines():
+            if " while(" in line:
+                trip = re.search(r'"known_trip_count":\{"n":"(\d+)"', line)
+                loops.append((re.search(r"body=%?([\w.\-]+)", line).group(1),
+                              trip and int(trip.group(1))))
+    slicing = [n for b, n in loops if _reachable(comps, b) & reading]
+    assert slicing, "the weight slices are not inside any loop"
+    assert el not in slicing, f"a loop of known trip count {el} slices expert weights"

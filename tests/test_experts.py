@@ -51,8 +51,12 @@ def test_tiled_forward_and_backward_match_per_window(rows, gs, tile):
 
     ct = jnp.asarray(rng.standard_normal((rows, d)).astype(np.float32))
     loss = lambda fn: lambda x, wg, wu, wd: jnp.sum(ct * fn(x, wg, wu, wd))  # noqa: E731
-    g_tiled = jax.grad(loss(lambda *a: grouped_swiglu_tiled(a[0], gsa, *a[1:], tile=tile)),
-                       argnums=(0, 1, 2, 3))(x, wg, wu, wd)
+    # group sizes as a runtime argument, as in a layer (a closed-over constant lets XLA fold
+    # the loops over experts away)
+    tiled = jax.jit(jax.grad(
+        lambda x, g, *w: loss(lambda *a: grouped_swiglu_tiled(a[0], g, *a[1:], tile=tile))(x, *w),
+        argnums=(0, 2, 3, 4)))
+    g_tiled = tiled(x, gsa, wg, wu, wd)
     g_ref = jax.grad(loss(lambda *a: per_window(a[0], gs, *a[1:])), argnums=(0, 1, 2, 3))(x, wg, wu, wd)
     for a, b in zip(g_tiled, g_ref):
         np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)

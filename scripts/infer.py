@@ -30,11 +30,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="Hugging Face folder")
     p.add_argument("--devices", type=int, default=8, help="emulated CPU devices (CPU only)")
-    p.add_argument("--mesh", default=None,
-                   help="mesh axes as NAME=SIZE,... in order (default: ep=<all devices>)")
-    p.add_argument("--expert-axis", default="ep", help="the mesh axis experts are split over")
-    p.add_argument("--tensor-axis", default=None,
-                   help="optional mesh axis splitting each expert's hidden width")
+    add_mesh_args(p)
     p.add_argument("--prompt", action="append", help="repeatable; default: three short prompts")
     p.add_argument("--batch", type=int, default=None, help="repeat prompts up to this batch size")
     p.add_argument("--max-new-tokens", type=int, default=48)
@@ -48,6 +44,22 @@ def parse_args(argv=None):
     p.add_argument("--num-processes", type=int, default=1)
     p.add_argument("--process-id", type=int, default=0)
     return p.parse_args(argv)
+
+
+def add_mesh_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mesh", default=None,
+                   help="mesh axes as NAME=SIZE,... in order (default: ep=<all devices>)")
+    p.add_argument("--expert-axis", default="ep", help="the mesh axis experts are split over")
+    p.add_argument("--tensor-axis", default=None,
+                   help="optional mesh axis splitting each expert's hidden width")
+
+
+def mesh_from_args(args, num_devices: int):
+    """(mesh, layout) from ``--mesh/--expert-axis/--tensor-axis``; ValueError names the problem."""
+    import moe_relayfree as mr
+
+    mesh = mr.make_mesh(mr.parse_mesh(args.mesh) if args.mesh else {args.expert_axis: num_devices})
+    return mesh, mr.make_layout(mesh, args.expert_axis, tensor_axis=args.tensor_axis)
 
 
 def setup_devices(count: int) -> None:
@@ -141,8 +153,7 @@ def main(argv=None) -> int:
         return 2
     devices = jax.devices()
     try:
-        mesh = mr.make_mesh(mr.parse_mesh(args.mesh) if args.mesh else {args.expert_axis: len(devices)})
-        lay = mr.make_layout(mesh, args.expert_axis, tensor_axis=args.tensor_axis)
+        mesh, lay = mesh_from_args(args, len(devices))
     except ValueError as e:
         print(f"--mesh: {e}", file=sys.stderr)
         return 2

@@ -2,6 +2,7 @@
 and the largest batch that meets a TPOT target (the "feasible scheduling space").
 
     python scripts/sweep.py [--quick] [--checkpoint DIR] [--tpot-target-ms X] [--out results/sweep]
+    python scripts/sweep.py --mesh data=2,ep=4 [--tensor-axis NAME] [--expert-axis NAME]
 
 All dispatch paths run in the same process on the same model and prompts. Each point is
 measured ``--repeats`` times with the paths interleaved (path A, B, C, then again), and every
@@ -18,13 +19,14 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from infer import DEFAULT_CHECKPOINT, DISPATCH, ROOT, setup_devices  # noqa: E402
+from infer import DEFAULT_CHECKPOINT, DISPATCH, ROOT, add_mesh_args, mesh_from_args, setup_devices  # noqa: E402
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT)
     p.add_argument("--devices", type=int, default=8)
+    add_mesh_args(p)
     p.add_argument("--quick", action="store_true")
     p.add_argument("--batches", type=int, nargs="+", default=None)
     p.add_argument("--prompt-lengths", type=int, nargs="+", default=None)
@@ -48,9 +50,15 @@ def main(argv=None) -> int:
     batches = args.batches or ([1, 4, 16] if args.quick else [1, 4, 16, 64, 96, 128, 192, 256, 512])
     lengths = args.prompt_lengths or ([16, 64] if args.quick else [16, 64, 256, 1024])
     base_len, base_batch = lengths[0], 8 if not args.quick else 4
-    mesh = mr.make_ep_mesh()
+    try:
+        mesh, lay = mesh_from_args(args, len(jax.devices()))
+    except ValueError as e:
+        print(f"--mesh: {e}", file=sys.stderr)
+        return 2
+    shards = lay.num_token_shards  # tokens per rank = tokens / shards
     rng = np.random.default_rng(0)
-    models = {name: checkpoint.load_model(args.checkpoint, mesh=mesh, implementation=impl)
+    models = {name: checkpoint.load_model(args.checkpoint, mesh=mesh, axis=args.expert_axis,
+                                          tensor_axis=args.tensor_axis, implementation=impl)
               for name, impl in DISPATCH.items()}
     rows = []
 
@@ -70,8 +78,8 @@ def main(argv=None) -> int:
             row = dict(dispatch=name, batch=batch, prompt=length,
                        ttft_ms=float(np.median(ttft[name])), tpot_ms=float(np.median(tpot[name])),
                        tpot_rounds_ms=tpot[name], ttft_rounds_ms=ttft[name],
-                       prefill_schedule=mr.select_schedule(-(-batch * length // len(jax.devices()))),
-                       decode_schedule=mr.select_schedule(-(-batch // len(jax.devices()))))
+                       prefill_schedule=mr.select_schedule(-(-batch * length // shards)),
+                       decode_schedule=mr.select_schedule(-(-batch // shards)))
             rows.append(row)
             print(f"  batch {batch:3d} prompt {length:4d} {name:18s} TTFT {row['ttft_ms']:9.1f} ms  "
                   f"TPOT {row['tpot_ms']:8.1f} ms", flush=True)
@@ -100,12 +108,15 @@ def main(argv=None) -> int:
                   repeats=args.repeats, tpot_target_ms=target, feasible_batch=feasible,
                   feasible_vs_best_baseline=(feasible["relayfree"] / baseline_feasible
                                              if baseline_feasible else None),
-                  rows=rows, command="python scripts/sweep.py" + (" --quick" if args.quick else ""))
+                  mesh=dict(mesh.shape), expert_axis=lay.axis, tensor_axis=lay.tensor_axis,
+                  rows=rows, command=" ".join(["python scripts/sweep.py"] + sys.argv[1:]))
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "sweep.json"), "w") as fh:
         json.dump(report, fh, indent=1)
     lines = [f"# Serving sweep ({report['command']})", "",
-             f"{report['devices']} {report['platform']} devices, {args.new_tokens} new tokens, "
+             f"{report['devices']} {report['platform']} devices (mesh "
+             + ",".join(f"{a}={n}" for a, n in report["mesh"].items())
+             + f"), {args.new_tokens} new tokens, "
              f"medians of {args.repeats} interleaved rounds, TPOT target {target:.1f} ms. "
              "Schedules are relay-free's (`auto`); the baselines have one path.", "",
              "| dispatch | batch | prompt | TTFT ms | TPOT ms | TPOT / best baseline | TPOT rounds ms "

@@ -84,8 +84,11 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
 
 def test_sweep_script_smoke(tmp_path):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    # on a 2-D mesh: tokens over both axes, experts over ep (a 1-D mesh is the scripts' default,
+    # run by the other tests here)
     subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "sweep.py"), "--batches", "2",
-                    "--prompt-lengths", "8", "--new-tokens", "2", "--repeats", "1", "--out", str(tmp_path)],
+                    "--prompt-lengths", "8", "--new-tokens", "2", "--repeats", "1", "--out", str(tmp_path),
+                    "--mesh", "data=2,ep=4"],
                    check=True, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     report = json.loads((tmp_path / "sweep.json").read_text())
     assert len(report["rows"]) == 3  # 1 batch size, 3 dispatch paths
@@ -93,3 +96,6 @@ def test_sweep_script_smoke(tmp_path):
     assert all(len(r["tpot_rounds_ms"]) == 1 and r["tpot_vs_best_baseline"] > 0 for r in report["rows"])
     assert set(report["feasible_batch"]) == {"relayfree", "ragged-baseline", "capacity-baseline"}
     assert report["tpot_target_ms"] > 0 and (tmp_path / "sweep.png").stat().st_size > 1000
+    assert report["mesh"] == {"data": 2, "ep": 4} and report["expert_axis"] == "ep"
+    # batch 2 x prompt 8 over 8 token shards: 2 tokens per rank at prefill, 1 at decode
+    assert all(r["prefill_schedule"] == r["decode_schedule"] == "decode" for r in report["rows"])

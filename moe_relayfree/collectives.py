@@ -156,6 +156,14 @@ def ragged_all_to_all_impls() -> dict[str, RaggedAllToAll]:
     return dict(_RAGGED_A2A)
 
 
+def peer_rows(copies: int, bound: int, num_ranks: int) -> dict:
+    """Static ``rows_per_peer`` / ``typical_rows_per_peer`` for :func:`ragged_all_to_all` when
+    each rank exchanges ``copies`` rows in all (a return trip: the rows of the way out), at most
+    ``bound`` with any one peer: ``min(copies, bound)``, and ``2 * copies / P`` when routing is
+    balanced."""
+    return dict(rows_per_peer=min(copies, bound), typical_rows_per_peer=-(-2 * copies // num_ranks))
+
+
 def ragged_all_to_all(
     operand: jax.Array,
     output: jax.Array,

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from moe_relayfree.collectives import ensure_varying, ragged_all_to_all
+from moe_relayfree.collectives import ensure_varying, peer_rows, ragged_all_to_all
 from moe_relayfree.plan import PrefillPlan, make_prefill_plan, round_segments
 from moe_relayfree.windows import ExpertWindows, weighted_gather_sum
 
@@ -74,10 +74,8 @@ def plan_and_pack(
 def _peer_sizes(handle: PrefillHandle) -> dict:
     """Static per-peer sizes for emulated collectives: the proven bound (a source has ``T*k``
     copies; a round delivers at most ``R`` rows to a peer) and the balanced-routing size."""
-    copies = handle.send.shape[0]
-    num_ranks = handle.plan.counts.shape[0]
-    return dict(rows_per_peer=min(copies, handle.plan.rows_per_round),
-                typical_rows_per_peer=-(-2 * copies // num_ranks))
+    return peer_rows(handle.send.shape[0], handle.plan.rows_per_round,
+                     handle.plan.counts.shape[0])
 
 
 def dispatch_round(handle: PrefillHandle, round_index: jax.Array | int = 0) -> ExpertWindows:

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from moe_relayfree.collectives import ensure_varying, ragged_all_to_all
+from moe_relayfree.collectives import ensure_varying, peer_rows, ragged_all_to_all
 from moe_relayfree.plan import sort_copies
 from moe_relayfree.windows import (
     ExpertWindows,
@@ -171,12 +171,6 @@ class BlocksHandle:
     axis_name: str = dataclasses.field(metadata=dict(static=True))
 
 
-def _peer_rows(copies: int, block_rows: int, num_ranks: int) -> dict:
-    """Static per-peer sizes for emulated collectives: the bound and the balanced size."""
-    return dict(rows_per_peer=min(copies, block_rows),
-                typical_rows_per_peer=-(-2 * copies // num_ranks))
-
-
 def blocks_send(x, ids, w, num_experts, axis_name):
     """Steps 1-3: returns the handle with the received blocks and the received counts."""
     num_ranks = lax.axis_size(axis_name)
@@ -196,7 +190,7 @@ def blocks_send(x, ids, w, num_experts, axis_name):
     buf = jnp.zeros((num_ranks * block_rows, x.shape[1]), x.dtype)
     blocks = ragged_all_to_all(
         send, buf, send_offsets, send_sizes, jnp.full((num_ranks,), me * block_rows, _I32),
-        recv_sizes, axis_name=axis_name, **_peer_rows(t * k, block_rows, num_ranks),
+        recv_sizes, axis_name=axis_name, **peer_rows(t * k, block_rows, num_ranks),
     )
     handle = BlocksHandle(
         blocks=blocks, block_row=jnp.zeros((0,), _I32), total=recv_sizes.sum(),
@@ -252,6 +246,6 @@ def blocks_return(results: jax.Array, h: BlocksHandle) -> jax.Array:
     returned = ragged_all_to_all(
         results, returned, jnp.arange(num_ranks, dtype=_I32) * h.block_rows, h.recv_sizes,
         h.source_offsets, h.send_sizes, axis_name=h.axis_name,
-        **_peer_rows(h.slot.shape[0], h.block_rows, num_ranks),
+        **peer_rows(h.slot.shape[0], h.block_rows, num_ranks),
     )
     return weighted_gather_sum(returned, h.slot, h.weights, results.dtype)

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from moe_relayfree.collectives import ensure_varying, ragged_all_to_all
+from moe_relayfree.collectives import ensure_varying, peer_rows, ragged_all_to_all
 from moe_relayfree.plan import sort_and_count
 
 _F32 = jnp.float32
@@ -81,8 +81,7 @@ def dispatch(
     buf = ensure_varying(jnp.zeros((rows_bound, x.shape[1]), x.dtype), axis_name, x)
     received = ragged_all_to_all(  # step 2: source-major
         permuted, buf, send_offsets, send_sizes, dest_offsets, recv_sizes,
-        axis_name=axis_name, rows_per_peer=min(n, rows_bound),
-        typical_rows_per_peer=-(-2 * n // num_ranks),
+        axis_name=axis_name, **peer_rows(n, rows_bound, num_ranks),
     )
 
     # Step 3: local expert of every received row (padding rows sort last), argsort, gather.
@@ -118,8 +117,7 @@ def combine(expert_out: jax.Array, handle: RaggedHandle) -> jax.Array:
     returned = ragged_all_to_all(  # step 6: lands in the source's sorted order
         unsorted, back, handle.recv_offsets, handle.recv_sizes, handle.return_offsets,
         handle.send_sizes, axis_name=handle.axis_name,
-        rows_per_peer=min(handle.num_copies, expert_out.shape[0]),
-        typical_rows_per_peer=-(-2 * handle.num_copies // handle.send_sizes.shape[0]),
+        **peer_rows(handle.num_copies, expert_out.shape[0], handle.send_sizes.shape[0]),
     )
     unpermuted = jnp.zeros_like(returned).at[handle.order].set(returned)  # step 7
     t, k = handle.weights.shape

@@ -268,7 +268,8 @@ def main(argv=None) -> int:
 
     report = {"mode": "smoke" if a.smoke else "full", "machine": f"{platform.machine()}, {os.cpu_count()} cores",
               "jax": jax.__version__,
-              "command": " ".join(["python scripts/bench_decode.py"] + sys.argv[1:])}
+              "command": " ".join(["python scripts/bench_decode.py"]
+                                  + (sys.argv[1:] if argv is None else list(argv)))}
     if a.part in ("all", "layer"):
         seconds = a.seconds if a.seconds is not None else (0.0 if a.smoke else 75.0)
         report["layer"] = layer_part(a.smoke, a.rounds or (2 if a.smoke else 9), a.experts,

@@ -109,7 +109,8 @@ def main(argv=None) -> int:
                   feasible_vs_best_baseline=(feasible["relayfree"] / baseline_feasible
                                              if baseline_feasible else None),
                   mesh=dict(mesh.shape), expert_axis=lay.axis, tensor_axis=lay.tensor_axis,
-                  rows=rows, command=" ".join(["python scripts/sweep.py"] + sys.argv[1:]))
+                  rows=rows, command=" ".join(["python scripts/sweep.py"]
+                                              + (sys.argv[1:] if argv is None else list(argv))))
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "sweep.json"), "w") as fh:
         json.dump(report, fh, indent=1)

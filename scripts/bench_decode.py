@@ -115,17 +115,34 @@ def median_ci(ratios, level: float = 0.95, draws: int = 4000) -> list[float]:
     return np.percentile(medians, [tail, 100 - tail]).tolist()
 
 
-def layer_part(smoke: bool, rounds: int, experts=None, tokens=None, seconds: float = 0.0) -> list[dict]:
+def case_inputs(mesh, case: dict, seed: int = 0) -> list:
+    """x ``[P*T, d]``, ids ``[P*T, k]`` (k distinct experts, uniform), weights ``[P*T, k]`` and
+    the three stacked expert weights, f32, placed on ``mesh`` (tokens and experts over "ep")."""
     import jax
     import jax.numpy as jnp
     import numpy as np
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
+    tok, exp = NamedSharding(mesh, P("ep")), NamedSharding(mesh, P("ep", None, None))
+    rng = np.random.default_rng(seed)
+    n, d, f, e, k = mesh.shape["ep"] * case["T"], case["d"], case["f"], case["E"], case["k"]
+    ids = np.argsort(rng.random((n, e)), axis=1)[:, :k].astype(np.int32)
+    args = [jax.device_put(jnp.asarray(rng.standard_normal((n, d)), jnp.float32), tok),
+            jax.device_put(jnp.asarray(ids), tok),
+            jax.device_put(jnp.asarray(rng.uniform(0.1, 1, (n, k)), jnp.float32), tok)]
+    args += [jax.device_put(jnp.asarray(rng.standard_normal(s) / np.sqrt(s[1]), jnp.float32), exp)
+             for s in ((e, d, f), (e, d, f), (e, f, d))]
+    return args
+
+
+def layer_part(smoke: bool, rounds: int, experts=None, tokens=None, seconds: float = 0.0) -> list[dict]:
+    import jax
+    import numpy as np
+
     import moe_relayfree as mr
 
     mesh = mr.make_ep_mesh(8)
-    tok, exp = NamedSharding(mesh, P("ep")), NamedSharding(mesh, P("ep", None, None))
     if smoke:
         cases = [dict(E=16, f=16, T=t, k=2, d=32) for t in (1, 4)]
     else:
@@ -134,14 +151,8 @@ def layer_part(smoke: bool, rounds: int, experts=None, tokens=None, seconds: flo
                  if (experts is None or e in experts) and (tokens is None or t in tokens)]
     rows = []
     for case in cases:
-        rng = np.random.default_rng(0)
-        n, d, f, e, k = 8 * case["T"], case["d"], case["f"], case["E"], case["k"]
-        ids = np.argsort(rng.random((n, e)), axis=1)[:, :k].astype(np.int32)
-        args = [jax.device_put(jnp.asarray(rng.standard_normal((n, d)), jnp.float32), tok),
-                jax.device_put(jnp.asarray(ids), tok),
-                jax.device_put(jnp.asarray(rng.uniform(0.1, 1, (n, k)), jnp.float32), tok)]
-        args += [jax.device_put(jnp.asarray(rng.standard_normal(s) / np.sqrt(s[1]), jnp.float32), exp)
-                 for s in ((e, d, f), (e, d, f), (e, f, d))]
+        e = case["E"]
+        args = case_inputs(mesh, case)
         fns = {name: _layer_fn(mesh, name) for name in LAYER_IMPLS + EXCHANGE_IMPLS}
         outs = {name: np.asarray(fn(*args)) for name, fn in fns.items()}  # compile + check
         err = max(float(np.abs(outs[n] - outs["prefill"]).max()) for n in LAYER_IMPLS)

@@ -1,0 +1,182 @@
+"""Where a layer's time goes on emulated CPU devices, from XLA:CPU's own profile.
+
+Each implementation (names as in ``bench_decode.py``: decode, prefill, auto, ragged_baseline,
+capacity_baseline, decode_exchange, prefill_exchange) is compiled for one decode-sized case
+(P=8 emulated devices, k=8, d=1024, the bench's shapes and routing), timed in interleaved
+rounds (median), then traced with ``jax.profiler`` for ``--calls`` calls. The trace's events are
+reduced to *self* time (an event's duration less that of the events nested in it on the same
+thread) and summed per call, per op class and per thread kind:
+
+* op classes: ``dot`` (the expert GEMM's dot kernels), ``weight_slice`` (dynamic-slice copies,
+  i.e. an expert's weights copied out of the stacked weights), ``collective`` (collectives and
+  their rendezvous), ``intra_op_wait`` (a kernel waiting for the parts of it that XLA split off
+  to the intra-op pool), ``program_wait`` (a client thread waiting for the rest of its program,
+  which moved onto the pool), ``other``;
+* thread kinds: ``client`` (the PjRt client threads that start each device's program) and
+  ``pool`` (XLA:CPU's intra-op pool).
+
+Thread-milliseconds are summed over every emulated device's threads, which share the cores,
+so they exceed the wall time; compare implementations with each other, in one run.
+
+    python scripts/profile_layer.py --experts 256 --tokens 16          # decode vs prefill
+    python scripts/profile_layer.py --impls decode prefill ragged_baseline --calls 20
+    python scripts/profile_layer.py --smoke --out /tmp/p
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import os
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import bench_decode  # noqa: E402  (sets no flags on import)
+
+CLASSES = ("dot", "weight_slice", "collective", "intra_op_wait", "program_wait", "other")
+_COLLECTIVES = ("all_gather", "all-gather", "all_to_all", "all-to-all", "ragged", "reduce_scatter",
+                "reduce-scatter", "all-reduce", "all_reduce", "collective", "Rendezvous",
+                "InvokeRendezvous", "Wait: pending_threads")
+
+
+def op_class(name: str) -> str:
+    """The class of one trace event name (XLA:CPU thunk names and runtime scopes)."""
+    if name == "SlinkyThreadPool::Await":
+        return "intra_op_wait"
+    if name == "ThunkExecutor::Execute (wait for completion)":
+        return "program_wait"
+    if name.startswith(("ynn_fusion", "xnn_fusion", "dot")) or "_dot" in name:
+        return "dot"
+    if name.startswith("dynamic-slice"):
+        return "weight_slice"
+    if name.startswith(_COLLECTIVES):
+        return "collective"
+    return "other"
+
+
+def self_times(events: list[dict]) -> list[tuple[dict, float]]:
+    """Complete events (``ph == "X"``, ``ts``/``dur`` in us) of ONE thread -> (event, self us):
+    its duration less the durations of the events directly nested in it."""
+    out, stack = [], []  # stack of [event, end, children_us]
+    for e in sorted(events, key=lambda e: (e["ts"], -e.get("dur", 0))):
+        while stack and stack[-1][1] <= e["ts"]:
+            done = stack.pop()
+            out.append((done[0], done[0].get("dur", 0) - done[2]))
+        if stack:
+            stack[-1][2] += e.get("dur", 0)
+        stack.append([e, e["ts"] + e.get("dur", 0), 0.0])
+    out.extend((s[0], s[0].get("dur", 0) - s[2]) for s in reversed(stack))
+    return out
+
+
+def summarize(trace: dict | list, calls: int) -> dict:
+    """A perfetto trace (``jax.profiler.trace(..., create_perfetto_trace=True)``) -> thread-ms
+    per call by class and thread kind, and the ten ops with most self time."""
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    names = {(e["pid"], e["tid"]): e["args"]["name"] for e in events
+             if e.get("ph") == "M" and e.get("name") == "thread_name"}
+    per_thread = collections.defaultdict(list)
+    for e in events:
+        if e.get("ph") == "X" and "XLA" in names.get((e["pid"], e["tid"]), ""):
+            per_thread[(e["pid"], e["tid"])].append(e)
+    by_class = {c: {"client": 0.0, "pool": 0.0} for c in CLASSES}
+    ops = collections.Counter()
+    for key, evs in per_thread.items():
+        kind = "client" if "Client" in names[key] else "pool"
+        for e, us in self_times(evs):
+            if e["name"].startswith("ThunkExecutor::Execute") and op_class(e["name"]) == "other":
+                continue  # the executor's own bookkeeping around the thunks
+            by_class[op_class(e["name"])][kind] += us / 1e3 / calls
+            ops[e["name"]] += us / 1e3 / calls
+    return {"thread_ms_per_call": by_class,
+            "top_ops": [[n, round(v, 3)] for n, v in ops.most_common(10)]}
+
+
+def profile(fn, args, calls: int) -> dict:
+    import jax
+
+    with tempfile.TemporaryDirectory() as d:
+        with jax.profiler.trace(d, create_perfetto_trace=True):
+            for _ in range(calls):
+                jax.block_until_ready(fn(*args))
+        (path,) = glob.glob(os.path.join(d, "**", "*perfetto_trace.json.gz"), recursive=True)
+        with gzip.open(path) as fh:
+            return summarize(json.load(fh), calls)
+
+
+def run(case: dict, impls, *, rounds: int, calls: int) -> dict:
+    import jax
+    import numpy as np
+
+    import moe_relayfree as mr
+
+    mesh = mr.make_ep_mesh(8)
+    args = bench_decode.case_inputs(mesh, case)
+    fns = {name: bench_decode._layer_fn(mesh, name) for name in impls}
+    for fn in fns.values():
+        jax.block_until_ready(fn(*args))
+    times = {name: [] for name in fns}
+    for r in range(rounds):
+        for name in impls[r % len(impls):] + impls[:r % len(impls)]:
+            jax.block_until_ready(fns[name](*args))
+            start = time.perf_counter()
+            jax.block_until_ready(fns[name](*args))
+            times[name].append(time.perf_counter() - start)
+    out = {}
+    for name, fn in fns.items():
+        out[name] = dict(ms=float(np.median(times[name]) * 1e3), **profile(fn, args, calls))
+    return out
+
+
+def markdown(report: dict) -> str:
+    c = report["case"]
+    lines = [f"# Layer profile: E={c['E']}, T={c['T']}/rank, k={c['k']}, d={c['d']}, f={c['f']}, "
+             "P=8 emulated CPU devices", "",
+             f"Command: `{report['command']}`. Thread-ms per call, summed over the devices' "
+             "threads (client / pool).", "",
+             "| impl | layer ms | " + " | ".join(CLASSES) + " |", "|---" * (2 + len(CLASSES)) + "|"]
+    for name, r in report["impls"].items():
+        cells = [f"{r['thread_ms_per_call'][k]['client']:.1f} / {r['thread_ms_per_call'][k]['pool']:.1f}"
+                 for k in CLASSES]
+        lines.append(f"| {name} | {r['ms']:.1f} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--experts", type=int, default=256, choices=(64, 256))
+    p.add_argument("--tokens", type=int, default=16, help="tokens per rank")
+    p.add_argument("--impls", nargs="+", default=["decode", "prefill"],
+                   choices=bench_decode.LAYER_IMPLS + bench_decode.EXCHANGE_IMPLS)
+    p.add_argument("--rounds", type=int, default=10, help="interleaved timing rounds")
+    p.add_argument("--calls", type=int, default=10, help="calls traced per implementation")
+    p.add_argument("--smoke", action="store_true", help="tiny shapes, to check the script")
+    p.add_argument("--out", default="results/profile")
+    a = p.parse_args(argv)
+    bench_decode._setup_jax(8)
+    if a.smoke:
+        case = dict(E=16, f=16, T=4, k=2, d=32)
+    else:
+        case = dict(E=a.experts, f=512 if a.experts == 64 else 256, T=a.tokens, k=8, d=1024)
+    report = {"case": case, "impls": run(case, list(a.impls), rounds=a.rounds, calls=a.calls),
+              "command": " ".join(["python scripts/profile_layer.py"]
+                                  + (sys.argv[1:] if argv is None else list(argv)))}
+    os.makedirs(a.out, exist_ok=True)
+    stem = os.path.join(a.out, f"profile_E{case['E']}_T{case['T']}")
+    with open(stem + ".json", "w") as fh:
+        json.dump(report, fh, indent=1)
+    with open(stem + ".md", "w") as fh:
+        fh.write(markdown(report))
+    print(markdown(report))
+    print(f"wrote {stem}.json, .md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

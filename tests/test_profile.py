@@ -1,0 +1,58 @@
+"""scripts/profile_layer.py: self times from a trace's nested events, summed by op class and
+thread kind; and a real profile of tiny decode and prefill layers parses."""
+
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "scripts"))
+import profile_layer  # noqa: E402
+
+
+def _x(name, ts, dur, tid):
+    return {"ph": "X", "name": name, "ts": ts, "dur": dur, "pid": 1, "tid": tid}
+
+
+def test_summary_counts_self_time_per_class_and_thread_kind():
+    threads = {1: "tf_XLAPjRtCpuClient/7", 2: "tf_XLAEigen/3", 3: "python"}
+    events = [{"ph": "M", "name": "thread_name", "pid": 1, "tid": t, "args": {"name": n}}
+              for t, n in threads.items()]
+    events += [
+        _x("ThunkExecutor::Execute", 0, 100, 1),  # executor bookkeeping: not counted
+        _x("while.1", 10, 80, 1),
+        _x("ynn_fusion", 20, 30, 1),
+        _x("SlinkyThreadPool::Await", 30, 15, 1),  # nested in the dot: not dot time
+        _x("dynamic-slice_bitcast_fusion", 55, 5, 1),
+        _x("all_gather.3", 60, 20, 1),
+        _x("Rendezvous", 61, 18, 1),
+        _x("ynn_fusion.1", 0, 10, 2),
+        _x("ThunkExecutor::Execute (wait for completion)", 10, 40, 2),
+        _x("$api.py:1 block_until_ready", 0, 500, 3),  # not an XLA thread
+    ]
+    s = profile_layer.summarize({"traceEvents": events}, calls=2)["thread_ms_per_call"]
+    ms = lambda us: us / 1e3 / 2  # noqa: E731
+    assert s["dot"] == pytest.approx({"client": ms(15), "pool": ms(10)})
+    assert s["intra_op_wait"] == pytest.approx({"client": ms(15), "pool": 0.0})
+    assert s["weight_slice"] == pytest.approx({"client": ms(5), "pool": 0.0})
+    assert s["collective"] == pytest.approx({"client": ms(20), "pool": 0.0})
+    assert s["program_wait"] == pytest.approx({"client": 0.0, "pool": ms(40)})
+    assert s["other"] == pytest.approx({"client": ms(80 - 30 - 5 - 20), "pool": 0.0})
+
+
+def test_op_classes_of_xla_cpu_thunk_names():
+    expected = {"ynn_fusion.2": "dot", "dot.7": "dot", "reduce_scatter.7": "collective",
+                "all-to-all.3": "collective", "sort.54": "other",
+                "dynamic-slice_bitcast_fusion.1": "weight_slice"}
+    assert {n: profile_layer.op_class(n) for n in expected} == expected
+
+
+def test_profile_of_tiny_layers_finds_their_kernels():
+    case = dict(E=16, f=16, T=4, k=2, d=32)
+    out = profile_layer.run(case, ["decode", "prefill"], rounds=1, calls=2)
+    for name in ("decode", "prefill"):
+        per = out[name]["thread_ms_per_call"]
+        assert out[name]["ms"] > 0
+        assert sum(per["dot"].values()) > 0, out[name]["top_ops"]
+        assert sum(per["collective"].values()) > 0, out[name]["top_ops"]

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 from moe_relayfree.experts import swiglu
 
 
+@jax.jit  # one compiled program per shape: op-by-op dispatch of it cost tests seconds
 def dense_moe_reference(
     x: jax.Array,
     topk_ids: jax.Array,

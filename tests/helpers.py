@@ -1,5 +1,7 @@
 """Shared fixtures-as-functions for the tests."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -48,6 +50,7 @@ def host(v):
     return jnp.asarray(np.asarray(v[...]))
 
 
+@functools.partial(jax.jit, static_argnums=(2, 3))
 def dense_layer(params, x, k, cfg):
     """The layer's math on one device from plain arrays."""
     t = x.reshape(-1, x.shape[-1])
@@ -74,3 +77,4 @@ def layer_params(layer):
         if getattr(shared, "gate", None) is not None:
             p["s_gate"] = host(shared.gate)
     return p
+

@@ -163,3 +163,24 @@ def collectives(text: str) -> list[Collective]:
         operands, _, result = signature.partition("->")
         out.append(Collective(op, tuple(_buffers(operands, op)), _buffers(result, op)[-1]))
     return out
+
+
+_FLOAT = {"f64", "f32", "f16", "bf16"}
+
+
+def float_scatter_adds(text: str) -> list[Buffer]:
+    """The scatters of a StableHLO module that add floating-point updates at indices not
+    declared unique: XLA's GPU backend runs those as atomic adds, whose order, and so the
+    result's last bits, changes from run to run. Returns their result buffers."""
+    out = []
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        m = _MLIR_LINE.match(line)
+        if not m or m.group(1) != "stablehlo.scatter" or "unique_indices = true" in line:
+            continue
+        close = _result_text(lines, i)
+        region = lines[i + 1 : lines.index(close, i + 1)] if close is not line else []
+        result = _buffers(close.rsplit("->", 1)[-1], "stablehlo.scatter")
+        if result and result[-1].dtype in _FLOAT and any("stablehlo.add" in r for r in region):
+            out.append(result[-1])
+    return out

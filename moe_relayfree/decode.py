@@ -12,7 +12,9 @@ Two transports (in :mod:`moe_relayfree.transports`), picked statically by the by
 2. each rank keys the ``P*T*k`` gathered copies by local expert (``El`` = not mine) and sorts
    the int32 keys: the first rows of that order are its expert windows.
 3. one gather of those rows -> :class:`ExpertWindows`; grouped SwiGLU on the windows.
-4. a weighted scatter-add into ``[P*T, d]`` float32 partial sums at the copies' slots.
+4. ``[P*T, d]`` float32 partial sums: each gathered copy's result read back from its window
+   row (the inverse of the sort), weighted, summed over ``k`` in a fixed order (a gather, no
+   scatter-add: no float atomics on a GPU, the same bits on every run).
 5. ``psum_scatter`` returns slot block ``s`` to source ``s``, summed over ranks.
 
 ``blocks`` (``P > k``: ``T*k*d`` bytes per rank whatever ``P``)

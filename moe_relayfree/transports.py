@@ -1,7 +1,7 @@
 """The decode schedule's two transports (see :mod:`moe_relayfree.decode` for the op sequence).
 
 ``gather``: one ``all_gather`` of tokens with their routing packed in, a local sort of int32
-keys, a weighted scatter-add and a ``psum_scatter`` back. ``blocks``: one small
+keys, a weighted gather-sum over each token's choices and a ``psum_scatter`` back. ``blocks``: one small
 ``all_to_all`` of counts, then one ragged all-to-all per direction into fixed per-source
 blocks. Both build expert-major :class:`~moe_relayfree.windows.ExpertWindows` of any row
 range ``[start, start + rows)``, so the schedule can run the usual rows and the overflow apart.
@@ -88,40 +88,41 @@ gather_tokens.defvjp(_gather_fwd, _gather_bwd)
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class GatherHandle:
-    """slot ``[B] int32`` gathered row of each window row; row_weights ``[B] f32`` (0 past
-    ``total``); total ``[] int32`` rows of the ``B`` that hold copies."""
+    """What the gather transport's combine needs, for the window rows ``[start, start + B)``.
 
-    slot: jax.Array
-    row_weights: jax.Array
+    position ``[P*T, k] int32`` the expert-major window row of each gathered copy (``>= total``:
+    not this rank's); weights ``[P*T, k] f32``; total ``[] int32`` copies this rank holds.
+    """
+
+    position: jax.Array
+    weights: jax.Array
     total: jax.Array
-    num_slots: int = dataclasses.field(metadata=dict(static=True))
+    start: int = dataclasses.field(metadata=dict(static=True))
     out_dtype: jnp.dtype = dataclasses.field(metadata=dict(static=True))
     axis_name: str = dataclasses.field(metadata=dict(static=True))
 
 
 def gather_plan(x, ids, w, num_experts, axis_name):
+    """Step 1-2: gathered tokens ``[P*T, d]``, their weights ``[P*T, k] f32``, the expert-major
+    order of the ``P*T*k`` copies (this rank's first), window sizes ``[El]`` and each copy's
+    window row ``[P*T, k]`` (the inverse of the order: a scatter of distinct indices)."""
     num_ranks = lax.axis_size(axis_name)
     local = num_experts // num_ranks
     xs, ids_all, w_all = gather_tokens(x, ids, w, axis_name)
     mine = ids_all - lax.axis_index(axis_name) * local
     keys = jnp.where((mine >= 0) & (mine < local), mine, local).reshape(-1)
     order, sizes = local_expert_order(keys, local)
-    return xs, w_all.reshape(-1), order, sizes
+    position = jnp.zeros_like(order).at[order].set(
+        jnp.arange(order.shape[0], dtype=_I32), unique_indices=True)
+    return xs, w_all, order, sizes, position.reshape(ids_all.shape)
 
 
-def gather_windows(xs, w_flat, order, sizes, rows: int, k: int, x, axis_name, start: int = 0):
+def gather_windows(xs, w_all, order, sizes, position, rows: int, k: int, x, axis_name,
+                   start: int = 0):
     """Windows of the expert-major rows ``[start, start + rows)`` and their handle."""
     copy = order[start:start + rows]
-    total = jnp.clip(sizes.sum() - start, 0, rows)  # rows of this range that hold copies
-    valid = jnp.arange(rows) < total
-    handle = GatherHandle(
-        slot=copy // k,
-        row_weights=jnp.where(valid, jnp.take(w_flat, copy), 0.0),
-        total=total,
-        num_slots=xs.shape[0],
-        out_dtype=x.dtype,
-        axis_name=axis_name,
-    )
+    handle = GatherHandle(position=position, weights=w_all, total=sizes.sum(), start=start,
+                          out_dtype=x.dtype, axis_name=axis_name)
     windows = ExpertWindows(rows=jnp.take(xs, copy // k, axis=0),
                             group_sizes=sizes_in_range(sizes, start, rows))
     return windows, handle
@@ -129,13 +130,25 @@ def gather_windows(xs, w_flat, order, sizes, rows: int, k: int, x, axis_name, st
 
 def gather_partial(expert_out: jax.Array, h: GatherHandle,
                    into: jax.Array | None = None) -> jax.Array:
-    """Weighted scatter-add of window rows into ``[P*T, d]`` float32 partial sums (added to
-    ``into`` if given, e.g. the sums of an earlier row range)."""
-    valid = (jnp.arange(h.slot.shape[0]) < h.total)[:, None]
-    rows = jnp.where(valid, expert_out.astype(_F32) * h.row_weights[:, None], 0.0)
-    if into is None:
-        into = jnp.zeros((h.num_slots, expert_out.shape[1]), _F32)
-    return into.at[h.slot].add(rows)
+    """Step 4: ``[P*T, d]`` float32 partial sums, ``sum_j w[s, j] * expert_out[row of copy
+    (s, j)]`` over the copies whose window rows this range holds (added to ``into`` if given,
+    e.g. the sums of an earlier row range).
+
+    A gather, then a sum over ``k`` in a fixed order: no scatter-add, whose duplicate slots (a
+    token with several copies on this rank) are float atomics on a GPU, so the result is the
+    same bits on every run.
+    """
+    rows = expert_out.shape[0]
+    local = h.position - h.start
+    valid = (local >= 0) & (local < rows) & (h.position < h.total)
+    index = jnp.where(valid, local, 0)
+    part = jnp.zeros((local.shape[0], expert_out.shape[1]), _F32) if into is None else into
+    # One [P*T, d] term per choice, added in choice order: XLA fuses the k gathers into the
+    # sum, where a gather of [P*T, k, d] then a reduction materialized k times the output.
+    for j in range(local.shape[1]):
+        picked = jnp.take(expert_out, index[:, j], axis=0).astype(_F32)
+        part = part + jnp.where(valid[:, j, None], picked * h.weights[:, j, None], 0.0)
+    return part
 
 
 def gather_combine(partial: jax.Array, axis_name: str, out_dtype) -> jax.Array:

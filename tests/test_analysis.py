@@ -33,3 +33,18 @@ def test_compiled_hlo_buffers_skip_fusion_internals():
     assert len(bufs) < text.count("f32[64,32]")
     s = analysis.summarize(bufs)
     assert s["count"] == len(bufs) and s["bytes"] == sum(b.nbytes for b in bufs)
+
+
+def test_float_scatter_adds_are_found_unless_unique_or_integer():
+    def adds(x, idx, perm, counts):
+        a = jnp.zeros((8, 32)).at[idx].add(x)  # float add, repeated indices: reported
+        b = jnp.zeros((64, 32)).at[perm].add(x, unique_indices=True)  # declared unique
+        c = counts.at[idx].add(1)  # integer add: exact in any order
+        d = jnp.zeros((8, 32)).at[idx].set(x)  # no add
+        return a, b, c, d
+
+    x, idx, perm = jnp.ones((64, 32)), jnp.arange(64) % 8, jnp.arange(64)[::-1]
+    text = jax.jit(adds).trace(x, idx, perm, jnp.zeros(8, jnp.int32)).lower(
+        lowering_platforms=("cuda",)).as_text()
+    found = analysis.float_scatter_adds(text)
+    assert [(b.shape, b.dtype) for b in found] == [((8, 32), "f32")]

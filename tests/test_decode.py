@@ -130,6 +130,7 @@ def test_blocks_program_moves_copies_not_gathered_tokens():
     ids; one small int32 all_to_all and two ragged all-to-alls of exactly T*k rows."""
     tokens, k = 4, 2
     text, ops = lowered_collectives(8, 16, k, tokens)
+    assert analysis.float_scatter_adds(text) == []  # bit-reproducible on a GPU
     kinds = sorted(c.op for c in ops)
     assert kinds == ["all_to_all", "ragged_all_to_all", "ragged_all_to_all"], kinds
     meta = next(c for c in ops if c.op == "all_to_all")
@@ -158,8 +159,10 @@ def test_auto_takes_the_gather_transport_on_cpu_only():
 def test_gather_program_is_one_gather_and_one_reduce_scatter():
     """P <= k: x, ids and weights travel in one all_gather; results in one reduce-scatter."""
     tokens, k = 4, 8
-    _, ops = lowered_collectives(8, 64, k, tokens)
+    text, ops = lowered_collectives(8, 64, k, tokens)
     assert sorted(c.op for c in ops) == ["all_gather", "reduce_scatter"]
+    # the partial sums are a gather-sum over k, not a float scatter-add (atomics on a GPU)
+    assert analysis.float_scatter_adds(text) == []
     gather = next(c for c in ops if c.op == "all_gather")
     assert gather.moved.shape == (8 * tokens, D + 2 * k)  # f32 x + int32 ids + f32 weights
 

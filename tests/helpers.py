@@ -77,4 +77,3 @@ def layer_params(layer):
         if getattr(shared, "gate", None) is not None:
             p["s_gate"] = host(shared.gate)
     return p
-

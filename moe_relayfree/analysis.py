@@ -184,3 +184,36 @@ def float_scatter_adds(text: str) -> list[Buffer]:
         if result and result[-1].dtype in _FLOAT and any("stablehlo.add" in r for r in region):
             out.append(result[-1])
     return out
+
+
+# NaN bit patterns as StableHLO prints float constants (f64, f32, bf16, f16)
+_NAN_CONSTANT = re.compile(
+    r"^\s*(%[\w#]+)\s*=\s*stablehlo\.constant dense<0x(7FF8[0-9A-F]{12}|7FC0[0-9A-F]{4}|7FC0|7E00)>")
+_OPERANDS = re.compile(r"%[\w#]+")
+
+
+def nan_filled_selects(text: str) -> int:
+    """Selects of a StableHLO module that fill with a NaN constant (directly or broadcast):
+    the out-of-bounds mask ``jnp.take`` adds by default (``mode="fill"``), a compare and select
+    over the whole gathered result that XLA:CPU does not fuse into the gather. Row gathers
+    whose indices are in bounds by construction need none (``windows.take_rows``)."""
+    nans = set()
+    count = 0
+    for line in text.splitlines():
+        if line.lstrip().startswith("func.func"):
+            nans = set()  # value names are scoped to their function
+            continue
+        m = _NAN_CONSTANT.match(line)
+        if m:
+            nans.add(m.group(1))
+            continue
+        m = _MLIR_LINE.match(line)
+        if not m:
+            continue
+        name = line.split("=", 1)[0].strip()
+        operands = _OPERANDS.findall(line.split("=", 1)[1])
+        if m.group(1) == "stablehlo.broadcast_in_dim" and operands and operands[0] in nans:
+            nans.add(name)
+        elif m.group(1) == "stablehlo.select" and any(o in nans for o in operands):
+            count += 1
+    return count

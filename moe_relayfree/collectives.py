@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from moe_relayfree.windows import take_rows
+
 
 class RaggedAllToAll(Protocol):
     def __call__(
@@ -76,7 +78,7 @@ def _padded_exchange(operand, output, input_offsets, send_sizes, output_offsets,
     dst = jnp.take_along_axis(output_offsets.reshape(num_peers, m), seg, axis=1) + within
     out_rows = output.shape[0]
     dst = jnp.where(valid, dst, out_rows)  # padding: an out-of-range destination
-    rows = jnp.take(operand, jnp.clip(src, 0, operand.shape[0] - 1), axis=0)  # [P, b, ...]
+    rows = take_rows(operand, jnp.clip(src, 0, operand.shape[0] - 1))  # [P, b, ...]
     rows = lax.all_to_all(rows, axis_name, 0, 0, tiled=True)
     dst = lax.all_to_all(dst, axis_name, 0, 0, tiled=True).reshape(-1)
     # The receiver inverts the int destinations (cheap) and then gathers whole rows: on
@@ -85,7 +87,7 @@ def _padded_exchange(operand, output, input_offsets, send_sizes, output_offsets,
         jnp.arange(num_peers * b, dtype=jnp.int32), mode="drop"
     )
     flat = rows.reshape((num_peers * b,) + operand.shape[1:])
-    picked = jnp.take(flat, jnp.maximum(incoming, 0), axis=0)
+    picked = take_rows(flat, jnp.maximum(incoming, 0))
     keep = (incoming >= 0).reshape((out_rows,) + (1,) * (output.ndim - 1))
     return jnp.where(keep, picked, output)
 

@@ -29,7 +29,7 @@ from jax import lax
 
 from moe_relayfree.collectives import ensure_varying, peer_rows, ragged_all_to_all
 from moe_relayfree.plan import PrefillPlan, make_prefill_plan, round_segments
-from moe_relayfree.windows import ExpertWindows, weighted_gather_sum
+from moe_relayfree.windows import ExpertWindows, take_rows, weighted_gather_sum
 
 _F32 = jnp.float32
 
@@ -61,7 +61,7 @@ def plan_and_pack(
     """Steps 1-2. x ``[T, d]``, topk_ids ``[T, k] int32``, topk_weights ``[T, k]``."""
     k = topk_ids.shape[1]
     plan = make_prefill_plan(topk_ids, num_experts, axis_name, rows_per_round)
-    send = jnp.take(x, plan.order // k, axis=0)
+    send = take_rows(x, plan.order // k)
     return PrefillHandle(
         plan=plan,
         send=send,

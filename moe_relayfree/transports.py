@@ -24,6 +24,7 @@ from moe_relayfree.windows import (
     exclusive_cumsum,
     local_expert_order,
     sizes_in_range,
+    take_rows,
     weighted_gather_sum,
 )
 
@@ -123,7 +124,7 @@ def gather_windows(xs, w_all, order, sizes, position, rows: int, k: int, x, axis
     copy = order[start:start + rows]
     handle = GatherHandle(position=position, weights=w_all, total=sizes.sum(), start=start,
                           out_dtype=x.dtype, axis_name=axis_name)
-    windows = ExpertWindows(rows=jnp.take(xs, copy // k, axis=0),
+    windows = ExpertWindows(rows=take_rows(xs, copy // k),
                             group_sizes=sizes_in_range(sizes, start, rows))
     return windows, handle
 
@@ -146,7 +147,7 @@ def gather_partial(expert_out: jax.Array, h: GatherHandle,
     # One [P*T, d] term per choice, added in choice order: XLA fuses the k gathers into the
     # sum, where a gather of [P*T, k, d] then a reduction materialized k times the output.
     for j in range(local.shape[1]):
-        picked = jnp.take(expert_out, index[:, j], axis=0).astype(_F32)
+        picked = take_rows(expert_out, index[:, j]).astype(_F32)
         part = part + jnp.where(valid[:, j, None], picked * h.weights[:, j, None], 0.0)
     return part
 
@@ -198,7 +199,7 @@ def blocks_send(x, ids, w, num_experts, axis_name):
     meta = lax.all_to_all(meta, axis_name, 0, 0, tiled=True)  # [P_src, El + 1]
     recv_counts, source_offsets = meta[:, :local], meta[:, local]
     recv_sizes = recv_counts.sum(axis=1)
-    send = jnp.take(x, order // k, axis=0)
+    send = take_rows(x, order // k)
     me = lax.axis_index(axis_name).astype(_I32)
     buf = jnp.zeros((num_ranks * block_rows, x.shape[1]), x.dtype)
     blocks = ragged_all_to_all(
@@ -236,7 +237,7 @@ def expert_major_rows(recv_counts: jax.Array, block_rows: int, rows: int,
 def blocks_windows(handle: BlocksHandle, recv_counts, rows: int, start: int = 0):
     """Windows of the expert-major rows ``[start, start + rows)``, read from the blocks."""
     block_row = expert_major_rows(recv_counts, handle.block_rows, rows, start)
-    windows = ExpertWindows(rows=jnp.take(handle.blocks, block_row, axis=0),
+    windows = ExpertWindows(rows=take_rows(handle.blocks, block_row),
                             group_sizes=sizes_in_range(recv_counts.sum(axis=0), start, rows))
     return windows, dataclasses.replace(handle, block_row=block_row)
 

@@ -48,3 +48,18 @@ def test_float_scatter_adds_are_found_unless_unique_or_integer():
         lowering_platforms=("cuda",)).as_text()
     found = analysis.float_scatter_adds(text)
     assert [(b.shape, b.dtype) for b in found] == [((8, 32), "f32")]
+
+
+def test_nan_filled_selects_find_jnp_takes_out_of_bounds_fill():
+    from moe_relayfree.windows import take_rows
+
+    x, idx = jnp.ones((16, 4)), jnp.arange(8)
+
+    def count(fn, *args):
+        return analysis.nan_filled_selects(jax.jit(fn).lower(*args).as_text())
+
+    for dtype in (jnp.float32, jnp.bfloat16, jnp.float16):
+        assert count(lambda a, i: jnp.take(a, i, axis=0), x.astype(dtype), idx) == 1
+    assert count(take_rows, x, idx) == 0
+    assert count(lambda a, i: a[i], x, idx) == 0  # indexing clamps, no fill
+    assert count(lambda a, i: jnp.take(a, i, axis=0) + take_rows(a, i), x, idx) == 1

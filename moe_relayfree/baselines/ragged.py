@@ -27,6 +27,7 @@ from jax import lax
 
 from moe_relayfree.collectives import ensure_varying, peer_rows, ragged_all_to_all
 from moe_relayfree.plan import sort_and_count
+from moe_relayfree.windows import take_rows
 
 _F32 = jnp.float32
 
@@ -66,7 +67,7 @@ def dispatch(
     n = t * k
     rows_bound = num_ranks * n if recv_rows is None else recv_rows
     order, _, all_counts = sort_and_count(topk_ids, num_experts, axis_name)
-    permuted = jnp.take(x, order // k, axis=0)  # step 1: [T*k, d]
+    permuted = take_rows(x, order // k)  # step 1: [T*k, d]
 
     me = lax.axis_index(axis_name)
     per_peer = all_counts.sum(-1)  # [P_src, P_dst]
@@ -96,7 +97,7 @@ def dispatch(
     )
     local_expert = jnp.where(row < recv_sizes.sum(), local_expert, local)
     local_order = jnp.argsort(local_expert, stable=True).astype(jnp.int32)
-    grouped = jnp.take(received, local_order, axis=0)
+    grouped = take_rows(received, local_order)
     group_sizes = mine.sum(0)
     handle = RaggedHandle(
         order=order, send_sizes=send_sizes, send_offsets=send_offsets,

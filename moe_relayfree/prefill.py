@@ -29,7 +29,7 @@ from jax import lax
 
 from moe_relayfree.collectives import ensure_varying, peer_rows, ragged_all_to_all
 from moe_relayfree.plan import PrefillPlan, make_prefill_plan, round_segments
-from moe_relayfree.windows import ExpertWindows, take_rows, weighted_gather_sum
+from moe_relayfree.windows import ExpertWindows, take_rows, weighted_row_sum
 
 _F32 = jnp.float32
 
@@ -115,8 +115,8 @@ def combine_round(
 
 def weighted_sum(handle: PrefillHandle) -> jax.Array:
     """Step 6: ``y[t] = sum_j w[t, j] * returned[slot[t, j]]`` -> ``[T, d]`` (send dtype)."""
-    return weighted_gather_sum(handle.returned, handle.plan.slot, handle.weights,
-                               handle.send.dtype)
+    index = handle.plan.slot.reshape(handle.weights.shape)
+    return weighted_row_sum(handle.returned, index, handle.weights).astype(handle.send.dtype)
 
 
 ExpertFn = Callable[[ExpertWindows], jax.Array]

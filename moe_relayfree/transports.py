@@ -25,7 +25,7 @@ from moe_relayfree.windows import (
     local_expert_order,
     sizes_in_range,
     take_rows,
-    weighted_gather_sum,
+    weighted_row_sum,
 )
 
 _F32 = jnp.float32
@@ -133,23 +133,13 @@ def gather_partial(expert_out: jax.Array, h: GatherHandle,
                    into: jax.Array | None = None) -> jax.Array:
     """Step 4: ``[P*T, d]`` float32 partial sums, ``sum_j w[s, j] * expert_out[row of copy
     (s, j)]`` over the copies whose window rows this range holds (added to ``into`` if given,
-    e.g. the sums of an earlier row range).
-
-    A gather, then a sum over ``k`` in a fixed order: no scatter-add, whose duplicate slots (a
-    token with several copies on this rank) are float atomics on a GPU, so the result is the
-    same bits on every run.
+    e.g. the sums of an earlier row range). A gather-sum, not a scatter-add: a token with
+    several copies on this rank would be float atomics on a GPU.
     """
     rows = expert_out.shape[0]
     local = h.position - h.start
     valid = (local >= 0) & (local < rows) & (h.position < h.total)
-    index = jnp.where(valid, local, 0)
-    part = jnp.zeros((local.shape[0], expert_out.shape[1]), _F32) if into is None else into
-    # One [P*T, d] term per choice, added in choice order: XLA fuses the k gathers into the
-    # sum, where a gather of [P*T, k, d] then a reduction materialized k times the output.
-    for j in range(local.shape[1]):
-        picked = take_rows(expert_out, index[:, j]).astype(_F32)
-        part = part + jnp.where(valid[:, j, None], picked * h.weights[:, j, None], 0.0)
-    return part
+    return weighted_row_sum(expert_out, jnp.where(valid, local, 0), h.weights, valid, into)
 
 
 def gather_combine(partial: jax.Array, axis_name: str, out_dtype) -> jax.Array:
@@ -262,4 +252,5 @@ def blocks_return(results: jax.Array, h: BlocksHandle) -> jax.Array:
         h.source_offsets, h.send_sizes, axis_name=h.axis_name,
         **peer_rows(h.slot.shape[0], h.block_rows, num_ranks),
     )
-    return weighted_gather_sum(returned, h.slot, h.weights, results.dtype)
+    index = h.slot.reshape(h.weights.shape)
+    return weighted_row_sum(returned, index, h.weights).astype(results.dtype)

@@ -54,17 +54,27 @@ def take_rows(a: jax.Array, index: jax.Array) -> jax.Array:
     return a.at[index].get(mode="promise_in_bounds")
 
 
-def weighted_gather_sum(
-    returned: jax.Array, slot: jax.Array, weights: jax.Array, out_dtype
+def weighted_row_sum(
+    rows: jax.Array,
+    index: jax.Array,
+    weights: jax.Array,
+    valid: jax.Array | None = None,
+    into: jax.Array | None = None,
 ) -> jax.Array:
-    """``y[t] = sum_j w[t, j] * returned[slot[t, j]]`` in float32 -> ``[T, d]`` (out_dtype).
+    """``out[t] = into[t] + sum_j weights[t, j] * rows[index[t, j]]`` over the valid ``(t, j)``.
 
-    returned ``[T*k, d]`` expert outputs in send order; slot ``[T*k] int32`` the returned row of
-    each flat (token, choice); weights ``[T, k] float32``.
+    rows ``[R, d]``; index ``[n, k] int32`` in ``[0, R)``; weights ``[n, k] float32``; valid
+    ``[n, k] bool`` (default: all); into ``[n, d] float32`` (default: zeros) -> ``[n, d]
+    float32``. One gather per choice, each fused into a running sum in choice order: no
+    ``[n, k, d]`` intermediate, and no scatter-add (whose repeated rows are float atomics on
+    a GPU), so the result is the same bits on every run.
     """
-    t, k = weights.shape
-    rows = take_rows(returned, slot.reshape(t, k))  # [T, k, d]
-    return jnp.einsum("tk,tkd->td", weights, rows.astype(_F32)).astype(out_dtype)
+    n, k = index.shape
+    out = jnp.zeros((n, rows.shape[1]), _F32) if into is None else into
+    for j in range(k):
+        term = take_rows(rows, index[:, j]).astype(_F32) * weights[:, j, None]
+        out = out + (term if valid is None else jnp.where(valid[:, j, None], term, 0.0))
+    return out
 
 
 def local_expert_order(keys: jax.Array, num_local: int) -> tuple[jax.Array, jax.Array]:

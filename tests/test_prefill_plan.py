@@ -89,3 +89,24 @@ def test_rows_per_round_bounds():
     assert rows_per_round(16, 8, 1, 2.0) == 128  # never above the worst case
     with pytest.raises(ValueError):
         rows_per_round(16, 8, 8, 0.0)
+
+
+def test_weighted_row_sum_matches_numpy_with_mask_and_accumulator():
+    """The combine's weighted sum (prefill, decode transports): repeated rows, masked
+    choices, an accumulator, and the same bits on every call."""
+    from moe_relayfree.windows import weighted_row_sum
+
+    rng = np.random.default_rng(3)
+    rows = rng.standard_normal((10, 6)).astype(np.float32)
+    index = rng.integers(0, 10, (7, 3)).astype(np.int32)
+    index[0] = 4  # one token reads the same row three times
+    weights = rng.uniform(0.1, 1, (7, 3)).astype(np.float32)
+    valid = rng.random((7, 3)) > 0.3
+    into = rng.standard_normal((7, 6)).astype(np.float32)
+    want = into + np.einsum("tk,tkd->td", weights * valid, rows[index])
+    fn = jax.jit(weighted_row_sum)
+    got = fn(rows, index, weights, valid, into)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(got, fn(rows, index, weights, valid, into))
+    np.testing.assert_allclose(jax.jit(weighted_row_sum)(rows, index, weights),
+                               np.einsum("tk,tkd->td", weights, rows[index]), rtol=1e-6, atol=1e-6)

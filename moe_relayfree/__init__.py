@@ -12,7 +12,7 @@ from moe_relayfree import (
     routing,
     transports,
 )
-from moe_relayfree.api import DEFAULT_CAPACITY_FACTOR, expert_parallel_moe
+from moe_relayfree.api import DEFAULT_CAPACITY_FACTOR, expert_parallel_moe, route_tokens
 from moe_relayfree.layout import MeshLayout, make_ep_mesh, make_layout, make_mesh, parse_mesh
 from moe_relayfree.selection import (
     DEFAULT_DECODE_THRESHOLDS,
@@ -56,6 +56,7 @@ __all__ = [
     "ragged_all_to_all",
     "register_ragged_all_to_all",
     "route",
+    "route_tokens",
     "routing",
     "select_schedule",
     "set_decode_threshold",

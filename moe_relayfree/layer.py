@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
-from moe_relayfree.api import DEFAULT_CAPACITY_FACTOR, expert_parallel_moe
+from moe_relayfree.api import DEFAULT_CAPACITY_FACTOR, expert_parallel_moe, route_tokens
 from moe_relayfree.balance import (
     expert_load,
     load_balancing_loss,
@@ -170,17 +170,24 @@ class MoELayer(nnx.Module):
         lead, d = x.shape[:-1], x.shape[-1]
         tokens = x.reshape(-1, d)
         n = tokens.shape[0]
-        logits = self.logits(tokens)
-        ids, weights = self._route(logits)
-        if n:
-            self._sow_router_terms(logits, ids)
         pad = -n % self.layout.num_token_shards
         if pad:
             tokens = jnp.pad(tokens, ((0, pad), (0, 0)))
+        logits = self.logits(tokens)
+        # Each device routes its own tokens (see route_tokens: top_k in the global view
+        # all-gathers the logits of the whole batch onto every device).
+        bias = None if self.router_bias is None else self.router_bias[...]
+        ids, weights = route_tokens(
+            logits, self.k, self.router_config, bias, mesh=self.mesh, axis=self.axis,
+            batch_axes=self.layout.batch_axes, tensor_axis=self.layout.tensor_axis)
+        if n:
+            self._sow_router_terms(logits[:n], ids[:n])
+        if pad:
             # Padding rows spread over experts with weight 0: they add no result and no hot spot.
-            fill = (jnp.arange(pad * self.k, dtype=jnp.int32) % self.num_experts).reshape(pad, self.k)
-            ids = jnp.concatenate([ids, fill])
-            weights = jnp.concatenate([weights, jnp.zeros((pad, self.k), weights.dtype)])
+            row = jnp.arange(n + pad, dtype=jnp.int32)[:, None]
+            fill = ((row - n) * self.k + jnp.arange(self.k, dtype=jnp.int32)) % self.num_experts
+            ids = jnp.where(row < n, ids, fill)
+            weights = jnp.where(row < n, weights, 0.0)
         dtype = x.dtype
         y = expert_parallel_moe(
             tokens, ids, weights,

@@ -58,7 +58,7 @@ def sigmoid_grouped_topk(
         top2 = min(2, grouped.shape[-1])
         group_scores = lax.top_k(grouped, top2)[0].sum(-1)  # [n, n_group]
         _, keep = lax.top_k(group_scores, topk_group)
-        group_mask = jnp.zeros((n, n_group), bool).at[jnp.arange(n)[:, None], keep].set(True)
+        group_mask = (keep[:, :, None] == jnp.arange(n_group)).any(axis=1)  # [n, n_group]
         expert_mask = jnp.repeat(group_mask, num_experts // n_group, axis=1)
         choice = jnp.where(expert_mask, choice, -jnp.inf)
     _, ids = lax.top_k(choice, k)

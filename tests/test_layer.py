@@ -69,3 +69,26 @@ def test_layer_bf16_activations_and_errors():
         mr.MoELayer(D, F, 12, 2, mesh=mesh, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="no axis"):
         mr.MoELayer(D, F, E, 2, mesh=mesh, axis="expert", rngs=nnx.Rngs(0))
+
+
+def test_each_device_routes_its_own_tokens():
+    """top_k on batch-split logits in the global view makes XLA all-gather them ([N, E] per
+    device, growing with the device count) and route the whole batch everywhere; the layer
+    routes under shard_map instead. With the prefill schedule the only all-gather left is
+    its int32 counts, so the compiled program must hold no floating-point all-gather."""
+    import re
+
+    mesh = make_mesh(8)
+    layer = mr.MoELayer(D, F, E, 4, mesh=mesh, schedule="prefill", rngs=nnx.Rngs(0),
+                        **CONFIGS["deepseek"])
+    x = jax.device_put(jax.random.normal(jax.random.PRNGKey(1), (32, D)),
+                       jax.sharding.NamedSharding(mesh, P("ep")))  # as a model's activations
+    text = nnx.jit(lambda m, x: m(x)).lower(layer, x).compile().as_text()
+    gathers = re.findall(r"= (\w+)\[[\d,]*\][^ ]* all-gather\(", text)
+    assert gathers and all(t.startswith(("s", "u")) for t in gathers), gathers
+    # the same experts and weights as routing the whole batch at once
+    ids, w = layer.route(x)
+    got_ids, got_w = mr.route_tokens(layer.logits(x), 4, CONFIGS["deepseek"]["router"],
+                                     layer.router_bias[...], mesh=mesh)
+    np.testing.assert_array_equal(got_ids, ids)
+    np.testing.assert_allclose(got_w, w, rtol=1e-6)

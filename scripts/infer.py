@@ -74,20 +74,29 @@ _PROGRAMS = {}
 
 
 def _programs():
-    """The jitted prefill and decode step, made once so repeated generate calls reuse their
-    compiled programs (jit caches per model structure and shapes)."""
+    """The jitted prefill and decode step over ``(graphdef, state)``, made once so repeated
+    generate calls reuse their compiled programs (jit caches per model structure and shapes).
+
+    Plain ``jax.jit`` on the split model, not ``nnx.jit`` on the module: nnx.jit walks and
+    re-flattens the module graph in Python on every call, which made the default model's decode
+    step 1.45-1.7x as long (6-7 ms of Python per step; docs/benchmarks.md). The KV cache is
+    donated: each call writes the updated cache into the buffers it was given (3-6% of a step).
+    """
     if not _PROGRAMS:
+        import functools
+
+        import jax
         import jax.numpy as jnp
         from flax import nnx
 
-        @nnx.jit
-        def prefill(m, tokens, pad, cache):
-            logits, cache = m(tokens, pad, cache, 0)
+        @functools.partial(jax.jit, static_argnums=0, donate_argnums=4)
+        def prefill(graphdef, state, tokens, pad, cache):
+            logits, cache = nnx.merge(graphdef, state)(tokens, pad, cache, 0)
             return jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), cache
 
-        @nnx.jit
-        def step(m, token, pad, cache, position):
-            logits, cache = m(token[:, None], pad, cache, position)
+        @functools.partial(jax.jit, static_argnums=0, donate_argnums=4)
+        def step(graphdef, state, token, pad, cache, position):
+            logits, cache = nnx.merge(graphdef, state)(token[:, None], pad, cache, position)
             return jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), cache
 
         _PROGRAMS.update(prefill=prefill, step=step)
@@ -96,8 +105,11 @@ def _programs():
 
 def generate(model, prompts: list[list[int]], max_new_tokens: int, *, progress=None) -> dict:
     """Greedy batched generation. Returns tokens per row and timings (seconds)."""
+    import functools
+
     import jax
     import jax.numpy as jnp
+    from flax import nnx
 
     from models.transformer import init_cache
 
@@ -106,25 +118,28 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, progress=N
     pad = jnp.asarray([width - len(p) for p in prompts], jnp.int32)
     tokens = jnp.asarray([[0] * (width - len(p)) + p for p in prompts], jnp.int32)
     length = width + max_new_tokens
-    prefill, step = _programs()
+    prefill_fn, step_fn = _programs()
+    graphdef, state = nnx.split(model)
+    prefill = functools.partial(prefill_fn, graphdef, state)
+    step = functools.partial(step_fn, graphdef, state)
 
     def fresh_cache():
         return init_cache(model.cfg, batch, length, jnp.float32)
 
     start = time.perf_counter()  # compile both programs (and warm up) before timing
-    warm, cache = prefill(model, tokens, pad, fresh_cache())
-    jax.block_until_ready(step(model, warm, pad, cache, jnp.int32(width)))
+    warm, cache = prefill(tokens, pad, fresh_cache())
+    jax.block_until_ready(step(warm, pad, cache, jnp.int32(width)))
     compile_s = time.perf_counter() - start
 
     start = time.perf_counter()
-    token, cache = prefill(model, tokens, pad, fresh_cache())
+    token, cache = prefill(tokens, pad, fresh_cache())
     token.block_until_ready()
     ttft = time.perf_counter() - start
     out = [token]
     step_times = []
     for i in range(max_new_tokens - 1):
         t0 = time.perf_counter()
-        token, cache = step(model, token, pad, cache, jnp.int32(width + i))
+        token, cache = step(token, pad, cache, jnp.int32(width + i))
         token.block_until_ready()
         step_times.append(time.perf_counter() - t0)
         out.append(token)

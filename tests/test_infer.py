@@ -102,3 +102,16 @@ def test_sweep_script_smoke(tmp_path):
     assert report["mesh"] == {"data": 2, "ep": 4} and report["expert_axis"] == "ep"
     # batch 2 x prompt 8 over 8 token shards: 2 tokens per rank at prefill, 1 at decode
     assert all(r["prefill_schedule"] == r["decode_schedule"] == "decode" for r in report["rows"])
+
+
+def test_decode_step_updates_the_cache_in_place(mesh):
+    """The decode step donates its KV cache: no copy of every layer's cache per token."""
+    from infer import _programs
+
+    model = checkpoint.load_model(DEFAULT, mesh=mesh)
+    prefill, step = _programs()
+    graphdef, state = nnx.split(model)
+    toks, pad = jnp.ones((8, 4), jnp.int32), jnp.zeros((8,), jnp.int32)
+    token, cache = prefill(graphdef, state, toks, pad, init_cache(model.cfg, 8, 8, jnp.float32))
+    token2, cache2 = step(graphdef, state, token, pad, cache, jnp.int32(4))
+    assert cache.k[0].is_deleted() and not cache2.k[0].is_deleted()

@@ -22,7 +22,7 @@ from moe_relayfree.selection import (
     set_decode_threshold,
 )
 from moe_relayfree.collectives import ragged_all_to_all, register_ragged_all_to_all
-from moe_relayfree.experts import grouped_swiglu, swiglu
+from moe_relayfree.experts import grouped_swiglu, swiglu, windows_swiglu
 from moe_relayfree.layer import MoELayer
 from moe_relayfree.reference import dense_moe_reference
 from moe_relayfree.routing import RouterConfig, route
@@ -61,5 +61,6 @@ __all__ = [
     "select_schedule",
     "set_decode_threshold",
     "swiglu",
+    "windows_swiglu",
     "transports",
 ]

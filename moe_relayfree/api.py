@@ -12,7 +12,7 @@ from jax.sharding import PartitionSpec as P
 
 from moe_relayfree import baselines, decode, prefill
 from moe_relayfree.collectives import vary_like
-from moe_relayfree.experts import grouped_swiglu, swiglu
+from moe_relayfree.experts import grouped_swiglu, swiglu, windows_swiglu
 from moe_relayfree.layout import AxisNames, MeshLayout, make_layout
 from moe_relayfree.plan import rows_per_round
 from moe_relayfree.routing import RouterConfig, route
@@ -115,7 +115,7 @@ def _routed(x, topk_ids, topk_weights, w_gate, w_up, w_down, *, axis, schedule, 
         return baselines.capacity.combine(out, handle)
 
     def experts(win: ExpertWindows):
-        return grouped_swiglu(win.rows, win.group_sizes, w_gate, w_up, w_down)
+        return windows_swiglu(win, w_gate, w_up, w_down)
 
     if schedule == "decode":
         return decode.decode_moe(x, topk_ids, topk_weights, experts, **common)

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from moe_relayfree.collectives import vary_like
+from moe_relayfree.windows import ExpertWindows
 
 _F32 = jnp.float32
 
@@ -165,23 +166,38 @@ def cpu_tile_rows(num_rows: int, num_groups: int) -> int:
     return min(CPU_TILE_ROWS, 1 << (mean - 1).bit_length())
 
 
-def grouped_swiglu_tiled(x, group_sizes, w_gate, w_up, w_down, tile: int | None = None):
-    """CPU grouped SwiGLU: only window rows (+ one partial tile per expert) are computed."""
+def grouped_swiglu_tiled(x, group_sizes, w_gate, w_up, w_down, tile: int | None = None, *,
+                         expected_rows: int | None = None):
+    """CPU grouped SwiGLU: only window rows (+ one partial tile per expert) are computed.
+
+    Tiles follow the mean window of ``expected_rows`` (default: all ``R`` rows of x): a decode
+    buffer sized for the worst case would otherwise give tiles of mostly masked rows, which the
+    CPU pays in full.
+    """
     if tile is None:
-        tile = cpu_tile_rows(x.shape[0], w_gate.shape[0])
+        rows = x.shape[0] if expected_rows is None else min(expected_rows, x.shape[0])
+        tile = cpu_tile_rows(rows, w_gate.shape[0])
     return _grouped_swiglu_tiled(x, group_sizes, w_gate, w_up, w_down, tile)
 
 
 # platform (as in jax.lax.platform_dependent) -> grouped SwiGLU; others use ragged_dot.
 _GROUPED_SWIGLU = {"cpu": grouped_swiglu_tiled}
+# impls that take the ``expected_rows`` keyword (a sizing hint; the others never see it)
+_TAKES_EXPECTED_ROWS = {grouped_swiglu_tiled}
 
 
-def register_grouped_swiglu(platform: str, impl) -> None:
-    """Use ``impl(x, group_sizes, w_gate, w_up, w_down)`` on ``platform`` (``None``: ragged_dot)."""
+def register_grouped_swiglu(platform: str, impl, *, takes_expected_rows: bool = False) -> None:
+    """Use ``impl(x, group_sizes, w_gate, w_up, w_down)`` on ``platform`` (``None``: ragged_dot).
+
+    ``takes_expected_rows``: impl also accepts the keyword ``expected_rows`` (see
+    :class:`~moe_relayfree.windows.ExpertWindows`), e.g. to size tiles.
+    """
     if impl is None:
         _GROUPED_SWIGLU.pop(platform, None)
-    else:
-        _GROUPED_SWIGLU[platform] = impl
+        return
+    _GROUPED_SWIGLU[platform] = impl
+    if takes_expected_rows:
+        _TAKES_EXPECTED_ROWS.add(impl)
 
 
 def grouped_swiglu_impls() -> dict:
@@ -189,14 +205,31 @@ def grouped_swiglu_impls() -> dict:
 
 
 def grouped_swiglu(
-    x: jax.Array, group_sizes: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array
+    x: jax.Array, group_sizes: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array,
+    *, expected_rows: int | None = None,
 ) -> jax.Array:
     """SwiGLU over expert-major windows, strategy chosen per platform at lowering time.
 
     x ``[R, d]`` with window ``l`` at rows ``[sum(gs[:l]), sum(gs[:l+1]))``, group_sizes
     ``[El] int32`` (sum <= R), w_gate/w_up ``[El, d, f]``, w_down ``[El, f, d]``
-    -> ``[R, d]`` (x.dtype); rows past the last window are 0.
+    -> ``[R, d]`` (x.dtype); rows past the last window are 0. expected_rows: the windows'
+    usual total when ``R`` is sized for a worst case (passed to impls that take it).
     """
+    impls = {
+        p: (functools.partial(f, expected_rows=expected_rows)
+            if expected_rows is not None and f in _TAKES_EXPECTED_ROWS else f)
+        for p, f in _GROUPED_SWIGLU.items()
+    }
     return lax.platform_dependent(
-        x, group_sizes, w_gate, w_up, w_down, **_GROUPED_SWIGLU, default=grouped_swiglu_native
+        x, group_sizes, w_gate, w_up, w_down, **impls, default=grouped_swiglu_native
     )
+
+
+def windows_swiglu(
+    windows: ExpertWindows, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array
+) -> jax.Array:
+    """:func:`grouped_swiglu` over a schedule's windows, their ``expected_rows`` passed on:
+    ``[R, d]`` rows -> ``[R, d]`` (rows past the windows 0). The expert compute to give
+    ``decode_moe`` / ``prefill_moe``, or to run between the ``dispatch`` and ``combine`` verbs."""
+    return grouped_swiglu(windows.rows, windows.group_sizes, w_gate, w_up, w_down,
+                          expected_rows=windows.expected_rows)

@@ -125,7 +125,8 @@ def gather_windows(xs, w_all, order, sizes, position, rows: int, k: int, x, axis
     handle = GatherHandle(position=position, weights=w_all, total=sizes.sum(), start=start,
                           out_dtype=x.dtype, axis_name=axis_name)
     windows = ExpertWindows(rows=take_rows(xs, copy // k),
-                            group_sizes=sizes_in_range(sizes, start, rows))
+                            group_sizes=sizes_in_range(sizes, start, rows),
+                            expected_rows=x.shape[0] * k)
     return windows, handle
 
 
@@ -228,7 +229,8 @@ def blocks_windows(handle: BlocksHandle, recv_counts, rows: int, start: int = 0)
     """Windows of the expert-major rows ``[start, start + rows)``, read from the blocks."""
     block_row = expert_major_rows(recv_counts, handle.block_rows, rows, start)
     windows = ExpertWindows(rows=take_rows(handle.blocks, block_row),
-                            group_sizes=sizes_in_range(recv_counts.sum(axis=0), start, rows))
+                            group_sizes=sizes_in_range(recv_counts.sum(axis=0), start, rows),
+                            expected_rows=handle.slot.shape[0])  # T*k: the copies a rank sends
     return windows, dataclasses.replace(handle, block_row=block_row)
 
 

@@ -21,10 +21,14 @@ class ExpertWindows:
     """Received rows, expert-major: window ``l`` is rows ``[sum(gs[:l]), sum(gs[:l+1]))``.
 
     rows ``[R, d]``; group_sizes ``[El] int32``. Rows past the last window are unused.
+    expected_rows (static): rows all windows hold together in the usual case, when ``R`` is
+    sized for more (the decode schedule's buffers take a skewed batch; a rank receives ``T*k``
+    copies on average). A tiled kernel sizes its tiles from it; ``None``: from ``R``.
     """
 
     rows: jax.Array
     group_sizes: jax.Array
+    expected_rows: int | None = dataclasses.field(default=None, metadata=dict(static=True))
 
 
 def exclusive_cumsum(x: jax.Array, axis: int) -> jax.Array:

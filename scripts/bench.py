@@ -53,7 +53,7 @@ import moe_relayfree as mr  # noqa: E402
 from bench_report import IMPL_ORDER, markdown, plots  # noqa: E402
 from moe_relayfree import analysis, decode, prefill, selection  # noqa: E402
 from moe_relayfree.baselines import capacity, ragged  # noqa: E402
-from moe_relayfree.experts import grouped_swiglu, swiglu  # noqa: E402
+from moe_relayfree.experts import grouped_swiglu, swiglu, windows_swiglu  # noqa: E402
 from moe_relayfree.plan import rows_per_round  # noqa: E402
 
 AXIS = "ep"
@@ -85,7 +85,7 @@ def implementations(num_experts: int, tokens: int, k: int, num_ranks: int):
         return prefill.weighted_sum(prefill.combine_round(h, out, 0))
 
     def windows_fn(win, wg, wu, wd):
-        return grouped_swiglu(win.rows, win.group_sizes, wg, wu, wd)
+        return windows_swiglu(win, wg, wu, wd)
 
     def rf_layer(x, ids, w, wg, wu, wd):
         return prefill.prefill_moe(

@@ -67,12 +67,12 @@ def _schedule_fn(mesh, schedule: str, *, transport: str = "auto", gemm: bool = T
     from jax.sharding import PartitionSpec as P
 
     from moe_relayfree import decode, prefill
-    from moe_relayfree.experts import grouped_swiglu
+    from moe_relayfree.experts import windows_swiglu
     from moe_relayfree.plan import rows_per_round
 
     def body(x, ids, w, wg, wu, wd):
         def experts(win):
-            return grouped_swiglu(win.rows, win.group_sizes, wg, wu, wd) if gemm else win.rows
+            return windows_swiglu(win, wg, wu, wd) if gemm else win.rows
 
         common = dict(num_experts=wg.shape[0] * mesh.shape["ep"], axis_name="ep")
         if schedule == "decode":

@@ -1,6 +1,7 @@
 """Decode schedule (both transports) against the dense reference, and its lowered program."""
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +12,7 @@ from jax.sharding import PartitionSpec as P
 import moe_relayfree as mr
 from helpers import moe_inputs, skewed_ids
 from moe_relayfree import analysis, decode
-from moe_relayfree.experts import grouped_swiglu
+from moe_relayfree.experts import grouped_swiglu, windows_swiglu
 
 D, F = 16, 24
 TOK, EXP = P("ep"), P("ep", None, None)
@@ -24,7 +25,7 @@ def decode_layer(num_ranks: int, num_experts: int, transport: str):
 
     def body(x, ids, w, wg, wu, wd):
         def experts(win):
-            return grouped_swiglu(win.rows, win.group_sizes, wg, wu, wd)
+            return windows_swiglu(win, wg, wu, wd)
 
         return decode.decode_moe(x, ids, w, experts, num_experts=num_experts, axis_name="ep",
                                  transport=transport)
@@ -60,6 +61,24 @@ def test_matches_dense_reference(num_ranks, num_experts, k, transport):
     assert decode.choose_transport(num_ranks, k) == ("gather" if num_ranks <= k else "blocks")
     inputs = moe_inputs(5 * num_ranks, D, F, num_experts, k, seed=num_ranks + k)
     check(num_ranks, num_experts, transport, inputs)
+
+
+@pytest.mark.parametrize("transport", ["gather", "blocks", "layer"])
+def test_cpu_tiles_follow_the_copies_a_rank_receives(transport):
+    """The windows are sized for a skewed batch (2*T*k rows, then up to P*T*min(k, El)); the
+    CPU kernel's tiles follow the T*k copies a rank receives on average, not the buffer, whose
+    tiles would be mostly masked rows that the CPU computes in full (P=8, E=8, k=2, T=8: tiles
+    of 16 rows, not 32). "layer": expert_parallel_moe's own expert compute passes it on."""
+    tokens, k = 8, 2
+    inputs = moe_inputs(tokens * 8, D, F, 8, k)
+    if transport == "layer":
+        mesh = mr.make_ep_mesh(8)
+        fn = jax.jit(lambda *a: mr.expert_parallel_moe(*a, mesh=mesh, schedule="decode"))
+    else:
+        fn = decode_layer(8, 8, transport)
+    text = fn.trace(*inputs).lower().as_text()
+    lhs_rows = {int(r) for r in re.findall(r"stablehlo.dot_general.*?: \(tensor<(\d+)x", text)}
+    assert lhs_rows == {tokens * k}, lhs_rows
 
 
 @pytest.mark.parametrize("kind", ["one_expert", "one_rank", "empty_experts"])

@@ -97,6 +97,40 @@ def test_cpu_tile_rows_follow_the_mean_window():
     assert cpu_tile_rows(100, 3) == CPU_TILE_ROWS
 
 
+def test_expected_rows_sizes_cpu_tiles_and_reaches_only_impls_that_take_it():
+    """grouped_swiglu(expected_rows=n): the CPU kernel tiles from n rows, not the buffer's R
+    (same results); an impl registered without ``takes_expected_rows`` is called as before."""
+    from moe_relayfree import experts
+
+    rng = np.random.default_rng(3)
+    rows, gs = 64, [9, 0, 3, 4]
+    x = jnp.asarray(rng.standard_normal((rows, 6)).astype(np.float32))
+    wg, wu, wd = weights(rng, 4, 6, 10)
+    gsa = jnp.asarray(gs, jnp.int32)
+
+    def dot_rows(**kw):
+        fn = jax.jit(lambda *a: grouped_swiglu(*a, **kw))
+        np.testing.assert_allclose(fn(x, gsa, wg, wu, wd), per_window(x, gs, wg, wu, wd),
+                                   atol=1e-5, rtol=1e-5)
+        text = fn.trace(x, gsa, wg, wu, wd).lower().as_text()
+        return {int(r) for r in re.findall(r"stablehlo.dot_general.*?: \(tensor<(\d+)x", text)}
+
+    assert dot_rows() == {16}  # 64 rows over 4 experts
+    assert dot_rows(expected_rows=16) == {4}
+
+    calls = []
+
+    def plain(x, gs, wg, wu, wd):  # the five arrays only
+        calls.append(x.shape)
+        return grouped_swiglu_tiled(x, gs, wg, wu, wd, tile=8)
+
+    experts.register_grouped_swiglu("cpu", plain)
+    try:
+        assert dot_rows(expected_rows=16) == {8} and calls
+    finally:
+        experts.register_grouped_swiglu("cpu", grouped_swiglu_tiled)
+
+
 def _computations(hlo: str) -> dict[str, str]:
     """Compiled HLO text -> {computation name: its body}."""
     comps, name, body = {}, None, []

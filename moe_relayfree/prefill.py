@@ -92,7 +92,9 @@ def dispatch_round(handle: PrefillHandle, round_index: jax.Array | int = 0) -> E
         axis_name=handle.axis_name,
         **_peer_sizes(handle),
     )
-    return ExpertWindows(rows=rows, group_sizes=seg.group_sizes)
+    # a rank receives T*k copies on average (what it sends); the round's buffer takes more
+    return ExpertWindows(rows=rows, group_sizes=seg.group_sizes,
+                         expected_rows=handle.send.shape[0])
 
 
 def combine_round(

@@ -63,17 +63,19 @@ def test_matches_dense_reference(num_ranks, num_experts, k, transport):
     check(num_ranks, num_experts, transport, inputs)
 
 
-@pytest.mark.parametrize("transport", ["gather", "blocks", "layer"])
+@pytest.mark.parametrize("transport", ["gather", "blocks", "layer", "prefill_layer"])
 def test_cpu_tiles_follow_the_copies_a_rank_receives(transport):
     """The windows are sized for a skewed batch (2*T*k rows, then up to P*T*min(k, El)); the
     CPU kernel's tiles follow the T*k copies a rank receives on average, not the buffer, whose
     tiles would be mostly masked rows that the CPU computes in full (P=8, E=8, k=2, T=8: tiles
-    of 16 rows, not 32). "layer": expert_parallel_moe's own expert compute passes it on."""
+    of 16 rows, not 32). "layer": expert_parallel_moe's own expert compute passes it on;
+    "prefill_layer": the prefill schedule's round buffer (2*T*k rows here) gets it too."""
     tokens, k = 8, 2
     inputs = moe_inputs(tokens * 8, D, F, 8, k)
-    if transport == "layer":
+    if transport in ("layer", "prefill_layer"):
         mesh = mr.make_ep_mesh(8)
-        fn = jax.jit(lambda *a: mr.expert_parallel_moe(*a, mesh=mesh, schedule="decode"))
+        schedule = "decode" if transport == "layer" else "prefill"
+        fn = jax.jit(lambda *a: mr.expert_parallel_moe(*a, mesh=mesh, schedule=schedule))
     else:
         fn = decode_layer(8, 8, transport)
     text = fn.trace(*inputs).lower().as_text()

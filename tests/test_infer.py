@@ -97,6 +97,10 @@ def test_sweep_script_smoke(tmp_path):
     assert len(report["rows"]) == 3  # 1 batch size, 3 dispatch paths
     assert all(r["tokens_identical"] for r in report["rows"])
     assert all(len(r["tpot_rounds_ms"]) == 1 and r["tpot_vs_best_baseline"] > 0 for r in report["rows"])
+    # one round: the paired ratio is that round's ratio to the faster baseline
+    best = min(r["tpot_rounds_ms"][0] for r in report["rows"] if r["dispatch"] != "relayfree")
+    for r in report["rows"]:
+        assert r["tpot_paired_vs_best_baseline"] == pytest.approx(r["tpot_rounds_ms"][0] / best)
     assert set(report["feasible_batch"]) == {"relayfree", "ragged-baseline", "capacity-baseline"}
     assert report["tpot_target_ms"] > 0 and (tmp_path / "sweep.png").stat().st_size > 1000
     assert report["mesh"] == {"data": 2, "ep": 4} and report["expert_axis"] == "ep"

@@ -22,8 +22,9 @@ class ExpertWindows:
 
     rows ``[R, d]``; group_sizes ``[El] int32``. Rows past the last window are unused.
     expected_rows (static): rows all windows hold together in the usual case, when ``R`` is
-    sized for more (the decode schedule's buffers take a skewed batch; a rank receives ``T*k``
-    copies on average). A tiled kernel sizes its tiles from it; ``None``: from ``R``.
+    sized for more (both schedules' buffers take a skewed batch; a rank receives ``T*k`` copies
+    on average, which is what they set). A tiled kernel sizes its tiles from it; ``None``: from
+    ``R``.
     """
 
     rows: jax.Array

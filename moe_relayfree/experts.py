@@ -182,8 +182,14 @@ def grouped_swiglu_tiled(x, group_sizes, w_gate, w_up, w_down, tile: int | None 
 
 # platform (as in jax.lax.platform_dependent) -> grouped SwiGLU; others use ragged_dot.
 _GROUPED_SWIGLU = {"cpu": grouped_swiglu_tiled}
-# impls that take the ``expected_rows`` keyword (a sizing hint; the others never see it)
-_TAKES_EXPECTED_ROWS = {grouped_swiglu_tiled}
+# impls that take the ``expected_rows`` keyword (a sizing hint; the others never see it): the
+# project's own kernel always, a registered one as its latest registration said
+_BUILTIN_TAKES_EXPECTED_ROWS = frozenset({grouped_swiglu_tiled})
+_TAKES_EXPECTED_ROWS: set = set()
+
+
+def _takes_expected_rows(impl) -> bool:
+    return impl in _BUILTIN_TAKES_EXPECTED_ROWS or impl in _TAKES_EXPECTED_ROWS
 
 
 def register_grouped_swiglu(platform: str, impl, *, takes_expected_rows: bool = False) -> None:
@@ -198,6 +204,8 @@ def register_grouped_swiglu(platform: str, impl, *, takes_expected_rows: bool = 
     _GROUPED_SWIGLU[platform] = impl
     if takes_expected_rows:
         _TAKES_EXPECTED_ROWS.add(impl)
+    else:
+        _TAKES_EXPECTED_ROWS.discard(impl)
 
 
 def grouped_swiglu_impls() -> dict:
@@ -217,7 +225,7 @@ def grouped_swiglu(
     """
     impls = {
         p: (functools.partial(f, expected_rows=expected_rows)
-            if expected_rows is not None and f in _TAKES_EXPECTED_ROWS else f)
+            if expected_rows is not None and _takes_expected_rows(f) else f)
         for p, f in _GROUPED_SWIGLU.items()
     }
     return lax.platform_dependent(

@@ -90,14 +90,17 @@ def installed_plugins() -> list[str]:
     return sorted(names)
 
 
-def set_platform_impls(platform: str, *, ragged_all_to_all=None, grouped_swiglu=None) -> None:
+def set_platform_impls(platform: str, *, ragged_all_to_all=None, grouped_swiglu=None,
+                       grouped_swiglu_takes_expected_rows: bool = False) -> None:
     """Plugs a vendor implementation in for ``platform`` (the name JAX lowers for, e.g. the
     plugin's platform name). Signatures: see ``collectives.RaggedAllToAll`` and
-    ``experts.grouped_swiglu``."""
+    ``experts.grouped_swiglu``; ``grouped_swiglu_takes_expected_rows``: the kernel also accepts
+    the keyword ``expected_rows`` (the rows the windows usually hold, to size its tiles)."""
     if ragged_all_to_all is not None:
         collectives.register_ragged_all_to_all(platform, ragged_all_to_all)
     if grouped_swiglu is not None:
-        experts.register_grouped_swiglu(platform, grouped_swiglu)
+        experts.register_grouped_swiglu(platform, grouped_swiglu,
+                                        takes_expected_rows=grouped_swiglu_takes_expected_rows)
 
 
 def capabilities() -> dict[str, dict[str, str]]:

@@ -11,10 +11,12 @@ Schedule = Literal["auto", "prefill", "decode"]
 
 # Tokens per rank at or below which "auto" picks the decode schedule, per platform (JAX's names:
 # ``Device.platform`` says "gpu" where ``lax.platform_dependent`` says "cuda"/"rocm"; both are
-# listed). CPU: scripts/calibrate.py on 8 emulated devices (docs/design.md, "Selection"; raw runs
-# in results/calibration/): decode was at most 1.08x prefill at every size from 1 to 8192 tokens per rank,
-# and the crossover pooled over four runs and two shapes at 1..1024 is 1024; above that the two
-# are within 3% and decode's worst-case window (P*T*min(k, El) rows) only costs memory.
+# listed). CPU: scripts/calibrate.py on 8 emulated devices, both schedules timed interleaved
+# (docs/design.md, "Selection"; raw runs in results/calibration/interleaved_*.json): pooled over
+# four runs and three shapes at 1..4096 tokens per rank, thresholds 1024-4096 are best; decode
+# is slower (by 2-14%) only at d=1024 and 2-16 tokens per rank, under XLA:CPU's default dot
+# path, and not with XLA's own dot emitter. Above 1024 the two are within 3% and decode's
+# worst-case window (P*T*min(k, El) rows) only costs memory.
 # Accelerators: not measured here (no GPU in this project's CI); 128 is the size DeepEP's
 # low-latency kernels are built for, and decode's worst-case window stays a few hundred MB at
 # EP 64 and d=7168 there. Calibrate per machine and model shape with calibrate_decode_threshold.
@@ -137,20 +139,21 @@ def calibrate_decode_threshold(
         ids = np.argsort(rng.random((n, num_experts)), axis=1)[:, :k]
         ids = jax.device_put(jnp.asarray(ids, jnp.int32), tok)
         wts = jax.device_put(jnp.full((n, k), 1.0 / k, jnp.float32), tok)
-        row = {}
-        for schedule in ("decode", "prefill"):
-            fn = jax.jit(
-                lambda x, ids, wts, *w, s=schedule: expert_parallel_moe(
-                    x, ids, wts, *w, mesh=mesh, axis=axis, schedule=s
-                )
-            )
+        fns = {
+            s: jax.jit(lambda x, ids, wts, *w, s=s: expert_parallel_moe(
+                x, ids, wts, *w, mesh=mesh, axis=axis, schedule=s))
+            for s in ("decode", "prefill")
+        }
+        for fn in fns.values():
             fn(x, ids, wts, *w).block_until_ready()
-            times = []
-            for _ in range(repeats):
+        # interleaved, so a slow spell of the machine hits both schedules rather than one
+        times = {s: [] for s in fns}
+        for i in range(repeats):
+            for s in (("decode", "prefill") if i % 2 == 0 else ("prefill", "decode")):
                 start = time.perf_counter()
-                fn(x, ids, wts, *w).block_until_ready()
-                times.append(time.perf_counter() - start)
-            row[schedule] = float(np.median(times))
+                fns[s](x, ids, wts, *w).block_until_ready()
+                times[s].append(time.perf_counter() - start)
+        row = {s: float(np.median(v)) for s, v in times.items()}
         results["tokens_per_rank"].append(int(t))
         results["decode_s"].append(row["decode"])
         results["prefill_s"].append(row["prefill"])

@@ -32,6 +32,8 @@ def parse_args(argv=None):
     p.add_argument("--memory-budget-gb", type=float, default=14.0,
                    help="skip an implementation whose estimated buffers exceed this (all ranks)")
     p.add_argument("--no-plots", action="store_true")
+    p.add_argument("--scaling-only", action="store_true",
+                   help="only the token and rank sweeps (and auto's choice over them)")
     p.add_argument("--meshes-only", action="store_true",
                    help="only the multi-axis mesh comparison (needs 8 devices)")
     return p.parse_args(argv)
@@ -201,7 +203,7 @@ def measure_impl(mesh, impl, tokens_in, weights, *, repeats, analyse, min_elemen
             cpu = analysis.compiled_hlo_buffers(fn.lower(*fargs).compile().as_text(), min_elements)
             row["full_size"][phase] = {"native": analysis.summarize(bufs),
                                        "cpu": analysis.summarize(cpu)}
-    return row, y
+    return row, y, layer
 
 
 def floor_seconds(mesh, rows_per_rank, d, repeats):
@@ -212,21 +214,22 @@ def floor_seconds(mesh, rows_per_rank, d, repeats):
     return median_seconds(fn, a, repeats=repeats)
 
 
-def run_case(case, *, repeats, analyse, budget_bytes, names=None):
+def run_case(case, *, repeats, analyse, budget_bytes, names=None, choice_seconds=0.0):
     num_ranks, tokens, num_experts, k, d, f = (case[key] for key in ("P", "T", "E", "k", "d", "f"))
     mesh = jax.make_mesh((num_ranks,), (AXIS,), devices=jax.devices()[:num_ranks])
     tokens_in, weights = make_inputs(mesh, tokens * num_ranks, d, f, num_experts, k)
     impls, sizes = implementations(num_experts, tokens, k, num_ranks)
     names = names or list(impls)
     result = dict(case, **sizes, floor_s=floor_seconds(mesh, tokens * k, d, repeats), impls={})
-    reference = None
+    reference, layers = None, {}
     for name in names:
         est = estimated_bytes(name, tokens, k, d, num_ranks, num_experts)
         if est > budget_bytes:
             result["impls"][name] = {"skipped": f"estimated {est / 2**30:.1f} GiB of buffers"}
             continue
-        row, y = measure_impl(mesh, impls[name], tokens_in, weights, repeats=repeats,
-                              analyse=analyse, min_elements=tokens * k * d)
+        row, y, layers[name] = measure_impl(mesh, impls[name], tokens_in, weights,
+                                            repeats=repeats, analyse=analyse,
+                                            min_elements=tokens * k * d)
         if reference is None:
             reference = np.asarray(y)
         row["max_abs_diff_vs_first"] = float(np.abs(np.asarray(y) - reference).max())
@@ -234,7 +237,8 @@ def run_case(case, *, repeats, analyse, budget_bytes, names=None):
         print(f"  {case['name']:>22s} P={num_ranks} T={tokens:5d} {name:18s} "
               f"dispatch {row['dispatch_s']*1e3:8.2f} ms  combine {row['combine_s']*1e3:8.2f} ms  "
               f"layer {row['layer_s']*1e3:8.2f} ms", flush=True)
-    result["auto"] = auto_choice(result, tokens)
+    result["auto"] = auto_choice(layers, (*tokens_in, *weights), tokens,
+                                 min_rounds=2 * repeats + 1, seconds=choice_seconds)
     base = result["impls"].get("relayfree", {})
     for name, row in result["impls"].items():
         if "skipped" in row or "dispatch_s" not in base:
@@ -245,16 +249,36 @@ def run_case(case, *, repeats, analyse, budget_bytes, names=None):
     return result
 
 
-def auto_choice(result, tokens: int) -> dict:
-    """What ``schedule="auto"`` resolves to at this size, and its layer time over the faster of
-    the two schedules measured in this run (the program auto runs is the chosen one's)."""
+CHOICE_SECONDS = 3.0  # per schedule: small layers get more rounds, so one noisy round weighs less
+MAX_CHOICE_ROUNDS = 400
+
+
+def auto_choice(layers: dict, args: tuple, tokens: int, *, min_rounds: int,
+                seconds: float = 0.0) -> dict:
+    """What ``schedule="auto"`` resolves to at this size, and how its choice compares with the
+    faster schedule: the two schedules' layer programs timed in alternating order, at least
+    ``min_rounds`` rounds and until each has been timed ``seconds``; medians of per-round
+    ratios (the program auto runs is the chosen one's)."""
     choice = selection.select_schedule(tokens, platform=jax.devices()[0].platform)
-    times = {s: result["impls"].get(name, {}).get("layer_s")
-             for s, name in (("prefill", "relayfree"), ("decode", "relayfree_decode"))}
-    measured = {s: t for s, t in times.items() if t is not None}
     row = {"schedule": choice, "threshold": selection.decode_threshold(jax.devices()[0].platform)}
-    if choice in measured:
-        row["vs_faster"] = measured[choice] / min(measured.values())
+    fns = {s: layers.get(name) for s, name in (("prefill", "relayfree"), ("decode", "relayfree_decode"))}
+    if any(fn is None for fn in fns.values()):
+        return row  # one schedule skipped (memory guard): nothing to compare against
+    times = {s: [] for s in fns}
+    r = 0
+    while r < min_rounds or (min(sum(t) for t in times.values()) < seconds
+                             and r < MAX_CHOICE_ROUNDS):
+        for s in (("decode", "prefill") if r % 2 == 0 else ("prefill", "decode")):
+            jax.block_until_ready(fns[s](*args))  # warm, right before its timed call
+            start = time.perf_counter()
+            jax.block_until_ready(fns[s](*args))
+            times[s].append(time.perf_counter() - start)
+        r += 1
+    dec, pre = np.asarray(times["decode"]), np.asarray(times["prefill"])
+    row.update(rounds=r, decode_s=float(np.median(dec)), prefill_s=float(np.median(pre)),
+               decode_vs_prefill=float(np.median(dec / pre)),
+               vs_faster=float(np.median({"decode": dec, "prefill": pre}[choice]
+                                         / np.minimum(dec, pre))))
     return row
 
 
@@ -349,9 +373,12 @@ def main(argv=None) -> int:
     main_cases, scaling_t, scaling_p = configurations(mode)
     if a.meshes_only:
         main_cases, scaling_t, scaling_p = [], [], []
+    if a.scaling_only:
+        main_cases = []
     report = {
         "mode": mode, "command": "python scripts/bench.py" + {"smoke": " --smoke", "quick": " --quick", "full": ""}[mode]
-                   + (" --meshes-only" if a.meshes_only else ""),
+                   + (" --meshes-only" if a.meshes_only else "")
+                   + (" --scaling-only" if a.scaling_only else ""),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
         "jax": jax.__version__, "platform": jax.devices()[0].platform, "devices": len(jax.devices()),
         "relayfree_capacity_factor": RELAYFREE_FACTOR, "baseline_capacity_factor": CAPACITY_FACTOR,
@@ -367,8 +394,9 @@ def main(argv=None) -> int:
             # checked against both schedules across the sweep
             names = list(IMPL_ORDER)
             report[key].append(run_case(dict(case, name=key), repeats=repeats, analyse=False,
-                                        budget_bytes=budget, names=names))
-    if len(jax.devices()) >= 8:
+                                        budget_bytes=budget, names=names,
+                                        choice_seconds=0.0 if mode == "smoke" else CHOICE_SECONDS))
+    if len(jax.devices()) >= 8 and not a.scaling_only:
         for case in mesh_configurations(mode):
             report["meshes"].append(mesh_case(case, repeats=repeats))
     os.makedirs(a.out, exist_ok=True)

@@ -272,6 +272,8 @@ def main(argv=None) -> int:
         _setup_jax(16 if a.smoke else 64)
         json.dump(bytes_part(a.smoke), sys.stdout if a.out == "-" else open(a.out, "w"))
         return 0
+    # flags the caller set (e.g. XLA:CPU's dot path), recorded with the command
+    user_flags = os.environ.get("XLA_FLAGS", "").strip()
     _setup_jax(a.devices)
     import platform
 
@@ -279,7 +281,8 @@ def main(argv=None) -> int:
 
     report = {"mode": "smoke" if a.smoke else "full", "machine": f"{platform.machine()}, {os.cpu_count()} cores",
               "jax": jax.__version__,
-              "command": " ".join(["python scripts/bench_decode.py"]
+              "command": " ".join(([f'XLA_FLAGS="{user_flags}"'] if user_flags else [])
+                                  + ["python scripts/bench_decode.py"]
                                   + (sys.argv[1:] if argv is None else list(argv)))}
     if a.part in ("all", "layer"):
         seconds = a.seconds if a.seconds is not None else (0.0 if a.smoke else 75.0)

@@ -69,17 +69,23 @@ def markdown(report) -> str:
                     cells.append(fmt_ms(row["dispatch_s"] + row["combine_s"]))
             lines.append(f"| {case[col]} | " + " | ".join(cells) + " |")
     lines += ["", "## Schedule choice (`auto`) over the token sweep (layer ms)", "",
-              "`auto` runs the program of the schedule it picks; `auto / faster` is that "
-              "schedule's layer time over the faster one's, same run.", "",
-              "| T | prefill | decode | auto picks | auto / faster |", "|---|---|---|---|---|"]
+              "The two schedules' layer programs timed in alternating order (`rounds` rounds, "
+              "each call warm); ms are medians, ratios medians of per-round ratios. `auto` runs "
+              "the program of the schedule it picks; `auto / faster` is that schedule's time "
+              "over the faster one's in the same round.", "",
+              "| T | rounds | prefill | decode | decode / prefill | auto picks | auto / faster |",
+              "|---|---|---|---|---|---|---|"]
     for case in report["scaling_tokens"]:
-        cells = []
-        for name in ("relayfree", "relayfree_decode"):
-            row = case["impls"].get(name, {})
-            cells.append(fmt_ms(row["layer_s"]) if "layer_s" in row else row.get("skipped", "-"))
         auto = case.get("auto", {})
-        ratio = f"{auto['vs_faster']:.2f}" if "vs_faster" in auto else "-"
-        lines.append(f"| {case['T']} | {cells[0]} | {cells[1]} | {auto.get('schedule', '-')} "
+        if "vs_faster" in auto:
+            cells = [str(auto["rounds"]), fmt_ms(auto["prefill_s"]), fmt_ms(auto["decode_s"]),
+                     f"{auto['decode_vs_prefill']:.2f}"]
+            ratio = f"{auto['vs_faster']:.2f}"
+        else:  # a schedule was skipped by the memory guard
+            cells = ["-"] + [case["impls"].get(n, {}).get("skipped", "-")
+                             for n in ("relayfree", "relayfree_decode")] + ["-"]
+            ratio = "-"
+        lines.append(f"| {case['T']} | " + " | ".join(cells) + f" | {auto.get('schedule', '-')} "
                      f"(threshold {auto.get('threshold', '-')}) | {ratio} |")
     lines += mesh_markdown(report.get("meshes", []))
     return "\n".join(lines) + "\n"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 
 
 def main(argv=None):
@@ -35,7 +36,12 @@ def main(argv=None):
         mesh, d_model=args.d_model, d_ff=args.d_ff, num_experts=args.experts, k=args.k,
         tokens_per_rank=args.tokens, repeats=args.repeats,
     )
-    result.update(platform=jax.devices()[0].platform, devices=len(jax.devices()))
+    result.update(platform=jax.devices()[0].platform, devices=len(jax.devices()),
+                  experts=args.experts, k=args.k, d_model=args.d_model, d_ff=args.d_ff,
+                  repeats=args.repeats, jax=jax.__version__,
+                  command=" ".join(([f'XLA_FLAGS="{flags.strip()}"'] if flags.strip() else [])
+                                   + ["python scripts/calibrate.py"]
+                                   + (sys.argv[1:] if argv is None else list(argv))))
     print(json.dumps(result, indent=2))
 
 

@@ -37,6 +37,11 @@ def test_bench_smoke(tmp_path):
                            "ep=8 with 2E experts"}
     assert meshes["ep=8"]["vs_1d"] == 1.0 and all(r["layer_s"] > 0 for r in meshes.values())
     assert "## Meshes with several axes" in (tmp_path / "bench.md").read_text()
+    # auto's choice over the token sweep: both schedules timed in paired rounds
+    auto = report["scaling_tokens"][0]["auto"]
+    assert auto["schedule"] == "decode" and auto["rounds"] == 5  # 2 * repeats + 1
+    assert auto["decode_s"] > 0 and auto["prefill_s"] > 0 and auto["vs_faster"] >= 1.0
+    assert "| decode / prefill |" in (tmp_path / "bench.md").read_text()
 
 
 def test_bench_decode_bytes_stay_flat_in_ranks(tmp_path):

@@ -92,6 +92,34 @@ def test_vendor_grouped_gemm_is_used_on_cpu():
     assert platform.capabilities()["default"]["ragged_all_to_all"] == "native"
 
 
+def test_a_vendor_kernel_that_asks_for_expected_rows_gets_the_windows_hint():
+    """set_platform_impls(..., grouped_swiglu_takes_expected_rows=True): windows_swiglu hands
+    the kernel the windows' usual row count; without the flag the kernel never sees it."""
+    from moe_relayfree.windows import ExpertWindows
+
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.standard_normal((16, 4)), jnp.float32)
+    gs = jnp.array([3, 0, 2], jnp.int32)
+    w = [jnp.asarray(rng.standard_normal(s), jnp.float32) for s in ((3, 4, 6), (3, 4, 6), (3, 6, 4))]
+    windows = ExpertWindows(rows=x, group_sizes=gs, expected_rows=5)
+    seen = []
+
+    def vendor(x, gs, wg, wu, wd, expected_rows=None):
+        seen.append(expected_rows)
+        return experts.grouped_swiglu_tiled(x, gs, wg, wu, wd)
+
+    want = np.asarray(jax.jit(grouped_swiglu)(x, gs, *w))
+    try:
+        for flag in (True, False):
+            platform.set_platform_impls("cpu", grouped_swiglu=vendor,
+                                        grouped_swiglu_takes_expected_rows=flag)
+            got = jax.jit(lambda win, *w: experts.windows_swiglu(win, *w))(windows, *w)
+            np.testing.assert_allclose(np.asarray(got), want, atol=1e-5, rtol=1e-5)
+    finally:
+        experts.register_grouped_swiglu("cpu", experts.grouped_swiglu_tiled)
+    assert seen == [5, None]
+
+
 def test_impls_for_a_plugin_platform_leave_cpu_lowering_alone():
     x, gs = jnp.ones((8, 4)), jnp.array([3, 5], jnp.int32)
     w, wd = jnp.ones((2, 4, 6)), jnp.ones((2, 6, 4))

@@ -37,8 +37,9 @@ Two transports (in :mod:`moe_relayfree.transports`), picked statically by the by
 Rows: :func:`decode_moe` always computes the first ``B = 2*T*k`` expert-major window rows
 (the usual case receives no more), outside any branch; a rank that received more computes
 the rest, up to the proven worst case ``P*T*min(k, El)``, in a second grouped GEMM under a
-local ``lax.cond`` with no collective inside, so ranks need not agree. Nothing is ever
-dropped. The verbs (:func:`dispatch` / :func:`combine`) always use the worst case.
+local ``lax.cond`` with no collective inside, so ranks need not agree (``overflow="one_pass"``:
+all worst-case rows in one call, no conditional). Nothing is ever dropped. The verbs
+(:func:`dispatch` / :func:`combine`) always use the worst case.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ _F32 = jnp.float32
 
 
 Transport = Literal["auto", "gather", "blocks"]
+Overflow = Literal["branch", "one_pass"]
 
 
 def choose_transport(num_ranks: int, k: int, transport: Transport = "auto") -> str:
@@ -136,11 +138,17 @@ def decode_moe(
     num_experts: int,
     axis_name: str,
     transport: Transport = "auto",
+    overflow: Overflow = "branch",
 ) -> jax.Array:
     """The whole decode schedule; ``expert_fn(windows) -> [B, d]``. Returns ``[T, d]``.
 
-    ``expert_fn`` runs on the first ``2*T*k`` window rows, and again on the rest (up to the
-    worst case) only where this rank received more: the work follows the rows received.
+    ``overflow="branch"``: ``expert_fn`` runs on the first ``2*T*k`` window rows, and again on
+    the rest (up to the worst case) only where this rank received more, under a ``lax.cond``:
+    the work follows the rows received. ``"one_pass"``: one call over all worst-case rows and
+    no conditional. XLA:GPU runs a conditional outside a command buffer by copying its
+    predicate to the host and blocking the stream (``ConditionalThunk``), one host sync per
+    layer; with a grouped GEMM whose cost follows the group sizes (not a padded ``ragged_dot``)
+    one pass is the latency choice there (docs/platforms.md).
     ``transport="auto"``: :func:`choose_transport`, except that on CPU (emulated devices) the
     gather transport runs at every ``P``; picked at lowering time, so a program lowered for
     a GPU or TPU keeps the blocks transport at ``P > k``.
@@ -154,8 +162,10 @@ def decode_moe(
     num_ranks = lax.axis_size(axis_name)
     k = topk_ids.shape[1]
     chosen = choose_transport(num_ranks, k, transport)
+    if overflow not in ("branch", "one_pass"):
+        raise ValueError(f"overflow must be 'branch' or 'one_pass', got {overflow!r}")
     run = functools.partial(_decode_moe, expert_fn=expert_fn, num_experts=num_experts,
-                            axis_name=axis_name)
+                            axis_name=axis_name, one_pass=overflow == "one_pass")
     if transport == "auto" and chosen == "blocks":
         return lax.platform_dependent(
             x, topk_ids, topk_weights,
@@ -165,12 +175,13 @@ def decode_moe(
     return run(x, topk_ids, topk_weights, transport=chosen)
 
 
-def _decode_moe(x, topk_ids, topk_weights, *, expert_fn, num_experts, axis_name, transport):
+def _decode_moe(x, topk_ids, topk_weights, *, expert_fn, num_experts, axis_name, transport,
+                one_pass):
     num_ranks = lax.axis_size(axis_name)
     t, k = topk_ids.shape
     local = num_experts // num_ranks
     worst = worst_rows(num_ranks, t, k, local)
-    typical = min(worst, typical_rows(t, k))
+    typical = worst if one_pass else min(worst, typical_rows(t, k))
     w = topk_weights.astype(_F32)
     # The first `typical` window rows always run, outside any branch; the rest only on a rank
     # that received more (a local cond, no collective inside, so ranks need not agree).

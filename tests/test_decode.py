@@ -19,7 +19,7 @@ TOK, EXP = P("ep"), P("ep", None, None)
 
 
 @functools.lru_cache(maxsize=None)
-def decode_layer(num_ranks: int, num_experts: int, transport: str):
+def decode_layer(num_ranks: int, num_experts: int, transport: str, overflow: str = "branch"):
     """jit(shard_map(decode_moe)) on the first ``num_ranks`` devices."""
     mesh = mr.make_ep_mesh(num_ranks)
 
@@ -28,15 +28,15 @@ def decode_layer(num_ranks: int, num_experts: int, transport: str):
             return windows_swiglu(win, wg, wu, wd)
 
         return decode.decode_moe(x, ids, w, experts, num_experts=num_experts, axis_name="ep",
-                                 transport=transport)
+                                 transport=transport, overflow=overflow)
 
     return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(TOK,) * 3 + (EXP,) * 3,
                                  out_specs=TOK))
 
 
-def check(num_ranks, num_experts, transport, inputs, atol=2e-5):
+def check(num_ranks, num_experts, transport, inputs, atol=2e-5, overflow="branch"):
     want = mr.dense_moe_reference(*inputs)
-    got = decode_layer(num_ranks, num_experts, transport)(*inputs)
+    got = decode_layer(num_ranks, num_experts, transport, overflow)(*inputs)
     assert got.shape == want.shape and got.dtype == want.dtype
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
                                atol=atol, rtol=atol)
@@ -90,6 +90,26 @@ def test_skewed_routing_is_exact(kind, transport):
     rank also runs the grouped GEMM over its overflow rows while the others do not."""
     ids = skewed_ids(kind, 64, 2, 16, 8)
     check(8, 16, transport, moe_inputs(64, D, F, 16, 2, seed=3, ids=ids))
+
+
+@pytest.mark.parametrize("transport", ["gather", "blocks"])
+def test_one_pass_overflow_has_no_conditional_and_stays_exact(transport):
+    """overflow="one_pass": exact with every copy on one rank, and the compiled program has one
+    conditional less than the default's (XLA:GPU syncs the host on each); with the gather
+    transport none is left (the blocks transport's CPU emulation keeps its own)."""
+    ids = skewed_ids("one_rank", 64, 2, 16, 8)
+    inputs = moe_inputs(64, D, F, 16, 2, seed=3, ids=ids)
+    check(8, 16, transport, inputs, overflow="one_pass")
+    count = {overflow: decode_layer(8, 16, transport, overflow).lower(*inputs).compile()
+             .as_text().count(" conditional(") for overflow in ("branch", "one_pass")}
+    assert count["branch"] == count["one_pass"] + 1, count
+    if transport == "gather":
+        assert count["one_pass"] == 0
+
+
+def test_unknown_overflow_is_rejected():
+    with pytest.raises(ValueError, match="overflow must be"):
+        decode_layer(2, 4, "gather", "drop")(*moe_inputs(4, D, F, 4, 2))
 
 
 @pytest.mark.parametrize("transport", ["gather", "blocks"])

@@ -85,7 +85,7 @@ IMPLEMENTATIONS = ("relayfree", "ragged_baseline", "capacity_baseline")
 
 
 def _per_rank(x, topk_ids, topk_weights, w_gate, w_up, w_down, *, axis, tensor_axis, schedule,
-              num_experts, rows, implementation):
+              num_experts, rows, implementation, decode_overflow):
     # Every input varies over every axis any of them does (weights over the batch axes, tokens
     # over the tensor axis) before the schedules' branches: otherwise the backward pass sums a
     # replicated input's gradient inside a branch that only the ranks of one expert-parallel
@@ -94,7 +94,7 @@ def _per_rank(x, topk_ids, topk_weights, w_gate, w_up, w_down, *, axis, tensor_a
     args = (x, topk_ids, topk_weights, w_gate, w_up, w_down)
     args = [vary_like(a, *args) for a in args]
     y = _routed(*args, axis=axis, schedule=schedule, num_experts=num_experts, rows=rows,
-                implementation=implementation)
+                implementation=implementation, decode_overflow=decode_overflow)
     if tensor_axis is not None:
         # Each tensor rank computed its slice of f: combine is linear in the expert outputs, so
         # one sum of [T, d] here replaces a sum of every window row after the down projection.
@@ -103,7 +103,7 @@ def _per_rank(x, topk_ids, topk_weights, w_gate, w_up, w_down, *, axis, tensor_a
 
 
 def _routed(x, topk_ids, topk_weights, w_gate, w_up, w_down, *, axis, schedule, num_experts,
-            rows, implementation):
+            rows, implementation, decode_overflow="branch"):
     topk_ids, topk_weights = _poison_invalid(topk_ids, topk_weights, num_experts)
     common = dict(num_experts=num_experts, axis_name=axis)
     if implementation == "ragged_baseline":
@@ -118,16 +118,19 @@ def _routed(x, topk_ids, topk_weights, w_gate, w_up, w_down, *, axis, schedule, 
         return windows_swiglu(win, w_gate, w_up, w_down)
 
     if schedule == "decode":
-        return decode.decode_moe(x, topk_ids, topk_weights, experts, **common)
+        return decode.decode_moe(x, topk_ids, topk_weights, experts, overflow=decode_overflow,
+                                 **common)
 
     return prefill.prefill_moe(x, topk_ids, topk_weights, experts, rows_per_round=rows, **common)
 
 
 @functools.lru_cache(maxsize=256)
-def _sharded_fn(lay: MeshLayout, schedule: str, num_experts: int, rows: int, implementation: str):
+def _sharded_fn(lay: MeshLayout, schedule: str, num_experts: int, rows: int, implementation: str,
+                decode_overflow: str = "branch"):
     body = functools.partial(
         _per_rank, axis=lay.axis, tensor_axis=lay.tensor_axis, schedule=schedule,
         num_experts=num_experts, rows=rows, implementation=implementation,
+        decode_overflow=decode_overflow,
     )
     tok = lay.tokens
     return jax.shard_map(
@@ -167,6 +170,7 @@ def expert_parallel_moe(
     capacity_factor: float | None = DEFAULT_CAPACITY_FACTOR,
     decode_threshold: int | None = None,
     implementation: str = "relayfree",
+    decode_overflow: str = "branch",
 ) -> jax.Array:
     """Relay-free expert-parallel MoE (routed experts only).
 
@@ -192,6 +196,10 @@ def expert_parallel_moe(
         (MaxText-style sort / one segment per peer / receiver re-sort, worst-case buffer) or
         "capacity_baseline" (GShard-style masks, capacity T per expert so nothing drops);
         the baselines ignore ``schedule`` and ``capacity_factor``.
+      decode_overflow: the decode schedule's rows past the usual ``2*T*k``: "branch" (a
+        second expert call under a ``lax.cond``, only on a rank that received more) or
+        "one_pass" (every worst-case row in one call, no conditional: XLA:GPU blocks the host
+        on a conditional's predicate). See :func:`moe_relayfree.decode.decode_moe`.
 
     Returns:
       ``[N, d]`` in x.dtype. Eager calls: with x's sharding when x is committed to devices,
@@ -202,6 +210,8 @@ def expert_parallel_moe(
     """
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+    if decode_overflow not in ("branch", "one_pass"):
+        raise ValueError(f"decode_overflow must be 'branch' or 'one_pass', got {decode_overflow!r}")
     lay = make_layout(mesh, axis, batch_axes, tensor_axis)
     n, k, num_experts = _validate(x, topk_ids, topk_weights, w_gate, w_up, w_down, lay)
     if n == 0:
@@ -210,7 +220,8 @@ def expert_parallel_moe(
     tokens = n // lay.num_token_shards
     resolved = select_schedule(tokens, schedule, decode_threshold, platform=lay.platform)
     rows = rows_per_round(tokens, k, lay.num_ranks, capacity_factor)
-    fn = _sharded_fn(lay, resolved, num_experts, rows, implementation)
+    fn = _sharded_fn(lay, resolved, num_experts, rows, implementation,
+                     decode_overflow if resolved == "decode" else "branch")
     args = [_place(a, mesh, lay.tokens) for a in (x, topk_ids, topk_weights)]
     args += [_place(a, mesh, spec) for a, spec in
              ((w_gate, lay.w_in), (w_up, lay.w_in), (w_down, lay.w_out))]

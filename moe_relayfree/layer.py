@@ -67,7 +67,7 @@ class MoELayer(nnx.Module):
 
     Call: x ``[..., d]`` -> ``[..., d]`` (x.dtype). Any token count works: the flattened tokens
     are padded to a multiple of the token shards with zero-weight rows, dropped after.
-    ``schedule``, ``capacity_factor`` and ``implementation`` are passed to
+    ``schedule``, ``capacity_factor``, ``implementation`` and ``decode_overflow`` are passed to
     :func:`moe_relayfree.expert_parallel_moe` ("relayfree", or a baseline for comparison).
 
     Training (opt-in, sown as ``nnx.Intermediate``: ``nnx.capture(model, nnx.Intermediate)``
@@ -95,6 +95,7 @@ class MoELayer(nnx.Module):
         schedule: Schedule = "auto",
         capacity_factor: float | None = DEFAULT_CAPACITY_FACTOR,
         implementation: str = "relayfree",
+        decode_overflow: str = "branch",
         router_stats: bool = False,
         load_balancing_weight: float = 0.0,
         z_loss_weight: float = 0.0,
@@ -105,12 +106,14 @@ class MoELayer(nnx.Module):
         lay.check_experts(num_experts, d_ff)
         if not 1 <= k <= num_experts:
             raise ValueError(f"k={k} must be in [1, num_experts={num_experts}]")
+        if decode_overflow not in ("branch", "one_pass"):
+            raise ValueError(f"decode_overflow must be 'branch' or 'one_pass', got {decode_overflow!r}")
         if load_balancing_weight < 0 or z_loss_weight < 0:
             raise ValueError("load_balancing_weight and z_loss_weight must be >= 0")
         self.mesh, self.axis, self.k, self.num_experts = mesh, axis, k, num_experts
         self.layout = lay
         self.router_config, self.schedule, self.capacity_factor = router, schedule, capacity_factor
-        self.implementation = implementation
+        self.implementation, self.decode_overflow = implementation, decode_overflow
         self.router_stats = router_stats
         self.load_balancing_weight, self.z_loss_weight = load_balancing_weight, z_loss_weight
         self.router = nnx.Param(normal_init(rngs, (d_model, num_experts), d_model**-0.5, param_dtype))
@@ -196,6 +199,7 @@ class MoELayer(nnx.Module):
             mesh=self.mesh, axis=self.axis, batch_axes=self.layout.batch_axes,
             tensor_axis=self.layout.tensor_axis, schedule=self.schedule,
             capacity_factor=self.capacity_factor, implementation=self.implementation,
+            decode_overflow=self.decode_overflow,
         )[:n]
         if self.shared is not None:
             y = y + self.shared(tokens[:n])

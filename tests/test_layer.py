@@ -71,6 +71,26 @@ def test_layer_bf16_activations_and_errors():
         mr.MoELayer(D, F, E, 2, mesh=mesh, axis="expert", rngs=nnx.Rngs(0))
 
 
+def test_decode_overflow_reaches_the_schedule():
+    """MoELayer(decode_overflow="one_pass") runs the decode schedule without its overflow
+    conditional (one compiled conditional fewer than the default), same results."""
+    mesh = make_mesh(8)
+    x = jax.random.normal(jax.random.PRNGKey(1), (16, D))
+    outs, conds = {}, {}
+    for overflow in ("branch", "one_pass"):
+        layer = mr.MoELayer(D, F, E, 2, mesh=mesh, schedule="decode", decode_overflow=overflow,
+                            rngs=nnx.Rngs(0))
+        fn = nnx.jit(lambda m, x: m(x))
+        outs[overflow] = np.asarray(fn(layer, x))
+        conds[overflow] = fn.lower(layer, x).compile().as_text().count(" conditional(")
+    want = dense_layer(layer_params(layer), x, 2, mr.RouterConfig())
+    np.testing.assert_allclose(outs["one_pass"], want, atol=3e-5, rtol=3e-5)
+    np.testing.assert_allclose(outs["branch"], want, atol=3e-5, rtol=3e-5)
+    assert conds["branch"] == conds["one_pass"] + 1, conds
+    with pytest.raises(ValueError, match="decode_overflow"):
+        mr.MoELayer(D, F, E, 2, mesh=mesh, decode_overflow="drop", rngs=nnx.Rngs(0))
+
+
 def test_each_device_routes_its_own_tokens():
     """top_k on batch-split logits in the global view makes XLA all-gather them ([N, E] per
     device, growing with the device count) and route the whole batch everywhere; the layer

@@ -1,0 +1,64 @@
+"""Writes a randomly initialised Qwen3-MoE checkpoint folder (``config.json`` +
+``model.safetensors``, bf16) of a chosen shape, e.g. for a serving sweep on a model whose MoE
+layers carry most of the step (the built-in default model is trained but MoE-light: E=8, k=2,
+d=128). Nothing is downloaded; routing is that of an untrained router (near uniform).
+
+    python scripts/make_random_checkpoint.py --experts 64 --k 8 --d-model 256 --out /tmp/moe64
+    python scripts/sweep.py --checkpoint /tmp/moe64 --batches 1 16 32 64 --prompt-lengths 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--experts", type=int, default=64)
+    p.add_argument("--k", type=int, default=8)
+    p.add_argument("--d-model", type=int, default=256)
+    p.add_argument("--d-ff-expert", type=int, default=256)
+    p.add_argument("--layers", type=int, default=4, help="the first is dense, the rest MoE")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+    if args.layers < 2 or not 1 <= args.k <= args.experts or args.d_model % 64:
+        p.error("need --layers >= 2, 1 <= --k <= --experts and --d-model a multiple of 64")
+
+    import ml_dtypes
+    from flax import nnx
+    from safetensors.numpy import save_file
+
+    from models import checkpoint, tokenizer
+    from models.config import ModelConfig
+    from models.hf_config import to_hf_config
+    from models.transformer import MoETransformer
+    from moe_relayfree import make_ep_mesh
+
+    cfg = ModelConfig(
+        arch="qwen3_moe", vocab_size=tokenizer.VOCAB_SIZE, d_model=args.d_model,
+        n_layers=args.layers, n_heads=args.d_model // 64, n_kv_heads=max(1, args.d_model // 128),
+        head_dim=64, d_ff=2 * args.d_model, num_experts=args.experts, k=args.k,
+        d_ff_expert=args.d_ff_expert, moe_layers=(False,) + (True,) * (args.layers - 1),
+        qk_norm="head", max_position=1024,
+    )
+    model = MoETransformer(cfg, mesh=make_ep_mesh(1), rngs=nnx.Rngs(args.seed))
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "config.json"), "w") as fh:
+        json.dump(to_hf_config(cfg), fh, indent=1)
+    save_file(checkpoint.export_tensors(model, dtype=ml_dtypes.bfloat16),
+              os.path.join(args.out, "model.safetensors"),
+              metadata={"made_by": "scripts/make_random_checkpoint.py " + " ".join(argv or sys.argv[1:])})
+    print(f"wrote {args.out}: E={args.experts} k={args.k} d={args.d_model} "
+          f"f_expert={args.d_ff_expert} layers={args.layers} (random init)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -103,7 +103,7 @@ def _per_rank(x, topk_ids, topk_weights, w_gate, w_up, w_down, *, axis, tensor_a
 
 
 def _routed(x, topk_ids, topk_weights, w_gate, w_up, w_down, *, axis, schedule, num_experts,
-            rows, implementation, decode_overflow="branch"):
+            rows, implementation, decode_overflow):
     topk_ids, topk_weights = _poison_invalid(topk_ids, topk_weights, num_experts)
     common = dict(num_experts=num_experts, axis_name=axis)
     if implementation == "ragged_baseline":
@@ -126,7 +126,7 @@ def _routed(x, topk_ids, topk_weights, w_gate, w_up, w_down, *, axis, schedule, 
 
 @functools.lru_cache(maxsize=256)
 def _sharded_fn(lay: MeshLayout, schedule: str, num_experts: int, rows: int, implementation: str,
-                decode_overflow: str = "branch"):
+                decode_overflow: str):
     body = functools.partial(
         _per_rank, axis=lay.axis, tensor_axis=lay.tensor_axis, schedule=schedule,
         num_experts=num_experts, rows=rows, implementation=implementation,
@@ -210,8 +210,7 @@ def expert_parallel_moe(
     """
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
-    if decode_overflow not in ("branch", "one_pass"):
-        raise ValueError(f"decode_overflow must be 'branch' or 'one_pass', got {decode_overflow!r}")
+    decode.check_overflow(decode_overflow, "decode_overflow")
     lay = make_layout(mesh, axis, batch_axes, tensor_axis)
     n, k, num_experts = _validate(x, topk_ids, topk_weights, w_gate, w_up, w_down, lay)
     if n == 0:

@@ -61,6 +61,14 @@ _F32 = jnp.float32
 
 Transport = Literal["auto", "gather", "blocks"]
 Overflow = Literal["branch", "one_pass"]
+OVERFLOWS: tuple[str, ...] = ("branch", "one_pass")
+
+
+def check_overflow(overflow: str, name: str = "overflow") -> None:
+    """Raises ``ValueError`` unless ``overflow`` is one of :data:`OVERFLOWS` (``name``: the
+    argument's name in the caller's signature, for the message)."""
+    if overflow not in OVERFLOWS:
+        raise ValueError(f"{name} must be 'branch' or 'one_pass', got {overflow!r}")
 
 
 def choose_transport(num_ranks: int, k: int, transport: Transport = "auto") -> str:
@@ -162,8 +170,7 @@ def decode_moe(
     num_ranks = lax.axis_size(axis_name)
     k = topk_ids.shape[1]
     chosen = choose_transport(num_ranks, k, transport)
-    if overflow not in ("branch", "one_pass"):
-        raise ValueError(f"overflow must be 'branch' or 'one_pass', got {overflow!r}")
+    check_overflow(overflow)
     run = functools.partial(_decode_moe, expert_fn=expert_fn, num_experts=num_experts,
                             axis_name=axis_name, one_pass=overflow == "one_pass")
     if transport == "auto" and chosen == "blocks":

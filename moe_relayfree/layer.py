@@ -15,6 +15,7 @@ from moe_relayfree.balance import (
     router_z_loss,
     update_score_bias,
 )
+from moe_relayfree.decode import check_overflow
 from moe_relayfree.layout import AxisNames, make_layout
 from moe_relayfree.selection import Schedule
 from moe_relayfree.experts import swiglu
@@ -106,8 +107,7 @@ class MoELayer(nnx.Module):
         lay.check_experts(num_experts, d_ff)
         if not 1 <= k <= num_experts:
             raise ValueError(f"k={k} must be in [1, num_experts={num_experts}]")
-        if decode_overflow not in ("branch", "one_pass"):
-            raise ValueError(f"decode_overflow must be 'branch' or 'one_pass', got {decode_overflow!r}")
+        check_overflow(decode_overflow, "decode_overflow")
         if load_balancing_weight < 0 or z_loss_weight < 0:
             raise ValueError("load_balancing_weight and z_loss_weight must be >= 0")
         self.mesh, self.axis, self.k, self.num_experts = mesh, axis, k, num_experts

@@ -95,6 +95,32 @@ def crossover(tokens: Sequence[int], decode_s: Sequence[float], prefill_s: Seque
     return best
 
 
+def time_alternately(fns: dict, args: Sequence, *, min_rounds: int, seconds: float = 0.0,
+                     max_rounds: int | None = None, warm_each: bool = False) -> dict:
+    """Times each program of ``fns`` once per round, in an order that alternates from round to
+    round, so a slow spell of the machine hits every program rather than one.
+
+    Rounds go on past ``min_rounds`` until every program has been timed ``seconds`` in all (at
+    most ``max_rounds``). ``warm_each``: an untimed call right before each timed one. Returns
+    ``{name: [rounds] float64 seconds}``; round ``i`` of every program is paired.
+    """
+    import jax
+
+    names = list(fns)
+    times = {n: [] for n in names}
+    r = 0
+    while r < min_rounds or (min(sum(t) for t in times.values()) < seconds
+                             and (max_rounds is None or r < max_rounds)):
+        for n in (names if r % 2 == 0 else names[::-1]):
+            if warm_each:
+                jax.block_until_ready(fns[n](*args))
+            start = time.perf_counter()
+            jax.block_until_ready(fns[n](*args))
+            times[n].append(time.perf_counter() - start)
+        r += 1
+    return {n: np.asarray(t) for n, t in times.items()}
+
+
 def calibrate_decode_threshold(
     mesh,
     *,
@@ -146,13 +172,7 @@ def calibrate_decode_threshold(
         }
         for fn in fns.values():
             fn(x, ids, wts, *w).block_until_ready()
-        # interleaved, so a slow spell of the machine hits both schedules rather than one
-        times = {s: [] for s in fns}
-        for i in range(repeats):
-            for s in (("decode", "prefill") if i % 2 == 0 else ("prefill", "decode")):
-                start = time.perf_counter()
-                fns[s](x, ids, wts, *w).block_until_ready()
-                times[s].append(time.perf_counter() - start)
+        times = time_alternately(fns, (x, ids, wts, *w), min_rounds=repeats)
         row = {s: float(np.median(v)) for s, v in times.items()}
         results["tokens_per_rank"].append(int(t))
         results["decode_s"].append(row["decode"])

@@ -261,21 +261,13 @@ def auto_choice(layers: dict, args: tuple, tokens: int, *, min_rounds: int,
     ratios (the program auto runs is the chosen one's)."""
     choice = selection.select_schedule(tokens, platform=jax.devices()[0].platform)
     row = {"schedule": choice, "threshold": selection.decode_threshold(jax.devices()[0].platform)}
-    fns = {s: layers.get(name) for s, name in (("prefill", "relayfree"), ("decode", "relayfree_decode"))}
+    fns = {s: layers.get(name) for s, name in (("decode", "relayfree_decode"), ("prefill", "relayfree"))}
     if any(fn is None for fn in fns.values()):
         return row  # one schedule skipped (memory guard): nothing to compare against
-    times = {s: [] for s in fns}
-    r = 0
-    while r < min_rounds or (min(sum(t) for t in times.values()) < seconds
-                             and r < MAX_CHOICE_ROUNDS):
-        for s in (("decode", "prefill") if r % 2 == 0 else ("prefill", "decode")):
-            jax.block_until_ready(fns[s](*args))  # warm, right before its timed call
-            start = time.perf_counter()
-            jax.block_until_ready(fns[s](*args))
-            times[s].append(time.perf_counter() - start)
-        r += 1
-    dec, pre = np.asarray(times["decode"]), np.asarray(times["prefill"])
-    row.update(rounds=r, decode_s=float(np.median(dec)), prefill_s=float(np.median(pre)),
+    times = selection.time_alternately(fns, args, min_rounds=min_rounds, seconds=seconds,
+                                       max_rounds=MAX_CHOICE_ROUNDS, warm_each=True)
+    dec, pre = times["decode"], times["prefill"]
+    row.update(rounds=len(dec), decode_s=float(np.median(dec)), prefill_s=float(np.median(pre)),
                decode_vs_prefill=float(np.median(dec / pre)),
                vs_faster=float(np.median({"decode": dec, "prefill": pre}[choice]
                                          / np.minimum(dec, pre))))

@@ -12,7 +12,12 @@ from moe_relayfree import (
     routing,
     transports,
 )
-from moe_relayfree.api import DEFAULT_CAPACITY_FACTOR, expert_parallel_moe, route_tokens
+from moe_relayfree.api import (
+    DEFAULT_CAPACITY_FACTOR,
+    expert_parallel_moe,
+    replicates_tokens,
+    route_tokens,
+)
 from moe_relayfree.layout import MeshLayout, make_ep_mesh, make_layout, make_mesh, parse_mesh
 from moe_relayfree.selection import (
     DEFAULT_DECODE_THRESHOLDS,
@@ -55,6 +60,7 @@ __all__ = [
     "prefill",
     "ragged_all_to_all",
     "register_ragged_all_to_all",
+    "replicates_tokens",
     "route",
     "route_tokens",
     "routing",

@@ -22,7 +22,8 @@ from moe_relayfree.windows import ExpertWindows
 DEFAULT_CAPACITY_FACTOR = 2.0
 
 
-def _validate(x, topk_ids, topk_weights, w_gate, w_up, w_down, lay: MeshLayout):
+def _validate(x, topk_ids, topk_weights, w_gate, w_up, w_down, lay: MeshLayout,
+              small_batch_ok: bool = False):
     def shape(a):
         return tuple(np.shape(a))
 
@@ -44,7 +45,7 @@ def _validate(x, topk_ids, topk_weights, w_gate, w_up, w_down, lay: MeshLayout):
     if shape(w_down) != (e, f, d):
         raise ValueError(f"w_down must be [E, f, d]={(e, f, d)}, got shape {shape(w_down)}")
     shards = lay.num_token_shards
-    if n % shards:
+    if n % shards and not (small_batch_ok and n < shards):
         raise ValueError(
             f"N={n} tokens is not divisible by the {shards} devices of batch axes "
             f"{lay.batch_axes}; pad the batch (MoELayer does this for you)"
@@ -85,7 +86,7 @@ IMPLEMENTATIONS = ("relayfree", "ragged_baseline", "capacity_baseline")
 
 
 def _per_rank(x, topk_ids, topk_weights, w_gate, w_up, w_down, *, axis, tensor_axis, schedule,
-              num_experts, rows, implementation, decode_overflow):
+              num_experts, rows, implementation, decode_overflow, replicated):
     # Every input varies over every axis any of them does (weights over the batch axes, tokens
     # over the tensor axis) before the schedules' branches: otherwise the backward pass sums a
     # replicated input's gradient inside a branch that only the ranks of one expert-parallel
@@ -94,7 +95,8 @@ def _per_rank(x, topk_ids, topk_weights, w_gate, w_up, w_down, *, axis, tensor_a
     args = (x, topk_ids, topk_weights, w_gate, w_up, w_down)
     args = [vary_like(a, *args) for a in args]
     y = _routed(*args, axis=axis, schedule=schedule, num_experts=num_experts, rows=rows,
-                implementation=implementation, decode_overflow=decode_overflow)
+                implementation=implementation, decode_overflow=decode_overflow,
+                replicated=replicated)
     if tensor_axis is not None:
         # Each tensor rank computed its slice of f: combine is linear in the expert outputs, so
         # one sum of [T, d] here replaces a sum of every window row after the down projection.
@@ -103,7 +105,7 @@ def _per_rank(x, topk_ids, topk_weights, w_gate, w_up, w_down, *, axis, tensor_a
 
 
 def _routed(x, topk_ids, topk_weights, w_gate, w_up, w_down, *, axis, schedule, num_experts,
-            rows, implementation, decode_overflow):
+            rows, implementation, decode_overflow, replicated=False):
     topk_ids, topk_weights = _poison_invalid(topk_ids, topk_weights, num_experts)
     common = dict(num_experts=num_experts, axis_name=axis)
     if implementation == "ragged_baseline":
@@ -119,20 +121,33 @@ def _routed(x, topk_ids, topk_weights, w_gate, w_up, w_down, *, axis, schedule, 
 
     if schedule == "decode":
         return decode.decode_moe(x, topk_ids, topk_weights, experts, overflow=decode_overflow,
-                                 **common)
+                                 transport="replicated" if replicated else "auto", **common)
 
     return prefill.prefill_moe(x, topk_ids, topk_weights, experts, rows_per_round=rows, **common)
 
 
+def replicates_tokens(num_tokens: int, lay: MeshLayout, schedule: Schedule = "auto",
+                      implementation: str = "relayfree",
+                      decode_threshold: int | None = None) -> bool:
+    """Whether :func:`expert_parallel_moe` runs ``num_tokens`` replicated: a relay-free
+    decode batch smaller than the token shards (``0 < N < lay.num_token_shards``) cannot be
+    split over the devices, so every device takes all ``N`` tokens and gets all ``N`` outputs
+    (the decode schedule's "replicated" transport: one ``psum``, no dispatch collective).
+    Otherwise tokens are split over the batch axes, ``N`` a multiple of their size."""
+    if implementation != "relayfree" or not 0 < num_tokens < lay.num_token_shards:
+        return False
+    return select_schedule(1, schedule, decode_threshold, platform=lay.platform) == "decode"
+
+
 @functools.lru_cache(maxsize=256)
 def _sharded_fn(lay: MeshLayout, schedule: str, num_experts: int, rows: int, implementation: str,
-                decode_overflow: str):
+                decode_overflow: str, replicated: bool = False):
     body = functools.partial(
         _per_rank, axis=lay.axis, tensor_axis=lay.tensor_axis, schedule=schedule,
         num_experts=num_experts, rows=rows, implementation=implementation,
-        decode_overflow=decode_overflow,
+        decode_overflow=decode_overflow, replicated=replicated,
     )
-    tok = lay.tokens
+    tok = P() if replicated else lay.tokens
     return jax.shard_map(
         body, mesh=lay.mesh, in_specs=(tok, tok, tok, lay.w_in, lay.w_in, lay.w_out),
         out_specs=tok,
@@ -175,7 +190,9 @@ def expert_parallel_moe(
     """Relay-free expert-parallel MoE (routed experts only).
 
     Args:
-      x: ``[N, d]`` tokens; split over ``batch_axes`` (N divisible by their total size).
+      x: ``[N, d]`` tokens; split over ``batch_axes`` (N divisible by their total size), or,
+        relay-free decode with ``N`` smaller than that size, the same on every device
+        (:func:`replicates_tokens`; the output is then replicated too).
       topk_ids: ``[N, k]`` int global expert ids in ``[0, E)``, split like x.
       topk_weights: ``[N, k]`` routing weights, split like x.
       w_gate, w_up: ``[E, d, f]``; w_down: ``[E, f, d]``: split on E over ``axis`` (and on f
@@ -205,6 +222,7 @@ def expert_parallel_moe(
       ``[N, d]`` in x.dtype. Eager calls: with x's sharding when x is committed to devices,
       else split over the batch axes of ``mesh`` (replicated on a mesh with Explicit axes, as
       under jit). Under jit: split over the batch axes (Explicit axes: resharded like x).
+      A replicated small batch (:func:`replicates_tokens`) comes back replicated.
       Concrete out-of-range ids raise ``ValueError``; traced ones (inside jit) turn their
       token's output into NaN. ``N = 0`` gives ``[0, d]``.
     """
@@ -212,16 +230,20 @@ def expert_parallel_moe(
         raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
     decode.check_overflow(decode_overflow, "decode_overflow")
     lay = make_layout(mesh, axis, batch_axes, tensor_axis)
-    n, k, num_experts = _validate(x, topk_ids, topk_weights, w_gate, w_up, w_down, lay)
+    replicated = replicates_tokens(np.shape(x)[0] if np.ndim(x) == 2 else 0, lay, schedule,
+                                   implementation, decode_threshold)
+    n, k, num_experts = _validate(x, topk_ids, topk_weights, w_gate, w_up, w_down, lay,
+                                  small_batch_ok=replicated)
     if n == 0:
         y = jnp.zeros(np.shape(x), jnp.result_type(x))
         return y if isinstance(x, jax.core.Tracer) else jax.device_put(y, lay.sharding(lay.tokens))
-    tokens = n // lay.num_token_shards
+    tokens = max(1, n // lay.num_token_shards)
     resolved = select_schedule(tokens, schedule, decode_threshold, platform=lay.platform)
     rows = rows_per_round(tokens, k, lay.num_ranks, capacity_factor)
     fn = _sharded_fn(lay, resolved, num_experts, rows, implementation,
-                     decode_overflow if resolved == "decode" else "branch")
-    args = [_place(a, mesh, lay.tokens) for a in (x, topk_ids, topk_weights)]
+                     decode_overflow if resolved == "decode" else "branch", replicated)
+    token_spec = P() if replicated else lay.tokens
+    args = [_place(a, mesh, token_spec) for a in (x, topk_ids, topk_weights)]
     args += [_place(a, mesh, spec) for a, spec in
              ((w_gate, lay.w_in), (w_up, lay.w_in), (w_down, lay.w_out))]
     return _call_like(fn, args, x, mesh)

@@ -34,6 +34,13 @@ Two transports (in :mod:`moe_relayfree.transports`), picked statically by the by
 5. the mirrored ``ragged_all_to_all`` returns each block to its source, at the rows it was
    sent from; 6. one weighted gather-sum over ``k`` at the source.
 
+``replicated`` (a batch of ``N`` < ranks tokens that every rank already holds, because the
+attention before the layer ran replicated): the gather transport without step 1 (x is the
+gathered rows) and with one ``psum`` of ``[N, d]`` f32 instead of step 5, which leaves every
+token's output on every rank, where the next attention wants it. One collective per layer:
+split over the ranks, the same batch took a re-shard, a gather, a reduce-scatter and an
+all-reduce back to replicated. Never chosen by "auto": it depends on where x lives.
+
 Rows: :func:`decode_moe` always computes the first ``B = 2*T*k`` expert-major window rows
 (the usual case receives no more), outside any branch; a rank that received more computes
 the rest, up to the proven worst case ``P*T*min(k, El)``, in a second grouped GEMM under a
@@ -59,7 +66,7 @@ from moe_relayfree.windows import ExpertWindows
 _F32 = jnp.float32
 
 
-Transport = Literal["auto", "gather", "blocks"]
+Transport = Literal["auto", "gather", "blocks", "replicated"]
 Overflow = Literal["branch", "one_pass"]
 OVERFLOWS: tuple[str, ...] = ("branch", "one_pass")
 
@@ -81,16 +88,18 @@ def choose_transport(num_ranks: int, k: int, transport: Transport = "auto") -> s
     emulated ragged all-to-all is two dense ones) cost more than the gathered bytes, and the
     gather transport was measured as fast or faster at every size (docs/benchmarks.md).
     """
-    if transport in ("gather", "blocks"):
+    if transport in ("gather", "blocks", "replicated"):
         return transport
     if transport != "auto":
-        raise ValueError(f"transport must be 'auto', 'gather' or 'blocks', got {transport!r}")
+        raise ValueError(
+            f"transport must be 'auto', 'gather', 'blocks' or 'replicated', got {transport!r}")
     return "gather" if num_ranks <= k else "blocks"
 
 
-def typical_rows(tokens: int, k: int) -> int:
-    """Window rows for the usual case: twice the mean ``T*k`` copies a rank receives."""
-    return -(-2 * tokens * k // 8) * 8
+def typical_rows(tokens: int, k: int, num_ranks: int = 1) -> int:
+    """Window rows for the usual case: twice the mean copies a rank receives, ``T*k`` for
+    ``T`` tokens per rank (``num_ranks=1``), or ``N*k/P`` for ``N`` tokens on ``P`` ranks."""
+    return -(-2 * tokens * k // (8 * num_ranks)) * 8
 
 
 def worst_rows(num_ranks: int, tokens: int, k: int, num_local: int) -> int:
@@ -113,15 +122,18 @@ def dispatch(
     transport: Transport = "auto",
 ) -> tuple[ExpertWindows, DecodeHandle]:
     """x ``[T, d]``, topk_ids ``[T, k] int32``, topk_weights ``[T, k]`` -> expert windows of
-    the worst-case ``P*T*min(k, El)`` rows (group sizes ``[El]``) and the handle."""
+    the worst-case ``P*T*min(k, El)`` rows (group sizes ``[El]``) and the handle.
+    ``transport="replicated"``: the same ``N`` tokens on every rank, ``N*min(k, El)`` rows."""
     num_ranks = lax.axis_size(axis_name)
     t, k = topk_ids.shape
     local = num_experts // num_ranks
-    rows = worst_rows(num_ranks, t, k, local)
+    chosen = choose_transport(num_ranks, k, transport)
+    replicated = chosen == "replicated"
+    rows = worst_rows(1 if replicated else num_ranks, t, k, local)
     w = topk_weights.astype(_F32)
-    if choose_transport(num_ranks, k, transport) == "gather":
-        plan = transports.gather_plan(x, topk_ids, w, num_experts, axis_name)
-        return transports.gather_windows(*plan, rows, k, x, axis_name)
+    if chosen in ("gather", "replicated"):
+        plan = transports.gather_plan(x, topk_ids, w, num_experts, axis_name, replicated)
+        return transports.gather_windows(*plan, rows, k, x, axis_name, replicated=replicated)
     handle, recv_counts = transports.blocks_send(x, topk_ids, w, num_experts, axis_name)
     return transports.blocks_windows(handle, recv_counts, rows)
 
@@ -130,7 +142,8 @@ def combine(expert_out: jax.Array, handle: DecodeHandle) -> jax.Array:
     """expert_out ``[B, d]`` unweighted, one row per window row -> ``[T, d]`` (x dtype)."""
     if isinstance(handle, GatherHandle):
         partial = transports.gather_partial(expert_out, handle)
-        return transports.gather_combine(partial, handle.axis_name, handle.out_dtype)
+        return transports.gather_combine(partial, handle.axis_name, handle.out_dtype,
+                                         handle.replicated)
     return transports.blocks_return(transports.blocks_write_back(expert_out, handle), handle)
 
 
@@ -187,23 +200,25 @@ def _decode_moe(x, topk_ids, topk_weights, *, expert_fn, num_experts, axis_name,
     num_ranks = lax.axis_size(axis_name)
     t, k = topk_ids.shape
     local = num_experts // num_ranks
-    worst = worst_rows(num_ranks, t, k, local)
-    typical = worst if one_pass else min(worst, typical_rows(t, k))
+    replicated = transport == "replicated"  # t is then all N tokens, not this rank's share
+    worst = worst_rows(1 if replicated else num_ranks, t, k, local)
+    typical = worst if one_pass else min(worst, typical_rows(t, k, num_ranks if replicated else 1))
     w = topk_weights.astype(_F32)
     # The first `typical` window rows always run, outside any branch; the rest only on a rank
     # that received more (a local cond, no collective inside, so ranks need not agree).
-    if transport == "gather":
-        plan = transports.gather_plan(x, topk_ids, w, num_experts, axis_name)
+    if transport in ("gather", "replicated"):
+        plan = transports.gather_plan(x, topk_ids, w, num_experts, axis_name, replicated)
 
         def partial(into, start, rows):
-            windows, handle = transports.gather_windows(*plan, rows, k, x, axis_name, start)
+            windows, handle = transports.gather_windows(*plan, rows, k, x, axis_name, start,
+                                                        replicated)
             return transports.gather_partial(expert_fn(windows), handle, into)
 
         out = partial(None, 0, typical)
         if typical < worst:
             out = lax.cond(plan[3].sum() > typical,
                            lambda o: partial(o, typical, worst - typical), lambda o: o, out)
-        return transports.gather_combine(out, axis_name, x.dtype)
+        return transports.gather_combine(out, axis_name, x.dtype, replicated)
 
     handle, recv_counts = transports.blocks_send(x, topk_ids, w, num_experts, axis_name)
 

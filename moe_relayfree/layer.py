@@ -7,7 +7,12 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh
 
-from moe_relayfree.api import DEFAULT_CAPACITY_FACTOR, expert_parallel_moe, route_tokens
+from moe_relayfree.api import (
+    DEFAULT_CAPACITY_FACTOR,
+    expert_parallel_moe,
+    replicates_tokens,
+    route_tokens,
+)
 from moe_relayfree.balance import (
     expert_load,
     load_balancing_loss,
@@ -173,7 +178,10 @@ class MoELayer(nnx.Module):
         lead, d = x.shape[:-1], x.shape[-1]
         tokens = x.reshape(-1, d)
         n = tokens.shape[0]
-        pad = -n % self.layout.num_token_shards
+        # A batch smaller than the token shards stays on every device (one psum per layer, see
+        # replicates_tokens); a larger one is padded to a multiple of them.
+        small = replicates_tokens(n, self.layout, self.schedule, self.implementation)
+        pad = 0 if small else -n % self.layout.num_token_shards
         if pad:
             tokens = jnp.pad(tokens, ((0, pad), (0, 0)))
         logits = self.logits(tokens)

@@ -1,7 +1,10 @@
-"""The decode schedule's two transports (see :mod:`moe_relayfree.decode` for the op sequence).
+"""The decode schedule's transports (see :mod:`moe_relayfree.decode` for the op sequence).
 
 ``gather``: one ``all_gather`` of tokens with their routing packed in, a local sort of int32
-keys, a weighted gather-sum over each token's choices and a ``psum_scatter`` back. ``blocks``: one small
+keys, a weighted gather-sum over each token's choices and a ``psum_scatter`` back.
+``replicated``: the gather transport for tokens every rank already holds (a batch smaller than
+the ranks, whose attention ran replicated): no gather, and one ``psum`` returns every token's
+sum to every rank. ``blocks``: one small
 ``all_to_all`` of counts, then one ragged all-to-all per direction into fixed per-source
 blocks. Both build expert-major :class:`~moe_relayfree.windows.ExpertWindows` of any row
 range ``[start, start + rows)``, so the schedule can run the usual rows and the overflow apart.
@@ -101,15 +104,24 @@ class GatherHandle:
     start: int = dataclasses.field(metadata=dict(static=True))
     out_dtype: jnp.dtype = dataclasses.field(metadata=dict(static=True))
     axis_name: str = dataclasses.field(metadata=dict(static=True))
+    replicated: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
 
-def gather_plan(x, ids, w, num_experts, axis_name):
+def gather_plan(x, ids, w, num_experts, axis_name, replicated: bool = False):
     """Step 1-2: gathered tokens ``[P*T, d]``, their weights ``[P*T, k] f32``, the expert-major
     order of the ``P*T*k`` copies (this rank's first), window sizes ``[El]`` and each copy's
-    window row ``[P*T, k]`` (the inverse of the order: a scatter of distinct indices)."""
+    window row ``[P*T, k]`` (the inverse of the order: a scatter of distinct indices).
+
+    ``replicated``: x ``[N, d]`` (and ids, w) are already the same N tokens on every rank; they
+    are used as the gathered rows (``P*T`` reads ``N`` above and below), nothing is gathered."""
     num_ranks = lax.axis_size(axis_name)
     local = num_experts // num_ranks
-    xs, ids_all, w_all = gather_tokens(x, ids, w, axis_name)
+    if replicated:
+        # varying like a gather's output: each rank reads different rows of them from here on
+        xs, w_all = (ensure_varying(a, axis_name) for a in (x, w.astype(_F32)))
+        ids_all = ids.astype(_I32)
+    else:
+        xs, ids_all, w_all = gather_tokens(x, ids, w, axis_name)
     mine = ids_all - lax.axis_index(axis_name) * local
     keys = jnp.where((mine >= 0) & (mine < local), mine, local).reshape(-1)
     order, sizes = local_expert_order(keys, local)
@@ -119,14 +131,16 @@ def gather_plan(x, ids, w, num_experts, axis_name):
 
 
 def gather_windows(xs, w_all, order, sizes, position, rows: int, k: int, x, axis_name,
-                   start: int = 0):
+                   start: int = 0, replicated: bool = False):
     """Windows of the expert-major rows ``[start, start + rows)`` and their handle."""
     copy = order[start:start + rows]
     handle = GatherHandle(position=position, weights=w_all, total=sizes.sum(), start=start,
-                          out_dtype=x.dtype, axis_name=axis_name)
+                          out_dtype=x.dtype, axis_name=axis_name, replicated=replicated)
+    # the mean copies per rank: T*k (xs holds P*T tokens), or N*k/P replicated
+    expected = -(-xs.shape[0] * k // lax.axis_size(axis_name))
     windows = ExpertWindows(rows=take_rows(xs, copy // k),
                             group_sizes=sizes_in_range(sizes, start, rows),
-                            expected_rows=x.shape[0] * k)
+                            expected_rows=expected)
     return windows, handle
 
 
@@ -143,8 +157,12 @@ def gather_partial(expert_out: jax.Array, h: GatherHandle,
     return weighted_row_sum(expert_out, jnp.where(valid, local, 0), h.weights, valid, into)
 
 
-def gather_combine(partial: jax.Array, axis_name: str, out_dtype) -> jax.Array:
-    """Step 5: ``[P*T, d]`` partial sums -> this rank's ``[T, d]``, summed over ranks."""
+def gather_combine(partial: jax.Array, axis_name: str, out_dtype,
+                   replicated: bool = False) -> jax.Array:
+    """Step 5: ``[P*T, d]`` partial sums -> this rank's ``[T, d]``, summed over ranks
+    (``replicated``: ``[N, d]`` -> every token's ``[N, d]`` on every rank, one ``psum``)."""
+    if replicated:
+        return lax.psum(partial, axis_name).astype(out_dtype)
     y = lax.psum_scatter(partial, axis_name, scatter_dimension=0, tiled=True)
     return y.astype(out_dtype)
 

@@ -1,4 +1,4 @@
-"""Decode schedule (both transports) against the dense reference, and its lowered program."""
+"""Decode schedule (every transport) against the dense reference, and its lowered program."""
 
 import functools
 import re
@@ -20,8 +20,10 @@ TOK, EXP = P("ep"), P("ep", None, None)
 
 @functools.lru_cache(maxsize=None)
 def decode_layer(num_ranks: int, num_experts: int, transport: str, overflow: str = "branch"):
-    """jit(shard_map(decode_moe)) on the first ``num_ranks`` devices."""
+    """jit(shard_map(decode_moe)) on the first ``num_ranks`` devices (``"replicated"``: the
+    tokens and the output are the same on every device)."""
     mesh = mr.make_ep_mesh(num_ranks)
+    tok = P() if transport == "replicated" else TOK
 
     def body(x, ids, w, wg, wu, wd):
         def experts(win):
@@ -30,8 +32,8 @@ def decode_layer(num_ranks: int, num_experts: int, transport: str, overflow: str
         return decode.decode_moe(x, ids, w, experts, num_experts=num_experts, axis_name="ep",
                                  transport=transport, overflow=overflow)
 
-    return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(TOK,) * 3 + (EXP,) * 3,
-                                 out_specs=TOK))
+    return jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(tok,) * 3 + (EXP,) * 3,
+                                 out_specs=tok))
 
 
 def check(num_ranks, num_experts, transport, inputs, atol=2e-5, overflow="branch"):
@@ -92,7 +94,34 @@ def test_skewed_routing_is_exact(kind, transport):
     check(8, 16, transport, moe_inputs(64, D, F, 16, 2, seed=3, ids=ids))
 
 
-@pytest.mark.parametrize("transport", ["gather", "blocks"])
+@pytest.mark.parametrize("tokens,num_experts,k,kind", [
+    (1, 16, 2, None),  # one token: seven ranks have nothing to compute
+    (7, 16, 2, "one_rank"),  # 14 copies on one rank: past the 8 typical rows, the branch runs
+    (5, 64, 8, "one_expert"),  # El = k
+    (3, 8, 1, "empty_experts"),  # El = 1
+])
+def test_replicated_small_batch_is_exact(tokens, num_experts, k, kind):
+    """Fewer tokens than ranks, the same on every rank: no dispatch, one psum, any skew."""
+    ids = None if kind is None else skewed_ids(kind, tokens, k, num_experts, 8)
+    check(8, num_experts, "replicated", moe_inputs(tokens, D, F, num_experts, k, seed=tokens, ids=ids))
+
+
+def test_replicated_program_is_one_all_reduce():
+    """The whole replicated decode layer moves one ``[N, d]`` f32 all-reduce (no gather, no
+    reduce-scatter, no all-to-all); it sorts only the ``N*k`` copy keys."""
+    tokens, k = 6, 2
+    inputs = moe_inputs(tokens, D, F, 16, k)
+    text = decode_layer(8, 16, "replicated").trace(*inputs).lower(
+        lowering_platforms=("cuda",)).as_text()
+    ops = analysis.collectives(text)
+    assert [(c.op, c.moved.shape, c.moved.dtype) for c in ops] == [
+        ("all_reduce", (tokens, D), "f32")], ops
+    sorts = [b for b in analysis.stablehlo_buffers(text, 1) if b.op == "stablehlo.sort"]
+    assert sorts and max(b.elements for b in sorts) <= tokens * k
+    assert analysis.float_scatter_adds(text) == []
+
+
+@pytest.mark.parametrize("transport", ["gather", "blocks", "replicated"])
 def test_one_pass_overflow_has_no_conditional_and_stays_exact(transport):
     """overflow="one_pass": exact with every copy on one rank, and the compiled program has one
     conditional less than the default's (XLA:GPU syncs the host on each); with the gather
@@ -103,7 +132,7 @@ def test_one_pass_overflow_has_no_conditional_and_stays_exact(transport):
     count = {overflow: decode_layer(8, 16, transport, overflow).lower(*inputs).compile()
              .as_text().count(" conditional(") for overflow in ("branch", "one_pass")}
     assert count["branch"] == count["one_pass"] + 1, count
-    if transport == "gather":
+    if transport != "blocks":
         assert count["one_pass"] == 0
 
 
@@ -118,7 +147,7 @@ def test_every_token_on_one_expert_k1(transport):
     check(8, 8, transport, moe_inputs(48, D, F, 8, 1, ids=ids))
 
 
-@pytest.mark.parametrize("transport", ["gather", "blocks"])
+@pytest.mark.parametrize("transport", ["gather", "blocks", "replicated"])
 def test_bfloat16(transport):
     inputs = moe_inputs(64, D, F, 16, 4, seed=5, dtype=jnp.bfloat16)
     check(8, 16, transport, inputs, atol=3e-2)
@@ -142,7 +171,8 @@ def test_gather_tokens_packs_ids_and_weights_bit_exactly(dtype):
 
 
 @pytest.mark.parametrize("transport,kind", [("gather", None), ("gather", "one_rank"),
-                                            ("blocks", None), ("blocks", "one_rank")])
+                                            ("blocks", None), ("blocks", "one_rank"),
+                                            ("replicated", "one_rank")])
 def test_gradients_match_reference(transport, kind):
     ids = None if kind is None else skewed_ids(kind, 32, 2, 8, 4)
     x, ids, w, wg, wu, wd = moe_inputs(32, 8, 12, 8, 2, seed=7, ids=ids)

@@ -97,6 +97,31 @@ def test_presharded_inputs_and_output_sharding():
     np.testing.assert_allclose(y, mr.dense_moe_reference(x, ids, w, wg, wu, wd), atol=2e-5)
 
 
+def test_batch_smaller_than_the_devices_runs_replicated():
+    """N < devices: a relay-free decode batch stays on every device (eager: replicated output;
+    jit: one all-reduce, nothing gathered or scattered). The baselines and a forced prefill
+    schedule still ask for a padded batch."""
+    import re
+
+    mesh = make_mesh(8)
+    inputs = moe_inputs(5, D, F, 16, 2, seed=4)
+    want = mr.dense_moe_reference(*inputs)
+    y = check(mesh, inputs, "auto")
+    assert y.sharding == NamedSharding(mesh, P())
+    fn = jax.jit(lambda *a: mr.expert_parallel_moe(*a, mesh=mesh))
+    np.testing.assert_allclose(fn(*inputs), want, atol=2e-5, rtol=2e-5)
+    text = fn.lower(*inputs).compile().as_text()
+    ops = re.findall(r" (all-gather|all-reduce|all-to-all|reduce-scatter|collective-permute)"
+                     r"(?:-start)?\(", text)
+    assert ops == ["all-reduce"], ops
+    lay = mr.make_layout(mesh)
+    assert mr.replicates_tokens(5, lay) and not mr.replicates_tokens(8, lay)
+    assert not mr.replicates_tokens(5, lay, implementation="capacity_baseline")
+    for kw in (dict(schedule="prefill"), dict(implementation="ragged_baseline")):
+        with pytest.raises(ValueError, match="N=5 tokens is not divisible"):
+            mr.expert_parallel_moe(*inputs, mesh=mesh, **kw)
+
+
 def test_cuda_lowering_uses_native_ops():
     mesh = make_mesh(4)
     inputs = moe_inputs(4 * 32, D, F, 8, 2)

@@ -91,6 +91,24 @@ def test_decode_overflow_reaches_the_schedule():
         mr.MoELayer(D, F, E, 2, mesh=mesh, decode_overflow="drop", rngs=nnx.Rngs(0))
 
 
+def test_batch_smaller_than_the_devices_stays_replicated():
+    """A 3-token batch on 8 devices (a decode step at batch 3): no padding to 8 rows split over
+    the devices and no gather back; each device computes its experts' copies and one
+    all-reduce per layer returns every token, as the dense math says."""
+    import re
+
+    mesh = make_mesh(8)
+    layer = mr.MoELayer(D, F, E, 2, mesh=mesh, rngs=nnx.Rngs(0), **CONFIGS["qwen2"])
+    x = jax.random.normal(jax.random.PRNGKey(2), (3, 1, D))
+    fn = nnx.jit(lambda m, x: m(x))
+    want = dense_layer(layer_params(layer), x.reshape(3, D), 2, CONFIGS["qwen2"]["router"])
+    np.testing.assert_allclose(np.asarray(fn(layer, x)).reshape(3, D), want, atol=3e-5, rtol=3e-5)
+    text = fn.lower(layer, x).compile().as_text()
+    ops = re.findall(r" (all-gather|all-reduce|all-to-all|reduce-scatter|collective-permute)"
+                     r"(?:-start)?\(", text)
+    assert ops == ["all-reduce"], ops
+
+
 def test_each_device_routes_its_own_tokens():
     """top_k on batch-split logits in the global view makes XLA all-gather them ([N, E] per
     device, growing with the device count) and route the whole batch everywhere; the layer

@@ -94,6 +94,26 @@ def test_forward_gradients_and_per_device_tokens(name, schedule):
                          (E // ep, D, F // tp), (E // ep, D, F // tp), (E // ep, F // tp, D)]
 
 
+@pytest.mark.parametrize("name", ["data2-ep4", "data2-ep2-tp2"])
+def test_batch_smaller_than_the_shards_runs_replicated_with_gradients(name):
+    """3 tokens on 8 token shards: every device takes all of them (relay-free decode), the
+    tensor axis still splits f; outputs and gradients are the dense ones."""
+    shape, kw = MESHES[name]
+    mesh = mr.make_mesh(shape)
+    x, ids, w, wg, wu, wd = moe_inputs(3, D, F, E, K, seed=9)
+    assert mr.replicates_tokens(3, mr.make_layout(mesh, tensor_axis=kw.get("tensor_axis")))
+    ct = jax.random.normal(jax.random.PRNGKey(3), x.shape)
+
+    def loss(moe):
+        return jax.value_and_grad(lambda *a: jnp.sum(ct * moe(a[0], ids, *a[1:])), argnums=range(5))
+
+    got = jax.jit(loss(lambda *a: mr.expert_parallel_moe(*a, mesh=mesh, **kw)))(x, w, wg, wu, wd)
+    want = loss(mr.dense_moe_reference)(x, w, wg, wu, wd)
+    np.testing.assert_allclose(got[0], want[0], atol=2e-5, rtol=2e-5)
+    for g, gw, what in zip(got[1], want[1], ("x", "w", "w_gate", "w_up", "w_down")):
+        np.testing.assert_allclose(g, gw, atol=5e-5, rtol=5e-5, err_msg=what)
+
+
 @pytest.mark.parametrize("schedule,transport", [("prefill", "auto"), ("decode", "gather"),
                                                 ("decode", "blocks")])
 def test_verbs_inside_a_users_2d_shard_map_with_check_vma(schedule, transport):
@@ -173,6 +193,10 @@ def test_mesh_errors_name_the_axes():
     with pytest.raises(ValueError, match=r"N=12 tokens is not divisible by the 8 devices of "
                                          r"batch axes \('data', 'ep'\)"):
         mr.expert_parallel_moe(x, ids, w, wg, wu, wd, mesh=mesh)
+    # 3 tokens, fewer than the 8 shards: the relay-free decode runs them on every device
+    small = [a[:3] for a in (x, ids, w)] + [wg, wu, wd]
+    np.testing.assert_allclose(mr.expert_parallel_moe(*small, mesh=mesh),
+                               mr.dense_moe_reference(*small), atol=2e-5)
     # the same 12 tokens are fine when only 'ep' splits them (replicated over 'data')
     y = mr.expert_parallel_moe(x, ids, w, wg, wu, wd, mesh=mesh, batch_axes="ep")
     np.testing.assert_allclose(y, mr.dense_moe_reference(x, ids, w, wg, wu, wd), atol=2e-5)

@@ -33,7 +33,9 @@ def dispatch(
 
     Returns expert-major :class:`ExpertWindows` (rows ``[R, d]`` + group sizes ``[El]``) and
     the handle. Prefill: ``R = P*T*k``; decode: ``R = P*T*min(k, El)``, with ``transport``
-    chosen as in :func:`moe_relayfree.decode.choose_transport`.
+    chosen as in :func:`moe_relayfree.decode.choose_transport`; ``transport="replicated"``
+    (x the same ``N`` tokens on every rank): ``R = N*min(k, El)`` and combine returns all
+    ``N`` results on every rank.
     """
     if schedule == "decode":
         return decode.dispatch(

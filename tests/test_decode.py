@@ -256,6 +256,24 @@ def test_verbs_with_custom_expert_compute(transport):
     np.testing.assert_allclose(fn(x, ids, w, wg, wu, wd), want, atol=4e-5, rtol=4e-5)
 
 
+def test_verbs_on_a_replicated_batch():
+    """The verbs with transport="replicated": 3 tokens held by all 4 ranks, worst-case windows
+    of N*min(k, El) rows, and combine's psum leaves every token's result on every rank."""
+    mesh = mr.make_ep_mesh(4)
+    x, ids, w, wg, wu, wd = moe_inputs(3, D, F, 8, 2, seed=12)
+
+    def body(x, ids, w, wg, wu, wd):
+        recv, handle = mr.dispatch(x, ids, w, num_experts=8, axis_name="ep", schedule="decode",
+                                   transport="replicated")
+        assert recv.rows.shape == (3 * 2, D)
+        return mr.combine(grouped_swiglu(recv.rows, recv.group_sizes, wg, wu, wd), handle)
+
+    fn = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=(P(),) * 3 + (EXP,) * 3,
+                               out_specs=P()))
+    np.testing.assert_allclose(fn(x, ids, w, wg, wu, wd), mr.dense_moe_reference(x, ids, w, wg, wu, wd),
+                               atol=2e-5, rtol=2e-5)
+
+
 def test_expert_major_rows_matches_a_numpy_layout():
     rng = np.random.default_rng(1)
     num_ranks, local, block = 3, 4, 9

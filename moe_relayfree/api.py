@@ -105,7 +105,7 @@ def _per_rank(x, topk_ids, topk_weights, w_gate, w_up, w_down, *, axis, tensor_a
 
 
 def _routed(x, topk_ids, topk_weights, w_gate, w_up, w_down, *, axis, schedule, num_experts,
-            rows, implementation, decode_overflow, replicated=False):
+            rows, implementation, decode_overflow, replicated):
     topk_ids, topk_weights = _poison_invalid(topk_ids, topk_weights, num_experts)
     common = dict(num_experts=num_experts, axis_name=axis)
     if implementation == "ragged_baseline":
@@ -141,7 +141,7 @@ def replicates_tokens(num_tokens: int, lay: MeshLayout, schedule: Schedule = "au
 
 @functools.lru_cache(maxsize=256)
 def _sharded_fn(lay: MeshLayout, schedule: str, num_experts: int, rows: int, implementation: str,
-                decode_overflow: str, replicated: bool = False):
+                decode_overflow: str, replicated: bool):
     body = functools.partial(
         _per_rank, axis=lay.axis, tensor_axis=lay.tensor_axis, schedule=schedule,
         num_experts=num_experts, rows=rows, implementation=implementation,

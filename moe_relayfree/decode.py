@@ -107,6 +107,17 @@ def worst_rows(num_ranks: int, tokens: int, k: int, num_local: int) -> int:
     return num_ranks * tokens * min(k, num_local)
 
 
+def window_rows(transport: str, num_ranks: int, tokens: int, k: int,
+                num_local: int) -> tuple[int, int]:
+    """(typical, worst) window rows of a rank: ``tokens`` is its ``T``, or with the
+    "replicated" transport all ``N`` tokens, which every rank holds (no factor ``P``)."""
+    if transport == "replicated":
+        worst = worst_rows(1, tokens, k, num_local)
+        return min(worst, typical_rows(tokens, k, num_ranks)), worst
+    worst = worst_rows(num_ranks, tokens, k, num_local)
+    return min(worst, typical_rows(tokens, k)), worst
+
+
 # --- the schedule ---------------------------------------------------------------------------
 
 DecodeHandle = GatherHandle | BlocksHandle
@@ -129,7 +140,7 @@ def dispatch(
     local = num_experts // num_ranks
     chosen = choose_transport(num_ranks, k, transport)
     replicated = chosen == "replicated"
-    rows = worst_rows(1 if replicated else num_ranks, t, k, local)
+    _, rows = window_rows(chosen, num_ranks, t, k, local)
     w = topk_weights.astype(_F32)
     if chosen in ("gather", "replicated"):
         plan = transports.gather_plan(x, topk_ids, w, num_experts, axis_name, replicated)
@@ -201,8 +212,9 @@ def _decode_moe(x, topk_ids, topk_weights, *, expert_fn, num_experts, axis_name,
     t, k = topk_ids.shape
     local = num_experts // num_ranks
     replicated = transport == "replicated"  # t is then all N tokens, not this rank's share
-    worst = worst_rows(1 if replicated else num_ranks, t, k, local)
-    typical = worst if one_pass else min(worst, typical_rows(t, k, num_ranks if replicated else 1))
+    typical, worst = window_rows(transport, num_ranks, t, k, local)
+    if one_pass:
+        typical = worst
     w = topk_weights.astype(_F32)
     # The first `typical` window rows always run, outside any branch; the rest only on a rank
     # that received more (a local cond, no collective inside, so ranks need not agree).

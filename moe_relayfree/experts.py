@@ -27,10 +27,17 @@ _F32 = jnp.float32
 
 def swiglu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array) -> jax.Array:
     """One expert. x ``[n, d]``, w_gate/w_up ``[d, f]``, w_down ``[f, d]`` -> ``[n, d]`` (x.dtype)."""
+    return _swiglu_f32(x, w_gate, w_up, w_down, x.dtype).astype(x.dtype)
+
+
+def _swiglu_f32(x, w_gate, w_up, w_down, dtype) -> jax.Array:
+    """:func:`swiglu` for inputs of ``dtype``, before its last rounding: the f32 output. x and
+    the weights may already be widened to f32 (the CPU kernel): the products and f32 sums are
+    the same, and the hidden activation is still rounded to ``dtype``."""
     g = jnp.dot(x, w_gate, preferred_element_type=_F32)
     u = jnp.dot(x, w_up, preferred_element_type=_F32)
-    h = (jax.nn.silu(g) * u).astype(x.dtype)
-    return jnp.dot(h, w_down, preferred_element_type=_F32).astype(x.dtype)
+    h = (jax.nn.silu(g) * u).astype(dtype)
+    return jnp.dot(h, w_down, preferred_element_type=_F32)
 
 
 def grouped_swiglu_native(x, group_sizes, w_gate, w_up, w_down):
@@ -81,25 +88,62 @@ def _over_experts_with_rows(counts, expert, init):
     return lax.fori_loop(0, jnp.sum(counts > 0), lambda j, c: expert(with_rows[j], c), init)
 
 
+def _compute_dtype(dtype) -> jnp.dtype:
+    """What the CPU kernel computes in: float32 for 16-bit floats, else the dtype itself."""
+    return jnp.promote_types(dtype, _F32)
+
+
+def _bits(a: jax.Array) -> jax.Array:
+    """A 16-bit float array as its raw uint16 bits (others as they are): XLA:CPU has no bf16
+    arithmetic and widens bf16 slices and scatters of a whole array to f32 and back; it
+    leaves integer ones alone, and the bitcasts are free."""
+    if jnp.issubdtype(a.dtype, jnp.floating) and a.dtype.itemsize == 2:
+        return lax.bitcast_convert_type(a, jnp.uint16)
+    return a
+
+
+def _from_bits(a: jax.Array, dtype) -> jax.Array:
+    return a if a.dtype == dtype else lax.bitcast_convert_type(a, dtype)
+
+
+def _expert_slices(*stacked: jax.Array):
+    """``e -> (w[e] for w in stacked)`` in :func:`_compute_dtype` (bf16 / f16 widened).
+
+    Measured with bf16 weights on XLA:CPU (AVX2): its float normalization turned ``w_gate[e]``
+    into a conversion of the whole ``[El, d, f]`` stack to f32 on every call, a slice, and a
+    conversion back (three stacks written and read again per layer call, most of them for
+    experts with no rows at decode sizes). The slice is taken on the raw bits and widened once
+    per expert, before its tiles: same products, same f32 sums (docs/benchmarks.md, "bf16 on
+    the CPU").
+    """
+    raw = [(_bits(w), w.dtype) for w in stacked]
+    return lambda e: tuple(_from_bits(b[e], dt).astype(_compute_dtype(dt)) for b, dt in raw)
+
+
 def _grouped_swiglu_tiled_fwd_impl(x, group_sizes, w_gate, w_up, w_down, tile):
     n, d = x.shape
     tile = _tile_rows(n, tile)
     starts, ends, counts = _tiles(group_sizes, n, tile)
+    weights_of = _expert_slices(w_gate, w_up, w_down)
+
+    # The whole pass in f32 (x widened once, y rounded once at the end): XLA:CPU's bf16 tiles
+    # each converted their rows and results again (0.82-0.93x the layer from 4 tokens per rank
+    # with it); swiglu's rounding of the hidden activation to x.dtype is kept.
+    xc = x.astype(_compute_dtype(x.dtype))
 
     def expert(e, y):
-        wg, wu, wd = w_gate[e], w_up[e], w_down[e]
+        wg, wu, wd = weights_of(e)
 
         def one_tile(c, y):
             a, mask = _tile_at(starts[e], ends[e], c, n, tile)
-            xt = lax.dynamic_slice_in_dim(x, a, tile)
-            yt = swiglu(xt, wg, wu, wd)
+            yt = _swiglu_f32(lax.dynamic_slice_in_dim(xc, a, tile), wg, wu, wd, x.dtype)
             old = lax.dynamic_slice_in_dim(y, a, tile)
             return lax.dynamic_update_slice_in_dim(y, jnp.where(mask[:, None], yt, old), a, 0)
 
         return lax.fori_loop(0, counts[e], one_tile, y)
 
-    y0 = vary_like(jnp.zeros_like(x), x, group_sizes, w_gate, w_up, w_down)
-    return _over_experts_with_rows(counts, expert, y0)
+    y0 = vary_like(jnp.zeros(x.shape, _compute_dtype(x.dtype)), x, group_sizes, w_gate, w_up, w_down)
+    return _over_experts_with_rows(counts, expert, y0).astype(x.dtype)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
@@ -117,10 +161,11 @@ def _tiled_bwd(tile, res, dy):
     n, d = x.shape
     tile = _tile_rows(n, tile)
     starts, ends, counts = _tiles(group_sizes, n, tile)
+    weights_of = _expert_slices(w_gate, w_up, w_down)
 
     def expert(e, carry):
         dx, dwg, dwu, dwd = carry
-        wg, wu, wd = w_gate[e], w_up[e], w_down[e]
+        wg, wu, wd = weights_of(e)
 
         def one_tile(c, inner):
             dx, gwg, gwu, gwd = inner
@@ -135,18 +180,20 @@ def _tiled_bwd(tile, res, dy):
 
         zeros = tuple(vary_like(jnp.zeros_like(w, dtype=_F32), w) for w in (wg, wu, wd))
         dx, gwg, gwu, gwd = lax.fori_loop(0, counts[e], one_tile, (dx,) + zeros)
-        dwg = dwg.at[e].set(gwg.astype(dwg.dtype))
-        dwu = dwu.at[e].set(gwu.astype(dwu.dtype))
-        dwd = dwd.at[e].set(gwd.astype(dwd.dtype))
+        # set as raw bits: a bf16 scatter was a whole-stack conversion per expert
+        dwg, dwu, dwd = (acc.at[e].set(_bits(g.astype(w.dtype))) for acc, g, w in
+                         ((dwg, gwg, w_gate), (dwu, gwu, w_up), (dwd, gwd, w_down)))
         return dx, dwg, dwu, dwd
 
     # Inside shard_map each cotangent carries its primal's varying axes: jax.vjp already sums
     # a replicated weight's per-device partials (and x's over a tensor axis), so the carries
     # start like their primals and nothing is summed again here.
     init = tuple(vary_like(jnp.zeros_like(a), a) for a in (x, w_gate, w_up, w_down))
+    init = init[:1] + tuple(_bits(a) for a in init[1:])
     # an empty expert's weight gradients stay the initial zeros
     dx, dwg, dwu, dwd = _over_experts_with_rows(counts, expert, init)
-    return dx, None, dwg, dwu, dwd
+    return (dx, None) + tuple(_from_bits(g, w.dtype) for g, w in
+                              ((dwg, w_gate), (dwu, w_up), (dwd, w_down)))
 
 
 _grouped_swiglu_tiled.defvjp(_tiled_fwd, _tiled_bwd)

@@ -38,19 +38,33 @@ _I32 = jnp.int32
 # --- gather transport ---------------------------------------------------------------------
 
 
+def _wire_dtype(dtype) -> jnp.dtype:
+    """The dtype the gather transport's packed rows travel in: x's own, except bf16, which
+    goes as uint16. XLA:CPU has no bf16 collectives: it widens a bf16 all-gather to f32 and
+    back, two conversions that also canonicalise NaN bit patterns, and the routing weights'
+    low halves read as bf16 are NaNs whenever they fall in ``0x7f81-0x7fff`` (tested). f32 and
+    f16 rows keep their bits through a float all-gather, and f32 measured faster as f32 than as
+    uint32 on CPU (docs/benchmarks.md, "bf16 on the CPU")."""
+    return jnp.dtype(jnp.uint16) if jnp.dtype(dtype) == jnp.bfloat16 else jnp.dtype(dtype)
+
+
+def _bits_as(a: jax.Array, dtype) -> jax.Array:
+    return a if a.dtype == dtype else lax.bitcast_convert_type(a, dtype)
+
+
 def _pack(x: jax.Array, ids: jax.Array, w: jax.Array) -> jax.Array:
-    """x ``[T, d]``, ids ``[T, k]`` int, w ``[T, k] f32`` -> ``[T, d + m]`` in x.dtype, bit-exact."""
-    t = x.shape[0]
+    """x ``[T, d]``, ids ``[T, k]`` int, w ``[T, k] f32`` -> ``[T, d + m]`` in
+    :func:`_wire_dtype`, bit-exact."""
+    t, wire = x.shape[0], _wire_dtype(x.dtype)
     meta = jnp.concatenate([ids.astype(_I32), lax.bitcast_convert_type(w, _I32)], axis=1)
-    size = jnp.dtype(x.dtype).itemsize
-    if size == 8:
-        meta = lax.bitcast_convert_type(meta.reshape(t, -1, 2), x.dtype)
+    if wire.itemsize == 8:
+        meta = lax.bitcast_convert_type(meta.reshape(t, -1, 2), wire)
     else:
-        meta = lax.bitcast_convert_type(meta, x.dtype).reshape(t, -1)
-    return jnp.concatenate([x, meta], axis=1)
+        meta = lax.bitcast_convert_type(meta, wire).reshape(t, -1)
+    return jnp.concatenate([_bits_as(x, wire), meta], axis=1)
 
 
-def _unpack(packed: jax.Array, d: int, k: int):
+def _unpack(packed: jax.Array, d: int, k: int, dtype):
     n, size = packed.shape[0], jnp.dtype(packed.dtype).itemsize
     meta = packed[:, d:]
     if size == 8:
@@ -59,7 +73,7 @@ def _unpack(packed: jax.Array, d: int, k: int):
         meta = lax.bitcast_convert_type(meta, _I32)
     else:
         meta = lax.bitcast_convert_type(meta.reshape(n, 2 * k, 4 // size), _I32)
-    return packed[:, :d], meta[:, :k], lax.bitcast_convert_type(meta[:, k:], _F32)
+    return _bits_as(packed[:, :d], dtype), meta[:, :k], lax.bitcast_convert_type(meta[:, k:], _F32)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
@@ -74,7 +88,7 @@ def gather_tokens(x: jax.Array, ids: jax.Array, w: jax.Array, axis_name: str):
 
 def _gather_fwd(x, ids, w, axis_name):
     packed = lax.all_gather(_pack(x, ids, w), axis_name, tiled=True)
-    return _unpack(packed, x.shape[1], ids.shape[1]), None
+    return _unpack(packed, x.shape[1], ids.shape[1], x.dtype), None
 
 
 def _gather_bwd(axis_name, _, cotangents):

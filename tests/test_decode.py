@@ -155,13 +155,17 @@ def test_bfloat16(transport):
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
 def test_gather_tokens_packs_ids_and_weights_bit_exactly(dtype):
-    """One all_gather carries x, ids and f32 weights (NaN, inf, subnormals included)."""
+    """One all_gather carries x, ids and f32 weights, every bit kept (NaN payloads, inf,
+    subnormals), for bf16 x too, whose rows travel as uint16."""
     mesh = mr.make_ep_mesh(4)
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((8, 6)), dtype)
     ids = jnp.asarray(rng.integers(-2**31, 2**31 - 1, (8, 3)), jnp.int32)
     w = np.array(rng.standard_normal((8, 3)), np.float32)
     w.flat[:4] = [np.nan, np.inf, -0.0, 1e-40]
+    # weights whose low or high 16 bits are bf16 NaNs (signalling and quiet), and an f32
+    # signalling NaN: a bf16 all-gather widened to f32 and back canonicalised such halves
+    w.view(np.uint32).flat[4:8] = [0x3F007F85, 0x3F00FFC1, 0x7F810000, 0x7F800001]
     fn = jax.jit(jax.shard_map(lambda *a: decode.gather_tokens(*a, "ep"), mesh=mesh,
                                in_specs=(TOK,) * 3, out_specs=(P(),) * 3, check_vma=False))
     gx, gids, gw = fn(x, ids, jnp.asarray(w))

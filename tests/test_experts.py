@@ -189,3 +189,26 @@ def test_cpu_kernel_reads_no_weights_of_an_empty_expert(grad):
     slicing = [n for b, n in loops if _reachable(comps, b) & reading]
     assert slicing, "the weight slices are not inside any loop"
     assert el not in slicing, f"a loop of known trip count {el} slices expert weights"
+
+
+@pytest.mark.parametrize("grad", [False, True], ids=["forward", "backward"])
+def test_cpu_kernel_widens_one_bf16_expert_at_a_time(grad):
+    """bf16 weights are widened to f32 one expert at a time, before its tiles: XLA:CPU had
+    turned ``w[e]`` of a bf16 stack into a conversion of the whole ``[El, d, f]`` stack to f32
+    on every call (then a slice, then a conversion back)."""
+    el, d, f, rows = 4, 48, 40, 16
+    wg, wu, wd = (w.astype(jnp.bfloat16) for w in weights(np.random.default_rng(0), el, d, f))
+    x = jnp.ones((rows, d), jnp.bfloat16)
+    gs = jnp.asarray([6, 0, 10, 0], jnp.int32)
+
+    def fn(x, gs, wg, wu, wd):
+        y = grouped_swiglu_tiled(x, gs, wg, wu, wd, tile=8)
+        return jnp.sum(y.astype(jnp.float32) ** 2)
+
+    fn = jax.grad(fn, argnums=(0, 2, 3, 4)) if grad else fn
+    text = jax.jit(fn).lower(x, gs, wg, wu, wd).compile().as_text()
+    converts = re.findall(r"= f32\[([\d,]+)\]\S* convert\(", text)
+    whole = {f"{el},{d},{f}", f"{el},{f},{d}"}
+    assert not whole & set(converts), "a whole bf16 weight stack is converted to f32"
+    one = {f"{d},{f}", f"1,{d},{f}", f"{f},{d}", f"1,{f},{d}"}
+    assert one & set(converts), "no per-expert widening found: the test no longer sees the kernel"

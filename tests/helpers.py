@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import moe_relayfree as mr
+from moe_relayfree import selfcheck
 
 
 def make_mesh(num_ranks: int, axis: str = "ep"):
@@ -28,19 +29,9 @@ def moe_inputs(n, d, f, e, k, *, seed=0, dtype=jnp.float32, ids=None):
 
 
 def skewed_ids(kind, n, k, num_experts, num_ranks):
-    """Adversarial routing: ``one_expert`` (every first choice is expert 0), ``one_rank``
-    (every copy lands on the last rank), ``empty_experts`` (only even experts chosen)."""
-    rng = np.random.default_rng(0)
-    local = num_experts // num_ranks
-    if kind == "one_expert":
-        rest = [rng.choice(np.arange(1, num_experts), k - 1, replace=False) for _ in range(n)]
-        return np.array([[0, *r] for r in rest], np.int32)
-    if kind == "one_rank":
-        base = (num_ranks - 1) * local
-        return np.stack([base + rng.choice(local, k, replace=False) for _ in range(n)]).astype(np.int32)
-    if kind == "empty_experts":
-        return np.stack([2 * rng.choice(num_experts // 2, k, replace=False) for _ in range(n)]).astype(np.int32)
-    raise ValueError(kind)
+    """Adversarial routing (``one_expert``, ``one_rank``, ``empty_experts``): the patterns of
+    the platform self-check, :func:`moe_relayfree.selfcheck.routing_ids`."""
+    return selfcheck.routing_ids(kind, n, k, num_experts, num_ranks)
 
 
 # --- MoELayer as plain arrays and dense math -------------------------------------------

@@ -201,7 +201,8 @@ def run_checks(mesh: Mesh, *, axis: str = "ep", shapes: Shapes = Shapes(),
                                                TOLERANCE[name], note))
         for v in grad_variants:
             try:
-                results += _grad_checks(mesh, v, fns[v], shapes, axis)
+                fn = fns[v] if v in fns else variant_fn(mesh, v, e, axis)
+                results += _grad_checks(mesh, v, fn, shapes, axis)
             except Exception as exc:
                 results.append(CheckResult("grad", v, "uniform", "float32", float("inf"),
                                            TOLERANCE["float32"], _describe(exc)))

@@ -65,6 +65,17 @@ def test_a_wrong_variant_fails_and_the_rest_still_run(results):
         assert not broken.ok and "NotImplementedError: no kernel" in broken.note
 
 
+def test_one_device():
+    """A single GPU: every routing pattern still picks distinct experts (k lowered to E/2),
+    and the schedules run with trivial collectives."""
+    assert selfcheck.fit_shapes(selfcheck.Shapes(), 1).k == 2
+    assert selfcheck.fit_shapes(selfcheck.Shapes(), 8).k == 4
+    results = selfcheck.run_checks(mr.make_ep_mesh(1), shapes=selfcheck.Shapes(d=16, f=24),
+                                   variants=("decode", "prefill"), dtypes=(jnp.float32,),
+                                   grad_variants=())
+    assert len(results) == 2 * len(selfcheck.ROUTINGS) and all(r.ok for r in results), results
+
+
 def test_routing_patterns():
     n, k, e, p = 12, 3, 16, 4
     for kind in selfcheck.ROUTINGS:

@@ -59,6 +59,12 @@ def ensure_varying(x: jax.Array, axis_name: str, *like: jax.Array) -> jax.Array:
     return vary_like(x, *like, axes=(axis_name,))
 
 
+def bitcast_as(x: jax.Array, dtype) -> jax.Array:
+    """x's bits read as ``dtype`` (same width, or a trailing axis as for
+    ``lax.bitcast_convert_type``); x itself when it already has that dtype."""
+    return x if x.dtype == dtype else lax.bitcast_convert_type(x, dtype)
+
+
 def _padded_exchange(operand, output, input_offsets, send_sizes, output_offsets, *, axis_name,
                      rows_per_peer):
     """One dense exchange with ``rows_per_peer`` padded rows per peer (exact if they fit)."""

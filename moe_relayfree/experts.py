@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from moe_relayfree.collectives import vary_like
+from moe_relayfree.collectives import bitcast_as, vary_like
 from moe_relayfree.windows import ExpertWindows
 
 _F32 = jnp.float32
@@ -102,10 +102,6 @@ def _bits(a: jax.Array) -> jax.Array:
     return a
 
 
-def _from_bits(a: jax.Array, dtype) -> jax.Array:
-    return a if a.dtype == dtype else lax.bitcast_convert_type(a, dtype)
-
-
 def _expert_slices(*stacked: jax.Array):
     """``e -> (w[e] for w in stacked)`` in :func:`_compute_dtype` (bf16 / f16 widened).
 
@@ -117,7 +113,7 @@ def _expert_slices(*stacked: jax.Array):
     the CPU").
     """
     raw = [(_bits(w), w.dtype) for w in stacked]
-    return lambda e: tuple(_from_bits(b[e], dt).astype(_compute_dtype(dt)) for b, dt in raw)
+    return lambda e: tuple(bitcast_as(b[e], dt).astype(_compute_dtype(dt)) for b, dt in raw)
 
 
 def _grouped_swiglu_tiled_fwd_impl(x, group_sizes, w_gate, w_up, w_down, tile):
@@ -192,7 +188,7 @@ def _tiled_bwd(tile, res, dy):
     init = init[:1] + tuple(_bits(a) for a in init[1:])
     # an empty expert's weight gradients stay the initial zeros
     dx, dwg, dwu, dwd = _over_experts_with_rows(counts, expert, init)
-    return (dx, None) + tuple(_from_bits(g, w.dtype) for g, w in
+    return (dx, None) + tuple(bitcast_as(g, w.dtype) for g, w in
                               ((dwg, w_gate), (dwu, w_up), (dwd, w_down)))
 
 

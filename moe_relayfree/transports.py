@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from moe_relayfree.collectives import ensure_varying, peer_rows, ragged_all_to_all
+from moe_relayfree.collectives import bitcast_as, ensure_varying, peer_rows, ragged_all_to_all
 from moe_relayfree.plan import sort_copies
 from moe_relayfree.windows import (
     ExpertWindows,
@@ -48,10 +48,6 @@ def _wire_dtype(dtype) -> jnp.dtype:
     return jnp.dtype(jnp.uint16) if jnp.dtype(dtype) == jnp.bfloat16 else jnp.dtype(dtype)
 
 
-def _bits_as(a: jax.Array, dtype) -> jax.Array:
-    return a if a.dtype == dtype else lax.bitcast_convert_type(a, dtype)
-
-
 def _pack(x: jax.Array, ids: jax.Array, w: jax.Array) -> jax.Array:
     """x ``[T, d]``, ids ``[T, k]`` int, w ``[T, k] f32`` -> ``[T, d + m]`` in
     :func:`_wire_dtype`, bit-exact."""
@@ -61,7 +57,7 @@ def _pack(x: jax.Array, ids: jax.Array, w: jax.Array) -> jax.Array:
         meta = lax.bitcast_convert_type(meta.reshape(t, -1, 2), wire)
     else:
         meta = lax.bitcast_convert_type(meta, wire).reshape(t, -1)
-    return jnp.concatenate([_bits_as(x, wire), meta], axis=1)
+    return jnp.concatenate([bitcast_as(x, wire), meta], axis=1)
 
 
 def _unpack(packed: jax.Array, d: int, k: int, dtype):
@@ -73,7 +69,8 @@ def _unpack(packed: jax.Array, d: int, k: int, dtype):
         meta = lax.bitcast_convert_type(meta, _I32)
     else:
         meta = lax.bitcast_convert_type(meta.reshape(n, 2 * k, 4 // size), _I32)
-    return _bits_as(packed[:, :d], dtype), meta[:, :k], lax.bitcast_convert_type(meta[:, k:], _F32)
+    weights = lax.bitcast_convert_type(meta[:, k:], _F32)
+    return bitcast_as(packed[:, :d], dtype), meta[:, :k], weights
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))

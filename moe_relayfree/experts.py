@@ -89,43 +89,62 @@ def _over_experts_with_rows(counts, expert, init):
 
 
 def _compute_dtype(dtype) -> jnp.dtype:
-    """What the CPU kernel computes in: float32 for 16-bit floats, else the dtype itself."""
+    """What the CPU kernel's backward pass computes in: float32 for 16-bit floats, else the
+    dtype itself."""
     return jnp.promote_types(dtype, _F32)
 
 
+def _dot_dtype(dtype) -> jnp.dtype:
+    """What the CPU kernel's forward dots take: bf16 as it is, other 16-bit floats widened to f32.
+
+    XLA:CPU runs a bf16 x bf16 -> f32 dot as one YNNPACK kernel (AVX512-BF16 / AMX where the
+    CPU has them); widening the weights to f32 first cost a conversion pass over every expert's
+    weights and twice the bytes in the dot: the layer took 1.7-2.2x as long at d=1024 from 8
+    tokens per rank (docs/benchmarks.md, "bf16 on the CPU"). YNNPACK has no f16 dot kernel.
+    A bf16 product is exact in f32, so the results are those of the widened dot up to the
+    order of the f32 sums.
+    """
+    return jnp.dtype(dtype) if jnp.dtype(dtype) == jnp.bfloat16 else _compute_dtype(dtype)
+
+
 def _bits(a: jax.Array) -> jax.Array:
-    """A 16-bit float array as its raw uint16 bits (others as they are): XLA:CPU has no bf16
-    arithmetic and widens bf16 slices and scatters of a whole array to f32 and back; it
-    leaves integer ones alone, and the bitcasts are free."""
+    """A 16-bit float array as its raw uint16 bits (others as they are): XLA:CPU widens a
+    scatter into a whole bf16 array to f32 and back; it leaves integer ones alone."""
     if jnp.issubdtype(a.dtype, jnp.floating) and a.dtype.itemsize == 2:
         return lax.bitcast_convert_type(a, jnp.uint16)
     return a
 
 
-def _expert_slices(*stacked: jax.Array):
-    """``e -> (w[e] for w in stacked)`` in :func:`_compute_dtype` (bf16 / f16 widened).
+def _expert_slices(*stacked: jax.Array, as_dtype=_compute_dtype):
+    """``e -> (w[e] for w in stacked)``, each in ``as_dtype(w.dtype)``: to be called inside
+    the loop over experts, once per expert, before its tiles.
 
-    Measured with bf16 weights on XLA:CPU (AVX2): its float normalization turned ``w_gate[e]``
-    into a conversion of the whole ``[El, d, f]`` stack to f32 on every call, a slice, and a
-    conversion back (three stacks written and read again per layer call, most of them for
-    experts with no rows at decode sizes). The slice is taken on the raw bits and widened once
-    per expert, before its tiles: same products, same f32 sums (docs/benchmarks.md, "bf16 on
-    the CPU").
+    XLA:CPU's float normalization rewrites a slice of a bf16 array as a slice of its f32
+    conversion, and its loop-invariant code motion then hoists that conversion of the **whole**
+    ``[El, d, f]`` stack out of the loop: every call wrote and read three f32 stacks, most of
+    them for experts with no rows at decode sizes. Slicing the raw uint16 bits instead still
+    cost a whole-stack copy per call (XLA:CPU materialises the bitcast, also hoisted). An
+    optimization barrier over the stacks *and the loop index* makes them loop-variant, so
+    nothing is hoisted and the conversion stays fused into the slice: only ``w[e]`` is read
+    (docs/benchmarks.md, "bf16 on the CPU").
     """
-    raw = [(_bits(w), w.dtype) for w in stacked]
-    return lambda e: tuple(bitcast_as(b[e], dt).astype(_compute_dtype(dt)) for b, dt in raw)
+    def weights_of(e):
+        *ws, e = lax.optimization_barrier((*stacked, e))
+        return tuple(w[e].astype(as_dtype(w.dtype)) for w in ws)
+
+    return weights_of
 
 
 def _grouped_swiglu_tiled_fwd_impl(x, group_sizes, w_gate, w_up, w_down, tile):
     n, d = x.shape
     tile = _tile_rows(n, tile)
     starts, ends, counts = _tiles(group_sizes, n, tile)
-    weights_of = _expert_slices(w_gate, w_up, w_down)
+    weights_of = _expert_slices(w_gate, w_up, w_down, as_dtype=_dot_dtype)
 
-    # The whole pass in f32 (x widened once, y rounded once at the end): XLA:CPU's bf16 tiles
-    # each converted their rows and results again (0.82-0.93x the layer from 4 tokens per rank
-    # with it); swiglu's rounding of the hidden activation to x.dtype is kept.
-    xc = x.astype(_compute_dtype(x.dtype))
+    # Outputs accumulate in f32 and are rounded once at the end; f16 rows are widened once here
+    # (f16 dots run in f32, see _dot_dtype); swiglu's rounding of the hidden activation to
+    # x.dtype is kept.
+    xc = x.astype(_dot_dtype(x.dtype))
 
     def expert(e, y):
         wg, wu, wd = weights_of(e)
@@ -204,9 +223,25 @@ def cpu_tile_rows(num_rows: int, num_groups: int) -> int:
 
     No floor: at decode sizes the masked rows of a tile are paid in full (8 emulated devices
     share the cores), and 1-2 row tiles measured 0.64-0.85x the layer time of 8-row tiles
-    (docs/benchmarks.md, "CPU expert kernel")."""
+    (docs/benchmarks.md, "CPU expert kernel"); bf16 with large experts is the exception
+    (:func:`min_tile_rows`)."""
     mean = max(1, num_rows // max(1, num_groups))
     return min(CPU_TILE_ROWS, 1 << (mean - 1).bit_length())
+
+
+# an expert matrix (d*f elements) from which bf16 tiles have 2 rows, not 1
+BF16_TWO_ROW_ELEMENTS = 1 << 17
+
+
+def min_tile_rows(dtype, d: int, f: int) -> int:
+    """2 for bf16 experts of at least ``BF16_TWO_ROW_ELEMENTS`` (d*f), else 1.
+
+    A one-row dot is a matrix-vector product, which YNNPACK does not take: XLA:CPU's own bf16
+    one reads a large matrix slower than YNNPACK's 2-row kernel (2-row tiles: 0.86x / 0.90x the
+    decode layer at d=1024, f=512 / 256, one token per rank), while for small ones the 2-row
+    call costs more (1.10x at d=f=256, 1.00x at d=f=128; docs/benchmarks.md, "bf16 on the
+    CPU")."""
+    return 2 if jnp.dtype(dtype) == jnp.bfloat16 and d * f >= BF16_TWO_ROW_ELEMENTS else 1
 
 
 def grouped_swiglu_tiled(x, group_sizes, w_gate, w_up, w_down, tile: int | None = None, *,
@@ -219,7 +254,7 @@ def grouped_swiglu_tiled(x, group_sizes, w_gate, w_up, w_down, tile: int | None 
     """
     if tile is None:
         rows = x.shape[0] if expected_rows is None else min(expected_rows, x.shape[0])
-        tile = cpu_tile_rows(rows, w_gate.shape[0])
+        tile = max(cpu_tile_rows(rows, w_gate.shape[0]), min_tile_rows(x.dtype, *w_gate.shape[1:]))
     return _grouped_swiglu_tiled(x, group_sizes, w_gate, w_up, w_down, tile)
 
 

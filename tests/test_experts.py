@@ -97,6 +97,29 @@ def test_cpu_tile_rows_follow_the_mean_window():
     assert cpu_tile_rows(100, 3) == CPU_TILE_ROWS
 
 
+def test_bf16_tiles_of_large_experts_have_two_rows():
+    """One row per tile is a matrix-vector dot, which XLA:CPU runs slowly in bf16 for large
+    expert matrices: there the kernel's tiles have at least 2 rows (f32 and small bf16 experts
+    keep 1-row tiles)."""
+    from moe_relayfree.experts import BF16_TWO_ROW_ELEMENTS, min_tile_rows
+
+    d = 512
+    f = BF16_TWO_ROW_ELEMENTS // d
+    assert min_tile_rows(jnp.bfloat16, d, f) == 2
+    assert min_tile_rows(jnp.bfloat16, d, f // 2) == 1
+    assert min_tile_rows(jnp.float32, d, f) == 1
+    rng = np.random.default_rng(5)
+    wg, wu, wd = (w.astype(jnp.bfloat16) for w in weights(rng, 32, d, f))
+    x = jnp.asarray(rng.standard_normal((8, d)), jnp.bfloat16)  # 8 rows over 32 experts
+    gs = jnp.asarray([1] * 8 + [0] * 24, jnp.int32)
+    fn = jax.jit(lambda *a: grouped_swiglu(*a, expected_rows=8))
+    text = fn.trace(x, gs, wg, wu, wd).lower().as_text()
+    assert {int(r) for r in re.findall(r"stablehlo.dot_general.*?: \(tensor<(\d+)x", text)} == {2}
+    np.testing.assert_allclose(fn(x, gs, wg, wu, wd).astype(np.float32),
+                               per_window(x, [1] * 8 + [0] * 24, wg, wu, wd).astype(np.float32),
+                               atol=2e-2, rtol=2e-2)
+
+
 def test_expected_rows_sizes_cpu_tiles_and_reaches_only_impls_that_take_it():
     """grouped_swiglu(expected_rows=n): the CPU kernel tiles from n rows, not the buffer's R
     (same results); an impl registered without ``takes_expected_rows`` is called as before."""
@@ -191,11 +214,26 @@ def test_cpu_kernel_reads_no_weights_of_an_empty_expert(grad):
     assert el not in slicing, f"a loop of known trip count {el} slices expert weights"
 
 
+def _buffers(hlo: str) -> set[tuple[str, str]]:
+    """(dtype, shape) of every array an instruction of the compiled program writes: the
+    instructions of ENTRY, loop bodies and branches (fusion bodies are computed in registers,
+    their result is the fusion's); parameters, tuples and bitcasts write nothing."""
+    comps = _computations(hlo)
+    fused = {c for body in comps.values() for c in re.findall(r"calls=%?([\w.\-]+)", body)}
+    free = ("parameter", "get-tuple-element", "tuple", "bitcast", "constant")
+    return {(dt, shape) for name, body in comps.items() if name not in fused
+            for dt, shape, op in re.findall(r"= (\w+)\[([\d,]*)\]\S* ([\w\-]+)\(", body)
+            if op not in free}
+
+
 @pytest.mark.parametrize("grad", [False, True], ids=["forward", "backward"])
-def test_cpu_kernel_widens_one_bf16_expert_at_a_time(grad):
-    """bf16 weights are widened to f32 one expert at a time, before its tiles: XLA:CPU had
-    turned ``w[e]`` of a bf16 stack into a conversion of the whole ``[El, d, f]`` stack to f32
-    on every call (then a slice, then a conversion back)."""
+def test_cpu_kernel_reads_only_the_bf16_weights_it_uses(grad):
+    """No pass over a whole bf16 weight stack. XLA:CPU had turned ``w[e]`` of a bf16 stack
+    into a conversion of the whole ``[El, d, f]`` stack to f32 on every call (hoisted out of
+    the expert loop), and slicing the stack's uint16 bits instead still copied the whole stack
+    once per call. Forward: no instruction writes a weight-stack-sized array, and the dots
+    take the bf16 weights as they are (bf16 x bf16 -> f32). Backward (which writes the bf16
+    weight gradients): no f32 stack, one expert's weights widened at a time."""
     el, d, f, rows = 4, 48, 40, 16
     wg, wu, wd = (w.astype(jnp.bfloat16) for w in weights(np.random.default_rng(0), el, d, f))
     x = jnp.ones((rows, d), jnp.bfloat16)
@@ -207,8 +245,17 @@ def test_cpu_kernel_widens_one_bf16_expert_at_a_time(grad):
 
     fn = jax.grad(fn, argnums=(0, 2, 3, 4)) if grad else fn
     text = jax.jit(fn).lower(x, gs, wg, wu, wd).compile().as_text()
-    converts = re.findall(r"= f32\[([\d,]+)\]\S* convert\(", text)
-    whole = {f"{el},{d},{f}", f"{el},{f},{d}"}
-    assert not whole & set(converts), "a whole bf16 weight stack is converted to f32"
+    stacks = {f"{el},{d},{f}", f"{el},{f},{d}"}
+    written = {(dt, shape) for dt, shape in _buffers(text) if shape in stacks}
     one = {f"{d},{f}", f"1,{d},{f}", f"{f},{d}", f"1,{f},{d}"}
-    assert one & set(converts), "no per-expert widening found: the test no longer sees the kernel"
+    widened = {shape for dt, shape in _buffers(text) if dt == "f32" and shape in one}
+    if grad:
+        assert not {w for w in written if w[0] == "f32"}, f"an f32 weight stack is written: {written}"
+        assert widened, "no per-expert widening found: the test no longer sees the kernel"
+    else:
+        assert not written, f"a whole weight stack is written on every call: {written}"
+        assert not widened, "the forward pass widens an expert's weights"
+        # the computations holding the dots (YNNPACK fusions) take bf16 weights
+        dot_inputs = {shape for body in _computations(text).values() if " dot(" in body
+                      for shape in re.findall(r"= bf16\[([\d,]+)\]\S* parameter\(", body)}
+        assert dot_inputs >= {f"{d},{f}", f"{f},{d}"}, dot_inputs

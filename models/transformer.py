@@ -165,10 +165,23 @@ class MoETransformer(nnx.Module):
         self.lm_head = None if cfg.tie_embeddings else nnx.Param(
             normal_init(rngs, (cfg.d_model, cfg.vocab_size), cfg.d_model**-0.5, param_dtype))
 
+    @property
+    def compute_dtype(self) -> jnp.dtype:
+        """The activations' default dtype: the parameters' (a bf16 checkpoint runs in bf16)."""
+        return self.embed[...].dtype
+
     def __call__(self, tokens: jax.Array, pad: jax.Array, cache: KVCache, start: int,
-                 dtype=jnp.float32) -> tuple[jax.Array, KVCache]:
+                 dtype=None) -> tuple[jax.Array, KVCache]:
         """tokens ``[B, S]`` written at cache rows ``[start, start+S)`` (static ``start``);
-        pad ``[B]`` left-padding per row. Returns (logits ``[B, S, V] f32``, cache)."""
+        pad ``[B]`` left-padding per row; dtype: the activations' (default
+        :attr:`compute_dtype`; matmuls accumulate in f32, norms and softmax run in f32 either
+        way). Returns (logits ``[B, S, V] f32``, cache).
+
+        Activations follow the parameters by default because each layer casts its weights to
+        the activations' dtype: f32 activations over bf16 weights converted every weight
+        matrix of the model on every call (a decode step of the MoE-heavy checkpoint took
+        2.1-3.0x as long as in bf16 on this CPU; docs/benchmarks.md)."""
+        dtype = self.compute_dtype if dtype is None else dtype
         b, s = tokens.shape
         length = cache.k[0].shape[1]
         x = jnp.take(self.embed[...], tokens, axis=0).astype(dtype)

@@ -190,6 +190,7 @@ def _tiled_bwd(tile, res, dy):
             _, vjp = jax.vjp(swiglu, xt, wg, wu, wd)
             dxt, dg, du, dd = vjp(dyt)
             old = lax.dynamic_slice_in_dim(dx, a, tile)
+            dxt = dxt.astype(dx.dtype)
             dx = lax.dynamic_update_slice_in_dim(dx, jnp.where(mask[:, None], dxt, old), a, 0)
             return dx, gwg + dg.astype(_F32), gwu + du.astype(_F32), gwd + dd.astype(_F32)
 
@@ -204,10 +205,14 @@ def _tiled_bwd(tile, res, dy):
     # a replicated weight's per-device partials (and x's over a tensor axis), so the carries
     # start like their primals and nothing is summed again here.
     init = tuple(vary_like(jnp.zeros_like(a), a) for a in (x, w_gate, w_up, w_down))
-    init = init[:1] + tuple(_bits(a) for a in init[1:])
+    # dx in f32 and dW as bits: XLA:CPU rewrites a row update of a bf16 array as an update of
+    # its f32 conversion, which is no longer in place: every tile wrote the whole [R, d] dx
+    # (and copied it), a cost quadratic in the rows. Each row is set once, so the f32 carry
+    # holds the bf16 values exactly.
+    init = (init[0].astype(_compute_dtype(x.dtype)),) + tuple(_bits(a) for a in init[1:])
     # an empty expert's weight gradients stay the initial zeros
     dx, dwg, dwu, dwd = _over_experts_with_rows(counts, expert, init)
-    return (dx, None) + tuple(bitcast_as(g, w.dtype) for g, w in
+    return (dx.astype(x.dtype), None) + tuple(bitcast_as(g, w.dtype) for g, w in
                               ((dwg, w_gate), (dwu, w_up), (dwd, w_down)))
 
 

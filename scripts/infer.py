@@ -124,7 +124,7 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, progress=N
     step = functools.partial(step_fn, graphdef, state)
 
     def fresh_cache():
-        return init_cache(model.cfg, batch, length, jnp.float32)
+        return init_cache(model.cfg, batch, length, model.compute_dtype)
 
     start = time.perf_counter()  # compile both programs (and warm up) before timing
     warm, cache = prefill(tokens, pad, fresh_cache())

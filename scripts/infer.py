@@ -37,7 +37,8 @@ def parse_args(argv=None):
     p.add_argument("--dispatch", choices=sorted(DISPATCH), default="relayfree")
     p.add_argument("--schedule", choices=["auto", "prefill", "decode"], default="auto")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
-                   help="parameter dtype (default: the checkpoint's)")
+                   help="parameter dtype, which the activations and KV cache follow "
+                   "(default: the checkpoint's)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     p.add_argument("--coordinator", help="HOST:PORT of process 0, to run over several processes")

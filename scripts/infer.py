@@ -196,7 +196,7 @@ def main(argv=None) -> int:
         "checkpoint": os.path.relpath(args.checkpoint, ROOT) if args.checkpoint.startswith(ROOT) else args.checkpoint,
         "platform": devices[0].platform, "devices": len(devices), "dispatch": args.dispatch,
         "mesh": dict(mesh.shape), "expert_axis": lay.axis, "batch_axes": list(lay.batch_axes),
-        "tensor_axis": lay.tensor_axis,
+        "tensor_axis": lay.tensor_axis, "dtype": np.dtype(model.compute_dtype).name,
         "batch": batch, "prompt_tokens": result["prompt_width"], "new_tokens": args.max_new_tokens,
         "prefill_schedule": mr.select_schedule(-(-batch * result["prompt_width"] // shards), args.schedule),
         "decode_schedule": mr.select_schedule(-(-batch // shards), args.schedule),
@@ -214,7 +214,8 @@ def main(argv=None) -> int:
     for o in report["outputs"]:
         print(f"--- {o['prompt']!r}\n{o['prompt']}{o['completion']}")
     mesh_text = ",".join(f"{a}={n}" for a, n in report["mesh"].items())
-    print(f"\n{report['devices']} {report['platform']} devices (mesh {mesh_text}), dispatch={args.dispatch}, batch={batch}, "
+    print(f"\n{report['devices']} {report['platform']} devices (mesh {mesh_text}), dispatch={args.dispatch}, "
+          f"{report['dtype']}, batch={batch}, "
           f"prompt={report['prompt_tokens']} tokens, new={args.max_new_tokens}")
     print(f"prefill: schedule={report['prefill_schedule']}, time to first token {report['ttft_ms']:.1f} ms")
     print(f"decode:  schedule={report['decode_schedule']}, time per output token {report['tpot_ms']:.1f} ms "

@@ -72,6 +72,7 @@ def test_infer_script_json():
     report = json.loads(out.stdout)
     assert report["devices"] == 8 and report["batch"] == 4
     assert report["mesh"] == {"data": 2, "ep": 4} and report["batch_axes"] == ["data", "ep"]
+    assert report["dtype"] == "bfloat16"  # the default checkpoint's: activations follow it
     assert report["prefill_schedule"] in ("prefill", "decode")
     assert report["decode_schedule"] == "decode"  # 4 rows on 8 ranks: 1 token per rank
     assert report["ttft_ms"] > 0 and report["tpot_ms"] > 0

@@ -237,8 +237,8 @@ def test_cpu_kernel_reads_only_the_bf16_weights_it_uses(grad):
     """No pass over a whole bf16 weight stack. XLA:CPU had turned ``w[e]`` of a bf16 stack
     into a conversion of the whole ``[El, d, f]`` stack to f32 on every call (hoisted out of
     the expert loop), and slicing the stack's uint16 bits instead still copied the whole stack
-    once per call. Forward: no instruction writes a weight-stack-sized array, and the dots
-    take the bf16 weights as they are (bf16 x bf16 -> f32). Backward (which writes the bf16
+    once per call. Forward: no instruction writes a weight-stack-sized array or an f32 copy
+    of x, and the dots take the bf16 weights as they are (bf16 x bf16 -> f32). Backward (which writes the bf16
     weight gradients): no f32 stack, one expert's weights widened at a time."""
     el, d, f, rows = 4, 48, 40, 16
     wg, wu, wd = (w.astype(jnp.bfloat16) for w in weights(np.random.default_rng(0), el, d, f))
@@ -265,6 +265,10 @@ def test_cpu_kernel_reads_only_the_bf16_weights_it_uses(grad):
     else:
         assert not written, f"a whole weight stack is written on every call: {written}"
         assert not widened, "the forward pass widens an expert's weights"
+        # nor is the whole x converted to f32 once per call (the same hoisting, on the rows)
+        comps = _computations(text)
+        calls = re.findall(rf"= f32\[{rows},{d}\]\S* fusion\(.*calls=%?([\w.\-]+)", text)
+        assert not [c for c in calls if re.search(r"ROOT \S+ = \S+ convert\(", comps[c])], calls
         # the computations holding the dots (YNNPACK fusions) take bf16 weights
         dot_inputs = {shape for body in _computations(text).values() if " dot(" in body
                       for shape in re.findall(r"= bf16\[([\d,]+)\]\S* parameter\(", body)}

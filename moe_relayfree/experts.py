@@ -30,14 +30,17 @@ def swiglu(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down: jax.Array) 
     return _swiglu_f32(x, w_gate, w_up, w_down, x.dtype).astype(x.dtype)
 
 
-def _swiglu_f32(x, w_gate, w_up, w_down, dtype) -> jax.Array:
+def _swiglu_f32(x, w_gate, w_up, w_down, dtype, rows_kept=None) -> jax.Array:
     """:func:`swiglu` for inputs of ``dtype``, before its last rounding: the f32 output. x and
     the weights may already be widened to f32 (the CPU kernel): the products and f32 sums are
-    the same, and the hidden activation is still rounded to ``dtype``."""
+    the same, and the hidden activation is still rounded to ``dtype``. ``rows_kept`` ``[n]
+    bool``: the other rows' hidden activations (so their outputs) are 0."""
     g = jnp.dot(x, w_gate, preferred_element_type=_F32)
     u = jnp.dot(x, w_up, preferred_element_type=_F32)
-    h = (jax.nn.silu(g) * u).astype(dtype)
-    return jnp.dot(h, w_down, preferred_element_type=_F32)
+    h = jax.nn.silu(g) * u
+    if rows_kept is not None:
+        h = jnp.where(rows_kept[:, None], h, 0.0)
+    return jnp.dot(h.astype(dtype), w_down, preferred_element_type=_F32)
 
 
 def grouped_swiglu_native(x, group_sizes, w_gate, w_up, w_down):
@@ -135,8 +138,30 @@ def _expert_slices(*stacked: jax.Array, as_dtype=_compute_dtype):
     return weights_of
 
 
+def _one_expert_pass(x, group_sizes, w_gate, w_up, w_down) -> bool:
+    """Whether the forward pass is one dense pass over all ``n`` rows of x: one local expert,
+    bf16 dots and at most ``CPU_TILE_ROWS`` rows (decode-sized windows).
+
+    The tile loop would slice (copy) the expert's three matrices out of their ``[1, d, f]``
+    stacks on every call and run a loop for one or two tiles; here ``w[0]`` is a view and the
+    rows past the window (at most the buffer's padding) are masked in the hidden activation,
+    which XLA fuses into the SwiGLU product. Same-process A/B, decode layer, one expert per
+    rank, bf16: 0.82-0.85x the tile loop at d=f=128 (1-16 tokens per rank), 0.78-0.91 at
+    d=256-1024. Not for f32, where the tile loop's 1-row dots beat the dense rows (1.0-1.4x;
+    docs/benchmarks.md, "bf16 on the CPU")."""
+    return (w_gate.shape[0] == 1 and x.shape[0] <= CPU_TILE_ROWS
+            and _dot_dtype(x.dtype) == jnp.bfloat16 and _dot_dtype(w_gate.dtype) == jnp.bfloat16)
+
+
 def _grouped_swiglu_tiled_fwd_impl(x, group_sizes, w_gate, w_up, w_down, tile):
     n, d = x.shape
+    if _one_expert_pass(x, group_sizes, w_gate, w_up, w_down):
+        # never fewer rows than a bf16 tile: a 1-row dot would widen the weights (min_tile_rows)
+        m = max(n, BF16_MIN_TILE_ROWS)
+        xm = jnp.pad(x, ((0, m - n), (0, 0)))
+        kept = jnp.arange(m, dtype=jnp.int32) < group_sizes[0]
+        y = _swiglu_f32(xm, w_gate[0], w_up[0], w_down[0], x.dtype, kept)
+        return y[:n].astype(x.dtype)
     tile = _tile_rows(n, tile)
     starts, ends, counts = _tiles(group_sizes, n, tile)
     weights_of = _expert_slices(w_gate, w_up, w_down, as_dtype=_dot_dtype)
@@ -232,25 +257,26 @@ def cpu_tile_rows(num_rows: int, num_groups: int) -> int:
 
     No floor: at decode sizes the masked rows of a tile are paid in full (8 emulated devices
     share the cores), and 1-2 row tiles measured 0.64-0.85x the layer time of 8-row tiles
-    (docs/benchmarks.md, "CPU expert kernel"); bf16 with large experts is the exception
-    (:func:`min_tile_rows`)."""
+    (docs/benchmarks.md, "CPU expert kernel"); bf16 is the exception (:func:`min_tile_rows`)."""
     mean = max(1, num_rows // max(1, num_groups))
     return min(CPU_TILE_ROWS, 1 << (mean - 1).bit_length())
 
 
-# an expert matrix (d*f elements) from which bf16 tiles have 2 rows, not 1
-BF16_TWO_ROW_ELEMENTS = 1 << 17
+# bf16 tiles have at least this many rows (see min_tile_rows)
+BF16_MIN_TILE_ROWS = 4
 
 
-def min_tile_rows(dtype, d: int, f: int) -> int:
-    """2 for bf16 experts of at least ``BF16_TWO_ROW_ELEMENTS`` (d*f), else 1.
+def min_tile_rows(dtype) -> int:
+    """``BF16_MIN_TILE_ROWS`` for bf16, else 1.
 
-    A one-row dot is a matrix-vector product, which YNNPACK does not take: XLA:CPU's own bf16
-    one reads a large matrix slower than YNNPACK's 2-row kernel (2-row tiles: 0.86x / 0.90x the
-    decode layer at d=1024, f=512 / 256, one token per rank), while for small ones the 2-row
-    call costs more (1.10x at d=f=256, 1.00x at d=f=128; docs/benchmarks.md, "bf16 on the
-    CPU")."""
-    return 2 if jnp.dtype(dtype) == jnp.bfloat16 and d * f >= BF16_TWO_ROW_ELEMENTS else 1
+    A one-row dot is a matrix-vector product, which YNNPACK does not take: XLA:CPU converts the
+    expert's bf16 matrices to f32 for its own kernel, on every call; YNNPACK's 2-row bf16 call
+    costs more than that at small experts, its 4-row call no more than its 2-row one. Same-process
+    A/B, decode layer, 4-row against the previous floor (1 row, 2 from d*f >= 2^17): d=1024
+    0.92 / 0.91 / 0.97 at 1 / 2 / 8 tokens per rank; d=f=256 0.92 at 2, 0.98-1.01 at 1, 4, 8;
+    d=f=128 0.99-1.00; 8-row tiles no better than 4 (docs/benchmarks.md, "bf16 on the CPU").
+    f32 keeps 1-row tiles (2 or 4 rows measured 1.00-1.07x)."""
+    return BF16_MIN_TILE_ROWS if jnp.dtype(dtype) == jnp.bfloat16 else 1
 
 
 def grouped_swiglu_tiled(x, group_sizes, w_gate, w_up, w_down, tile: int | None = None, *,
@@ -263,7 +289,7 @@ def grouped_swiglu_tiled(x, group_sizes, w_gate, w_up, w_down, tile: int | None 
     """
     if tile is None:
         rows = x.shape[0] if expected_rows is None else min(expected_rows, x.shape[0])
-        tile = max(cpu_tile_rows(rows, w_gate.shape[0]), min_tile_rows(x.dtype, *w_gate.shape[1:]))
+        tile = max(cpu_tile_rows(rows, w_gate.shape[0]), min_tile_rows(x.dtype))
     return _grouped_swiglu_tiled(x, group_sizes, w_gate, w_up, w_down, tile)
 
 

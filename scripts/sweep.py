@@ -5,7 +5,7 @@ and the largest batch that meets a TPOT target (the "feasible scheduling space")
     python scripts/sweep.py --mesh data=2,ep=4 [--tensor-axis NAME] [--expert-axis NAME]
 
 All dispatch paths run in the same process on the same model and prompts. Each point is
-measured ``--repeats`` times with the paths interleaved (path A, B, C, then again), and every
+measured ``--repeats`` times with the paths interleaved (A, B, C, then B, C, A, ...), and every
 reported time is the median over those rounds (TPOT: of each round's median decode step);
 TPOT is also compared per round with the faster baseline of that round (median of the ratios).
 Without ``--tpot-target-ms`` the target is 1.5x the lowest batch-1 TPOT of any path measured
@@ -70,9 +70,11 @@ def main(argv=None) -> int:
     def measure(batch, length):
         prompts = [bos + rng.integers(32, 127, size=length - len(bos)).tolist() for _ in range(batch)]
         outs, ttft, tpot = {}, {n: [] for n in models}, {n: [] for n in models}
-        for _ in range(args.repeats):
-            for name, model in models.items():
-                r = generate(model, prompts, args.new_tokens)
+        names = list(models)
+        for i in range(args.repeats):
+            # rotated so no path always runs first (or right after the same other path)
+            for name in names[i % len(names):] + names[:i % len(names)]:
+                r = generate(models[name], prompts, args.new_tokens)
                 outs[name] = r["tokens"]
                 ttft[name].append(1e3 * r["ttft_s"])
                 tpot[name].append(1e3 * float(np.median(r["step_s"])))

@@ -97,27 +97,59 @@ def test_cpu_tile_rows_follow_the_mean_window():
     assert cpu_tile_rows(100, 3) == CPU_TILE_ROWS
 
 
-def test_bf16_tiles_of_large_experts_have_two_rows():
-    """One row per tile is a matrix-vector dot, which XLA:CPU runs slowly in bf16 for large
-    expert matrices: there the kernel's tiles have at least 2 rows (f32 and small bf16 experts
-    keep 1-row tiles)."""
-    from moe_relayfree.experts import BF16_TWO_ROW_ELEMENTS, min_tile_rows
+def test_bf16_tiles_have_four_rows():
+    """A tile of fewer than 4 rows is a slow dot in bf16 on XLA:CPU (one row: the expert's
+    matrices converted to f32 on every call; two: YNNPACK's slower kernel), so bf16 tiles have
+    at least 4 rows even where the windows hold one row each; f32 keeps 1-row tiles."""
+    from moe_relayfree.experts import min_tile_rows
 
-    d = 512
-    f = BF16_TWO_ROW_ELEMENTS // d
-    assert min_tile_rows(jnp.bfloat16, d, f) == 2
-    assert min_tile_rows(jnp.bfloat16, d, f // 2) == 1
-    assert min_tile_rows(jnp.float32, d, f) == 1
+    assert min_tile_rows(jnp.bfloat16) == 4
+    assert min_tile_rows(jnp.float32) == 1
+    d, f = 512, 256
     rng = np.random.default_rng(5)
     wg, wu, wd = (w.astype(jnp.bfloat16) for w in weights(rng, 32, d, f))
     x = jnp.asarray(rng.standard_normal((8, d)), jnp.bfloat16)  # 8 rows over 32 experts
     gs = jnp.asarray([1] * 8 + [0] * 24, jnp.int32)
     fn = jax.jit(lambda *a: grouped_swiglu(*a, expected_rows=8))
     text = fn.trace(x, gs, wg, wu, wd).lower().as_text()
-    assert {int(r) for r in re.findall(r"stablehlo.dot_general.*?: \(tensor<(\d+)x", text)} == {2}
+    assert {int(r) for r in re.findall(r"stablehlo.dot_general.*?: \(tensor<(\d+)x", text)} == {4}
     np.testing.assert_allclose(fn(x, gs, wg, wu, wd).astype(np.float32),
                                per_window(x, [1] * 8 + [0] * 24, wg, wu, wd).astype(np.float32),
                                atol=2e-2, rtol=2e-2)
+
+
+def test_one_local_expert_in_bf16_is_one_dense_pass():
+    """One local expert, bf16, a decode-sized buffer: one dense SwiGLU over the buffer, rows
+    past the window masked (no tile loop, no copy of the expert's weights out of their
+    ``[1, d, f]`` stacks); f32 keeps the tile loop. Exact against per-window math, rows past
+    the window 0, gradients through the kernel's backward pass."""
+    rng = np.random.default_rng(11)
+    rows, d, f, gs = 16, 24, 40, [11]
+    wg, wu, wd = weights(rng, 1, d, f)
+    x = jnp.asarray(rng.standard_normal((rows, d)).astype(np.float32))
+    ct = jnp.asarray(rng.standard_normal((rows, d)).astype(np.float32))
+    gsa = jnp.asarray(gs, jnp.int32)
+
+    def loss(x, g, *w):
+        return jnp.sum(ct * grouped_swiglu_tiled(x, g, *w, tile=4).astype(jnp.float32))
+
+    def program(*a):
+        return jax.jit(lambda *a: grouped_swiglu_tiled(*a, tile=4)).lower(*a).compile().as_text()
+
+    bf = [a.astype(jnp.bfloat16) for a in (x, wg, wu, wd)]
+    text = program(bf[0], gsa, *bf[1:])
+    assert " while(" not in text and " dynamic-slice(" not in text
+    assert " while(" in program(x, gsa, wg, wu, wd)  # f32: the tile loop
+    got = jax.jit(lambda *a: grouped_swiglu_tiled(*a, tile=4))(bf[0], gsa, *bf[1:])
+    want = per_window(bf[0], gs, *bf[1:])
+    np.testing.assert_allclose(got.astype(np.float32), want.astype(np.float32), atol=2e-2, rtol=2e-2)
+    np.testing.assert_array_equal(np.asarray(got.astype(np.float32))[gs[0]:], 0)
+    g_got = jax.jit(jax.grad(loss, argnums=(0, 2, 3, 4)))(bf[0], gsa, *bf[1:])
+    ref = lambda x, *w: jnp.sum(ct * per_window(x, gs, *w).astype(jnp.float32))  # noqa: E731
+    g_ref = jax.grad(ref, argnums=(0, 1, 2, 3))(*bf)
+    for a, b in zip(g_got, g_ref):
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32),
+                                   atol=5e-2, rtol=5e-2)
 
 
 def test_expected_rows_sizes_cpu_tiles_and_reaches_only_impls_that_take_it():

@@ -21,6 +21,13 @@ so they exceed the wall time; compare implementations with each other, in one ru
     python scripts/profile_layer.py --experts 256 --tokens 16          # decode vs prefill
     python scripts/profile_layer.py --impls decode prefill ragged_baseline --calls 20
     python scripts/profile_layer.py --smoke --out /tmp/p
+
+``--checkpoint DIR --batch N`` profiles a whole model's decode step instead (``infer.py``'s
+jitted step, one token for each of ``N`` sequences), once per dispatch path (``relayfree``,
+``ragged-baseline``, ``capacity-baseline``): where a serving step's time goes, the MoE layers
+among the rest of the model.
+
+    python scripts/profile_layer.py --checkpoint models/default --batch 16
 """
 
 from __future__ import annotations
@@ -99,12 +106,13 @@ def summarize(trace: dict | list, calls: int) -> dict:
 
 
 def profile(fn, args, calls: int) -> dict:
+    """Traces ``calls`` calls of ``fn(*args)`` (``args=None``: ``fn()``)."""
     import jax
 
     with tempfile.TemporaryDirectory() as d:
         with jax.profiler.trace(d, create_perfetto_trace=True):
             for _ in range(calls):
-                jax.block_until_ready(fn(*args))
+                jax.block_until_ready(fn() if args is None else fn(*args))
         (path,) = glob.glob(os.path.join(d, "**", "*perfetto_trace.json.gz"), recursive=True)
         with gzip.open(path) as fh:
             return summarize(json.load(fh), calls)
@@ -134,13 +142,61 @@ def run(case: dict, impls, *, rounds: int, calls: int) -> dict:
     return out
 
 
+def run_step(checkpoint: str, batch: int, paths, *, rounds: int, calls: int,
+             cache_len: int = 32) -> dict:
+    """The model's decode step for ``batch`` sequences, per dispatch path: median ms over
+    interleaved rounds and the profile. Tokens are random (the routing of real text, not one
+    token repeated, which would send every copy to the same experts)."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    import moe_relayfree as mr
+    from infer import DISPATCH, ROOT, _programs
+    if ROOT not in sys.path:
+        sys.path.insert(0, ROOT)
+    from models import checkpoint as ckpt
+    from models.transformer import init_cache
+
+    mesh = mr.make_ep_mesh(len(jax.devices()))
+    _, step = _programs()
+    calls_of = {}
+    for name in paths:
+        model = ckpt.load_model(checkpoint, mesh=mesh, implementation=DISPATCH[name])
+        graphdef, state = nnx.split(model)
+        rng = np.random.default_rng(batch)
+        token = jnp.asarray(rng.integers(3, model.cfg.vocab_size, batch), jnp.int32)
+        pad = jnp.zeros((batch,), jnp.int32)
+        box = [init_cache(model.cfg, batch, cache_len, model.compute_dtype)]
+
+        def call(graphdef=graphdef, state=state, token=token, pad=pad, box=box):
+            # the step donates its cache: thread it through the calls
+            out, box[0] = step(graphdef, state, token, pad, box[0], jnp.int32(cache_len // 2))
+            return out
+
+        calls_of[name] = call
+        jax.block_until_ready(call())
+    times = {name: [] for name in paths}
+    for r in range(rounds):
+        for name in paths[r % len(paths):] + paths[:r % len(paths)]:
+            jax.block_until_ready(calls_of[name]())
+            start = time.perf_counter()
+            jax.block_until_ready(calls_of[name]())
+            times[name].append(time.perf_counter() - start)
+    return {name: dict(ms=float(np.median(times[name]) * 1e3), **profile(calls_of[name], None, calls))
+            for name in paths}
+
+
 def markdown(report: dict) -> str:
     c = report["case"]
-    lines = [f"# Layer profile: E={c['E']}, T={c['T']}/rank, k={c['k']}, d={c['d']}, f={c['f']}, "
-             "P=8 emulated CPU devices", "",
+    title = (f"# Decode-step profile: {c['checkpoint']}, batch {c['batch']}" if "batch" in c else
+             f"# Layer profile: E={c['E']}, T={c['T']}/rank, k={c['k']}, d={c['d']}, f={c['f']}")
+    lines = [title + ", P=8 emulated CPU devices", "",
              f"Command: `{report['command']}`. Thread-ms per call, summed over the devices' "
              "threads (client / pool).", "",
-             "| impl | layer ms | " + " | ".join(CLASSES) + " |", "|---" * (2 + len(CLASSES)) + "|"]
+             f"| impl | {'step' if 'batch' in c else 'layer'} ms | " + " | ".join(CLASSES) + " |",
+             "|---" * (2 + len(CLASSES)) + "|"]
     for name, r in report["impls"].items():
         cells = [f"{r['thread_ms_per_call'][k]['client']:.1f} / {r['thread_ms_per_call'][k]['pool']:.1f}"
                  for k in CLASSES]
@@ -157,18 +213,30 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=10, help="interleaved timing rounds")
     p.add_argument("--calls", type=int, default=10, help="calls traced per implementation")
     p.add_argument("--smoke", action="store_true", help="tiny shapes, to check the script")
+    p.add_argument("--checkpoint", default=None, help="profile this model's decode step instead")
+    p.add_argument("--batch", type=int, default=16, help="sequences in the decode step")
+    p.add_argument("--paths", nargs="+", default=["relayfree", "capacity-baseline"],
+                   help="dispatch paths for --checkpoint (infer.py's --dispatch names)")
     p.add_argument("--out", default="results/profile")
     a = p.parse_args(argv)
     bench_decode._setup_jax(8)
+    command = " ".join(["python scripts/profile_layer.py"] + (sys.argv[1:] if argv is None else list(argv)))
+    if a.checkpoint:
+        case = dict(checkpoint=a.checkpoint, batch=a.batch)
+        report = {"case": case, "command": command,
+                  "impls": run_step(a.checkpoint, a.batch, list(a.paths), rounds=a.rounds, calls=a.calls)}
+        return _write(report, os.path.join(a.out, f"step_{os.path.basename(os.path.normpath(a.checkpoint))}_B{a.batch}"))
     if a.smoke:
         case = dict(E=16, f=16, T=4, k=2, d=32)
     else:
         case = dict(E=a.experts, f=512 if a.experts == 64 else 256, T=a.tokens, k=8, d=1024)
     report = {"case": case, "impls": run(case, list(a.impls), rounds=a.rounds, calls=a.calls),
-              "command": " ".join(["python scripts/profile_layer.py"]
-                                  + (sys.argv[1:] if argv is None else list(argv)))}
-    os.makedirs(a.out, exist_ok=True)
-    stem = os.path.join(a.out, f"profile_E{case['E']}_T{case['T']}")
+              "command": command}
+    return _write(report, os.path.join(a.out, f"profile_E{case['E']}_T{case['T']}"))
+
+
+def _write(report: dict, stem: str) -> int:
+    os.makedirs(os.path.dirname(stem), exist_ok=True)
     with open(stem + ".json", "w") as fh:
         json.dump(report, fh, indent=1)
     with open(stem + ".md", "w") as fh:

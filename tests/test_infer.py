@@ -104,9 +104,27 @@ def test_sweep_script_smoke(tmp_path):
         assert r["tpot_paired_vs_best_baseline"] == pytest.approx(r["tpot_rounds_ms"][0] / best)
     assert set(report["feasible_batch"]) == {"relayfree", "ragged-baseline", "capacity-baseline"}
     assert report["tpot_target_ms"] > 0 and (tmp_path / "sweep.png").stat().st_size > 1000
+    targets = [p["tpot_target_ms"] for p in report["feasible_by_target"]]
+    assert targets == pytest.approx([m * report["best_batch1_tpot_ms"] for m in (1.25, 1.5, 2, 3)])
     assert report["mesh"] == {"data": 2, "ep": 4} and report["expert_axis"] == "ep"
     # batch 2 x prompt 8 over 8 token shards: 2 tokens per rank at prefill, 1 at decode
     assert all(r["prefill_schedule"] == r["decode_schedule"] == "decode" for r in report["rows"])
+
+
+def test_sweep_feasibility_is_the_largest_batch_under_each_target():
+    from sweep import feasibility
+
+    tpot = {"relayfree": [(1, 3.0), (8, 4.0), (64, 5.0)],
+            "capacity-baseline": [(1, 4.8), (8, 3.9), (64, 6.0)],
+            "ragged-baseline": [(1, 7.0), (8, 7.0), (64, 9.0)]}
+    rows = [dict(dispatch=n, batch=b, tpot_ms=t) for n, pts in tpot.items() for b, t in pts]
+    # the largest batch that meets it, even where a smaller batch does not (capacity at 1)
+    point = feasibility(rows, 4.5, 1.5)
+    assert point["feasible_batch"] == {"relayfree": 8, "capacity-baseline": 8, "ragged-baseline": 0}
+    assert point["feasible_vs_best_baseline"] == 1.0 and point["multiple"] == 1.5
+    assert feasibility(rows, 5.0)["feasible_vs_best_baseline"] == 8.0
+    none = feasibility(rows, 3.5)
+    assert none["feasible_batch"]["relayfree"] == 1 and none["feasible_vs_best_baseline"] is None
 
 
 def test_decode_step_updates_the_cache_in_place(mesh):

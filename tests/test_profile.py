@@ -1,5 +1,5 @@
 """scripts/profile_layer.py: self times from a trace's nested events, summed by op class and
-thread kind; and a real profile of a tiny decode layer parses."""
+thread kind; and real profiles of a tiny decode layer and of a model's decode step parse."""
 
 import os
 import sys
@@ -54,3 +54,13 @@ def test_profile_of_a_tiny_layer_finds_its_kernels():
     assert out["decode"]["ms"] > 0
     assert sum(per["dot"].values()) > 0, out["decode"]["top_ops"]
     assert sum(per["collective"].values()) > 0, out["decode"]["top_ops"]
+
+
+def test_profile_of_a_model_decode_step_finds_the_moe_collectives():
+    out = profile_layer.run_step(os.path.join(ROOT, "models", "default"), 8, ["relayfree"],
+                                 rounds=1, calls=2)
+    per = out["relayfree"]["thread_ms_per_call"]
+    assert out["relayfree"]["ms"] > 0
+    # the step's MoE layers gather and reduce-scatter over the 8 devices, and their experts dot
+    assert sum(per["collective"].values()) > 0, out["relayfree"]["top_ops"]
+    assert sum(per["dot"].values()) > 0, out["relayfree"]["top_ops"]

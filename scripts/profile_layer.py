@@ -7,8 +7,8 @@ rounds (median), then traced with ``jax.profiler`` for ``--calls`` calls. The tr
 reduced to *self* time (an event's duration less that of the events nested in it on the same
 thread) and summed per call, per op class and per thread kind:
 
-* op classes: ``dot`` (the expert GEMM's dot kernels), ``weight_slice`` (dynamic-slice copies,
-  i.e. an expert's weights copied out of the stacked weights), ``collective`` (collectives and
+* op classes: ``dot`` (the expert GEMM's dot kernels), ``weight_slice`` (an expert's matrix
+  copied out of the stacked weights: found in the compiled program, whatever XLA named it), ``collective`` (collectives and
   their rendezvous), ``intra_op_wait`` (a kernel waiting for the parts of it that XLA split off
   to the intra-op pool), ``program_wait`` (a client thread waiting for the rest of its program,
   which moved onto the pool), ``other``;
@@ -38,6 +38,7 @@ import glob
 import gzip
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -52,16 +53,48 @@ _COLLECTIVES = ("all_gather", "all-gather", "all_to_all", "all-to-all", "ragged"
                 "InvokeRendezvous", "Wait: pending_threads")
 
 
-def op_class(name: str) -> str:
-    """The class of one trace event name (XLA:CPU thunk names and runtime scopes)."""
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = .*?\bfusion\(.*\bcalls=%?([\w.\-]+)")
+_COMPUTATION = re.compile(r"^%?([\w.\-]+) \(.*\) -> .* \{$")
+# one whole matrix of a rank-3 stack: dynamic_slice_sizes={1,d,f}
+_MATRIX_SLICE = re.compile(r"dynamic-slice\(.*dynamic_slice_sizes=\{1,\d+,\d+\}")
+
+
+def weight_slice_ops(hlo: str) -> set[str]:
+    """Names of the instructions of a compiled program (``compiled.as_text()``) that copy one
+    expert's matrix out of a ``[El, d, f]`` stack: a dynamic-slice of sizes ``{1, d, f}``, on
+    its own or inside a fusion. XLA names such a fusion after what else it fuses (a bf16 slice
+    becomes ``convert_bitcast_fusion``: sliced through an f32 conversion), so its trace events
+    cannot be told from other fusions by name."""
+    sliced, ops, current = set(), set(), None
+    for line in hlo.splitlines():
+        head = _COMPUTATION.match(line)
+        if head:
+            current = head.group(1)
+        elif _MATRIX_SLICE.search(line):
+            sliced.add(current)  # the computation, if a fusion calls it
+            ops.add(line.split(" = ")[0].split()[-1].lstrip("%"))  # the slice, if unfused
+    for line in hlo.splitlines():
+        m = _INSTRUCTION.match(line)
+        if m and m.group(2) in sliced:
+            ops.add(m.group(1))
+    return ops
+
+
+def op_class(name: str, weight_slices: frozenset | set = frozenset()) -> str:
+    """The class of one trace event name (XLA:CPU thunk names and runtime scopes);
+    ``weight_slices``: instruction names :func:`weight_slice_ops` found in the program
+    (without them, ops named ``dynamic-slice*`` are taken for weight slices)."""
+    if weight_slices:
+        if name in weight_slices:
+            return "weight_slice"
+    elif name.startswith("dynamic-slice"):
+        return "weight_slice"
     if name == "SlinkyThreadPool::Await":
         return "intra_op_wait"
     if name == "ThunkExecutor::Execute (wait for completion)":
         return "program_wait"
     if name.startswith(("ynn_fusion", "xnn_fusion", "dot")) or "_dot" in name:
         return "dot"
-    if name.startswith("dynamic-slice"):
-        return "weight_slice"
     if name.startswith(_COLLECTIVES):
         return "collective"
     return "other"
@@ -82,9 +115,10 @@ def self_times(events: list[dict]) -> list[tuple[dict, float]]:
     return out
 
 
-def summarize(trace: dict | list, calls: int) -> dict:
+def summarize(trace: dict | list, calls: int, weight_slices: frozenset | set = frozenset()) -> dict:
     """A perfetto trace (``jax.profiler.trace(..., create_perfetto_trace=True)``) -> thread-ms
-    per call by class and thread kind, and the ten ops with most self time."""
+    per call by class and thread kind, and the ten ops with most self time (``weight_slices``:
+    see :func:`op_class`)."""
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
     names = {(e["pid"], e["tid"]): e["args"]["name"] for e in events
              if e.get("ph") == "M" and e.get("name") == "thread_name"}
@@ -97,16 +131,18 @@ def summarize(trace: dict | list, calls: int) -> dict:
     for key, evs in per_thread.items():
         kind = "client" if "Client" in names[key] else "pool"
         for e, us in self_times(evs):
-            if e["name"].startswith("ThunkExecutor::Execute") and op_class(e["name"]) == "other":
+            cls = op_class(e["name"], weight_slices)
+            if e["name"].startswith("ThunkExecutor::Execute") and cls == "other":
                 continue  # the executor's own bookkeeping around the thunks
-            by_class[op_class(e["name"])][kind] += us / 1e3 / calls
+            by_class[cls][kind] += us / 1e3 / calls
             ops[e["name"]] += us / 1e3 / calls
     return {"thread_ms_per_call": by_class,
             "top_ops": [[n, round(v, 3)] for n, v in ops.most_common(10)]}
 
 
-def profile(fn, args, calls: int) -> dict:
-    """Traces ``calls`` calls of ``fn(*args)`` (``args=None``: ``fn()``)."""
+def profile(fn, args, calls: int, hlo: str = "") -> dict:
+    """Traces ``calls`` calls of ``fn(*args)`` (``args=None``: ``fn()``); ``hlo``: the
+    compiled program's text, to find its weight slices by what they compute."""
     import jax
 
     with tempfile.TemporaryDirectory() as d:
@@ -115,7 +151,7 @@ def profile(fn, args, calls: int) -> dict:
                 jax.block_until_ready(fn() if args is None else fn(*args))
         (path,) = glob.glob(os.path.join(d, "**", "*perfetto_trace.json.gz"), recursive=True)
         with gzip.open(path) as fh:
-            return summarize(json.load(fh), calls)
+            return summarize(json.load(fh), calls, weight_slice_ops(hlo))
 
 
 def run(case: dict, impls, *, rounds: int, calls: int) -> dict:
@@ -138,7 +174,8 @@ def run(case: dict, impls, *, rounds: int, calls: int) -> dict:
             times[name].append(time.perf_counter() - start)
     out = {}
     for name, fn in fns.items():
-        out[name] = dict(ms=float(np.median(times[name]) * 1e3), **profile(fn, args, calls))
+        hlo = fn.lower(*args).compile().as_text()
+        out[name] = dict(ms=float(np.median(times[name]) * 1e3), **profile(fn, args, calls, hlo))
     return out
 
 
@@ -161,7 +198,7 @@ def run_step(checkpoint: str, batch: int, paths, *, rounds: int, calls: int,
 
     mesh = mr.make_ep_mesh(len(jax.devices()))
     _, step = _programs()
-    calls_of = {}
+    calls_of, hlo = {}, {}
     for name in paths:
         model = ckpt.load_model(checkpoint, mesh=mesh, implementation=DISPATCH[name])
         graphdef, state = nnx.split(model)
@@ -176,6 +213,7 @@ def run_step(checkpoint: str, batch: int, paths, *, rounds: int, calls: int,
             return out
 
         calls_of[name] = call
+        hlo[name] = step.lower(graphdef, state, token, pad, box[0], jnp.int32(0)).compile().as_text()
         jax.block_until_ready(call())
     times = {name: [] for name in paths}
     for r in range(rounds):
@@ -184,8 +222,8 @@ def run_step(checkpoint: str, batch: int, paths, *, rounds: int, calls: int,
             start = time.perf_counter()
             jax.block_until_ready(calls_of[name]())
             times[name].append(time.perf_counter() - start)
-    return {name: dict(ms=float(np.median(times[name]) * 1e3), **profile(calls_of[name], None, calls))
-            for name in paths}
+    return {name: dict(ms=float(np.median(times[name]) * 1e3),
+                       **profile(calls_of[name], None, calls, hlo[name])) for name in paths}
 
 
 def markdown(report: dict) -> str:

@@ -48,12 +48,44 @@ def test_op_classes_of_xla_cpu_thunk_names():
     assert {n: profile_layer.op_class(n) for n in expected} == expected
 
 
+_HLO = """
+%fused_computation.57 (param_0.82: bf16[8,256,256], param_2.35: s32[]) -> bf16[256,256] {
+  %param_0.82 = bf16[8,256,256]{2,1,0} parameter(0)
+  %convert.747 = f32[8,256,256]{2,1,0} convert(%param_0.82)
+  %dynamic_slice.216 = f32[1,256,256]{2,1,0} dynamic-slice(%convert.747, %p, %c, %c), dynamic_slice_sizes={1,256,256}
+  ROOT %bitcast.436 = bf16[256,256]{1,0} bitcast(%dynamic_slice.216)
+}
+
+%fused_computation.58 (param_0: f32[64,128], param_1: s32[]) -> f32[4,128] {
+  ROOT %dynamic_slice.3 = f32[4,128]{1,0} dynamic-slice(%param_0, %param_1, %c), dynamic_slice_sizes={4,128}
+}
+
+%body (p: (s32[], bf16[8,256,256])) -> (s32[], bf16[8,256,256]) {
+  %convert_bitcast_fusion = bf16[256,256]{1,0} fusion(%gte.1, %gte.2), kind=kLoop, calls=%fused_computation.57, backend_config={"outer_dimension_partitions":["2"]}
+  %dynamic-slice_fusion.2 = f32[4,128]{1,0} fusion(%gte.3, %gte.1), kind=kLoop, calls=%fused_computation.58
+  %dynamic-slice.9 = f32[1,32,16]{2,1,0} dynamic-slice(%gte.4, %gte.1, %c, %c), dynamic_slice_sizes={1,32,16}
+}
+"""
+
+
+def test_weight_slices_are_found_by_what_they_compute():
+    ops = profile_layer.weight_slice_ops(_HLO)
+    # a matrix of a stack, fused (and named after its conversion) or not; a row tile is not one
+    assert {"convert_bitcast_fusion", "dynamic-slice.9"} <= ops
+    assert "dynamic-slice_fusion.2" not in ops
+    assert profile_layer.op_class("convert_bitcast_fusion", ops) == "weight_slice"
+    assert profile_layer.op_class("convert_bitcast_fusion") == "other"
+    assert profile_layer.op_class("dynamic-slice_fusion.2", ops) == "other"
+
+
 def test_profile_of_a_tiny_layer_finds_its_kernels():
     out = profile_layer.run(dict(E=16, f=16, T=4, k=2, d=32), ["decode"], rounds=1, calls=2)
     per = out["decode"]["thread_ms_per_call"]
     assert out["decode"]["ms"] > 0
     assert sum(per["dot"].values()) > 0, out["decode"]["top_ops"]
     assert sum(per["collective"].values()) > 0, out["decode"]["top_ops"]
+    # two experts per rank: the CPU kernel copies each one's matrices out of the stacks
+    assert sum(per["weight_slice"].values()) > 0, out["decode"]["top_ops"]
 
 
 def test_profile_of_a_model_decode_step_finds_the_moe_collectives():

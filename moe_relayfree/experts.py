@@ -138,7 +138,7 @@ def _expert_slices(*stacked: jax.Array, as_dtype=_compute_dtype):
     return weights_of
 
 
-def _one_expert_pass(x, group_sizes, w_gate, w_up, w_down) -> bool:
+def _one_expert_pass(x, w_gate) -> bool:
     """Whether the forward pass is one dense pass over all ``n`` rows of x: one local expert,
     bf16 dots and at most ``CPU_TILE_ROWS`` rows (decode-sized windows).
 
@@ -155,7 +155,7 @@ def _one_expert_pass(x, group_sizes, w_gate, w_up, w_down) -> bool:
 
 def _grouped_swiglu_tiled_fwd_impl(x, group_sizes, w_gate, w_up, w_down, tile):
     n, d = x.shape
-    if _one_expert_pass(x, group_sizes, w_gate, w_up, w_down):
+    if _one_expert_pass(x, w_gate):
         # never fewer rows than a bf16 tile: a 1-row dot would widen the weights (min_tile_rows)
         m = max(n, BF16_MIN_TILE_ROWS)
         xm = jnp.pad(x, ((0, m - n), (0, 0)))

@@ -80,14 +80,11 @@ def weight_slice_ops(hlo: str) -> set[str]:
     return ops
 
 
-def op_class(name: str, weight_slices: frozenset | set = frozenset()) -> str:
+def op_class(name: str, weight_slices: set | None = None) -> str:
     """The class of one trace event name (XLA:CPU thunk names and runtime scopes);
-    ``weight_slices``: instruction names :func:`weight_slice_ops` found in the program
-    (without them, ops named ``dynamic-slice*`` are taken for weight slices)."""
-    if weight_slices:
-        if name in weight_slices:
-            return "weight_slice"
-    elif name.startswith("dynamic-slice"):
+    ``weight_slices``: instruction names :func:`weight_slice_ops` found in the program (may be
+    empty); ``None`` (no program text): ops named ``dynamic-slice*`` are taken for them."""
+    if name in weight_slices if weight_slices is not None else name.startswith("dynamic-slice"):
         return "weight_slice"
     if name == "SlinkyThreadPool::Await":
         return "intra_op_wait"
@@ -115,7 +112,7 @@ def self_times(events: list[dict]) -> list[tuple[dict, float]]:
     return out
 
 
-def summarize(trace: dict | list, calls: int, weight_slices: frozenset | set = frozenset()) -> dict:
+def summarize(trace: dict | list, calls: int, weight_slices: set | None = None) -> dict:
     """A perfetto trace (``jax.profiler.trace(..., create_perfetto_trace=True)``) -> thread-ms
     per call by class and thread kind, and the ten ops with most self time (``weight_slices``:
     see :func:`op_class`)."""
@@ -151,7 +148,7 @@ def profile(fn, args, calls: int, hlo: str = "") -> dict:
                 jax.block_until_ready(fn() if args is None else fn(*args))
         (path,) = glob.glob(os.path.join(d, "**", "*perfetto_trace.json.gz"), recursive=True)
         with gzip.open(path) as fh:
-            return summarize(json.load(fh), calls, weight_slice_ops(hlo))
+            return summarize(json.load(fh), calls, weight_slice_ops(hlo) if hlo else None)
 
 
 def run(case: dict, impls, *, rounds: int, calls: int) -> dict:
@@ -162,7 +159,8 @@ def run(case: dict, impls, *, rounds: int, calls: int) -> dict:
 
     mesh = mr.make_ep_mesh(8)
     args = bench_decode.case_inputs(mesh, case)
-    fns = {name: bench_decode._layer_fn(mesh, name) for name in impls}
+    # compiled once: the program that is timed and traced is the one whose text is read
+    fns = {name: bench_decode._layer_fn(mesh, name).lower(*args).compile() for name in impls}
     for fn in fns.values():
         jax.block_until_ready(fn(*args))
     times = {name: [] for name in fns}
@@ -174,8 +172,8 @@ def run(case: dict, impls, *, rounds: int, calls: int) -> dict:
             times[name].append(time.perf_counter() - start)
     out = {}
     for name, fn in fns.items():
-        hlo = fn.lower(*args).compile().as_text()
-        out[name] = dict(ms=float(np.median(times[name]) * 1e3), **profile(fn, args, calls, hlo))
+        out[name] = dict(ms=float(np.median(times[name]) * 1e3),
+                         **profile(fn, args, calls, fn.as_text()))
     return out
 
 
@@ -206,14 +204,15 @@ def run_step(checkpoint: str, batch: int, paths, *, rounds: int, calls: int,
         token = jnp.asarray(rng.integers(3, model.cfg.vocab_size, batch), jnp.int32)
         pad = jnp.zeros((batch,), jnp.int32)
         box = [init_cache(model.cfg, batch, cache_len, model.compute_dtype)]
+        position = jnp.int32(cache_len // 2)
+        compiled = step.lower(graphdef, state, token, pad, box[0], position).compile()
 
-        def call(graphdef=graphdef, state=state, token=token, pad=pad, box=box):
+        def call(compiled=compiled, state=state, token=token, pad=pad, box=box, position=position):
             # the step donates its cache: thread it through the calls
-            out, box[0] = step(graphdef, state, token, pad, box[0], jnp.int32(cache_len // 2))
+            out, box[0] = compiled(state, token, pad, box[0], position)
             return out
 
-        calls_of[name] = call
-        hlo[name] = step.lower(graphdef, state, token, pad, box[0], jnp.int32(0)).compile().as_text()
+        calls_of[name], hlo[name] = call, compiled.as_text()
         jax.block_until_ready(call())
     times = {name: [] for name in paths}
     for r in range(rounds):

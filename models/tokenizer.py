@@ -20,6 +20,7 @@ class ByteTokenizer:
     """This module's byte-level scheme behind the same interface as a loaded tokenizer."""
 
     bos_id = BOS
+    eos_id = EOS
 
     def encode(self, text: str) -> list[int]:
         return encode(text)

@@ -7,17 +7,19 @@
     python scripts/infer.py --mesh data=2,ep=2,tp=2 --tensor-axis tp
     python scripts/infer.py --devices 4 --coordinator HOST:PORT --num-processes 2 --process-id I
 
-Reports time to first token (prefill + first sampled token), time per output token (decode
-steps), tokens/s and the schedule each phase used. Compilation is done (and timed) before.
+Greedy by default (``--temperature``, ``--top-k``, ``--top-p``, ``--seed`` sample); a row stops
+at the checkpoint's EOS ids (``--ignore-eos``: always ``--max-new-tokens``). Reports time to
+first token (prefill + first token), time per output token (median decode step), tokens/s and
+the schedule each phase used. Compilation is done (and timed) before.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CHECKPOINT = os.path.join(ROOT, "models", "default")
@@ -34,6 +36,12 @@ def parse_args(argv=None):
     p.add_argument("--prompt", action="append", help="repeatable; default: three short prompts")
     p.add_argument("--batch", type=int, default=None, help="repeat prompts up to this batch size")
     p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (the default)")
+    p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0: all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: all)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--ignore-eos", action="store_true",
+                   help="always generate --max-new-tokens (no stop at the checkpoint's EOS ids)")
     p.add_argument("--dispatch", choices=sorted(DISPATCH), default="relayfree")
     p.add_argument("--schedule", choices=["auto", "prefill", "decode"], default="auto")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
@@ -71,86 +79,6 @@ def setup_devices(count: int) -> None:
         sys.path.insert(0, ROOT)
 
 
-_PROGRAMS = {}
-
-
-def _programs():
-    """The jitted prefill and decode step over ``(graphdef, state)``, made once so repeated
-    generate calls reuse their compiled programs (jit caches per model structure and shapes).
-
-    Plain ``jax.jit`` on the split model, not ``nnx.jit`` on the module: nnx.jit walks and
-    re-flattens the module graph in Python on every call, which made the default model's decode
-    step 1.45-1.7x as long (6-7 ms of Python per step; docs/benchmarks.md). The KV cache is
-    donated: each call writes the updated cache into the buffers it was given (3-6% of a step).
-    """
-    if not _PROGRAMS:
-        import functools
-
-        import jax
-        import jax.numpy as jnp
-        from flax import nnx
-
-        @functools.partial(jax.jit, static_argnums=0, donate_argnums=4)
-        def prefill(graphdef, state, tokens, pad, cache):
-            logits, cache = nnx.merge(graphdef, state)(tokens, pad, cache, 0)
-            return jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), cache
-
-        @functools.partial(jax.jit, static_argnums=0, donate_argnums=4)
-        def step(graphdef, state, token, pad, cache, position):
-            logits, cache = nnx.merge(graphdef, state)(token[:, None], pad, cache, position)
-            return jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), cache
-
-        _PROGRAMS.update(prefill=prefill, step=step)
-    return _PROGRAMS["prefill"], _PROGRAMS["step"]
-
-
-def generate(model, prompts: list[list[int]], max_new_tokens: int, *, progress=None) -> dict:
-    """Greedy batched generation. Returns tokens per row and timings (seconds)."""
-    import functools
-
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from models.transformer import init_cache
-
-    batch = len(prompts)
-    width = max(len(p) for p in prompts)
-    pad = jnp.asarray([width - len(p) for p in prompts], jnp.int32)
-    tokens = jnp.asarray([[0] * (width - len(p)) + p for p in prompts], jnp.int32)
-    length = width + max_new_tokens
-    prefill_fn, step_fn = _programs()
-    graphdef, state = nnx.split(model)
-    prefill = functools.partial(prefill_fn, graphdef, state)
-    step = functools.partial(step_fn, graphdef, state)
-
-    def fresh_cache():
-        return init_cache(model.cfg, batch, length, model.compute_dtype)
-
-    start = time.perf_counter()  # compile both programs (and warm up) before timing
-    warm, cache = prefill(tokens, pad, fresh_cache())
-    jax.block_until_ready(step(warm, pad, cache, jnp.int32(width)))
-    compile_s = time.perf_counter() - start
-
-    start = time.perf_counter()
-    token, cache = prefill(tokens, pad, fresh_cache())
-    token.block_until_ready()
-    ttft = time.perf_counter() - start
-    out = [token]
-    step_times = []
-    for i in range(max_new_tokens - 1):
-        t0 = time.perf_counter()
-        token, cache = step(token, pad, cache, jnp.int32(width + i))
-        token.block_until_ready()
-        step_times.append(time.perf_counter() - t0)
-        out.append(token)
-        if progress:
-            progress(i + 2, max_new_tokens)
-    generated = jax.device_get(jnp.stack(out, axis=1))
-    return {"tokens": generated.tolist(), "ttft_s": ttft, "step_s": step_times,
-            "compile_s": compile_s, "prompt_width": width}
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     setup_devices(args.devices)
@@ -158,11 +86,16 @@ def main(argv=None) -> int:
     import numpy as np
 
     import moe_relayfree as mr
-    from models import checkpoint, tokenizer
+    from models import checkpoint, generation, tokenizer
 
     if args.coordinator:
         mr.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
 
+    try:
+        sampling = generation.Sampling(args.temperature, args.top_k, args.top_p)
+    except ValueError as e:
+        print(f"sampling: {e}", file=sys.stderr)
+        return 2
     if not os.path.exists(os.path.join(args.checkpoint, "config.json")):
         print(f"no checkpoint at {args.checkpoint}; train the default one with "
               "`python scripts/train_default.py` or pass --checkpoint DIR", file=sys.stderr)
@@ -188,7 +121,11 @@ def main(argv=None) -> int:
         if not args.quiet and jax.process_index() == 0:
             print(f"\rdecode {done}/{total}", end="" if done < total else "\n", file=sys.stderr, flush=True)
 
-    result = generate(model, prompts, args.max_new_tokens, progress=progress)
+    stop_ids = () if args.ignore_eos else generation.stop_token_ids(args.checkpoint, tok)
+    result = generation.generate(model, prompts, args.max_new_tokens, sampling=sampling,
+                                 seed=args.seed, stop_ids=stop_ids, progress=progress)
+    if len(result["step_s"]) < args.max_new_tokens - 1:  # every row stopped early
+        progress(args.max_new_tokens, args.max_new_tokens)
     tpot = float(np.median(result["step_s"])) if result["step_s"] else float("nan")
     batch = len(prompts)
     shards = lay.num_token_shards  # tokens per device = tokens / shards (MoELayer pads up)
@@ -203,7 +140,10 @@ def main(argv=None) -> int:
         "ttft_ms": 1e3 * result["ttft_s"], "tpot_ms": 1e3 * tpot,
         "decode_tokens_per_s": batch / tpot if tpot == tpot else None,
         "compile_s": result["compile_s"],
-        "outputs": [{"prompt": t, "completion": tok.decode(g)} for t, g in zip(texts, result["tokens"])],
+        "sampling": dataclasses.asdict(sampling), "seed": args.seed, "stop_ids": list(stop_ids),
+        "decode_steps": len(result["step_s"]),
+        "outputs": [{"prompt": t, "completion": tok.decode(g), "new_tokens": len(g), "finish_reason": why}
+                    for t, g, why in zip(texts, result["tokens"], result["finish_reasons"])],
     }
     report["processes"] = jax.process_count()
     if jax.process_index() != 0:  # every process computes the same tokens; one reports
@@ -212,7 +152,8 @@ def main(argv=None) -> int:
         print(json.dumps(report, indent=2))
         return 0
     for o in report["outputs"]:
-        print(f"--- {o['prompt']!r}\n{o['prompt']}{o['completion']}")
+        print(f"--- {o['prompt']!r} ({o['new_tokens']} tokens, {o['finish_reason']})\n"
+              f"{o['prompt']}{o['completion']}")
     mesh_text = ",".join(f"{a}={n}" for a, n in report["mesh"].items())
     print(f"\n{report['devices']} {report['platform']} devices (mesh {mesh_text}), dispatch={args.dispatch}, "
           f"{report['dtype']}, batch={batch}, "

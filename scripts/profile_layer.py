@@ -188,14 +188,15 @@ def run_step(checkpoint: str, batch: int, paths, *, rounds: int, calls: int,
     from flax import nnx
 
     import moe_relayfree as mr
-    from infer import DISPATCH, ROOT, _programs
+    from infer import DISPATCH, ROOT
     if ROOT not in sys.path:
         sys.path.insert(0, ROOT)
     from models import checkpoint as ckpt
+    from models.generation import GREEDY, step_program
     from models.transformer import init_cache
 
     mesh = mr.make_ep_mesh(len(jax.devices()))
-    _, step = _programs()
+    key = jax.random.key(0)
     calls_of, hlo = {}, {}
     for name in paths:
         model = ckpt.load_model(checkpoint, mesh=mesh, implementation=DISPATCH[name])
@@ -205,11 +206,12 @@ def run_step(checkpoint: str, batch: int, paths, *, rounds: int, calls: int,
         pad = jnp.zeros((batch,), jnp.int32)
         box = [init_cache(model.cfg, batch, cache_len, model.compute_dtype)]
         position = jnp.int32(cache_len // 2)
-        compiled = step.lower(graphdef, state, token, pad, box[0], position).compile()
+        compiled = step_program.lower(graphdef, GREEDY, state, token, pad, box[0], position,
+                                      key).compile()
 
         def call(compiled=compiled, state=state, token=token, pad=pad, box=box, position=position):
             # the step donates its cache: thread it through the calls
-            out, box[0] = compiled(state, token, pad, box[0], position)
+            out, box[0] = compiled(state, token, pad, box[0], position, key)
             return out
 
         calls_of[name], hlo[name] = call, compiled.as_text()

@@ -14,11 +14,11 @@ from flax import nnx
 import moe_relayfree as mr
 from helpers import make_mesh
 from models import checkpoint, init_cache, tokenizer
+from models.generation import Sampling, generate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT = os.path.join(ROOT, "models", "default")
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
-from infer import generate  # noqa: E402
 
 PROMPTS = ["Return the ", "If the file "]
 
@@ -63,11 +63,31 @@ def test_dispatch_paths_and_schedules_generate_identical_tokens(mesh):
         assert pred[i, start : start + len(g)].tolist() == g
 
 
+def test_rows_stop_at_their_first_stop_token_and_sampling_is_seeded(mesh):
+    model = checkpoint.load_model(DEFAULT, mesh=mesh)
+    prompts = [tokenizer.encode(p) for p in PROMPTS]
+    full = generate(model, prompts, 12, stop_ids=[tokenizer.EOS])  # never emitted here
+    assert full["finish_reasons"] == ["length"] * 2 and len(full["step_s"]) == 11
+    rows = full["tokens"]
+    # one stop id from each row (the first token that row has not emitted before); each row
+    # must end before the first of either, the loop after the step that ends the last row
+    stops = {next(t for i, t in enumerate(r) if i >= 3 and t not in r[:i]) for r in rows}
+    cuts = [next(i for i, t in enumerate(r) if t in stops) for r in rows]
+    assert max(cuts) < 11, (rows, stops)
+    got = generate(model, prompts, 12, stop_ids=stops)
+    assert got["tokens"] == [r[:c] for r, c in zip(rows, cuts)]
+    assert got["finish_reasons"] == ["stop"] * 2 and len(got["step_s"]) == max(cuts)
+    # sampling: top-k 1 is greedy at any temperature; a seed fixes the draws
+    assert generate(model, prompts, 12, sampling=Sampling(1.5, top_k=1), seed=4)["tokens"] == rows
+    hot = [generate(model, prompts, 12, sampling=Sampling(1.5), seed=s)["tokens"] for s in (1, 1, 2)]
+    assert hot[0] == hot[1] and hot[0] != hot[2] and rows not in (hot[0], hot[2])
+
+
 def test_infer_script_json():
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
     out = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "infer.py"), "--json",
                           "--quiet", "--max-new-tokens", "6", "--batch", "4",
-                          "--mesh", "data=2,ep=4"],
+                          "--mesh", "data=2,ep=4", "--temperature", "0.8", "--top-p", "0.9"],
                          check=True, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     report = json.loads(out.stdout)
     assert report["devices"] == 8 and report["batch"] == 4
@@ -77,6 +97,11 @@ def test_infer_script_json():
     assert report["decode_schedule"] == "decode"  # 4 rows on 8 ranks: 1 token per rank
     assert report["ttft_ms"] > 0 and report["tpot_ms"] > 0
     assert len(report["outputs"]) == 4
+    assert report["sampling"] == {"temperature": 0.8, "top_k": 0, "top_p": 0.9}
+    assert report["stop_ids"] == [tokenizer.EOS]  # the byte-level tokenizer's
+    for o in report["outputs"]:
+        assert (o["finish_reason"], o["new_tokens"]) in (("length", 6),) + tuple(
+            ("stop", n) for n in range(6)), o
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):
@@ -129,14 +154,17 @@ def test_sweep_feasibility_is_the_largest_batch_under_each_target():
 
 def test_decode_step_updates_the_cache_in_place(mesh):
     """The decode step donates its KV cache: no copy of every layer's cache per token."""
-    from infer import _programs
+    import jax
+
+    from models.generation import GREEDY, prefill_program, step_program
 
     model = checkpoint.load_model(DEFAULT, mesh=mesh)
-    prefill, step = _programs()
     graphdef, state = nnx.split(model)
     toks, pad = jnp.ones((8, 4), jnp.int32), jnp.zeros((8,), jnp.int32)
-    token, cache = prefill(graphdef, state, toks, pad, init_cache(model.cfg, 8, 8, jnp.float32))
-    token2, cache2 = step(graphdef, state, token, pad, cache, jnp.int32(4))
+    key = jax.random.key(0)
+    token, cache = prefill_program(graphdef, GREEDY, state, toks, pad,
+                                   init_cache(model.cfg, 8, 8, jnp.float32), key)
+    token2, cache2 = step_program(graphdef, GREEDY, state, token, pad, cache, jnp.int32(4), key)
     assert cache.k[0].is_deleted() and not cache2.k[0].is_deleted()
 
 

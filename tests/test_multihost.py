@@ -82,7 +82,9 @@ def test_missing_peer_is_a_clear_bounded_error(tmp_path):
 
 def test_inference_script_across_two_processes(tmp_path):
     script = os.path.join(os.path.dirname(WORKER), "..", "scripts", "infer.py")
-    common = ["--json", "--quiet", "--max-new-tokens", "6", "--batch", "2"]
+    # batch 8 on 8 devices: each process holds half of every step's tokens (before, the script
+    # fetched them as if it held all and failed)
+    common = ["--json", "--quiet", "--max-new-tokens", "6", "--batch", "8"]
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     single = subprocess.run([sys.executable, script, *common], capture_output=True, text=True,
                             env=env, timeout=300, check=True)

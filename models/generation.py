@@ -1,0 +1,198 @@
+"""Batched generation: one jitted prefill, one jitted decode step, token choice and stopping.
+
+Token choice follows Hugging Face's logits warpers, in their order: temperature, then top-k,
+then top-p (nucleus); ``temperature=0`` is greedy (argmax). The token for absolute position
+``p`` is drawn with ``fold_in(key, p)``, so a seed gives the same text whatever the number of
+steps already taken, and no key is threaded through the host loop.
+
+Stopping: a row finishes at its first stop token (the checkpoint's EOS ids); the batch keeps
+its static shape (a finished row still steps, its tokens are discarded) and the loop ends when
+every row has finished or ``max_new_tokens`` is reached.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax import lax
+
+from models.transformer import init_cache
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """How the next token is chosen. ``temperature=0``: greedy; ``top_k=0``: no top-k cut;
+    ``top_p=1``: no nucleus cut. Hashable: the jitted programs take it as a static argument."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self):
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if not (isinstance(self.top_k, int) and self.top_k >= 0):
+            raise ValueError(f"top_k must be an int >= 0, got {self.top_k!r}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+GREEDY = Sampling()
+
+
+def filtered_logits(logits: jax.Array, sampling: Sampling) -> jax.Array:
+    """Logits ``[B, V]`` -> f32 ``[B, V]`` divided by the temperature, with the tokens outside
+    top-k / top-p set to ``-inf`` (Hugging Face's ``TopKLogitsWarper`` / ``TopPLogitsWarper``:
+    ties with the k-th logit are kept; the nucleus is the fewest most likely tokens whose mass
+    reaches ``top_p``, at least one). Not for greedy sampling (temperature 0)."""
+    x = logits.astype(jnp.float32) / sampling.temperature
+    vocab = x.shape[-1]
+    if 0 < sampling.top_k < vocab:
+        kth = lax.top_k(x, sampling.top_k)[0][..., -1:]
+        x = jnp.where(x < kth, -jnp.inf, x)
+    if sampling.top_p < 1:
+        desc = -jnp.sort(-x, axis=-1)
+        probs = jax.nn.softmax(desc, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        # a token is kept while the mass of the more likely ones is still short of top_p
+        kept = mass_before < sampling.top_p
+        smallest_kept = jnp.min(jnp.where(kept, desc, jnp.inf), axis=-1, keepdims=True)
+        x = jnp.where(x < smallest_kept, -jnp.inf, x)
+    return x
+
+
+def choose_tokens(logits: jax.Array, key: jax.Array, position, sampling: Sampling) -> jax.Array:
+    """Next token of each row: logits ``[B, V]`` -> ``[B] int32``; ``key`` a PRNG key,
+    ``position`` the absolute position of the token being chosen (its key is
+    ``fold_in(key, position)``)."""
+    if sampling.greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    key = jax.random.fold_in(key, position)
+    return jax.random.categorical(key, filtered_logits(logits, sampling), axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=5)
+def prefill_program(graphdef, sampling: Sampling, state, tokens, pad, cache, key):
+    """Whole prompts ``[B, S]`` -> (first new token ``[B] int32``, filled cache).
+
+    Plain ``jax.jit`` on the split model, not ``nnx.jit`` on the module: nnx.jit walks and
+    re-flattens the module graph in Python on every call, which made the default model's decode
+    step 1.45-1.7x as long (6-7 ms of Python per step; docs/benchmarks.md). The KV cache is
+    donated: each call writes the updated cache into the buffers it was given (3-6% of a step).
+    """
+    logits, cache = nnx.merge(graphdef, state)(tokens, pad, cache, 0)
+    return choose_tokens(logits[:, -1], key, tokens.shape[1], sampling), cache
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=5)
+def step_program(graphdef, sampling: Sampling, state, token, pad, cache, position, key):
+    """One decode step: ``token [B]`` at ``position`` -> (next token ``[B] int32``, cache)."""
+    logits, cache = nnx.merge(graphdef, state)(token[:, None], pad, cache, position)
+    return choose_tokens(logits[:, -1], key, position + 1, sampling), cache
+
+
+def stop_token_ids(folder: str, tokenizer=None) -> tuple[int, ...]:
+    """The ids that end a completion, as transformers' ``generate`` finds them:
+    ``generation_config.json``'s ``eos_token_id`` (Qwen3's lists two), else ``config.json``'s,
+    else the default of the model type's config class (``models/hf_defaults.py``); plus the
+    tokenizer's own EOS id where it has one (the byte-level scheme's)."""
+    from models.hf_defaults import DEFAULTS
+
+    eos, model_type = None, None
+    for name in ("generation_config.json", "config.json"):
+        path = os.path.join(folder, name)
+        if os.path.exists(path):
+            with open(path) as fh:
+                values = json.load(fh)
+            model_type = model_type or values.get("model_type")
+            if eos is None:
+                eos = values.get("eos_token_id")
+    if eos is None:
+        eos = DEFAULTS.get(model_type, {}).get("eos_token_id")
+    ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    own = getattr(tokenizer, "eos_id", None)
+    if own is not None and own not in ids:
+        ids.append(own)
+    return tuple(int(i) for i in ids)
+
+
+def _to_host(token: jax.Array) -> np.ndarray:
+    """``[B]`` tokens on the host; over several processes every process gets all of them (each
+    holds only its devices' rows), so every process takes the same stopping decision."""
+    if token.is_fully_addressable:
+        return np.asarray(token)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(token, tiled=True))
+
+
+def _finish(row: list[int], stop_ids) -> tuple[list[int], str]:
+    """A row cut before its first stop token, and why it ended (``"stop"`` / ``"length"``)."""
+    for i, t in enumerate(row):
+        if t in stop_ids:
+            return row[:i], "stop"
+    return row, "length"
+
+
+def generate(model, prompts: list[list[int]], max_new_tokens: int, *, sampling: Sampling = GREEDY,
+             seed: int = 0, stop_ids=(), progress=None) -> dict:
+    """Batched generation from left-padded prompts.
+
+    Returns ``tokens`` (per row, cut before its first stop token), ``finish_reasons``
+    (``"stop"`` / ``"length"``), ``ttft_s`` (prefill and first token), ``step_s`` (each decode
+    step run: fewer than ``max_new_tokens - 1`` when every row stopped early), ``compile_s``
+    and ``prompt_width``. Both programs are compiled and run once before anything is timed.
+    """
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise ValueError("every prompt needs at least one token")
+    stop_ids = frozenset(int(i) for i in stop_ids)
+    batch = len(prompts)
+    width = max(len(p) for p in prompts)
+    pad = jnp.asarray([width - len(p) for p in prompts], jnp.int32)
+    tokens = jnp.asarray([[0] * (width - len(p)) + p for p in prompts], jnp.int32)
+    graphdef, state = nnx.split(model)
+    prefill = functools.partial(prefill_program, graphdef, sampling, state)
+    step = functools.partial(step_program, graphdef, sampling, state)
+    key = jax.random.key(seed)
+
+    def fresh_cache():
+        return init_cache(model.cfg, batch, width + max_new_tokens, model.compute_dtype)
+
+    start = time.perf_counter()
+    warm, cache = prefill(tokens, pad, fresh_cache(), key)
+    jax.block_until_ready(step(warm, pad, cache, jnp.int32(width), key))
+    compile_s = time.perf_counter() - start
+
+    start = time.perf_counter()
+    token, cache = prefill(tokens, pad, fresh_cache(), key)
+    out = [_to_host(token)]  # the host copy also waits for the token
+    ttft = time.perf_counter() - start
+    finished = np.isin(out[0], list(stop_ids))
+    step_times = []
+    for i in range(max_new_tokens - 1):
+        if finished.all():
+            break
+        t0 = time.perf_counter()
+        token, cache = step(token, pad, cache, jnp.int32(width + i), key)
+        out.append(_to_host(token))
+        step_times.append(time.perf_counter() - t0)
+        finished |= np.isin(out[-1], list(stop_ids))
+        if progress:
+            progress(i + 2, max_new_tokens)
+    rows = [_finish(row, stop_ids) for row in np.stack(out, axis=1).tolist()]
+    return {"tokens": [r for r, _ in rows], "finish_reasons": [why for _, why in rows],
+            "ttft_s": ttft, "step_s": step_times, "compile_s": compile_s, "prompt_width": width}

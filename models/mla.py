@@ -13,6 +13,7 @@ from flax import nnx
 
 from models.config import ModelConfig
 from models.layers import RMSNorm, attention_mask, rope
+from moe_relayfree.experts import dense_dot
 from moe_relayfree.layer import normal_init
 
 _F32 = jnp.float32
@@ -39,15 +40,16 @@ class MLAttention(nnx.Module):
                                       cfg.kv_lora_rank**-0.5, param_dtype))
         self.wo = nnx.Param(normal_init(rngs, (h * cfg.v_head_dim, d), (h * cfg.v_head_dim) ** -0.5, param_dtype))
 
-    def __call__(self, x, positions, key_valid, cache_ckv, cache_krope, start):
-        """x ``[B, S, d]``; cache_ckv ``[B, L, kv_lora]``, cache_krope ``[B, L, rope]``."""
+    def __call__(self, x, positions, key_valid, cache_ckv, cache_krope, start, rows=None):
+        """x ``[B, S, d]``; cache_ckv ``[B, L, kv_lora]``, cache_krope ``[B, L, rope]``; rows:
+        x's rows per device, if known (``dense_dot``)."""
         cfg = self.cfg
         b, s, _ = x.shape
         dt = x.dtype
         h, nope, rdim, vdim = cfg.n_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
 
-        def mm(a, w):
-            return jnp.dot(a, w[...].astype(dt), preferred_element_type=_F32).astype(dt)
+        def mm(a, w, rows=rows):
+            return dense_dot(a, w[...].astype(dt), rows_per_device=rows).astype(dt)
 
         q = mm(self.q_a_norm(mm(x, self.q_a)), self.q_b) if self.wq is None else mm(x, self.wq)
         q = q.reshape(b, s, h, nope + rdim)
@@ -59,7 +61,8 @@ class MLAttention(nnx.Module):
         cache_ckv = jax.lax.dynamic_update_slice_in_dim(cache_ckv, ckv.astype(cache_ckv.dtype), start, 1)
         cache_krope = jax.lax.dynamic_update_slice_in_dim(cache_krope, k_rope.astype(cache_krope.dtype), start, 1)
         length = cache_ckv.shape[1]
-        expanded = mm(cache_ckv.astype(dt), self.kv_b).reshape(b, length, h, nope + vdim)
+        # over the cache's rows, not the tokens'
+        expanded = mm(cache_ckv.astype(dt), self.kv_b, None).reshape(b, length, h, nope + vdim)
         k_nope, v = expanded[..., :nope], expanded[..., nope:]
         scores = (jnp.einsum("bshd,blhd->bhsl", q_nope, k_nope, preferred_element_type=_F32)
                   + jnp.einsum("bshd,bld->bhsl", q_rope, cache_krope.astype(dt), preferred_element_type=_F32))

@@ -21,6 +21,7 @@ from jax.sharding import Mesh
 from models.config import ModelConfig
 from models.layers import RMSNorm, attention_mask, rope
 from models.mla import MLAttention
+from moe_relayfree.experts import dense_dot
 from moe_relayfree.layout import auto_mesh
 from moe_relayfree.layer import MoELayer, SwiGLUMLP, normal_init
 
@@ -71,16 +72,17 @@ class Attention(nnx.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def __call__(self, x, positions, key_valid, cache_k, cache_v, start: int):
+    def __call__(self, x, positions, key_valid, cache_k, cache_v, start: int, rows: int | None = None):
         """x ``[B, S, d]``; positions ``[B, S]``; key_valid ``[B, L]`` bool (padding False);
-        cache ``[B, L, kv, hd]``; ``start`` (static) is where this chunk goes in the cache.
+        cache ``[B, L, kv, hd]``; ``start`` (static) is where this chunk goes in the cache;
+        rows: x's rows per device, if known (``dense_dot``).
         Returns (out ``[B, S, d]``, new cache_k, new cache_v)."""
         cfg = self.cfg
         b, s, _ = x.shape
         dt = x.dtype
 
         def proj(w, bias):
-            y = jnp.dot(x, w[...].astype(dt), preferred_element_type=_F32)
+            y = dense_dot(x, w[...].astype(dt), rows_per_device=rows)
             if bias is not None:
                 y = y + bias[...].astype(_F32)
             return y.astype(dt)
@@ -107,7 +109,7 @@ class Attention(nnx.Module):
         probs = jax.nn.softmax(scores, axis=-1).astype(dt)
         out = jnp.einsum("bngsl,blnh->bsngh", probs, cache_v.astype(dt), preferred_element_type=_F32)
         out = out.reshape(b, s, cfg.n_heads * cfg.head_dim).astype(dt)
-        y = jnp.dot(out, self.wo[...].astype(dt), preferred_element_type=_F32)
+        y = dense_dot(out, self.wo[...].astype(dt), rows_per_device=rows)
         if self.bo is not None:
             y = y + self.bo[...].astype(_F32)
         return y.astype(dt), cache_k, cache_v
@@ -134,10 +136,13 @@ class DecoderLayer(nnx.Module):
         else:
             self.mlp = SwiGLUMLP(cfg.d_model, cfg.d_ff, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, x, positions, key_valid, cache_k, cache_v, start: int):
-        h, cache_k, cache_v = self.attn(self.attn_norm(x), positions, key_valid, cache_k, cache_v, start)
+    def __call__(self, x, positions, key_valid, cache_k, cache_v, start: int, rows: int | None = None):
+        h, cache_k, cache_v = self.attn(self.attn_norm(x), positions, key_valid, cache_k, cache_v,
+                                        start, rows)
         x = x + h
-        return x + self.mlp(self.mlp_norm(x)), cache_k, cache_v
+        mlp = self.mlp(self.mlp_norm(x)) if isinstance(self.mlp, MoELayer) else \
+            self.mlp(self.mlp_norm(x), rows_per_device=rows)  # a MoE layer knows its own rows
+        return x + mlp, cache_k, cache_v
 
 
 class MoETransformer(nnx.Module):
@@ -165,17 +170,32 @@ class MoETransformer(nnx.Module):
         self.lm_head = None if cfg.tie_embeddings else nnx.Param(
             normal_init(rngs, (cfg.d_model, cfg.vocab_size), cfg.d_model**-0.5, param_dtype))
 
+    def _rows_per_device(self, b: int, s: int) -> int | None:
+        """Rows of ``[b, s, d]`` activations per device: split over the token shards of the
+        MoE layers when they divide ``b`` (a smaller batch stays on every device), None
+        without MoE layers."""
+        moe = [layer.mlp for layer in self.layers if isinstance(layer.mlp, MoELayer)]
+        if not moe:
+            return None
+        shards = moe[0].layout.num_token_shards
+        return (b // shards if b % shards == 0 else b) * s
+
     @property
     def compute_dtype(self) -> jnp.dtype:
         """The activations' default dtype: the parameters' (a bf16 checkpoint runs in bf16)."""
         return self.embed[...].dtype
 
     def __call__(self, tokens: jax.Array, pad: jax.Array, cache: KVCache, start: int,
-                 dtype=None) -> tuple[jax.Array, KVCache]:
+                 dtype=None, logits_to_keep: int = 0) -> tuple[jax.Array, KVCache]:
         """tokens ``[B, S]`` written at cache rows ``[start, start+S)`` (static ``start``);
         pad ``[B]`` left-padding per row; dtype: the activations' (default
         :attr:`compute_dtype`; matmuls accumulate in f32, norms and softmax run in f32 either
-        way). Returns (logits ``[B, S, V] f32``, cache).
+        way); logits_to_keep: the last positions to compute logits for (0: all, as in
+        transformers). Returns (logits ``[B, S or logits_to_keep, V] f32``, cache).
+
+        A prefill that samples keeps 1: the LM head over every prompt position was an
+        ``[B, S, V]`` f32 temporary and ``S`` times the head's work (for a 152k vocabulary and
+        2048 prompt tokens, 1.2 GB per sequence).
 
         Activations follow the parameters by default because each layer casts its weights to
         the activations' dtype: f32 activations over bf16 weights converted every weight
@@ -187,12 +207,16 @@ class MoETransformer(nnx.Module):
         x = jnp.take(self.embed[...], tokens, axis=0).astype(dtype)
         positions = jnp.maximum(start + jnp.arange(s)[None, :] - pad[:, None], 0)
         key_valid = jnp.arange(length)[None, :] >= pad[:, None]
+        rows = self._rows_per_device(b, s)
         new_k, new_v = [], []
         for layer, ck, cv in zip(self.layers, cache.k, cache.v):
-            x, ck, cv = layer(x, positions, key_valid, ck, cv, start)
+            x, ck, cv = layer(x, positions, key_valid, ck, cv, start, rows)
             new_k.append(ck)
             new_v.append(cv)
+        if logits_to_keep:
+            x = x[:, -logits_to_keep:]
+            rows = self._rows_per_device(b, x.shape[1])
         x = self.norm(x)
         head = self.embed[...].T if self.lm_head is None else self.lm_head[...]
-        logits = jnp.dot(x, head.astype(dtype), preferred_element_type=_F32)
+        logits = dense_dot(x, head.astype(dtype), rows_per_device=rows)
         return logits, KVCache(new_k, new_v)

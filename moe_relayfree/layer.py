@@ -23,7 +23,7 @@ from moe_relayfree.balance import (
 from moe_relayfree.decode import check_overflow
 from moe_relayfree.layout import AxisNames, make_layout
 from moe_relayfree.selection import Schedule
-from moe_relayfree.experts import swiglu
+from moe_relayfree.experts import dense_dot
 from moe_relayfree.routing import RouterConfig, route
 
 
@@ -48,16 +48,18 @@ class SwiGLUMLP(nnx.Module):
             nnx.Param(normal_init(rngs, (d_model, 1), d_model**-0.5, param_dtype)) if gated else None
         )
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        """x ``[..., d]`` -> ``[..., d]``."""
-        flat = x.reshape(-1, x.shape[-1])
-        y = swiglu(flat, self.w_gate[...].astype(x.dtype), self.w_up[...].astype(x.dtype),
-                   self.w_down[...].astype(x.dtype))
+    def __call__(self, x: jax.Array, *, rows_per_device: int | None = None) -> jax.Array:
+        """x ``[..., d]`` -> ``[..., d]``; rows_per_device as in
+        :func:`~moe_relayfree.experts.dense_dot` (for ``[N, d]`` tokens split over devices).
+        Numerics of :func:`~moe_relayfree.experts.swiglu`."""
+        def dot(a, w):
+            return dense_dot(a, w[...].astype(x.dtype), rows_per_device=rows_per_device)
+
+        h = (jax.nn.silu(dot(x, self.w_gate)) * dot(x, self.w_up)).astype(x.dtype)
+        y = dot(h, self.w_down).astype(x.dtype)
         if self.gate is not None:
-            g = jax.nn.sigmoid(jnp.dot(flat, self.gate[...].astype(x.dtype),
-                                       preferred_element_type=jnp.float32))
-            y = (g * y.astype(jnp.float32)).astype(x.dtype)
-        return y.reshape(x.shape)
+            y = (jax.nn.sigmoid(dot(x, self.gate)) * y.astype(jnp.float32)).astype(x.dtype)
+        return y
 
 
 class MoELayer(nnx.Module):
@@ -138,9 +140,10 @@ class MoELayer(nnx.Module):
             else None
         )
 
-    def logits(self, x: jax.Array) -> jax.Array:
-        """x ``[N, d]`` -> router logits ``[N, E] float32``."""
-        return jnp.dot(x, self.router[...].astype(x.dtype), preferred_element_type=jnp.float32)
+    def logits(self, x: jax.Array, *, rows_per_device: int | None = None) -> jax.Array:
+        """x ``[N, d]`` -> router logits ``[N, E] float32`` (rows_per_device: see
+        :func:`~moe_relayfree.experts.dense_dot`)."""
+        return dense_dot(x, self.router[...].astype(x.dtype), rows_per_device=rows_per_device)
 
     def route(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         """x ``[N, d]`` -> (topk_ids ``[N, k] int32``, topk_weights ``[N, k] float32``)."""
@@ -184,7 +187,8 @@ class MoELayer(nnx.Module):
         pad = 0 if small else -n % self.layout.num_token_shards
         if pad:
             tokens = jnp.pad(tokens, ((0, pad), (0, 0)))
-        logits = self.logits(tokens)
+        rows = n if small else (n + pad) // self.layout.num_token_shards  # per device
+        logits = self.logits(tokens, rows_per_device=rows)
         # Each device routes its own tokens (see route_tokens: top_k in the global view
         # all-gathers the logits of the whole batch onto every device).
         bias = None if self.router_bias is None else self.router_bias[...]
@@ -210,5 +214,5 @@ class MoELayer(nnx.Module):
             decode_overflow=self.decode_overflow,
         )[:n]
         if self.shared is not None:
-            y = y + self.shared(tokens[:n])
+            y = y + self.shared(tokens[:n], rows_per_device=rows)
         return y.reshape(*lead, d)

@@ -25,11 +25,17 @@ def main(argv=None) -> int:
     p.add_argument("--d-model", type=int, default=256)
     p.add_argument("--d-ff-expert", type=int, default=256)
     p.add_argument("--layers", type=int, default=4, help="the first is dense, the rest MoE")
+    p.add_argument("--vocab", type=int, default=None,
+                   help="vocabulary size (default: the byte-level 259, which infer.py can "
+                   "tokenize; others run in sweep.py and profile_layer.py, which make their "
+                   "own token ids)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     if args.layers < 2 or not 1 <= args.k <= args.experts or args.d_model % 64:
         p.error("need --layers >= 2, 1 <= --k <= --experts and --d-model a multiple of 64")
+    if args.vocab is not None and args.vocab < 128:
+        p.error("--vocab must be >= 128 (sweep.py draws prompt ids from 32..126)")
 
     import ml_dtypes
     from flax import nnx
@@ -42,7 +48,7 @@ def main(argv=None) -> int:
     from moe_relayfree import make_ep_mesh
 
     cfg = ModelConfig(
-        arch="qwen3_moe", vocab_size=tokenizer.VOCAB_SIZE, d_model=args.d_model,
+        arch="qwen3_moe", vocab_size=args.vocab or tokenizer.VOCAB_SIZE, d_model=args.d_model,
         n_layers=args.layers, n_heads=args.d_model // 64, n_kv_heads=max(1, args.d_model // 128),
         head_dim=64, d_ff=2 * args.d_model, num_experts=args.experts, k=args.k,
         d_ff_expert=args.d_ff_expert, moe_layers=(False,) + (True,) * (args.layers - 1),

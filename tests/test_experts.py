@@ -305,3 +305,25 @@ def test_cpu_kernel_reads_only_the_bf16_weights_it_uses(grad):
         dot_inputs = {shape for body in _computations(text).values() if " dot(" in body
                       for shape in re.findall(r"= bf16\[([\d,]+)\]\S* parameter\(", body)}
         assert dot_inputs >= {f"{d},{f}", f"{f},{d}"}, dot_inputs
+
+
+def test_dense_dot_pads_a_one_row_bf16_dot_on_the_cpu():
+    """A one-row bf16 dot is a matrix-vector product, for which XLA:CPU converts the whole
+    matrix to f32 on every call; dense_dot gives each device two rows instead, same values."""
+    from moe_relayfree.experts import dense_dot
+
+    d, n = 48, 40
+    rng = np.random.default_rng(0)
+    w = jnp.asarray(rng.standard_normal((d, n)) / np.sqrt(d), jnp.bfloat16)
+    for x, kw in ((rng.standard_normal((3, 1, d)), {}),  # [B, S=1, d]
+                  (rng.standard_normal((5, d)), dict(rows_per_device=1))):  # flat tokens
+        x = jnp.asarray(x, jnp.bfloat16)
+        want = np.asarray(x, np.float32) @ np.asarray(w, np.float32)
+        np.testing.assert_allclose(np.asarray(dense_dot(x, w, **kw)), want, rtol=1e-5, atol=1e-5)
+
+    def widened(fn):
+        return (f"f32[{d},{n}]" in " ".join(f"{dt}[{s}]" for dt, s in _buffers(
+            jax.jit(fn).lower(jnp.ones((1, d), jnp.bfloat16), w).compile().as_text())))
+
+    assert widened(lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32))
+    assert not widened(dense_dot)

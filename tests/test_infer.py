@@ -12,6 +12,7 @@ import pytest
 from flax import nnx
 
 import moe_relayfree as mr
+from moe_relayfree import analysis
 from helpers import make_mesh
 from models import checkpoint, init_cache, tokenizer
 from models.generation import Sampling, generate
@@ -166,6 +167,15 @@ def test_decode_step_updates_the_cache_in_place(mesh):
                                    init_cache(model.cfg, 8, 8, jnp.float32), key)
     token2, cache2 = step_program(graphdef, GREEDY, state, token, pad, cache, jnp.int32(4), key)
     assert cache.k[0].is_deleted() and not cache2.k[0].is_deleted()
+    # one token per device, bf16: no weight matrix is widened to f32 (XLA:CPU's one-row dot
+    # did that for every dense matrix on every step; moe_relayfree.experts.dense_dot)
+    text = step_program.lower(graphdef, GREEDY, state, token, pad, cache2, jnp.int32(5),
+                              key).compile().as_text()
+    weights = {",".join(map(str, v.shape)) for v in jax.tree.leaves(state)
+               if v.dtype == jnp.bfloat16 and v.ndim == 2}
+    widened = {",".join(map(str, b.shape)) for b in analysis.compiled_hlo_buffers(text, 1)
+               if b.dtype == "f32"} & weights
+    assert len(weights) >= 5 and not widened, widened
 
 
 def test_random_checkpoint_script_writes_a_loadable_model(tmp_path):

@@ -1,0 +1,201 @@
+"""Model-level costs outside the MoE layer, as A/Bs on emulated CPU devices.
+
+* ``prefill``: the prefill program computing logits for the last position only (what
+  ``models.generation`` runs) against every position (the model's default,
+  ``logits_to_keep=0``): time to first token and XLA's temporary buffer bytes per device.
+* ``step``: the decode step with dense projections padded to ``DENSE_MIN_ROWS`` rows per device
+  (``moe_relayfree.experts.dense_dot``) against unpadded (``DENSE_MIN_ROWS = 1``): at one token
+  per device XLA:CPU runs a bf16 one-row dot as a matrix-vector product that widens the whole
+  matrix to f32 on every call. Each variant runs ``generate`` in a fresh process, as
+  ``scripts/infer.py`` does (median decode step of ``--new-tokens``), see ``child_step``.
+
+Variants alternate, order swapped every round; the ratio is the median over rounds of
+variant / baseline in the same round. ``same_tokens`` says whether both generated the same
+greedy tokens; it is reported, not required: a dot over more rows may add in another order, and
+with random prompts (near ties) one ulp can change a token. Writes ``generation.json`` and
+``generation.md`` to ``--out``.
+
+    python scripts/bench_generation.py --checkpoint models/default --batches 1 8 16
+    python scripts/make_random_checkpoint.py --vocab 151936 --out /tmp/moe64v
+    python scripts/bench_generation.py --checkpoint /tmp/moe64v --prompt-lengths 256 1024
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", action="append", help="repeatable (default: the built-in model)")
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 16], help="decode-step batches")
+    p.add_argument("--prompt-lengths", type=int, nargs="+", default=[256], help="prefill, batch 8")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--new-tokens", type=int, default=32, help="decode steps per run (step A/B)")
+    p.add_argument("--child", nargs=4, metavar=("CHECKPOINT", "BATCH", "MIN_ROWS", "NEW"),
+                   help=argparse.SUPPRESS)
+    p.add_argument("--devices", type=int, default=8)
+    p.add_argument("--out", default=os.path.join(ROOT, "results", "generation"))
+    return p.parse_args(argv)
+
+
+def child_step(folder: str, batch: int, min_rows: int, new_tokens: int, devices: int) -> dict:
+    """One decode run in a fresh process, as ``scripts/infer.py`` runs it (one program called
+    step after step): in a process that alternates two step programs, XLA:CPU ran the unpadded
+    one as fast as the padded one, alone it took 1.8x as long (default model, batch 8)."""
+    import subprocess
+
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", folder,
+                          str(batch), str(min_rows), str(new_tokens), "--devices", str(devices)],
+                         check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def run_child(folder: str, batch: int, min_rows: int, new_tokens: int) -> None:
+    import numpy as np
+
+    import jax
+
+    import moe_relayfree as mr
+    from models import checkpoint
+    from models.generation import generate
+    from moe_relayfree import experts
+
+    experts.DENSE_MIN_ROWS = min_rows  # read by dense_dot while the programs are traced
+    model = checkpoint.load_model(folder, mesh=mr.make_ep_mesh(len(jax.devices())))
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(3, model.cfg.vocab_size, 16).tolist() for _ in range(batch)]
+    result = generate(model, prompts, new_tokens)
+    print(json.dumps(dict(tpot_s=float(np.median(result["step_s"])), tokens=result["tokens"])))
+
+
+def alternate(calls: dict, rounds: int) -> tuple[dict, dict]:
+    """``{name: fn() -> (output array, seconds)}`` called in alternating order; returns the
+    seconds per name and each name's last output."""
+    import numpy as np
+
+    times, outs = {n: [] for n in calls}, {}
+    names = list(calls)
+    for r in range(rounds):
+        for n in names if r % 2 == 0 else names[::-1]:
+            outs[n], sec = calls[n]()
+            times[n].append(sec)
+    return {n: np.asarray(t) for n, t in times.items()}, {n: np.asarray(o) for n, o in outs.items()}
+
+
+def compare(name: str, times: dict, outs: dict, variant: str, baseline: str, **extra) -> dict:
+    import numpy as np
+
+    return dict(case=name, **extra, variant_ms=1e3 * float(np.median(times[variant])),
+                baseline_ms=1e3 * float(np.median(times[baseline])),
+                paired_ratio=float(np.median(times[variant] / times[baseline])),
+                same_tokens=bool((outs[variant] == outs[baseline]).all()))
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_force_host_platform_device_count" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={args.devices}"
+    sys.path.insert(0, ROOT)
+    if args.child:
+        folder, batch, min_rows, new = args.child
+        run_child(folder, int(batch), int(min_rows), int(new))
+        return 0
+    import functools
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    import moe_relayfree as mr
+    from models import checkpoint
+    from models.transformer import init_cache
+    from moe_relayfree import experts
+
+    @functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=5)
+    def prefill(graphdef, keep, state, tokens, pad, cache):
+        logits, cache = nnx.merge(graphdef, state)(tokens, pad, cache, 0, logits_to_keep=keep)
+        return jnp.argmax(logits[:, -1], axis=-1), cache
+
+    mesh = mr.make_ep_mesh(len(jax.devices()))
+    padded = experts.DENSE_MIN_ROWS
+    rows = []
+    for folder in args.checkpoint or [os.path.join(ROOT, "models", "default")]:
+        model = checkpoint.load_model(folder, mesh=mesh)
+        cfg, dtype = model.cfg, model.compute_dtype
+        graphdef, state = nnx.split(model)
+        rng = np.random.default_rng(0)
+        label = os.path.relpath(folder, ROOT) if folder.startswith(ROOT) else folder
+        shape = dict(checkpoint=label, vocab=cfg.vocab_size, d_model=cfg.d_model,
+                     dtype=np.dtype(dtype).name)
+
+        for length in args.prompt_lengths:
+            tokens = jnp.asarray(rng.integers(3, cfg.vocab_size, (8, length)), jnp.int32)
+            pad = jnp.zeros((8,), jnp.int32)
+            programs = {keep: prefill.lower(graphdef, keep, state, tokens, pad,
+                                            init_cache(cfg, 8, length, dtype)).compile()
+                        for keep in (1, 0)}
+
+            def call(keep, tokens=tokens, pad=pad, length=length):
+                cache = jax.block_until_ready(init_cache(cfg, 8, length, dtype))
+                start = time.perf_counter()
+                out, _ = programs[keep](state, tokens, pad, cache)
+                return jax.block_until_ready(out), time.perf_counter() - start
+
+            for keep in programs:  # warm
+                call(keep)
+            times, outs = alternate({k: functools.partial(call, k) for k in programs}, args.rounds)
+            temp = {k: c.memory_analysis().temp_size_in_bytes / 2**20 for k, c in programs.items()}
+            rows.append(compare("prefill: last-position logits / all", times, outs, 1, 0, **shape,
+                                batch=8, prompt=length, variant_temp_mib=temp[1],
+                                baseline_temp_mib=temp[0]))
+            print(json.dumps(rows[-1]), flush=True)
+
+        for batch in args.batches:
+            runs = {}
+            for r in range(args.rounds):
+                for min_rows in ((padded, 1) if r % 2 == 0 else (1, padded)):
+                    runs.setdefault(min_rows, []).append(
+                        child_step(folder, batch, min_rows, args.new_tokens, args.devices))
+            times = {m: np.asarray([x["tpot_s"] for x in v]) for m, v in runs.items()}
+            outs = {m: np.asarray(v[-1]["tokens"]) for m, v in runs.items()}
+            rows.append(compare("decode step: padded dense rows / unpadded", times, outs, padded,
+                                1, **shape, batch=batch,
+                                tokens_per_device=(batch // len(jax.devices())
+                                                   if batch % len(jax.devices()) == 0 else batch)))
+            print(json.dumps(rows[-1]), flush=True)
+
+    report = dict(command=" ".join(["python scripts/bench_generation.py"]
+                                   + (sys.argv[1:] if argv is None else list(argv))),
+                  devices=len(jax.devices()), platform=jax.devices()[0].platform,
+                  rounds=args.rounds, rows=rows)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "generation.json"), "w") as fh:
+        json.dump(report, fh, indent=1)
+    lines = [f"# Generation A/Bs ({report['command']})", "",
+             f"{report['devices']} {report['platform']} devices, medians of {args.rounds} "
+             "alternating rounds; ratio: median over rounds of variant / baseline.", "",
+             "| case | checkpoint | vocab | batch | prompt | variant ms | baseline ms | ratio "
+             "| temp MiB (variant / baseline) | same tokens |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        temp = (f"{r['variant_temp_mib']:.0f} / {r['baseline_temp_mib']:.0f}"
+                if "variant_temp_mib" in r else "")
+        lines.append(f"| {r['case']} | {r['checkpoint']} | {r['vocab']} | {r['batch']} | "
+                     f"{r.get('prompt', '')} | {r['variant_ms']:.1f} | {r['baseline_ms']:.1f} | "
+                     f"{r['paired_ratio']:.2f} | {temp} | {r['same_tokens']} |")
+    with open(os.path.join(args.out, "generation.md"), "w") as fh:
+        fh.write("\n".join(lines) + "\n")
+    print(f"wrote {args.out}/generation.json, .md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -54,6 +54,17 @@ def test_top_k_keeps_ties_with_the_kth_logit():
     assert kept.tolist() == [[True, False, True, True, False]]
 
 
+@pytest.mark.parametrize("top_p", [0.6, 0.99])
+def test_top_p_after_top_k_keeps_ties_as_hf_does(top_p):
+    """The nucleus is found among the top-k values only; ties with the k-th logit are kept
+    with it (or dropped with it) as with a sort of the whole vocabulary."""
+    logits = np.asarray([[3.0, 2.0, 1.0, 1.0, 1.0, 0.0, 1.0]], np.float32)
+    s = Sampling(1.0, top_k=3, top_p=top_p)
+    got = np.isfinite(np.asarray(filtered_logits(jnp.asarray(logits), s)))
+    np.testing.assert_array_equal(got, np.isfinite(hf_warped(logits, s)))
+    assert got.sum() == (2 if top_p == 0.6 else 6)
+
+
 def test_draws_follow_the_filtered_distribution():
     """20000 draws of one row against softmax of HF's warped logits (total variation)."""
     logits = np.random.default_rng(1).normal(0, 1.5, (1, 12)).astype(np.float32)

@@ -171,14 +171,10 @@ class MoETransformer(nnx.Module):
             normal_init(rngs, (cfg.d_model, cfg.vocab_size), cfg.d_model**-0.5, param_dtype))
 
     def _rows_per_device(self, b: int, s: int) -> int | None:
-        """Rows of ``[b, s, d]`` activations per device: split over the token shards of the
-        MoE layers when they divide ``b`` (a smaller batch stays on every device), None
-        without MoE layers."""
+        """Rows of ``[b, s, d]`` activations per device, as the MoE layers place their tokens
+        (XLA spreads the attention's the same way); None without MoE layers."""
         moe = [layer.mlp for layer in self.layers if isinstance(layer.mlp, MoELayer)]
-        if not moe:
-            return None
-        shards = moe[0].layout.num_token_shards
-        return (b // shards if b % shards == 0 else b) * s
+        return moe[0].rows_per_device(b * s) if moe else None
 
     @property
     def compute_dtype(self) -> jnp.dtype:

@@ -140,6 +140,14 @@ class MoELayer(nnx.Module):
             else None
         )
 
+    def rows_per_device(self, num_tokens: int) -> int:
+        """Token rows each device holds when this layer gets ``num_tokens``: all of them when
+        the batch stays on every device (:func:`replicates_tokens`), else the batch padded to
+        and split over the token shards."""
+        if replicates_tokens(num_tokens, self.layout, self.schedule, self.implementation):
+            return num_tokens
+        return -(-num_tokens // self.layout.num_token_shards)
+
     def logits(self, x: jax.Array, *, rows_per_device: int | None = None) -> jax.Array:
         """x ``[N, d]`` -> router logits ``[N, E] float32`` (rows_per_device: see
         :func:`~moe_relayfree.experts.dense_dot`)."""
@@ -187,7 +195,7 @@ class MoELayer(nnx.Module):
         pad = 0 if small else -n % self.layout.num_token_shards
         if pad:
             tokens = jnp.pad(tokens, ((0, pad), (0, 0)))
-        rows = n if small else (n + pad) // self.layout.num_token_shards  # per device
+        rows = self.rows_per_device(n)
         logits = self.logits(tokens, rows_per_device=rows)
         # Each device routes its own tokens (see route_tokens: top_k in the global view
         # all-gathers the logits of the whole batch onto every device).

@@ -327,3 +327,8 @@ def test_dense_dot_pads_a_one_row_bf16_dot_on_the_cpu():
 
     assert widened(lambda x, w: jnp.dot(x, w, preferred_element_type=jnp.float32))
     assert not widened(dense_dot)
+    # lowered for a GPU the dot runs as it is: no padding
+    x1 = jnp.ones((1, d), jnp.bfloat16)
+    cuda = jax.jit(dense_dot).trace(x1, w).lower(lowering_platforms=("cuda",)).as_text()
+    cpu = jax.jit(dense_dot).trace(x1, w).lower().as_text()
+    assert "stablehlo.pad" in cpu and "stablehlo.pad" not in cuda

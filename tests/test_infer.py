@@ -168,14 +168,21 @@ def test_decode_step_updates_the_cache_in_place(mesh):
     token2, cache2 = step_program(graphdef, GREEDY, state, token, pad, cache, jnp.int32(4), key)
     assert cache.k[0].is_deleted() and not cache2.k[0].is_deleted()
     # one token per device, bf16: no weight matrix is widened to f32 (XLA:CPU's one-row dot
-    # did that for every dense matrix on every step; moe_relayfree.experts.dense_dot)
-    text = step_program.lower(graphdef, GREEDY, state, token, pad, cache2, jnp.int32(5),
-                              key).compile().as_text()
+    # did that for every dense matrix on every step; moe_relayfree.experts.dense_dot). Also a
+    # batch of 4 on a baseline, which pads it to one token per device (relay-free keeps it on
+    # every device: 4 rows)
     weights = {",".join(map(str, v.shape)) for v in jax.tree.leaves(state)
                if v.dtype == jnp.bfloat16 and v.ndim == 2}
-    widened = {",".join(map(str, b.shape)) for b in analysis.compiled_hlo_buffers(text, 1)
-               if b.dtype == "f32"} & weights
-    assert len(weights) >= 5 and not widened, widened
+    assert len(weights) >= 5
+    baseline = nnx.split(checkpoint.load_model(DEFAULT, mesh=mesh, implementation="capacity_baseline"))
+    for (g, st), batch in (((graphdef, state), 8), (baseline, 4)):
+        toks, pads = jnp.ones((batch,), jnp.int32), jnp.zeros((batch,), jnp.int32)
+        cache = init_cache(model.cfg, batch, 8, jnp.bfloat16)
+        text = step_program.lower(g, GREEDY, st, toks, pads, cache, jnp.int32(5),
+                                  key).compile().as_text()
+        widened = {",".join(map(str, b.shape)) for b in analysis.compiled_hlo_buffers(text, 1)
+                   if b.dtype == "f32"} & weights
+        assert not widened, (batch, widened)
 
 
 def test_random_checkpoint_script_writes_a_loadable_model(tmp_path):

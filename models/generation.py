@@ -166,6 +166,7 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, sampling: 
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     stop_ids = frozenset(int(i) for i in stop_ids)
+    stops = np.asarray(sorted(stop_ids), np.int64)
     batch = len(prompts)
     width = max(len(p) for p in prompts)
     pad = jnp.asarray([width - len(p) for p in prompts], jnp.int32)
@@ -187,7 +188,7 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, sampling: 
     token, cache = prefill(tokens, pad, fresh_cache(), key)
     out = [_to_host(token)]  # the host copy also waits for the token
     ttft = time.perf_counter() - start
-    finished = np.isin(out[0], list(stop_ids))
+    finished = np.isin(out[0], stops)
     step_times = []
     for i in range(max_new_tokens - 1):
         if finished.all():
@@ -196,7 +197,7 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, sampling: 
         token, cache = step(token, pad, cache, jnp.int32(width + i), key)
         out.append(_to_host(token))
         step_times.append(time.perf_counter() - t0)
-        finished |= np.isin(out[-1], list(stop_ids))
+        finished |= np.isin(out[-1], stops)
         if progress:
             progress(i + 2, max_new_tokens)
     rows = [_finish(row, stop_ids) for row in np.stack(out, axis=1).tolist()]

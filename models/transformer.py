@@ -170,7 +170,7 @@ class MoETransformer(nnx.Module):
         self.lm_head = None if cfg.tie_embeddings else nnx.Param(
             normal_init(rngs, (cfg.d_model, cfg.vocab_size), cfg.d_model**-0.5, param_dtype))
 
-    def _rows_per_device(self, b: int, s: int) -> int | None:
+    def rows_per_device(self, b: int, s: int) -> int | None:
         """Rows of ``[b, s, d]`` activations per device, as the MoE layers place their tokens
         (XLA spreads the attention's the same way); None without MoE layers."""
         moe = [layer.mlp for layer in self.layers if isinstance(layer.mlp, MoELayer)]
@@ -203,7 +203,7 @@ class MoETransformer(nnx.Module):
         x = jnp.take(self.embed[...], tokens, axis=0).astype(dtype)
         positions = jnp.maximum(start + jnp.arange(s)[None, :] - pad[:, None], 0)
         key_valid = jnp.arange(length)[None, :] >= pad[:, None]
-        rows = self._rows_per_device(b, s)
+        rows = self.rows_per_device(b, s)
         new_k, new_v = [], []
         for layer, ck, cv in zip(self.layers, cache.k, cache.v):
             x, ck, cv = layer(x, positions, key_valid, ck, cv, start, rows)
@@ -211,7 +211,7 @@ class MoETransformer(nnx.Module):
             new_v.append(cv)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
-            rows = self._rows_per_device(b, x.shape[1])
+            rows = self.rows_per_device(b, x.shape[1])
         x = self.norm(x)
         head = self.embed[...].T if self.lm_head is None else self.lm_head[...]
         logits = dense_dot(x, head.astype(dtype), rows_per_device=rows)

@@ -160,17 +160,15 @@ def main(argv=None) -> int:
             print(json.dumps(rows[-1]), flush=True)
 
         for batch in args.batches:
-            runs = {}
-            for r in range(args.rounds):
-                for min_rows in ((padded, 1) if r % 2 == 0 else (1, padded)):
-                    runs.setdefault(min_rows, []).append(
-                        child_step(folder, batch, min_rows, args.new_tokens, args.devices))
-            times = {m: np.asarray([x["tpot_s"] for x in v]) for m, v in runs.items()}
-            outs = {m: np.asarray(v[-1]["tokens"]) for m, v in runs.items()}
+            def run(min_rows, batch=batch):
+                got = child_step(folder, batch, min_rows, args.new_tokens, args.devices)
+                return got["tokens"], got["tpot_s"]
+
+            times, outs = alternate({m: functools.partial(run, m) for m in (padded, 1)},
+                                    args.rounds)
             rows.append(compare("decode step: padded dense rows / unpadded", times, outs, padded,
                                 1, **shape, batch=batch,
-                                tokens_per_device=(batch // len(jax.devices())
-                                                   if batch % len(jax.devices()) == 0 else batch)))
+                                tokens_per_device=model.rows_per_device(batch, 1)))
             print(json.dumps(rows[-1]), flush=True)
 
     report = dict(command=" ".join(["python scripts/bench_generation.py"]

@@ -3,6 +3,8 @@
 * ``prefill``: the prefill program computing logits for the last position only (what
   ``models.generation`` runs) against every position (the model's default,
   ``logits_to_keep=0``): time to first token and XLA's temporary buffer bytes per device.
+* ``sampling`` (``--sampling-batch N``): the decode step of ``generate`` with temperature,
+  top-k and top-p settings against greedy, in one process (median step of ``--new-tokens``).
 * ``step``: the decode step with dense projections padded to ``DENSE_MIN_ROWS`` rows per device
   (``moe_relayfree.experts.dense_dot``) against unpadded (``DENSE_MIN_ROWS = 1``): at one token
   per device XLA:CPU runs a bf16 one-row dot as a matrix-vector product that widens the whole
@@ -34,8 +36,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", action="append", help="repeatable (default: the built-in model)")
-    p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 16], help="decode-step batches")
-    p.add_argument("--prompt-lengths", type=int, nargs="+", default=[256], help="prefill, batch 8")
+    p.add_argument("--batches", type=int, nargs="*", default=[1, 8, 16], help="decode-step batches")
+    p.add_argument("--prompt-lengths", type=int, nargs="*", default=[256], help="prefill, batch 8")
+    p.add_argument("--sampling-batch", type=int, default=None,
+                   help="also time a decode step per sampling setting against greedy at this batch")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--new-tokens", type=int, default=32, help="decode steps per run (step A/B)")
     p.add_argument("--child", nargs=4, metavar=("CHECKPOINT", "BATCH", "MIN_ROWS", "NEW"),
@@ -117,8 +121,12 @@ def main(argv=None) -> int:
 
     import moe_relayfree as mr
     from models import checkpoint
+    from models.generation import GREEDY, Sampling, generate
     from models.transformer import init_cache
     from moe_relayfree import experts
+
+    SAMPLINGS = (GREEDY, Sampling(0.7), Sampling(0.7, top_k=50), Sampling(0.7, top_k=50, top_p=0.9),
+                 Sampling(0.7, top_p=0.9))
 
     @functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=5)
     def prefill(graphdef, keep, state, tokens, pad, cache):
@@ -159,6 +167,23 @@ def main(argv=None) -> int:
                                 baseline_temp_mib=temp[0]))
             print(json.dumps(rows[-1]), flush=True)
 
+        if args.sampling_batch:
+            batch = args.sampling_batch
+            prompts = [rng.integers(3, cfg.vocab_size, 16).tolist() for _ in range(batch)]
+
+            def sample(setting):
+                result = generate(model, prompts, args.new_tokens, sampling=setting)
+                return result["tokens"], float(np.median(result["step_s"]))
+
+            times, outs = alternate({s: functools.partial(sample, s) for s in SAMPLINGS},
+                                    args.rounds)
+            for setting in SAMPLINGS[1:]:
+                row = compare(f"sampling: {setting} / greedy", times, outs, setting, GREEDY,
+                              **shape, batch=batch)
+                del row["same_tokens"]  # sampled tokens are not greedy ones
+                rows.append(row)
+                print(json.dumps(rows[-1]), flush=True)
+
         for batch in args.batches:
             def run(min_rows, batch=batch):
                 got = child_step(folder, batch, min_rows, args.new_tokens, args.devices)
@@ -188,7 +213,7 @@ def main(argv=None) -> int:
                 if "variant_temp_mib" in r else "")
         lines.append(f"| {r['case']} | {r['checkpoint']} | {r['vocab']} | {r['batch']} | "
                      f"{r.get('prompt', '')} | {r['variant_ms']:.1f} | {r['baseline_ms']:.1f} | "
-                     f"{r['paired_ratio']:.2f} | {temp} | {r['same_tokens']} |")
+                     f"{r['paired_ratio']:.2f} | {temp} | {r.get('same_tokens', '')} |")
     with open(os.path.join(args.out, "generation.md"), "w") as fh:
         fh.write("\n".join(lines) + "\n")
     print(f"wrote {args.out}/generation.json, .md")

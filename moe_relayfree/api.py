@@ -30,6 +30,8 @@ def _validate(x, topk_ids, topk_weights, w_gate, w_up, w_down, lay: MeshLayout,
     if len(shape(x)) != 2:
         raise ValueError(f"x must be [N, d], got shape {shape(x)}")
     n, d = shape(x)
+    if not jnp.issubdtype(jnp.result_type(x), jnp.floating):
+        raise ValueError(f"x must be a floating-point array, got {jnp.result_type(x)}")
     if len(shape(topk_ids)) != 2 or shape(topk_ids)[0] != n:
         raise ValueError(f"topk_ids must be [N={n}, k], got shape {shape(topk_ids)}")
     k = shape(topk_ids)[1]

@@ -59,6 +59,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from moe_relayfree import transports
+from moe_relayfree.routing import merge_repeated_choices
 from moe_relayfree.transports import BlocksHandle, GatherHandle
 from moe_relayfree.transports import expert_major_rows, gather_tokens  # noqa: F401  (re-exported)
 from moe_relayfree.windows import ExpertWindows
@@ -141,7 +142,8 @@ def dispatch(
     chosen = choose_transport(num_ranks, k, transport)
     replicated = chosen == "replicated"
     _, rows = window_rows(chosen, num_ranks, t, k, local)
-    w = topk_weights.astype(_F32)
+    # repeats fold into one copy: the windows' bounds count distinct experts per token
+    topk_ids, w = merge_repeated_choices(topk_ids, topk_weights, num_experts)
     if chosen in ("gather", "replicated"):
         plan = transports.gather_plan(x, topk_ids, w, num_experts, axis_name, replicated)
         return transports.gather_windows(*plan, rows, k, x, axis_name, replicated=replicated)
@@ -215,7 +217,8 @@ def _decode_moe(x, topk_ids, topk_weights, *, expert_fn, num_experts, axis_name,
     typical, worst = window_rows(transport, num_ranks, t, k, local)
     if one_pass:
         typical = worst
-    w = topk_weights.astype(_F32)
+    # repeats fold into one copy: the windows' bounds count distinct experts per token
+    topk_ids, w = merge_repeated_choices(topk_ids, topk_weights, num_experts)
     # The first `typical` window rows always run, outside any branch; the rest only on a rank
     # that received more (a local cond, no collective inside, so ranks need not agree).
     if transport in ("gather", "replicated"):

@@ -78,8 +78,9 @@ class MoELayer(nnx.Module):
     ``schedule``, ``capacity_factor``, ``implementation`` and ``decode_overflow`` are passed to
     :func:`moe_relayfree.expert_parallel_moe` ("relayfree", or a baseline for comparison).
 
-    Training (opt-in, sown as ``nnx.Intermediate``: ``nnx.capture(model, nnx.Intermediate)``
-    returns them with the output; see :mod:`moe_relayfree.balance`):
+    Training (opt-in, sown as ``nnx.Intermediate`` under ``nnx.capture(model, nnx.Intermediate)``,
+    which returns them with the output, and not computed outside it; see
+    :mod:`moe_relayfree.balance`):
     ``router_stats=True`` sows ``router_load [E]`` (share of token copies per expert) and
     ``router_prob_mean [E]``; ``load_balancing_weight`` / ``z_loss_weight`` > 0 sow the
     weighted ``load_balancing_loss`` / ``router_z_loss`` scalars, which
@@ -174,6 +175,10 @@ class MoELayer(nnx.Module):
         self.router_bias[...] = update_score_bias(self.router_bias[...], load, rate)
 
     def _sow_router_terms(self, logits: jax.Array, ids: jax.Array) -> None:
+        # Only under nnx.capture: outside it a sow appends to a module attribute on every call
+        # (a serving loop's nnx.jit forward grew a tuple of them, 3 -> 6 -> 9 leaves).
+        if not hasattr(self, "__captures__"):
+            return
         wants_probs = self.router_stats or self.load_balancing_weight
         probs = router_probabilities(logits, self.router_config.method) if wants_probs else None
         if self.router_stats:

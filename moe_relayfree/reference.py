@@ -23,11 +23,12 @@ def dense_moe_reference(
     w_down ``[E, f, d]`` -> ``[N, d]`` in x.dtype (weighted sum accumulated in float32).
     Every expert runs on every token; meant for tests and small shapes.
     """
-    num_experts = w_gate.shape[0]
-    combine = jnp.zeros((x.shape[0], num_experts), jnp.float32)
-    combine = combine.at[jnp.arange(x.shape[0])[:, None], topk_ids].add(
-        topk_weights.astype(jnp.float32)
-    )
     per_expert = jax.vmap(swiglu, in_axes=(None, 0, 0, 0))(x, w_gate, w_up, w_down)  # [E, N, d]
-    y = jnp.einsum("ne,end->nd", combine, per_expert.astype(jnp.float32))
+    # Each choice reads its own expert's row (no dense [N, E] combine matrix, whose zeros
+    # times a NaN of an expert no token picked would make every output NaN); repeated
+    # choices each count, in choice order.
+    rows = per_expert[topk_ids, jnp.arange(x.shape[0])[:, None]].astype(jnp.float32)  # [N, k, d]
+    y = jnp.zeros((x.shape[0], x.shape[1]), jnp.float32)
+    for j in range(topk_ids.shape[1]):
+        y = y + topk_weights[:, j, None].astype(jnp.float32) * rows[:, j]
     return y.astype(x.dtype)

@@ -51,6 +51,12 @@ def sigmoid_grouped_topk(
         raise ValueError(f"num_experts={num_experts} is not divisible by n_group={n_group}")
     if not 1 <= topk_group <= n_group:
         raise ValueError(f"topk_group={topk_group} must be in [1, n_group={n_group}]")
+    eligible = topk_group * (num_experts // n_group) if n_group > 1 else num_experts
+    if k > eligible:
+        # top_k over the masked scores would pick -inf experts of excluded groups
+        raise ValueError(
+            f"k={k} exceeds the {eligible} experts eligible per token (topk_group={topk_group} "
+            f"of n_group={n_group} groups of {num_experts // n_group} experts)")
     scores = jax.nn.sigmoid(logits.astype(_F32))
     choice = scores if bias is None else scores + bias.astype(_F32)
     if n_group > 1:
@@ -66,6 +72,30 @@ def sigmoid_grouped_topk(
     if renormalize:
         weights = weights / (jnp.sum(weights, axis=-1, keepdims=True) + 1e-20)
     return ids.astype(jnp.int32), weights * routed_scaling_factor
+
+
+def merge_repeated_choices(
+    topk_ids: jax.Array, topk_weights: jax.Array, num_experts: int
+) -> tuple[jax.Array, jax.Array]:
+    """Folds a token's repeated expert choices into the first one: exact, since
+    ``w1 * e(x) + w2 * e(x) = (w1 + w2) * e(x)``.
+
+    topk_ids ``[T, k] int`` in ``[0, E)``, topk_weights ``[T, k]`` -> (ids ``[T, k] int32``
+    where a choice repeating an earlier one of its row is ``num_experts``, meaning "no copy";
+    weights ``[T, k] float32``: a first occurrence carries the sum of its repeats' weights,
+    a repeat 0). Rows without repeats come back unchanged. Schedules whose buffers are sized
+    for at most ``min(k, El)`` copies of a token per rank (decode, the capacity baseline)
+    rely on it: their bounds hold only for distinct ids.
+    """
+    ids = topk_ids.astype(jnp.int32)
+    w = topk_weights.astype(_F32)
+    k = ids.shape[-1]
+    if k == 1:
+        return ids, w
+    same = ids[..., :, None] == ids[..., None, :]  # [T, k, k]: choice j repeats choice i
+    repeat = (same & jnp.tri(k, k, -1, dtype=bool)).any(axis=-1)  # an earlier i has j's id
+    merged = jnp.where(same, w[..., None, :], 0.0).sum(axis=-1)
+    return jnp.where(repeat, num_experts, ids), jnp.where(repeat, 0.0, merged)
 
 
 @dataclasses.dataclass(frozen=True)

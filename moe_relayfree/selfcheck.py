@@ -30,7 +30,7 @@ from moe_relayfree.api import expert_parallel_moe
 from moe_relayfree.experts import windows_swiglu
 from moe_relayfree.reference import dense_moe_reference
 
-ROUTINGS = ("uniform", "one_expert", "one_rank", "empty_experts")
+ROUTINGS = ("uniform", "one_expert", "one_rank", "empty_experts", "repeated")
 
 # Variants reached through the public API (``expert_parallel_moe`` keywords), plus the decode
 # schedule with each transport forced (``decode_moe(transport=...)``): on a GPU or TPU "auto"
@@ -83,9 +83,12 @@ class CheckResult:
 
 def routing_ids(kind: str, n: int, k: int, num_experts: int, num_ranks: int,
                 seed: int = 0) -> np.ndarray:
-    """``[n, k] int32`` distinct expert ids per token: ``uniform``; ``one_expert`` (every first
+    """``[n, k] int32`` expert ids per token: ``uniform``; ``one_expert`` (every first
     choice is expert 0); ``one_rank`` (every copy lands on the last rank's experts);
-    ``empty_experts`` (only even experts: half the experts get nothing)."""
+    ``empty_experts`` (only even experts: half the experts get nothing); ``repeated`` (ids
+    repeat within a row, as a user's own router or zero-weight padding rows give them: even
+    rows put all k choices on expert 0, odd rows pairs of one expert, the pairs on
+    different ranks). All but ``repeated`` are distinct within a row."""
     rng = np.random.default_rng(seed)
     local = num_experts // num_ranks
     if kind == "uniform":
@@ -101,6 +104,9 @@ def routing_ids(kind: str, n: int, k: int, num_experts: int, num_ranks: int,
     if kind == "empty_experts":
         return np.stack([2 * rng.choice(num_experts // 2, k, replace=False)
                          for _ in range(n)]).astype(np.int32)
+    if kind == "repeated":
+        pairs = (np.arange(k) // 2 * local + np.arange(n)[:, None]) % num_experts
+        return np.where(np.arange(n)[:, None] % 2 == 0, 0, pairs).astype(np.int32)
     raise ValueError(f"routing must be one of {ROUTINGS}, got {kind!r}")
 
 

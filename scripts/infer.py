@@ -28,14 +28,28 @@ DISPATCH = {"relayfree": "relayfree", "ragged-baseline": "ragged_baseline",
 DEFAULT_PROMPTS = ["Return the number of ", "This function ", "Raise ValueError if "]
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an int >= 1 (argparse then prints one line naming the option)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="Hugging Face folder")
-    p.add_argument("--devices", type=int, default=8, help="emulated CPU devices (CPU only)")
+    p.add_argument("--devices", type=positive_int, default=8,
+                   help="emulated CPU devices (CPU only; default 8)")
     add_mesh_args(p)
     p.add_argument("--prompt", action="append", help="repeatable; default: three short prompts")
-    p.add_argument("--batch", type=int, default=None, help="repeat prompts up to this batch size")
-    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--batch", type=positive_int, default=None,
+                   help="sequences: the prompts repeated (or cut) to this many (default: one per prompt)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=48,
+                   help="tokens to generate per sequence, the first one included (default 48)")
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (the default)")
     p.add_argument("--top-k", type=int, default=0, help="sample from the k most likely tokens (0: all)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: all)")
@@ -106,14 +120,18 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"--mesh: {e}", file=sys.stderr)
         return 2
-    model = checkpoint.load_model(args.checkpoint, mesh=mesh, axis=args.expert_axis,
-                                  tensor_axis=args.tensor_axis, schedule=args.schedule,
-                                  implementation=DISPATCH[args.dispatch], dtype=args.dtype)
+    try:
+        model = checkpoint.load_model(args.checkpoint, mesh=mesh, axis=args.expert_axis,
+                                      tensor_axis=args.tensor_axis, schedule=args.schedule,
+                                      implementation=DISPATCH[args.dispatch], dtype=args.dtype)
+    except ValueError as e:  # e.g. experts not divisible by --devices
+        print(f"{args.checkpoint}: {e}", file=sys.stderr)
+        return 2
     # Prompts are encoded as the checkpoint's tokenizer says (config.json's bos_token_id
     # is not a promise that the tokenizer adds it; Qwen's and OLMoE's do not).
     tok = tokenizer.load_tokenizer(args.checkpoint, model.cfg.vocab_size)
     texts = args.prompt or DEFAULT_PROMPTS
-    if args.batch:
+    if args.batch is not None:
         texts = [texts[i % len(texts)] for i in range(args.batch)]
     prompts = [tok.encode(t) for t in texts]
 
@@ -128,6 +146,7 @@ def main(argv=None) -> int:
         progress(args.max_new_tokens, args.max_new_tokens)
     tpot = float(np.median(result["step_s"])) if result["step_s"] else float("nan")
     batch = len(prompts)
+    relayfree = args.dispatch == "relayfree"
     shards = lay.num_token_shards  # tokens per device = tokens / shards (MoELayer pads up)
     report = {
         "checkpoint": os.path.relpath(args.checkpoint, ROOT) if args.checkpoint.startswith(ROOT) else args.checkpoint,
@@ -135,8 +154,10 @@ def main(argv=None) -> int:
         "mesh": dict(mesh.shape), "expert_axis": lay.axis, "batch_axes": list(lay.batch_axes),
         "tensor_axis": lay.tensor_axis, "dtype": np.dtype(model.compute_dtype).name,
         "batch": batch, "prompt_tokens": result["prompt_width"], "new_tokens": args.max_new_tokens,
-        "prefill_schedule": mr.select_schedule(-(-batch * result["prompt_width"] // shards), args.schedule),
-        "decode_schedule": mr.select_schedule(-(-batch // shards), args.schedule),
+        # a baseline has no schedule: it ignores --schedule
+        "prefill_schedule": (mr.select_schedule(-(-batch * result["prompt_width"] // shards),
+                                                args.schedule) if relayfree else None),
+        "decode_schedule": mr.select_schedule(-(-batch // shards), args.schedule) if relayfree else None,
         "ttft_ms": 1e3 * result["ttft_s"], "tpot_ms": 1e3 * tpot,
         "decode_tokens_per_s": batch / tpot if tpot == tpot else None,
         "compile_s": result["compile_s"],
@@ -158,8 +179,9 @@ def main(argv=None) -> int:
     print(f"\n{report['devices']} {report['platform']} devices (mesh {mesh_text}), dispatch={args.dispatch}, "
           f"{report['dtype']}, batch={batch}, "
           f"prompt={report['prompt_tokens']} tokens, new={args.max_new_tokens}")
-    print(f"prefill: schedule={report['prefill_schedule']}, time to first token {report['ttft_ms']:.1f} ms")
-    print(f"decode:  schedule={report['decode_schedule']}, time per output token {report['tpot_ms']:.1f} ms "
+    sched = {p: report[f"{p}_schedule"] or f"n/a ({args.dispatch})" for p in ("prefill", "decode")}
+    print(f"prefill: schedule={sched['prefill']}, time to first token {report['ttft_ms']:.1f} ms")
+    print(f"decode:  schedule={sched['decode']}, time per output token {report['tpot_ms']:.1f} ms "
           f"(median), {report['decode_tokens_per_s']:.1f} tokens/s; compile {report['compile_s']:.1f} s")
     return 0
 

@@ -81,10 +81,15 @@ def test_routing_patterns():
     for kind in selfcheck.ROUTINGS:
         ids = selfcheck.routing_ids(kind, n, k, e, p)
         assert ids.shape == (n, k) and ids.dtype == np.int32
-        assert all(len(set(row)) == k for row in ids.tolist())  # distinct experts per token
+        distinct = [len(set(row)) == k for row in ids.tolist()]
+        assert all(distinct) if kind != "repeated" else not any(distinct)
     assert (selfcheck.routing_ids("one_expert", n, k, e, p)[:, 0] == 0).all()
     assert (selfcheck.routing_ids("one_rank", n, k, e, p) // (e // p) == p - 1).all()
     assert (selfcheck.routing_ids("empty_experts", n, k, e, p) % 2 == 0).all()
+    repeated = selfcheck.routing_ids("repeated", n, 4, e, p)
+    assert (repeated[::2] == 0).all()  # every choice on one expert
+    odd = repeated[1::2]
+    assert (odd[:, 0] == odd[:, 1]).all() and (odd[:, 0] // (e // p) != odd[:, 2] // (e // p)).all()
     with pytest.raises(ValueError, match="one_rank needs k <= experts per rank"):
         selfcheck.routing_ids("one_rank", n, 5, e, p)
 

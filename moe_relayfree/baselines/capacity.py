@@ -4,13 +4,18 @@ Per rank (call inside ``shard_map``), with capacity ``C`` slots per expert per s
 
 1. position of every copy inside its expert (choice-major priority: every token's first choice
    before any second choice), copies past ``C`` are DROPPED (their contribution is 0);
-2. dispatch mask ``[T, E, C]`` and an einsum into the padded ``[E, C, d]`` buffer;
+2. the padded ``[E, C, d]`` buffer, filled by one gather of the token each slot holds (the
+   index form of GShard's ``[T, E, C]`` dispatch-mask einsum, as Tutel's fast dispatcher does
+   it: the einsum multiplies every token by a 0 for every slot it is not in, so one NaN token
+   made the whole buffer NaN);
 3. dense ``all_to_all``: each rank receives ``[P, El, C, d]`` for its experts;
 4. expert FFN on ``[El, P*C, d]`` (padding slots computed too);
-5. ``all_to_all`` back and a combine einsum with the ``[T, E, C]`` weights.
+5. ``all_to_all`` back and a weighted gather of each kept copy's slot.
 
-``capacity=None`` uses ``C = T`` (a token picks an expert at most once): never drops, at
-``E*T*d`` rows of buffer. :func:`capacity_for` gives the usual ``factor * T * k / E``.
+A token's repeated choices of one expert fold into one copy first
+(:func:`~moe_relayfree.routing.merge_repeated_choices`), so ``capacity=None`` uses ``C = T``
+(a token then takes at most one slot of an expert): never drops, at ``E*T*d`` rows of buffer.
+:func:`capacity_for` gives the usual ``factor * T * k / E``.
 """
 
 from __future__ import annotations
@@ -21,6 +26,9 @@ import math
 import jax
 import jax.numpy as jnp
 from jax import lax
+
+from moe_relayfree.routing import merge_repeated_choices
+from moe_relayfree.windows import take_rows, weighted_row_sum
 
 _F32 = jnp.float32
 
@@ -37,9 +45,13 @@ def capacity_for(tokens: int, k: int, num_experts: int, factor: float | None) ->
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class CapacityHandle:
-    """combine_weights ``[T, E, C] f32``; dropped ``[]`` int32 copies dropped on this rank."""
+    """slot ``[T, k] int32`` buffer slot ``e*C + c`` of each copy; weights ``[T, k] f32``;
+    kept ``[T, k] bool`` (False: dropped, or a folded repeat); dropped ``[]`` int32 copies
+    dropped on this rank."""
 
-    combine_weights: jax.Array
+    slot: jax.Array
+    weights: jax.Array
+    kept: jax.Array
     dropped: jax.Array
     axis_name: str = dataclasses.field(metadata=dict(static=True))
 
@@ -57,21 +69,26 @@ def dispatch(
     num_ranks = lax.axis_size(axis_name)
     local = num_experts // num_ranks
     t, k = topk_ids.shape
+    d = x.shape[1]
     cap = t if capacity is None else capacity
-    one_hot = jax.nn.one_hot(topk_ids.T.reshape(-1), num_experts, dtype=jnp.int32)  # [k*T, E]
+    ids, weights = merge_repeated_choices(topk_ids, topk_weights, num_experts)
+    real = ids < num_experts
+    # one_hot of the "no copy" id num_experts is all zeros: a repeat takes no slot
+    one_hot = jax.nn.one_hot(ids.T.reshape(-1), num_experts, dtype=jnp.int32)  # [k*T, E]
     position = (jnp.cumsum(one_hot, axis=0) - 1) * one_hot
     position = position.sum(-1).reshape(k, t).T  # [T, k]
-    keep = position < cap
-    slot = jax.nn.one_hot(jnp.where(keep, position, cap), cap, dtype=_F32)  # [T, k, C]
-    expert = jax.nn.one_hot(topk_ids, num_experts, dtype=_F32)  # [T, k, E]
-    dispatch_mask = jnp.einsum("tke,tkc->tec", expert, slot)
-    combine_weights = jnp.einsum("tke,tkc,tk->tec", expert, slot, topk_weights.astype(_F32))
-    buf = jnp.einsum("tec,td->ecd", dispatch_mask.astype(x.dtype), x)  # [E, C, d]
-    buf = buf.reshape(num_ranks, local, cap, x.shape[1])
+    kept = real & (position < cap)
+    slot = jnp.where(kept, ids * cap + position, num_experts * cap)
+    token = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32)[:, None], (t, k))
+    # slot -> token it holds (t = the zero row appended to x: an empty slot)
+    holder = jnp.full((num_experts * cap,), t, jnp.int32).at[slot].set(token, mode="drop")
+    padded = jnp.concatenate([x, jnp.zeros((1, d), x.dtype)], axis=0)
+    buf = take_rows(padded, holder).reshape(num_ranks, local, cap, d)
     recv = lax.all_to_all(buf, axis_name, 0, 0, tiled=True)  # [P_src, El, C, d]
-    expert_in = recv.transpose(1, 0, 2, 3).reshape(local, num_ranks * cap, x.shape[1])
-    dropped = jnp.sum(~keep).astype(jnp.int32)
-    return expert_in, CapacityHandle(combine_weights, dropped, axis_name)
+    expert_in = recv.transpose(1, 0, 2, 3).reshape(local, num_ranks * cap, d)
+    dropped = jnp.sum(real & ~kept).astype(jnp.int32)
+    return expert_in, CapacityHandle(jnp.minimum(slot, num_experts * cap - 1), weights, kept,
+                                     dropped, axis_name)
 
 
 def combine(expert_out: jax.Array, handle: CapacityHandle) -> jax.Array:
@@ -81,6 +98,6 @@ def combine(expert_out: jax.Array, handle: CapacityHandle) -> jax.Array:
     cap = rows // num_ranks
     back = expert_out.reshape(local, num_ranks, cap, d).transpose(1, 0, 2, 3)
     back = lax.all_to_all(back, handle.axis_name, 0, 0, tiled=True)  # [P_dst, El, C, d]
-    back = back.reshape(num_ranks * local, cap, d)
-    y = jnp.einsum("tec,ecd->td", handle.combine_weights, back.astype(_F32))
+    back = back.reshape(num_ranks * local * cap, d)
+    y = weighted_row_sum(back, handle.slot, handle.weights, handle.kept)
     return y.astype(expert_out.dtype)

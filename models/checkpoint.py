@@ -21,14 +21,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from models.config import ModelConfig
 from models.hf_config import from_hf_config
 from models.tensor_index import CheckpointError, TensorIndex
 from models.transformer import MoETransformer
-from moe_relayfree.layout import auto_mesh, make_layout
+from moe_relayfree.config import DispatchConfig, dispatch_config
 
 
 def read_config(folder: str) -> ModelConfig:
@@ -215,13 +215,13 @@ def export_tensors(model: MoETransformer, *, fused_experts: bool = False, dtype=
     return out
 
 
-def load_model(folder: str, *, mesh: Mesh, axis: str = "ep", schedule: str = "auto",
-               implementation: str = "relayfree", dtype=None, stats: dict | None = None,
-               batch_axes=None, tensor_axis: str | None = None) -> MoETransformer:
+def load_model(folder: str, dispatch: DispatchConfig | None = None, *, dtype=None,
+               stats: dict | None = None, **dispatch_settings) -> MoETransformer:
     """Builds the model described by ``folder/config.json`` and streams its safetensors in.
 
     Args:
-      mesh, axis, batch_axes, tensor_axis: the mesh and its axis roles
+      dispatch: the :class:`moe_relayfree.DispatchConfig` of every MoE layer (or its fields as
+        keywords: ``mesh=..., schedule=...``): the mesh and its axis roles
         (:mod:`moe_relayfree.layout`); expert tensors are read per device, for the experts on
         that device's expert rank (with a tensor axis, the full ``f`` is read and sliced).
       dtype: parameter dtype; default the checkpoint's (that of its embedding).
@@ -234,10 +234,10 @@ def load_model(folder: str, *, mesh: Mesh, axis: str = "ep", schedule: str = "au
     if dtype is None:
         dtype = index.dtype.get("model.embed_tokens.weight", np.dtype(np.float32))
     dtype = jnp.dtype(dtype)
-    mesh = auto_mesh(mesh)
+    dispatch = dispatch_config(dispatch, **dispatch_settings).with_auto_mesh()
+    mesh = dispatch.mesh
     model = nnx.eval_shape(lambda: MoETransformer(
-        cfg, mesh=mesh, axis=axis, schedule=schedule, implementation=implementation,
-        param_dtype=dtype, rngs=nnx.Rngs(0), batch_axes=batch_axes, tensor_axis=tensor_axis))
+        cfg, dispatch=dispatch, param_dtype=dtype, rngs=nnx.Rngs(0)))
     plain, experts = _entries(model)
     used: set[str] = set()
     for name, var, linear in plain:  # every name and shape checked before any data is read
@@ -258,7 +258,7 @@ def load_model(folder: str, *, mesh: Mesh, axis: str = "ep", schedule: str = "au
             value = index.read(name)
             return value.T if linear else value
         _place(var, replicated, _replicated(read, dtype), dtype)
-    lay = make_layout(mesh, axis, batch_axes, tensor_axis)
+    lay = dispatch.layout
     for moe, read in readers:
         for var, which, spec in ((moe.w_gate, "gate", lay.w_in), (moe.w_up, "up", lay.w_in),
                                  (moe.w_down, "down", lay.w_out)):

@@ -16,13 +16,12 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import Mesh
 
 from models.config import ModelConfig
 from models.layers import RMSNorm, attention_mask, rope
 from models.mla import MLAttention
 from moe_relayfree.experts import dense_dot
-from moe_relayfree.layout import auto_mesh
+from moe_relayfree.config import DispatchConfig, dispatch_config
 from moe_relayfree.layer import MoELayer, SwiGLUMLP, normal_init
 
 _F32 = jnp.float32
@@ -116,9 +115,8 @@ class Attention(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, cfg: ModelConfig, index: int, *, mesh: Mesh, axis: str, schedule: str,
-                 implementation: str, param_dtype, rngs: nnx.Rngs, batch_axes=None,
-                 tensor_axis: str | None = None):
+    def __init__(self, cfg: ModelConfig, index: int, *, dispatch: DispatchConfig, param_dtype,
+                 rngs: nnx.Rngs):
         self.attn_norm = RMSNorm(cfg.d_model, cfg.rms_eps, param_dtype)
         if cfg.is_mla:
             self.attn = MLAttention(cfg, param_dtype=param_dtype, rngs=rngs)
@@ -128,10 +126,9 @@ class DecoderLayer(nnx.Module):
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.rms_eps, param_dtype)
         if cfg.moe_layers[index]:
             self.mlp = MoELayer(
-                cfg.d_model, cfg.d_ff_expert, cfg.num_experts, cfg.k, mesh=mesh, axis=axis,
-                batch_axes=batch_axes, tensor_axis=tensor_axis,
+                cfg.d_model, cfg.d_ff_expert, cfg.num_experts, cfg.k, dispatch=dispatch,
                 router=cfg.router, shared_d_ff=cfg.shared_d_ff, shared_gate=cfg.shared_gate,
-                schedule=schedule, implementation=implementation, param_dtype=param_dtype, rngs=rngs,
+                param_dtype=param_dtype, rngs=rngs,
             )
         else:
             self.mlp = SwiGLUMLP(cfg.d_model, cfg.d_ff, param_dtype=param_dtype, rngs=rngs)
@@ -148,22 +145,21 @@ class DecoderLayer(nnx.Module):
 class MoETransformer(nnx.Module):
     """Embedding -> decoder layers (dense or MoE per ``cfg.moe_layers``) -> norm -> LM head.
 
-    ``mesh`` may have several axes: ``axis`` (experts), ``batch_axes`` and ``tensor_axis`` are
-    passed to every :class:`moe_relayfree.MoELayer` (see :mod:`moe_relayfree.layout`).
+    ``dispatch``: one :class:`moe_relayfree.DispatchConfig` (or its fields as keywords:
+    ``mesh=..., schedule=...``) for every :class:`moe_relayfree.MoELayer`; its mesh may have
+    several axes (see :mod:`moe_relayfree.layout`).
     """
 
-    def __init__(self, cfg: ModelConfig, *, mesh: Mesh, axis: str = "ep", schedule: str = "auto",
-                 implementation: str = "relayfree", param_dtype=jnp.float32, rngs: nnx.Rngs,
-                 batch_axes=None, tensor_axis: str | None = None):
+    def __init__(self, cfg: ModelConfig, *, dispatch: DispatchConfig | None = None,
+                 param_dtype=jnp.float32, rngs: nnx.Rngs, **dispatch_settings):
         # One mesh type for the whole model: an Explicit axis would give the MoE outputs an
         # explicit sharding type that then meets the unsharded rest of the model.
-        mesh = auto_mesh(mesh)
+        dispatch = dispatch_config(dispatch, **dispatch_settings).with_auto_mesh()
+        self.dispatch = dispatch
         self.cfg = cfg
         self.embed = nnx.Param(normal_init(rngs, (cfg.vocab_size, cfg.d_model), 1.0, param_dtype))
         self.layers = nnx.List([
-            DecoderLayer(cfg, i, mesh=mesh, axis=axis, schedule=schedule,
-                         implementation=implementation, param_dtype=param_dtype, rngs=rngs,
-                         batch_axes=batch_axes, tensor_axis=tensor_axis)
+            DecoderLayer(cfg, i, dispatch=dispatch, param_dtype=param_dtype, rngs=rngs)
             for i in range(cfg.n_layers)
         ])
         self.norm = RMSNorm(cfg.d_model, cfg.rms_eps, param_dtype)

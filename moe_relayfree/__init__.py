@@ -12,12 +12,8 @@ from moe_relayfree import (
     routing,
     transports,
 )
-from moe_relayfree.api import (
-    DEFAULT_CAPACITY_FACTOR,
-    expert_parallel_moe,
-    replicates_tokens,
-    route_tokens,
-)
+from moe_relayfree.api import expert_parallel_moe, replicates_tokens, route_tokens
+from moe_relayfree.config import DEFAULT_CAPACITY_FACTOR, DispatchConfig, dispatch_config
 from moe_relayfree.layout import MeshLayout, make_ep_mesh, make_layout, make_mesh, parse_mesh
 from moe_relayfree.selection import (
     DEFAULT_DECODE_THRESHOLDS,
@@ -36,6 +32,8 @@ from moe_relayfree.verbs import combine, dispatch
 __all__ = [
     "DEFAULT_CAPACITY_FACTOR",
     "DEFAULT_DECODE_THRESHOLDS",
+    "DispatchConfig",
+    "dispatch_config",
     "MeshLayout",
     "MoELayer",
     "RouterConfig",

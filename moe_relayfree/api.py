@@ -10,16 +10,17 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from moe_relayfree import baselines, decode, prefill
+from moe_relayfree import baselines, decode, prefill, registry
 from moe_relayfree.collectives import vary_like
+from moe_relayfree.config import DEFAULT_CAPACITY_FACTOR, DispatchConfig, dispatch_config
 from moe_relayfree.experts import grouped_swiglu, swiglu, windows_swiglu
-from moe_relayfree.layout import AxisNames, MeshLayout, make_layout
+from moe_relayfree.layout import MeshLayout
 from moe_relayfree.plan import rows_per_round
 from moe_relayfree.routing import RouterConfig, route
-from moe_relayfree.selection import Schedule, select_schedule
+from moe_relayfree.selection import select_schedule
 from moe_relayfree.windows import ExpertWindows
 
-DEFAULT_CAPACITY_FACTOR = 2.0
+__all__ = ["DEFAULT_CAPACITY_FACTOR", "expert_parallel_moe", "replicates_tokens", "route_tokens"]
 
 
 def _validate(x, topk_ids, topk_weights, w_gate, w_up, w_down, lay: MeshLayout,
@@ -84,9 +85,6 @@ def _poison_invalid(topk_ids, topk_weights, num_experts: int):
     return jnp.clip(topk_ids, 0, num_experts - 1).astype(jnp.int32), w
 
 
-IMPLEMENTATIONS = ("relayfree", "ragged_baseline", "capacity_baseline")
-
-
 def _per_rank(x, topk_ids, topk_weights, w_gate, w_up, w_down, *, axis, tensor_axis, schedule,
               num_experts, rows, implementation, decode_overflow, replicated):
     # Every input varies over every axis any of them does (weights over the batch axes, tokens
@@ -128,26 +126,30 @@ def _routed(x, topk_ids, topk_weights, w_gate, w_up, w_down, *, axis, schedule, 
     return prefill.prefill_moe(x, topk_ids, topk_weights, experts, rows_per_round=rows, **common)
 
 
-def replicates_tokens(num_tokens: int, lay: MeshLayout, schedule: Schedule = "auto",
-                      implementation: str = "relayfree",
-                      decode_threshold: int | None = None) -> bool:
+def replicates_tokens(num_tokens: int, config: DispatchConfig) -> bool:
     """Whether :func:`expert_parallel_moe` runs ``num_tokens`` replicated: a relay-free
-    decode batch smaller than the token shards (``0 < N < lay.num_token_shards``) cannot be
+    decode batch smaller than the token shards (``0 < N < num_token_shards``) cannot be
     split over the devices, so every device takes all ``N`` tokens and gets all ``N`` outputs
     (the decode schedule's "replicated" transport: one ``psum``, no dispatch collective).
     Otherwise tokens are split over the batch axes, ``N`` a multiple of their size."""
-    if implementation != "relayfree" or not 0 < num_tokens < lay.num_token_shards:
+    lay = config.layout
+    if not config.relayfree or not 0 < num_tokens < lay.num_token_shards:
         return False
-    return select_schedule(1, schedule, decode_threshold, platform=lay.platform) == "decode"
+    return select_schedule(1, config.schedule, config.decode_threshold,
+                           platform=lay.platform) == "decode"
 
 
 @functools.lru_cache(maxsize=256)
-def _sharded_fn(lay: MeshLayout, schedule: str, num_experts: int, rows: int, implementation: str,
-                decode_overflow: str, replicated: bool):
+def _sharded_fn(config: DispatchConfig, num_experts: int, rows: int, replicated: bool,
+                kernels: int):
+    """The shard_map program of one resolved config (``config.schedule`` is "prefill" or
+    "decode"); ``kernels``: the registries' generation it was traced under."""
+    del kernels  # a cache key only: a registration re-makes the program
+    lay = config.layout
     body = functools.partial(
-        _per_rank, axis=lay.axis, tensor_axis=lay.tensor_axis, schedule=schedule,
-        num_experts=num_experts, rows=rows, implementation=implementation,
-        decode_overflow=decode_overflow, replicated=replicated,
+        _per_rank, axis=lay.axis, tensor_axis=lay.tensor_axis, schedule=config.schedule,
+        num_experts=num_experts, rows=rows, implementation=config.implementation,
+        decode_overflow=config.decode_overflow, replicated=replicated,
     )
     tok = P() if replicated else lay.tokens
     return jax.shard_map(
@@ -178,72 +180,49 @@ def expert_parallel_moe(
     w_gate: jax.Array,
     w_up: jax.Array,
     w_down: jax.Array,
-    *,
-    mesh: Mesh,
-    axis: str = "ep",
-    batch_axes: AxisNames | None = None,
-    tensor_axis: str | None = None,
-    schedule: Schedule = "auto",
-    capacity_factor: float | None = DEFAULT_CAPACITY_FACTOR,
-    decode_threshold: int | None = None,
-    implementation: str = "relayfree",
-    decode_overflow: str = "branch",
+    config: DispatchConfig | None = None,
+    **settings,
 ) -> jax.Array:
     """Relay-free expert-parallel MoE (routed experts only).
 
     Args:
-      x: ``[N, d]`` tokens; split over ``batch_axes`` (N divisible by their total size), or,
-        relay-free decode with ``N`` smaller than that size, the same on every device
-        (:func:`replicates_tokens`; the output is then replicated too).
-      topk_ids: ``[N, k]`` int global expert ids in ``[0, E)``, split like x.
+      x: ``[N, d]`` float tokens; split over the batch axes (N divisible by their total
+        size), or, relay-free decode with ``N`` smaller than that size, the same on every
+        device (:func:`replicates_tokens`; the output is then replicated too).
+      topk_ids: ``[N, k]`` int global expert ids in ``[0, E)``, split like x. A token may
+        repeat an expert: its choices of one expert add up.
       topk_weights: ``[N, k]`` routing weights, split like x.
-      w_gate, w_up: ``[E, d, f]``; w_down: ``[E, f, d]``: split on E over ``axis`` (and on f
-        over ``tensor_axis`` if given), replicated over the other axes.
-      mesh: the device mesh, any number of axes; ``axis`` names its expert axis. Collectives
-        run over ``axis`` only: each slice along the other axes is its own expert-parallel
-        group (see :mod:`moe_relayfree.layout`).
-      batch_axes: the axes tokens are split over, the expert axis included (default: every
-        axis but ``tensor_axis``); each device holds ``N / prod(sizes)`` tokens.
-      tensor_axis: optional axis splitting each expert's width ``f``; outputs summed over it.
-      schedule: "prefill", "decode" or "auto" (decode when tokens per device
-        ``<= decode_threshold``).
-      capacity_factor: prefill receive rows per round = ``capacity_factor * T * k`` (T tokens per
-        device); skewed batches take extra rounds, never drop tokens. ``None``: worst-case buffer.
-      decode_threshold: tokens per device for "auto" (default: :func:`decode_threshold` of the
-        mesh's platform).
-      implementation: "relayfree" (this project), or for comparison "ragged_baseline"
-        (MaxText-style sort / one segment per peer / receiver re-sort, worst-case buffer) or
-        "capacity_baseline" (GShard-style masks, capacity T per expert so nothing drops);
-        the baselines ignore ``schedule`` and ``capacity_factor``.
-      decode_overflow: the decode schedule's rows past the usual ``2*T*k``: "branch" (a
-        second expert call under a ``lax.cond``, only on a rank that received more) or
-        "one_pass" (every worst-case row in one call, no conditional: XLA:GPU blocks the host
-        on a conditional's predicate). See :func:`moe_relayfree.decode.decode_moe`.
+      w_gate, w_up: ``[E, d, f]``; w_down: ``[E, f, d]``: split on E over the expert axis (and
+        on f over the tensor axis if any), replicated over the other axes.
+      config: a :class:`~moe_relayfree.DispatchConfig` (mesh, axis roles, schedule,
+        implementation, capacity factor, decode settings).
+      **settings: its fields given directly (``mesh=..., schedule="decode"``), or changes to
+        ``config``.
 
     Returns:
       ``[N, d]`` in x.dtype. Eager calls: with x's sharding when x is committed to devices,
-      else split over the batch axes of ``mesh`` (replicated on a mesh with Explicit axes, as
+      else split over the batch axes of the mesh (replicated on a mesh with Explicit axes, as
       under jit). Under jit: split over the batch axes (Explicit axes: resharded like x).
       A replicated small batch (:func:`replicates_tokens`) comes back replicated.
       Concrete out-of-range ids raise ``ValueError``; traced ones (inside jit) turn their
       token's output into NaN. ``N = 0`` gives ``[0, d]``.
     """
-    if implementation not in IMPLEMENTATIONS:
-        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
-    decode.check_overflow(decode_overflow, "decode_overflow")
-    lay = make_layout(mesh, axis, batch_axes, tensor_axis)
-    replicated = replicates_tokens(np.shape(x)[0] if np.ndim(x) == 2 else 0, lay, schedule,
-                                   implementation, decode_threshold)
+    config = dispatch_config(config, **settings)
+    lay, mesh = config.layout, config.mesh
+    replicated = replicates_tokens(np.shape(x)[0] if np.ndim(x) == 2 else 0, config)
     n, k, num_experts = _validate(x, topk_ids, topk_weights, w_gate, w_up, w_down, lay,
                                   small_batch_ok=replicated)
     if n == 0:
         y = jnp.zeros(np.shape(x), jnp.result_type(x))
         return y if isinstance(x, jax.core.Tracer) else jax.device_put(y, lay.sharding(lay.tokens))
     tokens = max(1, n // lay.num_token_shards)
-    resolved = select_schedule(tokens, schedule, decode_threshold, platform=lay.platform)
-    rows = rows_per_round(tokens, k, lay.num_ranks, capacity_factor)
-    fn = _sharded_fn(lay, resolved, num_experts, rows, implementation,
-                     decode_overflow if resolved == "decode" else "branch", replicated)
+    resolved = select_schedule(tokens, config.schedule, config.decode_threshold,
+                               platform=lay.platform)
+    rows = rows_per_round(tokens, k, lay.num_ranks, config.capacity_factor)
+    program = config.replace(
+        schedule=resolved, decode_threshold=None,
+        decode_overflow=config.decode_overflow if resolved == "decode" else "branch")
+    fn = _sharded_fn(program, num_experts, rows, replicated, registry.generation())
     token_spec = P() if replicated else lay.tokens
     args = [_place(a, mesh, token_spec) for a in (x, topk_ids, topk_weights)]
     args += [_place(a, mesh, spec) for a, spec in
@@ -287,18 +266,16 @@ def _routing_fn(lay: MeshLayout, k: int, config: RouterConfig, with_bias: bool):
 def route_tokens(
     logits: jax.Array,
     k: int,
-    config: RouterConfig,
+    router: RouterConfig,
     bias: jax.Array | None = None,
-    *,
-    mesh: Mesh,
-    axis: str = "ep",
-    batch_axes: AxisNames | None = None,
-    tensor_axis: str | None = None,
+    dispatch: DispatchConfig | None = None,
+    **settings,
 ) -> tuple[jax.Array, jax.Array]:
     """:func:`~moe_relayfree.routing.route` with each device routing its own tokens.
 
-    logits ``[N, E]`` split over the batch axes like :func:`expert_parallel_moe`'s x (``N``
-    divisible by their total size; otherwise routed in the global view); bias ``[E]``.
+    logits ``[N, E]`` split over the batch axes of ``dispatch`` (or of the layout ``settings``:
+    ``mesh=``, ``axis=``, ...) like :func:`expert_parallel_moe`'s x (``N`` divisible by their
+    total size; otherwise routed in the global view); bias ``[E]``.
     Returns (topk_ids ``[N, k] int32``, topk_weights ``[N, k] float32``), split the same way.
 
     Why: routing is row-wise, but XLA's SPMD partitioner does not split ``top_k`` over rows;
@@ -306,15 +283,15 @@ def route_tokens(
     grows with the number of devices: 42 MB per device per layer at EP320, 128 tokens per
     device, E=256, f32) and routes every token of the batch. Under ``shard_map`` it is local.
     """
-    lay = make_layout(mesh, axis, batch_axes, tensor_axis)
+    lay = dispatch_config(dispatch, **settings).layout
     n = logits.shape[0]
     if n == 0 or n % lay.num_token_shards:
-        return route(logits, k, config, bias)
-    fn = _routing_fn(lay, k, config, bias is not None)
-    args = [_place(logits, mesh, lay.tokens)]
+        return route(logits, k, router, bias)
+    fn = _routing_fn(lay, k, router, bias is not None)
+    args = [_place(logits, lay.mesh, lay.tokens)]
     if bias is not None:
-        args.append(_place(bias, mesh, P()))
-    return _call_like(fn, args, logits, mesh)
+        args.append(_place(bias, lay.mesh, P()))
+    return _call_like(fn, args, logits, lay.mesh)
 
 
 @functools.lru_cache(maxsize=256)

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from moe_relayfree.registry import PlatformRegistry
 from moe_relayfree.windows import take_rows
 
 
@@ -147,21 +148,19 @@ def native_ragged_all_to_all(
     )
 
 
-# platform name (as in jax.lax.platform_dependent: "cpu", "cuda", "rocm", "tpu", plugin names)
-# -> implementation. Platforms not listed use the native XLA op.
-_RAGGED_A2A: dict[str, RaggedAllToAll] = {"cpu": emulated_ragged_all_to_all}
+_RAGGED_A2A: PlatformRegistry[RaggedAllToAll] = PlatformRegistry({"cpu": emulated_ragged_all_to_all})
 
 
 def register_ragged_all_to_all(platform: str, impl: RaggedAllToAll | None) -> None:
-    """Use ``impl`` for ``platform`` (``None`` restores the native XLA op there)."""
-    if impl is None:
-        _RAGGED_A2A.pop(platform, None)
-    else:
-        _RAGGED_A2A[platform] = impl
+    """Use ``impl`` for ``platform`` (``None`` restores the native XLA op there). Takes effect
+    for programs traced after it: the library's own compiled programs are re-made at their
+    next call (:func:`moe_relayfree.registry.generation`); a ``jax.jit`` of your own that
+    already traced a call keeps the old kernel until you re-jit it."""
+    _RAGGED_A2A.set(platform, impl)
 
 
 def ragged_all_to_all_impls() -> dict[str, RaggedAllToAll]:
-    return dict(_RAGGED_A2A)
+    return _RAGGED_A2A.impls()
 
 
 def peer_rows(copies: int, bound: int, num_ranks: int) -> dict:
@@ -204,5 +203,5 @@ def ragged_all_to_all(
             typical_rows_per_peer=typical_rows_per_peer,
         )
 
-    branches = {p: bind(impl) for p, impl in _RAGGED_A2A.items()}
+    branches = {p: bind(impl) for p, impl in _RAGGED_A2A.impls().items()}
     return lax.platform_dependent(*args, **branches, default=bind(native_ragged_all_to_all))

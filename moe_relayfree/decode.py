@@ -59,6 +59,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from moe_relayfree import transports
+from moe_relayfree.config import OVERFLOWS, Overflow
 from moe_relayfree.routing import merge_repeated_choices
 from moe_relayfree.transports import BlocksHandle, GatherHandle
 from moe_relayfree.transports import expert_major_rows, gather_tokens  # noqa: F401  (re-exported)
@@ -68,8 +69,6 @@ _F32 = jnp.float32
 
 
 Transport = Literal["auto", "gather", "blocks", "replicated"]
-Overflow = Literal["branch", "one_pass"]
-OVERFLOWS: tuple[str, ...] = ("branch", "one_pass")
 
 
 def check_overflow(overflow: str, name: str = "overflow") -> None:

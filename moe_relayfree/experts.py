@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from moe_relayfree.collectives import bitcast_as, vary_like
+from moe_relayfree.registry import PlatformRegistry
 from moe_relayfree.windows import ExpertWindows
 
 _F32 = jnp.float32
@@ -333,7 +334,7 @@ def grouped_swiglu_tiled(x, group_sizes, w_gate, w_up, w_down, tile: int | None 
 
 
 # platform (as in jax.lax.platform_dependent) -> grouped SwiGLU; others use ragged_dot.
-_GROUPED_SWIGLU = {"cpu": grouped_swiglu_tiled}
+_GROUPED_SWIGLU = PlatformRegistry({"cpu": grouped_swiglu_tiled})
 # impls that take the ``expected_rows`` keyword (a sizing hint; the others never see it): the
 # project's own kernel always, a registered one as its latest registration said
 _BUILTIN_TAKES_EXPECTED_ROWS = frozenset({grouped_swiglu_tiled})
@@ -348,20 +349,19 @@ def register_grouped_swiglu(platform: str, impl, *, takes_expected_rows: bool = 
     """Use ``impl(x, group_sizes, w_gate, w_up, w_down)`` on ``platform`` (``None``: ragged_dot).
 
     ``takes_expected_rows``: impl also accepts the keyword ``expected_rows`` (see
-    :class:`~moe_relayfree.windows.ExpertWindows`), e.g. to size tiles.
+    :class:`~moe_relayfree.windows.ExpertWindows`), e.g. to size tiles. Takes effect for
+    programs traced after it, as :func:`~moe_relayfree.collectives.register_ragged_all_to_all`.
     """
-    if impl is None:
-        _GROUPED_SWIGLU.pop(platform, None)
-        return
-    _GROUPED_SWIGLU[platform] = impl
-    if takes_expected_rows:
-        _TAKES_EXPECTED_ROWS.add(impl)
-    else:
-        _TAKES_EXPECTED_ROWS.discard(impl)
+    if impl is not None:
+        if takes_expected_rows:
+            _TAKES_EXPECTED_ROWS.add(impl)
+        else:
+            _TAKES_EXPECTED_ROWS.discard(impl)
+    _GROUPED_SWIGLU.set(platform, impl)
 
 
 def grouped_swiglu_impls() -> dict:
-    return dict(_GROUPED_SWIGLU)
+    return _GROUPED_SWIGLU.impls()
 
 
 def grouped_swiglu(
@@ -378,7 +378,7 @@ def grouped_swiglu(
     impls = {
         p: (functools.partial(f, expected_rows=expected_rows)
             if expected_rows is not None and _takes_expected_rows(f) else f)
-        for p, f in _GROUPED_SWIGLU.items()
+        for p, f in _GROUPED_SWIGLU.impls().items()
     }
     return lax.platform_dependent(
         x, group_sizes, w_gate, w_up, w_down, **impls, default=grouped_swiglu_native

@@ -5,14 +5,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import Mesh
 
-from moe_relayfree.api import (
-    DEFAULT_CAPACITY_FACTOR,
-    expert_parallel_moe,
-    replicates_tokens,
-    route_tokens,
-)
+from moe_relayfree.api import expert_parallel_moe, replicates_tokens, route_tokens
 from moe_relayfree.balance import (
     expert_load,
     load_balancing_loss,
@@ -20,9 +14,7 @@ from moe_relayfree.balance import (
     router_z_loss,
     update_score_bias,
 )
-from moe_relayfree.decode import check_overflow
-from moe_relayfree.layout import AxisNames, make_layout
-from moe_relayfree.selection import Schedule
+from moe_relayfree.config import DispatchConfig, dispatch_config
 from moe_relayfree.experts import dense_dot
 from moe_relayfree.routing import RouterConfig, route
 
@@ -70,13 +62,14 @@ class MoELayer(nnx.Module):
       w_gate, w_up ``[E, d, f]`` and w_down ``[E, f, d]``, created sharded on E over ``axis``
       (and on f over ``tensor_axis``); shared experts (``shared_d_ff`` > 0) replicated.
 
-    Mesh: any axes. Tokens are split over ``batch_axes`` (default: every axis but
-    ``tensor_axis``), experts over ``axis``; see :mod:`moe_relayfree.layout`.
+    Dispatch: a :class:`~moe_relayfree.DispatchConfig` (``dispatch=``), or its fields as
+    keywords (``mesh=..., schedule=...``), or both (the keywords change the config). Tokens
+    are split over its batch axes, experts over its expert axis (see
+    :mod:`moe_relayfree.layout`); the config goes unchanged to
+    :func:`moe_relayfree.expert_parallel_moe`.
 
     Call: x ``[..., d]`` -> ``[..., d]`` (x.dtype). Any token count works: the flattened tokens
     are padded to a multiple of the token shards with zero-weight rows, dropped after.
-    ``schedule``, ``capacity_factor``, ``implementation`` and ``decode_overflow`` are passed to
-    :func:`moe_relayfree.expert_parallel_moe` ("relayfree", or a baseline for comparison).
 
     Training (opt-in, sown as ``nnx.Intermediate`` under ``nnx.capture(model, nnx.Intermediate)``,
     which returns them with the output, and not computed outside it; see
@@ -94,34 +87,29 @@ class MoELayer(nnx.Module):
         num_experts: int,
         k: int,
         *,
-        mesh: Mesh,
-        axis: str = "ep",
-        batch_axes: AxisNames | None = None,
-        tensor_axis: str | None = None,
+        dispatch: DispatchConfig | None = None,
         router: RouterConfig = RouterConfig(),
         shared_d_ff: int = 0,
         shared_gate: bool = False,
-        schedule: Schedule = "auto",
-        capacity_factor: float | None = DEFAULT_CAPACITY_FACTOR,
-        implementation: str = "relayfree",
-        decode_overflow: str = "branch",
         router_stats: bool = False,
         load_balancing_weight: float = 0.0,
         z_loss_weight: float = 0.0,
         param_dtype=jnp.float32,
         rngs: nnx.Rngs,
+        **dispatch_settings,
     ):
-        lay = make_layout(mesh, axis, batch_axes, tensor_axis)
+        config = dispatch_config(dispatch, **dispatch_settings)
+        lay = config.layout
         lay.check_experts(num_experts, d_ff)
         if not 1 <= k <= num_experts:
             raise ValueError(f"k={k} must be in [1, num_experts={num_experts}]")
-        check_overflow(decode_overflow, "decode_overflow")
         if load_balancing_weight < 0 or z_loss_weight < 0:
             raise ValueError("load_balancing_weight and z_loss_weight must be >= 0")
-        self.mesh, self.axis, self.k, self.num_experts = mesh, axis, k, num_experts
+        mesh = config.mesh
+        self.dispatch = config
+        self.mesh, self.axis, self.k, self.num_experts = mesh, config.axis, k, num_experts
         self.layout = lay
-        self.router_config, self.schedule, self.capacity_factor = router, schedule, capacity_factor
-        self.implementation, self.decode_overflow = implementation, decode_overflow
+        self.router_config = router
         self.router_stats = router_stats
         self.load_balancing_weight, self.z_loss_weight = load_balancing_weight, z_loss_weight
         self.router = nnx.Param(normal_init(rngs, (d_model, num_experts), d_model**-0.5, param_dtype))
@@ -145,7 +133,7 @@ class MoELayer(nnx.Module):
         """Token rows each device holds when this layer gets ``num_tokens``: all of them when
         the batch stays on every device (:func:`replicates_tokens`), else the batch padded to
         and split over the token shards."""
-        if replicates_tokens(num_tokens, self.layout, self.schedule, self.implementation):
+        if replicates_tokens(num_tokens, self.dispatch):
             return num_tokens
         return -(-num_tokens // self.layout.num_token_shards)
 
@@ -196,7 +184,7 @@ class MoELayer(nnx.Module):
         n = tokens.shape[0]
         # A batch smaller than the token shards stays on every device (one psum per layer, see
         # replicates_tokens); a larger one is padded to a multiple of them.
-        small = replicates_tokens(n, self.layout, self.schedule, self.implementation)
+        small = replicates_tokens(n, self.dispatch)
         pad = 0 if small else -n % self.layout.num_token_shards
         if pad:
             tokens = jnp.pad(tokens, ((0, pad), (0, 0)))
@@ -205,9 +193,7 @@ class MoELayer(nnx.Module):
         # Each device routes its own tokens (see route_tokens: top_k in the global view
         # all-gathers the logits of the whole batch onto every device).
         bias = None if self.router_bias is None else self.router_bias[...]
-        ids, weights = route_tokens(
-            logits, self.k, self.router_config, bias, mesh=self.mesh, axis=self.axis,
-            batch_axes=self.layout.batch_axes, tensor_axis=self.layout.tensor_axis)
+        ids, weights = route_tokens(logits, self.k, self.router_config, bias, self.dispatch)
         if n:
             self._sow_router_terms(logits[:n], ids[:n])
         if pad:
@@ -220,11 +206,7 @@ class MoELayer(nnx.Module):
         y = expert_parallel_moe(
             tokens, ids, weights,
             self.w_gate[...].astype(dtype), self.w_up[...].astype(dtype),
-            self.w_down[...].astype(dtype),
-            mesh=self.mesh, axis=self.axis, batch_axes=self.layout.batch_axes,
-            tensor_axis=self.layout.tensor_axis, schedule=self.schedule,
-            capacity_factor=self.capacity_factor, implementation=self.implementation,
-            decode_overflow=self.decode_overflow,
+            self.w_down[...].astype(dtype), self.dispatch,
         )[:n]
         if self.shared is not None:
             y = y + self.shared(tokens[:n], rows_per_device=rows)

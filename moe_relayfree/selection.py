@@ -7,7 +7,7 @@ from typing import Literal, Sequence
 
 import numpy as np
 
-Schedule = Literal["auto", "prefill", "decode"]
+from moe_relayfree.config import Schedule
 
 # Tokens per rank at or below which "auto" picks the decode schedule, per platform (JAX's names:
 # ``Device.platform`` says "gpu" where ``lax.platform_dependent`` says "cuda"/"rocm"; both are

@@ -58,6 +58,12 @@ def parse_args(argv=None):
                    help="always generate --max-new-tokens (no stop at the checkpoint's EOS ids)")
     p.add_argument("--dispatch", choices=sorted(DISPATCH), default="relayfree")
     p.add_argument("--schedule", choices=["auto", "prefill", "decode"], default="auto")
+    p.add_argument("--decode-threshold", type=int, default=None,
+                   help="tokens per device at or below which auto picks decode (default: the platform's)")
+    p.add_argument("--capacity-factor", type=float, default=2.0,
+                   help="prefill receive rows per round, times T*k (skew takes more rounds; default 2)")
+    p.add_argument("--decode-overflow", choices=["branch", "one_pass"], default="branch",
+                   help="decode rows past 2*T*k: a conditional pass, or all worst-case rows in one")
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
                    help="parameter dtype, which the activations and KV cache follow "
                    "(default: the checkpoint's)")
@@ -83,6 +89,19 @@ def mesh_from_args(args, num_devices: int):
 
     mesh = mr.make_mesh(mr.parse_mesh(args.mesh) if args.mesh else {args.expert_axis: num_devices})
     return mesh, mr.make_layout(mesh, args.expert_axis, tensor_axis=args.tensor_axis)
+
+
+def dispatch_from_args(args, mesh):
+    """The one :class:`moe_relayfree.DispatchConfig` the model's MoE layers get, from
+    ``--expert-axis/--tensor-axis/--dispatch/--schedule`` (``args.schedule``: None or a
+    schedule name)."""
+    import moe_relayfree as mr
+
+    return mr.DispatchConfig(mesh, axis=args.expert_axis, tensor_axis=args.tensor_axis,
+                             schedule=args.schedule, implementation=DISPATCH[args.dispatch],
+                             capacity_factor=args.capacity_factor,
+                             decode_threshold=args.decode_threshold,
+                             decode_overflow=args.decode_overflow)
 
 
 def setup_devices(count: int) -> None:
@@ -121,9 +140,12 @@ def main(argv=None) -> int:
         print(f"--mesh: {e}", file=sys.stderr)
         return 2
     try:
-        model = checkpoint.load_model(args.checkpoint, mesh=mesh, axis=args.expert_axis,
-                                      tensor_axis=args.tensor_axis, schedule=args.schedule,
-                                      implementation=DISPATCH[args.dispatch], dtype=args.dtype)
+        dispatch = dispatch_from_args(args, mesh)
+    except ValueError as e:
+        print(f"dispatch settings: {e}", file=sys.stderr)
+        return 2
+    try:
+        model = checkpoint.load_model(args.checkpoint, dispatch, dtype=args.dtype)
     except ValueError as e:  # e.g. experts not divisible by --devices
         print(f"{args.checkpoint}: {e}", file=sys.stderr)
         return 2
@@ -156,8 +178,10 @@ def main(argv=None) -> int:
         "batch": batch, "prompt_tokens": result["prompt_width"], "new_tokens": args.max_new_tokens,
         # a baseline has no schedule: it ignores --schedule
         "prefill_schedule": (mr.select_schedule(-(-batch * result["prompt_width"] // shards),
-                                                args.schedule) if relayfree else None),
-        "decode_schedule": mr.select_schedule(-(-batch // shards), args.schedule) if relayfree else None,
+                                                args.schedule, args.decode_threshold)
+                             if relayfree else None),
+        "decode_schedule": (mr.select_schedule(-(-batch // shards), args.schedule,
+                                               args.decode_threshold) if relayfree else None),
         "ttft_ms": 1e3 * result["ttft_s"], "tpot_ms": 1e3 * tpot,
         "decode_tokens_per_s": batch / tpot if tpot == tpot else None,
         "compile_s": result["compile_s"],

@@ -182,3 +182,39 @@ def test_small_exchange_and_fallback_are_both_exact(mode):
     f, args = run_sharded(num, body, operands, outputs, list(in_off), list(send),
                           list(out_off), list(recv))
     np.testing.assert_array_equal(np.asarray(f(*args)).reshape(expected.shape), expected)
+
+
+def test_registering_after_the_first_call_takes_effect():
+    """expert_parallel_moe caches its compiled programs; a kernel registered after a call must
+    still be used by the next call (it used to be ignored: the cached program kept the old
+    one), and restoring the old kernel restores the old result."""
+    from helpers import moe_inputs
+
+    import moe_relayfree as mr
+    from moe_relayfree import experts
+
+    inputs = moe_inputs(16, 8, 12, 8, 2, seed=1)
+    mesh = mr.make_ep_mesh(8)
+    run = lambda: np.asarray(mr.expert_parallel_moe(*inputs, mesh=mesh, schedule="prefill"))  # noqa: E731
+    before = run()
+    traced = []
+
+    def counted(*args, **kw):
+        traced.append(1)
+        return collectives.emulated_ragged_all_to_all(*args, **kw)
+
+    def halved(x, group_sizes, w_gate, w_up, w_down):
+        return experts.grouped_swiglu_tiled(x, group_sizes, w_gate, w_up, w_down) * 0.5
+
+    collectives.register_ragged_all_to_all("cpu", counted)
+    try:
+        np.testing.assert_array_equal(run(), before)
+        assert traced, "the ragged all-to-all registered after the first call was not used"
+        experts.register_grouped_swiglu("cpu", halved)
+        try:
+            np.testing.assert_allclose(run(), 0.5 * before, rtol=1e-6, atol=1e-7)
+        finally:
+            experts.register_grouped_swiglu("cpu", experts.grouped_swiglu_tiled)
+    finally:
+        collectives.register_ragged_all_to_all("cpu", collectives.emulated_ragged_all_to_all)
+    np.testing.assert_array_equal(run(), before)

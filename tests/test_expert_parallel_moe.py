@@ -114,9 +114,9 @@ def test_batch_smaller_than_the_devices_runs_replicated():
     ops = re.findall(r" (all-gather|all-reduce|all-to-all|reduce-scatter|collective-permute)"
                      r"(?:-start)?\(", text)
     assert ops == ["all-reduce"], ops
-    lay = mr.make_layout(mesh)
-    assert mr.replicates_tokens(5, lay) and not mr.replicates_tokens(8, lay)
-    assert not mr.replicates_tokens(5, lay, implementation="capacity_baseline")
+    config = mr.DispatchConfig(mesh)
+    assert mr.replicates_tokens(5, config) and not mr.replicates_tokens(8, config)
+    assert not mr.replicates_tokens(5, config.replace(implementation="capacity_baseline"))
     for kw in (dict(schedule="prefill"), dict(implementation="ragged_baseline")):
         with pytest.raises(ValueError, match="N=5 tokens is not divisible"):
             mr.expert_parallel_moe(*inputs, mesh=mesh, **kw)

@@ -101,7 +101,7 @@ def test_batch_smaller_than_the_shards_runs_replicated_with_gradients(name):
     shape, kw = MESHES[name]
     mesh = mr.make_mesh(shape)
     x, ids, w, wg, wu, wd = moe_inputs(3, D, F, E, K, seed=9)
-    assert mr.replicates_tokens(3, mr.make_layout(mesh, tensor_axis=kw.get("tensor_axis")))
+    assert mr.replicates_tokens(3, mr.DispatchConfig(mesh, tensor_axis=kw.get("tensor_axis")))
     ct = jax.random.normal(jax.random.PRNGKey(3), x.shape)
 
     def loss(moe):

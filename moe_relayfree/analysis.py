@@ -134,6 +134,7 @@ class Collective:
     op: str
     operands: tuple[Buffer, ...]
     result: Buffer
+    in_loop: bool = False  # inside a while loop (a schedule's extra rounds: skew only)
 
     @property
     def moved(self) -> Buffer:
@@ -147,10 +148,53 @@ def _buffers(types: str, op: str) -> list[Buffer]:
             for dims, dtype in _MLIR_TENSOR.findall(types)]
 
 
+_FUNC = re.compile(r"^\s*func\.func\s+\w+\s+@([\w.$-]+)")
+_CALLEE = re.compile(r"(?:func\.)?call @([\w.$-]+)")
+
+
+def _loop_lines(lines: list[str]) -> set[int]:
+    """Indices of the lines that run inside a ``stablehlo.while`` loop: in a loop's regions,
+    or in a function called from there (transitively)."""
+    funcs: dict[str, list[int]] = {}
+    current = None
+    for i, line in enumerate(lines):
+        m = _FUNC.match(line)
+        if m:
+            current = m.group(1)
+            funcs[current] = []
+        elif current is not None:
+            funcs[current].append(i)
+    looped, called_in_loop = set(), set()
+    for body in funcs.values():
+        depth_indent = None
+        for i in body:
+            line = lines[i]
+            indent = len(line) - len(line.lstrip())
+            closing = line.lstrip().startswith("}") and not line.lstrip().startswith("} do")
+            if depth_indent is not None and indent <= depth_indent and closing:
+                depth_indent = None
+                continue
+            if depth_indent is not None:
+                looped.add(i)
+            elif "stablehlo.while" in line:
+                depth_indent = indent
+    frontier = {c for i in looped for c in _CALLEE.findall(lines[i])}
+    while frontier:
+        name = frontier.pop()
+        if name in called_in_loop or name not in funcs:
+            continue
+        called_in_loop.add(name)
+        looped.update(funcs[name])
+        frontier |= {c for i in funcs[name] for c in _CALLEE.findall(lines[i])}
+    return looped
+
+
 def collectives(text: str) -> list[Collective]:
-    """Every collective op of a StableHLO module (``jit(...).lower(...).as_text()``)."""
+    """Every collective op of a StableHLO module (``jit(...).lower(...).as_text()``), each
+    marked ``in_loop`` when it runs inside a while loop."""
     out = []
     lines = text.splitlines()
+    looped = _loop_lines(lines)
     for i, line in enumerate(lines):
         if "@ragged_all_to_all" in line:
             op = "ragged_all_to_all"
@@ -161,7 +205,8 @@ def collectives(text: str) -> list[Collective]:
             continue
         signature = _result_text(lines, i).rsplit(" : (", 1)[-1]
         operands, _, result = signature.partition("->")
-        out.append(Collective(op, tuple(_buffers(operands, op)), _buffers(result, op)[-1]))
+        out.append(Collective(op, tuple(_buffers(operands, op)), _buffers(result, op)[-1],
+                              in_loop=i in looped))
     return out
 
 
@@ -217,3 +262,69 @@ def nan_filled_selects(text: str) -> int:
         elif m.group(1) == "stablehlo.select" and any(o in nans for o in operands):
             count += 1
     return count
+
+
+# Compiled (optimised) HLO collectives, as XLA:TPU / XLA:GPU print them: operands by name only.
+_HLO_DEF = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*(.*)$")
+_HLO_ARRAY = re.compile(r"\b([a-z][a-z0-9]*)\[([0-9,]*)\]")
+_HLO_COLLECTIVE_OPS = {
+    "all-gather": "all_gather", "all-gather-start": "all_gather",
+    "all-reduce": "all_reduce", "all-reduce-start": "all_reduce",
+    "all-to-all": "all_to_all", "ragged-all-to-all": "ragged_all_to_all",
+    "reduce-scatter": "reduce_scatter", "collective-permute": "collective_permute",
+    "collective-permute-start": "collective_permute",
+}
+_HLO_OP = re.compile(r"\s([a-z][a-z\-]*)\(")
+
+
+@dataclasses.dataclass(frozen=True)
+class CompiledCollective:
+    """A collective of a compiled HLO module: its result and operand arrays (per device) and
+    the computation it sits in (``ENTRY``, a loop body, a conditional branch...)."""
+
+    op: str
+    result: tuple[Buffer, ...]
+    operands: tuple[Buffer, ...]
+    computation: str
+
+    @property
+    def buffer(self) -> Buffer:
+        """The data array it moves: the operand of an all-to-all / reduce / permute (the first,
+        the data, for a ragged all-to-all), the result of an all-gather."""
+        if self.op == "all_gather":
+            return self.result[0]
+        return self.operands[0]
+
+
+def _arrays(text: str, op: str) -> tuple[Buffer, ...]:
+    return tuple(Buffer(op, tuple(int(d) for d in dims.split(",") if d), dtype)
+                 for dtype, dims in _HLO_ARRAY.findall(text) if dtype not in ("token",))
+
+
+def compiled_collectives(text: str) -> list[CompiledCollective]:
+    """Every collective of a compiled HLO module (``compiled.as_text()``), async ``-start``
+    halves counted once, with operand shapes looked up by name."""
+    shapes: dict[str, tuple[Buffer, ...]] = {}
+    found = []
+    computation = ""
+    for line in text.splitlines():
+        if line and not line.startswith((" ", "\t")) and line.rstrip().endswith("{"):
+            computation = line.split("(", 1)[0].replace("ENTRY", "").strip().lstrip("%")
+            continue
+        m = _HLO_DEF.match(line)
+        if not m:
+            continue
+        name, rest = m.groups()
+        op = _HLO_OP.search(rest)
+        type_text = rest[: op.start()] if op else rest
+        shapes[name] = _arrays(type_text, "value")
+        if op and op.group(1) in _HLO_COLLECTIVE_OPS:
+            args = rest[op.end():].split(")", 1)[0]
+            found.append((_HLO_COLLECTIVE_OPS[op.group(1)], shapes[name],
+                          re.findall(r"%([\w.\-]+)", args), computation))
+    out = []
+    for op, result, args, comp in found:
+        operands = tuple(b for a in args for b in shapes.get(a, ())[:1])
+        out.append(CompiledCollective(op, tuple(Buffer(op, b.shape, b.dtype) for b in result),
+                                      tuple(Buffer(op, b.shape, b.dtype) for b in operands), comp))
+    return out

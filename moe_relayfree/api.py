@@ -108,8 +108,10 @@ def _routed(x, topk_ids, topk_weights, w_gate, w_up, w_down, *, axis, schedule, 
             rows, implementation, decode_overflow, replicated):
     topk_ids, topk_weights = _poison_invalid(topk_ids, topk_weights, num_experts)
     common = dict(num_experts=num_experts, axis_name=axis)
-    if implementation == "ragged_baseline":
-        (grouped, sizes), handle = baselines.ragged.dispatch(x, topk_ids, topk_weights, **common)
+    if implementation in ("ragged_baseline", "ragged_baseline_bounded"):
+        bound = rows if implementation == "ragged_baseline_bounded" else None
+        (grouped, sizes), handle = baselines.ragged.dispatch(x, topk_ids, topk_weights,
+                                                             recv_rows=bound, **common)
         return baselines.ragged.combine(grouped_swiglu(grouped, sizes, w_gate, w_up, w_down), handle)
     if implementation == "capacity_baseline":
         expert_in, handle = baselines.capacity.dispatch(x, topk_ids, topk_weights, **common)

@@ -16,11 +16,13 @@ from jax.sharding import Mesh
 from moe_relayfree.layout import AxisNames, MeshLayout, auto_mesh, make_layout
 
 Schedule = Literal["auto", "prefill", "decode"]
-Implementation = Literal["relayfree", "ragged_baseline", "capacity_baseline"]
+Implementation = Literal["relayfree", "ragged_baseline", "ragged_baseline_bounded",
+                         "capacity_baseline"]
 Overflow = Literal["branch", "one_pass"]
 
 SCHEDULES: tuple[str, ...] = ("auto", "prefill", "decode")
-IMPLEMENTATIONS: tuple[str, ...] = ("relayfree", "ragged_baseline", "capacity_baseline")
+IMPLEMENTATIONS: tuple[str, ...] = ("relayfree", "ragged_baseline", "ragged_baseline_bounded",
+                                    "capacity_baseline")
 OVERFLOWS: tuple[str, ...] = ("branch", "one_pass")
 DEFAULT_CAPACITY_FACTOR = 2.0
 
@@ -45,9 +47,13 @@ class DispatchConfig:
       schedule: "prefill", "decode" or "auto" (decode at or below ``decode_threshold`` tokens
         per device).
       implementation: "relayfree" (this project), or for comparison "ragged_baseline"
-        (MaxText-style sort, one segment per peer, receiver re-sort) or "capacity_baseline"
-        (GShard-style capacity buffers, ``C = T`` so nothing drops); the baselines ignore
-        ``schedule``, ``capacity_factor`` and the decode settings.
+        (MaxText-style sort, one segment per peer, receiver re-sort, worst-case receive
+        buffer), "ragged_baseline_bounded" (the same with a ``capacity_factor * T * k``-row
+        receive buffer: copies past it are DROPPED, as MaxText does;
+        :func:`moe_relayfree.baselines.ragged.dropped_copies` counts them) or
+        "capacity_baseline" (GShard-style capacity buffers, ``C = T`` so nothing drops); the
+        baselines ignore ``schedule`` and the decode settings, and all but the bounded one
+        ``capacity_factor``.
       capacity_factor: prefill receive rows per round, ``capacity_factor * T * k``; skewed
         batches take extra rounds, never drop a token. ``None``: the worst-case buffer.
       decode_threshold: tokens per device for "auto" (default: the platform's,

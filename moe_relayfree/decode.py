@@ -1,11 +1,15 @@
-"""Decode schedule: data first, no count exchange, only useful rows computed (inside ``shard_map``).
+"""Decode schedule: few tokens per rank, latency first, only useful rows computed, receive
+buffers near the copies a rank gets (inside ``shard_map``).
 
 Per rank: ``P`` ranks, ``E`` experts, ``El = E/P`` local experts, ``T`` tokens, ``k`` choices.
-Two transports (in :mod:`moe_relayfree.transports`), picked statically by the bytes they move
+A token's repeated choices of one expert fold into one copy first
+(:func:`~moe_relayfree.routing.merge_repeated_choices`), so a token sends at most
+``min(k, El)`` copies to a rank. Two transports, picked statically by the bytes they move
 (:func:`choose_transport`; on CPU, where ranks are emulated devices sharing one memory,
 :func:`decode_moe` gathers at every P):
 
-``gather`` (``P <= k``: gathering every token moves no more rows than sending every copy)
+``gather`` (``P <= k``: gathering every token moves no more rows than sending every copy; no
+count exchange before the data)
 
 1. one ``all_gather`` of ``[T, d + m]`` rows: x with its ids and weights bit-packed into x's
    dtype (one collective, not three; a custom VJP gives exact gradients).
@@ -17,36 +21,25 @@ Two transports (in :mod:`moe_relayfree.transports`), picked statically by the by
    scatter-add: no float atomics on a GPU, the same bits on every run).
 5. ``psum_scatter`` returns slot block ``s`` to source ``s``, summed over ranks.
 
-``blocks`` (``P > k``: ``T*k*d`` bytes per rank whatever ``P``)
-
-1. sort this rank's ``T*k`` copy ids (destination rank, local expert); one gather builds the
-   send buffer (also the k-fold replication).
-2. one ``all_to_all`` of ``[P, El + 1]`` int32: copies per (destination, local expert) and
-   where that destination's block starts in this rank's send buffer. XLA's ragged
-   all-to-all needs exact ``recv_sizes`` (the NCCL path posts its receives with them, and
-   the transpose rule sends with them), so this small exchange is the one metadata step.
-3. ``ragged_all_to_all`` with one segment per peer writes source ``s``'s copies into the
-   fixed block ``[s*C, (s+1)*C)`` of the receiver, ``C = T*min(k, El)`` (the most one source
-   can send to one rank): the sender knows the offset without asking anybody.
-4. the receiver maps expert-major rows to block rows by arithmetic on the received counts
-   (no sort), gathers them -> :class:`ExpertWindows`, runs grouped SwiGLU, and writes the
-   results back over the block rows they came from.
-5. the mirrored ``ragged_all_to_all`` returns each block to its source, at the rows it was
-   sent from; 6. one weighted gather-sum over ``k`` at the source.
+``windows`` (``P > k``: ``T*k*d`` bytes per rank whatever ``P``): the planned dispatch of
+:mod:`moe_relayfree.prefill` with its metadata in two small ``all_to_all`` s
+(``exchange="all_to_all"``: ``O(P*El)`` ints per rank, where the prefill default gathers
+every rank's ``E`` counts), each copy written straight into its expert window of a bounded
+receive buffer, rounds only under skew.
 
 ``replicated`` (a batch of ``N`` < ranks tokens that every rank already holds, because the
 attention before the layer ran replicated): the gather transport without step 1 (x is the
 gathered rows) and with one ``psum`` of ``[N, d]`` f32 instead of step 5, which leaves every
-token's output on every rank, where the next attention wants it. One collective per layer:
-split over the ranks, the same batch took a re-shard, a gather, a reduce-scatter and an
-all-reduce back to replicated. Never chosen by "auto": it depends on where x lives.
+token's output on every rank, where the next attention wants it. One collective per layer.
+Never chosen by "auto": it depends on where x lives.
 
-Rows: :func:`decode_moe` always computes the first ``B = 2*T*k`` expert-major window rows
-(the usual case receives no more), outside any branch; a rank that received more computes
-the rest, up to the proven worst case ``P*T*min(k, El)``, in a second grouped GEMM under a
-local ``lax.cond`` with no collective inside, so ranks need not agree (``overflow="one_pass"``:
-all worst-case rows in one call, no conditional). Nothing is ever dropped. The verbs
-(:func:`dispatch` / :func:`combine`) always use the worst case.
+Rows: every transport holds :func:`typical_rows` window rows at a time (``2*T*k``, at least
+``MIN_ROWS``: the usual case receives no more). A rank that received more runs further
+passes of that size: the gather transports locally (a ``lax.cond`` with no collective
+inside, so ranks need not agree), the windows transport in rounds all ranks agree on. Nothing
+is ever dropped, and no buffer is sized for the worst case ``P*T*min(k, El)``
+(``overflow="one_pass"``: every worst-case row in one call, no conditional). The verbs
+(:func:`dispatch` / :func:`combine`) always hold the worst case.
 """
 
 from __future__ import annotations
@@ -58,17 +51,16 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from moe_relayfree import transports
+from moe_relayfree import prefill, transports
 from moe_relayfree.config import OVERFLOWS, Overflow
+from moe_relayfree.plan import MIN_ROWS
+from moe_relayfree.prefill import PrefillHandle
 from moe_relayfree.routing import merge_repeated_choices
-from moe_relayfree.transports import BlocksHandle, GatherHandle
-from moe_relayfree.transports import expert_major_rows, gather_tokens  # noqa: F401  (re-exported)
+from moe_relayfree.transports import GatherHandle
 from moe_relayfree.windows import ExpertWindows
 
-_F32 = jnp.float32
-
-
-Transport = Literal["auto", "gather", "blocks", "replicated"]
+Transport = Literal["auto", "gather", "windows", "replicated"]
+TRANSPORTS: tuple[str, ...] = ("auto", "gather", "windows", "replicated")
 
 
 def check_overflow(overflow: str, name: str = "overflow") -> None:
@@ -80,30 +72,30 @@ def check_overflow(overflow: str, name: str = "overflow") -> None:
 
 def choose_transport(num_ranks: int, k: int, transport: Transport = "auto") -> str:
     """"gather" when ``P <= k`` (its ``P*T`` rows are no more than ``T*k`` copies), else
-    "blocks" (exactly ``T*k`` rows per rank at any ``P``).
+    "windows" (exactly the ``T*k`` copies per rank at any ``P``).
 
     This is the rule for a real interconnect, where bytes cost. :func:`decode_moe` with
     "auto" applies it on every platform but CPU, where the ranks are emulated devices of one
-    process: there collectives are memory copies, the blocks transport's three exchanges (each
-    emulated ragged all-to-all is two dense ones) cost more than the gathered bytes, and the
-    gather transport was measured as fast or faster at every size (docs/benchmarks.md).
+    process: there collectives are memory copies, the windows transport's exchanges (each
+    emulated ragged all-to-all is two dense ones) cost more than the gathered bytes.
     """
-    if transport in ("gather", "blocks", "replicated"):
-        return transport
+    if transport not in TRANSPORTS:
+        raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
     if transport != "auto":
-        raise ValueError(
-            f"transport must be 'auto', 'gather', 'blocks' or 'replicated', got {transport!r}")
-    return "gather" if num_ranks <= k else "blocks"
+        return transport
+    return "gather" if num_ranks <= k else "windows"
 
 
 def typical_rows(tokens: int, k: int, num_ranks: int = 1) -> int:
-    """Window rows for the usual case: twice the mean copies a rank receives, ``T*k`` for
-    ``T`` tokens per rank (``num_ranks=1``), or ``N*k/P`` for ``N`` tokens on ``P`` ranks."""
-    return -(-2 * tokens * k // (8 * num_ranks)) * 8
+    """Window rows held at a time: twice the mean copies a rank receives, ``T*k`` for ``T``
+    tokens per rank (``num_ranks=1``), or ``N*k/P`` for ``N`` tokens on ``P`` ranks; at least
+    :data:`MIN_ROWS`; a multiple of 8."""
+    return max(MIN_ROWS, -(-2 * tokens * k // (8 * num_ranks)) * 8)
 
 
 def worst_rows(num_ranks: int, tokens: int, k: int, num_local: int) -> int:
-    """Most copies one rank can receive: each of ``P*T`` tokens sends ``min(k, El)`` at most."""
+    """Most copies one rank can receive: each of ``P*T`` tokens sends ``min(k, El)`` at most
+    (its repeated choices folded)."""
     return num_ranks * tokens * min(k, num_local)
 
 
@@ -118,9 +110,9 @@ def window_rows(transport: str, num_ranks: int, tokens: int, k: int,
     return min(worst, typical_rows(tokens, k)), worst
 
 
-# --- the schedule ---------------------------------------------------------------------------
+# --- verbs ----------------------------------------------------------------------------------
 
-DecodeHandle = GatherHandle | BlocksHandle
+DecodeHandle = GatherHandle | PrefillHandle
 
 
 def dispatch(
@@ -141,13 +133,13 @@ def dispatch(
     chosen = choose_transport(num_ranks, k, transport)
     replicated = chosen == "replicated"
     _, rows = window_rows(chosen, num_ranks, t, k, local)
-    # repeats fold into one copy: the windows' bounds count distinct experts per token
-    topk_ids, w = merge_repeated_choices(topk_ids, topk_weights, num_experts)
+    ids, w = merge_repeated_choices(topk_ids, topk_weights, num_experts)
     if chosen in ("gather", "replicated"):
-        plan = transports.gather_plan(x, topk_ids, w, num_experts, axis_name, replicated)
+        plan = transports.gather_plan(x, ids, w, num_experts, axis_name, replicated)
         return transports.gather_windows(*plan, rows, k, x, axis_name, replicated=replicated)
-    handle, recv_counts = transports.blocks_send(x, topk_ids, w, num_experts, axis_name)
-    return transports.blocks_windows(handle, recv_counts, rows)
+    handle = prefill.plan_and_pack(x, ids, w, num_experts=num_experts, axis_name=axis_name,
+                                   rows_per_round=rows, exchange="all_to_all", max_rows=rows)
+    return prefill.dispatch_round(handle, 0), handle
 
 
 def combine(expert_out: jax.Array, handle: DecodeHandle) -> jax.Array:
@@ -156,8 +148,11 @@ def combine(expert_out: jax.Array, handle: DecodeHandle) -> jax.Array:
         partial = transports.gather_partial(expert_out, handle)
         return transports.gather_combine(partial, handle.axis_name, handle.out_dtype,
                                          handle.replicated)
-    return transports.blocks_return(transports.blocks_write_back(expert_out, handle), handle)
+    return prefill.weighted_sum(prefill.combine_round(handle, expert_out, 0)).astype(
+        expert_out.dtype)
 
+
+# --- the schedule ---------------------------------------------------------------------------
 
 ExpertFn = Callable[[ExpertWindows], jax.Array]
 
@@ -175,16 +170,16 @@ def decode_moe(
 ) -> jax.Array:
     """The whole decode schedule; ``expert_fn(windows) -> [B, d]``. Returns ``[T, d]``.
 
-    ``overflow="branch"``: ``expert_fn`` runs on the first ``2*T*k`` window rows, and again on
-    the rest (up to the worst case) only where this rank received more, under a ``lax.cond``:
-    the work follows the rows received. ``"one_pass"``: one call over all worst-case rows and
-    no conditional. XLA:GPU runs a conditional outside a command buffer by copying its
-    predicate to the host and blocking the stream (``ConditionalThunk``), one host sync per
-    layer; with a grouped GEMM whose cost follows the group sizes (not a padded ``ragged_dot``)
-    one pass is the latency choice there (docs/platforms.md).
+    ``overflow="branch"``: ``expert_fn`` runs on :func:`typical_rows` window rows at a time,
+    further passes only where a rank received more (the work follows the rows received, the
+    memory stays that of one pass). ``"one_pass"``: one call over all worst-case rows and no
+    conditional. XLA:GPU runs a conditional outside a command buffer by copying its predicate
+    to the host and blocking the stream (``ConditionalThunk``), one host sync per layer; with
+    a grouped GEMM whose cost follows the group sizes (not a padded ``ragged_dot``) one pass
+    is the latency choice there (docs/platforms.md), at the worst case's memory.
     ``transport="auto"``: :func:`choose_transport`, except that on CPU (emulated devices) the
     gather transport runs at every ``P``; picked at lowering time, so a program lowered for
-    a GPU or TPU keeps the blocks transport at ``P > k``.
+    a GPU or TPU keeps the windows transport at ``P > k``.
 
     Several mesh axes: ``expert_fn`` runs inside branches that only the ranks of one
     expert-parallel group agree on. For gradients, make the arrays it closes over vary over
@@ -196,52 +191,49 @@ def decode_moe(
     k = topk_ids.shape[1]
     chosen = choose_transport(num_ranks, k, transport)
     check_overflow(overflow)
+    # repeats fold into one copy: the windows' bounds count distinct experts per token
+    topk_ids, w = merge_repeated_choices(topk_ids, topk_weights, num_experts)
     run = functools.partial(_decode_moe, expert_fn=expert_fn, num_experts=num_experts,
                             axis_name=axis_name, one_pass=overflow == "one_pass")
-    if transport == "auto" and chosen == "blocks":
+    if transport == "auto" and chosen == "windows":
         return lax.platform_dependent(
-            x, topk_ids, topk_weights,
+            x, topk_ids, w,
             cpu=functools.partial(run, transport="gather"),
-            default=functools.partial(run, transport="blocks"),
+            default=functools.partial(run, transport="windows"),
         )
-    return run(x, topk_ids, topk_weights, transport=chosen)
+    return run(x, topk_ids, w, transport=chosen)
 
 
-def _decode_moe(x, topk_ids, topk_weights, *, expert_fn, num_experts, axis_name, transport,
-                one_pass):
+def _decode_moe(x, topk_ids, w, *, expert_fn, num_experts, axis_name, transport, one_pass):
     num_ranks = lax.axis_size(axis_name)
     t, k = topk_ids.shape
     local = num_experts // num_ranks
     replicated = transport == "replicated"  # t is then all N tokens, not this rank's share
     typical, worst = window_rows(transport, num_ranks, t, k, local)
-    if one_pass:
-        typical = worst
-    # repeats fold into one copy: the windows' bounds count distinct experts per token
-    topk_ids, w = merge_repeated_choices(topk_ids, topk_weights, num_experts)
-    # The first `typical` window rows always run, outside any branch; the rest only on a rank
-    # that received more (a local cond, no collective inside, so ranks need not agree).
-    if transport in ("gather", "replicated"):
-        plan = transports.gather_plan(x, topk_ids, w, num_experts, axis_name, replicated)
+    rows = worst if one_pass else typical
+    if transport == "windows":
+        return prefill.prefill_moe(x, topk_ids, w, expert_fn, num_experts=num_experts,
+                                   axis_name=axis_name, rows_per_round=rows,
+                                   exchange="all_to_all", max_rows=worst)
 
-        def partial(into, start, rows):
-            windows, handle = transports.gather_windows(*plan, rows, k, x, axis_name, start,
-                                                        replicated)
-            return transports.gather_partial(expert_fn(windows), handle, into)
+    plan = transports.gather_plan(x, topk_ids, w, num_experts, axis_name, replicated)
+    total = plan[3].sum()
 
-        out = partial(None, 0, typical)
-        if typical < worst:
-            out = lax.cond(plan[3].sum() > typical,
-                           lambda o: partial(o, typical, worst - typical), lambda o: o, out)
-        return transports.gather_combine(out, axis_name, x.dtype, replicated)
+    def partial(into, start):
+        windows, handle = transports.gather_windows(*plan, rows, k, x, axis_name, start,
+                                                    replicated)
+        return transports.gather_partial(expert_fn(windows), handle, into)
 
-    handle, recv_counts = transports.blocks_send(x, topk_ids, w, num_experts, axis_name)
+    out = partial(None, 0)
+    passes = -(-worst // rows)
+    if passes > 1:
+        # Local: this rank's own window rows past the first pass, `rows` at a time (no
+        # collective inside, so ranks need not agree); one pass's buffers, whatever the skew.
+        def more(out):
+            def step(p, out):
+                return lax.cond(p * rows < total, lambda o: partial(o, p * rows), lambda o: o, out)
 
-    def results(into, start, rows):
-        windows, h = transports.blocks_windows(handle, recv_counts, rows, start)
-        return transports.blocks_write_back(expert_fn(windows), h, into, start)
+            return lax.fori_loop(1, passes, step, out)
 
-    out = results(handle.blocks, 0, typical)
-    if typical < worst:
-        out = lax.cond(handle.total > typical,
-                       lambda o: results(o, typical, worst - typical), lambda o: o, out)
-    return transports.blocks_return(out, handle)
+        out = lax.cond(total > rows, more, lambda o: o, out)
+    return transports.gather_combine(out, axis_name, x.dtype, replicated)

@@ -21,7 +21,7 @@ from jax import lax
 
 from moe_relayfree.collectives import bitcast_as, vary_like
 from moe_relayfree.registry import PlatformRegistry
-from moe_relayfree.windows import ExpertWindows
+from moe_relayfree.windows import ExpertWindows, sizes_in_range
 
 _F32 = jnp.float32
 
@@ -44,13 +44,54 @@ def _swiglu_f32(x, w_gate, w_up, w_down, dtype, rows_kept=None) -> jax.Array:
     return jnp.dot(h.astype(dtype), w_down, preferred_element_type=_F32)
 
 
-def grouped_swiglu_native(x, group_sizes, w_gate, w_up, w_down):
-    """Expert-major windows through ``lax.ragged_dot``; rows past the windows come out 0."""
-    gs = group_sizes.astype(jnp.int32)
+# Rows per ragged_dot call of the native path: a buffer of R rows holds f32 gate, up and
+# down-projection results of R rows at once (at R = 32768, d = 7168: 1.4 GiB on top of the
+# buffer itself); in chunks they are chunk-sized, and a chunk this large keeps the matrix
+# units busy. docs/benchmarks.md, "At scale".
+NATIVE_CHUNK_ROWS = 4096
+
+
+def _ragged_swiglu(x, gs, w_gate, w_up, w_down):
     g = lax.ragged_dot(x, w_gate, gs, preferred_element_type=_F32)
     u = lax.ragged_dot(x, w_up, gs, preferred_element_type=_F32)
     h = (jax.nn.silu(g) * u).astype(x.dtype)
-    return lax.ragged_dot(h, w_down, gs, preferred_element_type=_F32).astype(x.dtype)
+    # The down projection's output in x's dtype: the matrix units accumulate in f32 either way
+    # and round once; an f32 result was an [R, d] f32 buffer next to its bf16 copy.
+    return lax.ragged_dot(h, w_down, gs, preferred_element_type=x.dtype)
+
+
+def _copied(rows: jax.Array) -> jax.Array:
+    """``rows`` copied by a gather. On XLA:TPU the chunks below update their input in place,
+    and when that input was a ragged all-to-all's output (the receive buffer of a schedule)
+    the compiled program reserved a second ``[T*k, d]``-sized region of temporaries; from a
+    gathered copy it does not (a DeepSeek-V3 prefill layer, 2048 tokens per device on v5p-64:
+    1176 -> 941 MB; docs/benchmarks.md, "At scale"). XLA:TPU copies that buffer between the
+    two layouts anyway; elsewhere nothing is copied."""
+    index = jnp.arange(rows.shape[0], dtype=jnp.int32)[::-1]
+    return rows.at[index].get(mode="promise_in_bounds")[::-1]
+
+
+def grouped_swiglu_native(x, group_sizes, w_gate, w_up, w_down, *,
+                          chunk_rows: int = NATIVE_CHUNK_ROWS):
+    """Expert-major windows through ``lax.ragged_dot``; rows past the windows come out 0.
+
+    More than ``chunk_rows`` rows run ``chunk_rows`` at a time (the group sizes clipped to
+    each chunk), each chunk's results written over its own input rows: the same products,
+    and the output can take x's buffer (a receive buffer nothing reads again)."""
+    gs = group_sizes.astype(jnp.int32)
+    rows = x.shape[0]
+    if rows <= chunk_rows:
+        return _ragged_swiglu(x, gs, w_gate, w_up, w_down)
+
+    def run(out, start, size):
+        part = lax.dynamic_slice_in_dim(out, start, size)
+        result = _ragged_swiglu(part, sizes_in_range(gs, start, size), w_gate, w_up, w_down)
+        return lax.dynamic_update_slice_in_dim(out, result, start, 0)
+
+    full, rest = divmod(rows, chunk_rows)
+    x = lax.platform_dependent(x, tpu=_copied, default=lambda a: a)
+    out = lax.fori_loop(0, full, lambda c, out: run(out, c * chunk_rows, chunk_rows), x)
+    return run(out, full * chunk_rows, rest) if rest else out
 
 
 def _tile_rows(num_rows: int, tile: int) -> int:

@@ -1,4 +1,5 @@
-"""The prefill plan: counts, offsets and window sizes, the only state relay-free keeps.
+"""The plan of a planned dispatch: counts, offsets and window sizes, the only state relay-free
+keeps. Both schedules use it: prefill, and decode beyond ``k`` ranks.
 
 Notation (per rank of the expert-parallel axis): ``P`` ranks, ``E`` experts, ``El = E // P``
 local experts (global expert ``e`` lives on rank ``e // El`` as local expert ``e % El``),
@@ -13,12 +14,23 @@ Layouts:
   contiguous, so each (source, local expert) segment clipped to a round is still contiguous:
   a ragged all-to-all with ``P*El`` segments writes it straight into its expert window.
 
+A rank keeps only its own view, ``O(P*El)`` ints: its segments as a source (indexed by
+destination) and as a receiver (indexed by source). Two ways to learn it:
+
+* ``exchange="all_gather"``: one ``all_gather`` of every rank's ``E`` counts (one collective;
+  ``P*E`` ints arrive on each rank), the prefill default;
+* ``exchange="all_to_all"``: an ``all_to_all`` of ``[P, 2*El]`` ints (counts and send starts
+  to each receiver), the receiver lays its windows out and an ``all_to_all`` of ``[P, El]``
+  returns each source its segments' offsets, while a scalar ``pmax`` agrees on the rounds:
+  ``O(P*El)`` ints per rank (at EP 256 with E=256, 4 KB instead of 256 KB), for decode.
+
 A plan never drops a row: ``num_rounds`` rounds cover every receiver's ``total`` rows.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -26,43 +38,55 @@ from jax import lax
 
 from moe_relayfree.windows import exclusive_cumsum
 
+_I32 = jnp.int32
+Exchange = Literal["all_gather", "all_to_all"]
+EXCHANGES: tuple[str, ...] = ("all_gather", "all_to_all")
+
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class PrefillPlan:
-    """Per-rank plan of one prefill dispatch/combine (a pytree; ints are int32).
+class Plan:
+    """One rank's plan of a planned dispatch/combine (a pytree; ints are int32).
 
     Attributes:
       order: ``[T*k]`` flat (token, choice) index of each send-buffer row.
       slot: ``[T*k]`` inverse of ``order``: send-buffer row of each flat (token, choice).
-      counts: ``[P_src, P_dst, El]`` token copies from each source to each (rank, local expert).
-      send_start: ``[P_src, P_dst, El]`` send-buffer row where each segment starts on its source.
-      virtual_start: ``[P_src, P_dst, El]`` virtual receive row of each segment on its receiver.
-      window_start: ``[P, El]`` virtual receive row where each expert window starts.
-      window_size: ``[P, El]`` rows of each expert window.
+      out_counts, out_send_start, out_virtual_start: ``[P_dst * El]`` this rank's segment to
+        each (destination, local expert), flat: its rows, where it starts in this rank's send
+        buffer, and where it starts in the destination's virtual receive buffer.
+      in_counts, in_send_start, in_virtual_start: ``[P_src * El]`` the same of the segment each
+        source sends to this rank's local experts. (Flat, as the ragged all-to-all takes
+        them: as ``[P, El]`` a TPU pads each 4-int row of DeepSeek-V3's 4 local experts to
+        128 lanes.)
+      window_start, window_size: ``[El]`` this rank's expert windows in its virtual buffer.
       num_rounds: ``[]`` rounds needed, identical on every rank (>= 1).
-      rank: ``[]`` this rank's index on the axis.
       rows_per_round: static ``R``.
-      max_rounds: static upper bound on ``num_rounds`` (``ceil(P*T*k / R)``).
+      max_rounds: static upper bound on ``num_rounds``.
     """
 
     order: jax.Array
     slot: jax.Array
-    counts: jax.Array
-    send_start: jax.Array
-    virtual_start: jax.Array
+    out_counts: jax.Array
+    out_send_start: jax.Array
+    out_virtual_start: jax.Array
+    in_counts: jax.Array
+    in_send_start: jax.Array
+    in_virtual_start: jax.Array
     window_start: jax.Array
     window_size: jax.Array
     num_rounds: jax.Array
-    rank: jax.Array
     rows_per_round: int = dataclasses.field(metadata=dict(static=True))
     max_rounds: int = dataclasses.field(metadata=dict(static=True))
+
+    @property
+    def num_ranks(self) -> int:
+        return self.out_counts.shape[0] // self.window_size.shape[0]
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class RoundSegments:
-    """Segments of one round (all ``[P, El] int32`` unless noted).
+    """Segments of one round (all ``[P*El] int32``, flat as the plan's, unless noted).
 
     Dispatch (this rank as source, indexed by destination ``(r, l)``):
       send_offsets, send_sizes, dest_offsets (row in the receiver's round buffer).
@@ -81,8 +105,15 @@ class RoundSegments:
     group_sizes: jax.Array
 
 
+# Receive rows per round, at least: at one token per rank a rank receives about k copies
+# (Poisson), and 2*T*k = 16 of them would be exceeded on some rank of 64 in about one layer
+# of four (an extra round); 32 rows are exceeded about once in 10^9.
+MIN_ROWS = 32
+
+
 def rows_per_round(tokens: int, k: int, num_ranks: int, capacity_factor: float | None) -> int:
-    """Static receive rows per round: ``capacity_factor * T * k``, at most the worst case.
+    """Static receive rows per round: ``capacity_factor * T * k`` (at least :data:`MIN_ROWS`),
+    at most the worst case.
 
     The worst case (every copy of every rank lands on one rank) is ``P*T*k``; with
     ``capacity_factor=None`` the buffer is sized for it and one round always suffices.
@@ -93,7 +124,7 @@ def rows_per_round(tokens: int, k: int, num_ranks: int, capacity_factor: float |
     if capacity_factor <= 0:
         raise ValueError(f"capacity_factor must be positive or None, got {capacity_factor}")
     rows = -(-int(capacity_factor * tokens * k * 8) // 8)  # ceil(capacity_factor * T * k)
-    return max(1, min(worst, rows))
+    return max(1, min(worst, max(MIN_ROWS, rows)))
 
 
 def sort_copies(topk_ids: jax.Array, num_experts: int):
@@ -122,61 +153,91 @@ def sort_and_count(topk_ids: jax.Array, num_experts: int, axis_name: str):
     return order, slot, counts.reshape(num_ranks, num_ranks, num_experts // num_ranks)
 
 
-def make_prefill_plan(
-    topk_ids: jax.Array, num_experts: int, axis_name: str, rows_per_round: int
-) -> PrefillPlan:
-    """Builds the plan; one ``all_gather`` of ``E`` int32 counts per rank is the only exchange.
+def _rounds(total, rows_per_round: int):
+    return jnp.maximum(1, -(-total // rows_per_round)).astype(_I32)
+
+
+def make_plan(
+    topk_ids: jax.Array, num_experts: int, axis_name: str, rows_per_round: int,
+    exchange: Exchange = "all_gather", max_rows: int | None = None,
+) -> Plan:
+    """Builds this rank's plan.
 
     Args:
-      topk_ids: ``[T, k] int32`` global expert ids of this rank's tokens.
+      topk_ids: ``[T, k] int32`` global expert ids of this rank's tokens (``num_experts``
+        marks a copy that is not sent).
       num_experts: ``E`` (divisible by the axis size).
       axis_name: expert-parallel mesh axis (call inside ``shard_map``).
       rows_per_round: static ``R``.
+      exchange: how the counts travel (module docstring).
+      max_rows: the most rows one rank can receive, which bounds the rounds (default
+        ``P*T*k``; ``P*T*min(k, El)`` where a token's ids are distinct).
     """
+    if exchange not in EXCHANGES:
+        raise ValueError(f"exchange must be one of {EXCHANGES}, got {exchange!r}")
     num_ranks = lax.axis_size(axis_name)
-    order, slot, counts = sort_and_count(topk_ids, num_experts, axis_name)
+    local = num_experts // num_ranks
+    me = lax.axis_index(axis_name).astype(_I32)
+    order, slot, my_counts = sort_copies(topk_ids, num_experts)
     n = order.shape[0]
+    out_counts = my_counts.reshape(num_ranks, local)
+    out_send_start = exclusive_cumsum(my_counts, 0).reshape(num_ranks, local)
 
-    send_start = exclusive_cumsum(counts.reshape(num_ranks, num_experts), 1).reshape(counts.shape)
-    window_size = counts.sum(axis=0)  # [P_dst, El]
-    window_start = exclusive_cumsum(window_size, 1)
-    virtual_start = window_start[None] + exclusive_cumsum(counts, 0)
-    total = window_size.sum(axis=1)
-    num_rounds = jnp.maximum(1, -(-total.max() // rows_per_round)).astype(jnp.int32)
-    max_rounds = -(-(num_ranks * n) // rows_per_round)
-    return PrefillPlan(
-        order=order,
-        slot=slot,
-        counts=counts,
-        send_start=send_start,
-        virtual_start=virtual_start,
-        window_start=window_start,
-        window_size=window_size,
-        num_rounds=num_rounds,
-        rank=lax.axis_index(axis_name).astype(jnp.int32),
-        rows_per_round=rows_per_round,
-        max_rounds=max(1, max_rounds),
+    if exchange == "all_gather":
+        counts = lax.all_gather(my_counts, axis_name)  # [P_src, E]: every rank's row
+        window_size_all = counts.sum(axis=0).reshape(num_ranks, local)  # [P_dst, El]
+        window_start_all = exclusive_cumsum(window_size_all, 1)
+        before = exclusive_cumsum(counts, 0)  # [P_src, E]: rows of earlier sources
+        out_virtual_start = window_start_all + before[me].reshape(num_ranks, local)
+        mine = lax.dynamic_slice_in_dim(counts, me * local, local, axis=1)  # [P_src, El]
+        in_counts = mine
+        in_send_start = lax.dynamic_slice_in_dim(exclusive_cumsum(counts, 1), me * local,
+                                                 local, axis=1)
+        window_size = window_size_all[me]
+        window_start = window_start_all[me]
+        in_virtual_start = window_start[None] + exclusive_cumsum(mine, 0)
+        num_rounds = _rounds(window_size_all.sum(axis=1).max(), rows_per_round)
+    else:
+        meta = jnp.concatenate([out_counts, out_send_start], axis=1)  # [P_dst, 2*El]
+        meta = lax.all_to_all(meta, axis_name, 0, 0, tiled=True)  # [P_src, 2*El]
+        in_counts, in_send_start = meta[:, :local], meta[:, local:]
+        window_size = in_counts.sum(axis=0)
+        window_start = exclusive_cumsum(window_size, 0)
+        in_virtual_start = window_start[None] + exclusive_cumsum(in_counts, 0)
+        out_virtual_start = lax.all_to_all(in_virtual_start, axis_name, 0, 0, tiled=True)
+        # independent of the offsets' exchange: the two can be in flight together
+        num_rounds = lax.pmax(_rounds(window_size.sum(), rows_per_round), axis_name)
+
+    most = num_ranks * n if max_rows is None else max_rows
+    max_rounds = max(1, -(-most // rows_per_round))
+    flat = [a.reshape(-1) for a in (out_counts, out_send_start, out_virtual_start, in_counts,
+                                    in_send_start, in_virtual_start)]
+    return Plan(
+        order=order, slot=slot, out_counts=flat[0], out_send_start=flat[1],
+        out_virtual_start=flat[2], in_counts=flat[3], in_send_start=flat[4],
+        in_virtual_start=flat[5], window_start=window_start, window_size=window_size,
+        num_rounds=num_rounds, rows_per_round=rows_per_round, max_rounds=max_rounds,
     )
 
 
-def round_segments(plan: PrefillPlan, round_index: jax.Array | int) -> RoundSegments:
-    """Clips every segment and window of ``plan`` to round ``round_index``."""
-    lo = jnp.asarray(round_index, jnp.int32) * plan.rows_per_round
+def round_segments(plan: Plan, round_index: jax.Array | int) -> RoundSegments:
+    """Clips this rank's segments and windows to round ``round_index``."""
+    lo = jnp.asarray(round_index, _I32) * plan.rows_per_round
     hi = lo + plan.rows_per_round
-    a = jnp.clip(plan.virtual_start, lo, hi)  # [P_src, P_dst, El]
-    b = jnp.clip(plan.virtual_start + plan.counts, lo, hi)
-    sizes = b - a
-    src_offsets = plan.send_start + (a - plan.virtual_start)
-    dst_offsets = a - lo
-    me = plan.rank
-    w_lo = jnp.clip(plan.window_start[me], lo, hi)
-    w_hi = jnp.clip(plan.window_start[me] + plan.window_size[me], lo, hi)
+
+    def clip(virtual_start, counts, send_start):
+        a = jnp.clip(virtual_start, lo, hi)
+        sizes = jnp.clip(virtual_start + counts, lo, hi) - a
+        return send_start + (a - virtual_start), sizes, a - lo
+
+    send_offsets, send_sizes, dest_offsets = clip(plan.out_virtual_start, plan.out_counts,
+                                                  plan.out_send_start)
+    source_offsets, recv_sizes, recv_offsets = clip(plan.in_virtual_start, plan.in_counts,
+                                                    plan.in_send_start)
+    w_lo = jnp.clip(plan.window_start, lo, hi)
+    w_hi = jnp.clip(plan.window_start + plan.window_size, lo, hi)
     return RoundSegments(
-        send_offsets=src_offsets[me],
-        send_sizes=sizes[me],
-        dest_offsets=dst_offsets[me],
-        recv_offsets=dst_offsets[:, me],
-        recv_sizes=sizes[:, me],
-        source_offsets=src_offsets[:, me],
+        send_offsets=send_offsets, send_sizes=send_sizes, dest_offsets=dest_offsets,
+        recv_offsets=recv_offsets, recv_sizes=recv_sizes, source_offsets=source_offsets,
         group_sizes=w_hi - w_lo,
     )

@@ -34,7 +34,7 @@ ROUTINGS = ("uniform", "one_expert", "one_rank", "empty_experts", "repeated")
 
 # Variants reached through the public API (``expert_parallel_moe`` keywords), plus the decode
 # schedule with each transport forced (``decode_moe(transport=...)``): on a GPU or TPU "auto"
-# takes the blocks transport only at P > k, so small meshes would never run it otherwise.
+# takes the windows transport only at P > k, so small meshes would never run it otherwise.
 API_VARIANTS = {
     "decode": dict(schedule="decode"),
     "decode_one_pass": dict(schedule="decode", decode_overflow="one_pass"),
@@ -44,7 +44,7 @@ API_VARIANTS = {
     "ragged_baseline": dict(implementation="ragged_baseline"),
     "capacity_baseline": dict(implementation="capacity_baseline"),
 }
-TRANSPORT_VARIANTS = ("decode_gather", "decode_blocks")
+TRANSPORT_VARIANTS = ("decode_gather", "decode_windows")
 REPLICATED = "decode_replicated"  # a batch smaller than the devices, on every device
 VARIANTS = tuple(API_VARIANTS) + TRANSPORT_VARIANTS + (REPLICATED,)
 GRAD_VARIANTS = ("decode", "prefill")

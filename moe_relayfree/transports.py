@@ -1,14 +1,13 @@
-"""The decode schedule's transports (see :mod:`moe_relayfree.decode` for the op sequence).
+"""The decode schedule's gather transport (see :mod:`moe_relayfree.decode` for the op sequence).
 
 ``gather``: one ``all_gather`` of tokens with their routing packed in, a local sort of int32
 keys, a weighted gather-sum over each token's choices and a ``psum_scatter`` back.
 ``replicated``: the gather transport for tokens every rank already holds (a batch smaller than
 the ranks, whose attention ran replicated): no gather, and one ``psum`` returns every token's
-sum to every rank. ``blocks``: one small
-``all_to_all`` of counts, then one ragged all-to-all per direction into fixed per-source
-blocks. Both build expert-major :class:`~moe_relayfree.windows.ExpertWindows` of any row
-range ``[start, start + rows)``, so the schedule can run the usual rows and the overflow apart.
-Call inside ``shard_map`` over the expert axis.
+sum to every rank. Both build expert-major :class:`~moe_relayfree.windows.ExpertWindows` of any
+row range ``[start, start + rows)``, so the schedule can run its rows in bounded passes.
+(Beyond ``k`` ranks the decode schedule runs the planned dispatch of
+:mod:`moe_relayfree.prefill` instead.) Call inside ``shard_map`` over the expert axis.
 """
 
 from __future__ import annotations
@@ -20,11 +19,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from moe_relayfree.collectives import bitcast_as, ensure_varying, peer_rows, ragged_all_to_all
-from moe_relayfree.plan import sort_copies
+from moe_relayfree.collectives import bitcast_as, ensure_varying
 from moe_relayfree.windows import (
     ExpertWindows,
-    exclusive_cumsum,
     local_expert_order,
     sizes_in_range,
     take_rows,
@@ -106,13 +103,14 @@ class GatherHandle:
     """What the gather transport's combine needs, for the window rows ``[start, start + B)``.
 
     position ``[P*T, k] int32`` the expert-major window row of each gathered copy (``>= total``:
-    not this rank's); weights ``[P*T, k] f32``; total ``[] int32`` copies this rank holds.
+    not this rank's); weights ``[P*T, k] f32``; total ``[] int32`` copies this rank holds;
+    start ``[] int32`` the first window row of the range.
     """
 
     position: jax.Array
     weights: jax.Array
     total: jax.Array
-    start: int = dataclasses.field(metadata=dict(static=True))
+    start: jax.Array
     out_dtype: jnp.dtype = dataclasses.field(metadata=dict(static=True))
     axis_name: str = dataclasses.field(metadata=dict(static=True))
     replicated: bool = dataclasses.field(default=False, metadata=dict(static=True))
@@ -142,9 +140,14 @@ def gather_plan(x, ids, w, num_experts, axis_name, replicated: bool = False):
 
 
 def gather_windows(xs, w_all, order, sizes, position, rows: int, k: int, x, axis_name,
-                   start: int = 0, replicated: bool = False):
-    """Windows of the expert-major rows ``[start, start + rows)`` and their handle."""
-    copy = order[start:start + rows]
+                   start: int | jax.Array = 0, replicated: bool = False):
+    """Windows of the expert-major rows ``[start, start + rows)`` (``start`` may be traced)
+    and their handle."""
+    # rows past the order (a last range running over its end) read copy 0: they are past
+    # `total`, so no window holds them and no partial sum reads them
+    padded = jnp.concatenate([order, jnp.zeros((rows,), order.dtype)])
+    start = jnp.asarray(start, jnp.int32)
+    copy = lax.dynamic_slice_in_dim(padded, start, rows)
     handle = GatherHandle(position=position, weights=w_all, total=sizes.sum(), start=start,
                           out_dtype=x.dtype, axis_name=axis_name, replicated=replicated)
     # the mean copies per rank: T*k (xs holds P*T tokens), or N*k/P replicated
@@ -176,112 +179,3 @@ def gather_combine(partial: jax.Array, axis_name: str, out_dtype,
         return lax.psum(partial, axis_name).astype(out_dtype)
     y = lax.psum_scatter(partial, axis_name, scatter_dimension=0, tiled=True)
     return y.astype(out_dtype)
-
-
-# --- blocks transport ---------------------------------------------------------------------
-
-
-@jax.tree_util.register_dataclass
-@dataclasses.dataclass(frozen=True)
-class BlocksHandle:
-    """What the return trip needs (``C`` block rows per source, ``B`` window rows).
-
-    blocks ``[P*C, d]`` received copies (overwritten with results); block_row ``[B] int32`` the
-    block row of each window row; total ``[] int32`` rows in the windows; recv_sizes ``[P]``
-    rows received from each source; source_offsets ``[P]`` where each source's block starts in
-    its own send buffer; send_sizes ``[P]`` rows this rank sent to each peer; slot ``[T*k]``
-    send-buffer row of each flat (token, choice); weights ``[T, k] f32``.
-    """
-
-    blocks: jax.Array
-    block_row: jax.Array
-    total: jax.Array
-    recv_sizes: jax.Array
-    source_offsets: jax.Array
-    send_sizes: jax.Array
-    slot: jax.Array
-    weights: jax.Array
-    block_rows: int = dataclasses.field(metadata=dict(static=True))
-    axis_name: str = dataclasses.field(metadata=dict(static=True))
-
-
-def blocks_send(x, ids, w, num_experts, axis_name):
-    """Steps 1-3: returns the handle with the received blocks and the received counts."""
-    num_ranks = lax.axis_size(axis_name)
-    local = num_experts // num_ranks
-    t, k = ids.shape
-    block_rows = t * min(k, local)
-    order, slot, counts = sort_copies(ids, num_experts)
-    counts = counts.reshape(num_ranks, local)
-    send_sizes = counts.sum(axis=1)
-    send_offsets = exclusive_cumsum(send_sizes, 0)
-    meta = jnp.concatenate([counts, send_offsets[:, None]], axis=1)
-    meta = lax.all_to_all(meta, axis_name, 0, 0, tiled=True)  # [P_src, El + 1]
-    recv_counts, source_offsets = meta[:, :local], meta[:, local]
-    recv_sizes = recv_counts.sum(axis=1)
-    send = take_rows(x, order // k)
-    me = lax.axis_index(axis_name).astype(_I32)
-    buf = jnp.zeros((num_ranks * block_rows, x.shape[1]), x.dtype)
-    blocks = ragged_all_to_all(
-        send, buf, send_offsets, send_sizes, jnp.full((num_ranks,), me * block_rows, _I32),
-        recv_sizes, axis_name=axis_name, **peer_rows(t * k, block_rows, num_ranks),
-    )
-    handle = BlocksHandle(
-        blocks=blocks, block_row=jnp.zeros((0,), _I32), total=recv_sizes.sum(),
-        recv_sizes=recv_sizes, source_offsets=source_offsets, send_sizes=send_sizes, slot=slot,
-        weights=w, block_rows=block_rows, axis_name=axis_name,
-    )
-    return handle, recv_counts
-
-
-def expert_major_rows(recv_counts: jax.Array, block_rows: int, rows: int,
-                      start: int = 0) -> jax.Array:
-    """Block row of expert-major window rows ``[start, start + rows)`` (arithmetic, no sort).
-
-    recv_counts ``[P_src, El]``: source ``s`` sent ``recv_counts[s, l]`` copies for local
-    expert ``l``, stored in its block (``block_rows`` rows at ``s * block_rows``) in
-    local-expert order. Windows are expert-major and, inside a window, ordered by source.
-    Returns ``[rows] int32``; rows past the windows map to row 0 (callers mask them).
-    """
-    num_ranks, local = recv_counts.shape
-    seg = recv_counts.T.reshape(-1)  # (l, s) segments in window order
-    seg_end = jnp.cumsum(seg)
-    i = start + jnp.arange(rows, dtype=_I32)
-    g = jnp.clip(jnp.searchsorted(seg_end, i, side="right"), 0, seg.shape[0] - 1).astype(_I32)
-    l, s = g // num_ranks, g % num_ranks
-    within_block = exclusive_cumsum(recv_counts, 1)[s, l]
-    row = s * block_rows + within_block + i - (seg_end[g] - seg[g])
-    return jnp.where(i < seg_end[-1], row, 0)
-
-
-def blocks_windows(handle: BlocksHandle, recv_counts, rows: int, start: int = 0):
-    """Windows of the expert-major rows ``[start, start + rows)``, read from the blocks."""
-    block_row = expert_major_rows(recv_counts, handle.block_rows, rows, start)
-    windows = ExpertWindows(rows=take_rows(handle.blocks, block_row),
-                            group_sizes=sizes_in_range(recv_counts.sum(axis=0), start, rows),
-                            expected_rows=handle.slot.shape[0])  # T*k: the copies a rank sends
-    return windows, dataclasses.replace(handle, block_row=block_row)
-
-
-def blocks_write_back(expert_out: jax.Array, h: BlocksHandle, into: jax.Array | None = None,
-                       start: int = 0) -> jax.Array:
-    """Window results (rows ``start + i``) over the block rows they came from, written into
-    ``into`` (default: the received blocks) -> ``[P*C, d]``."""
-    into = h.blocks if into is None else into
-    n = h.block_row.shape[0]
-    dest = jnp.where(start + jnp.arange(n) < h.total, h.block_row, into.shape[0])
-    return into.at[dest].set(expert_out.astype(into.dtype), mode="drop")
-
-
-def blocks_return(results: jax.Array, h: BlocksHandle) -> jax.Array:
-    """Steps 5-6: blocks back to their sources' send rows; weighted gather-sum -> ``[T, d]``."""
-    num_ranks = h.recv_sizes.shape[0]
-    returned = ensure_varying(jnp.zeros((h.slot.shape[0], results.shape[1]), results.dtype),
-                              h.axis_name, results)
-    returned = ragged_all_to_all(
-        results, returned, jnp.arange(num_ranks, dtype=_I32) * h.block_rows, h.recv_sizes,
-        h.source_offsets, h.send_sizes, axis_name=h.axis_name,
-        **peer_rows(h.slot.shape[0], h.block_rows, num_ranks),
-    )
-    index = h.slot.reshape(h.weights.shape)
-    return weighted_row_sum(returned, index, h.weights).astype(results.dtype)

@@ -16,7 +16,7 @@ from jax import lax
 from moe_relayfree import decode, prefill
 from moe_relayfree.windows import ExpertWindows
 
-Handle = Union[prefill.PrefillHandle, decode.GatherHandle, decode.BlocksHandle]
+Handle = Union[prefill.PrefillHandle, decode.GatherHandle]
 
 
 def dispatch(
@@ -54,6 +54,6 @@ def dispatch(
 
 def combine(expert_out: jax.Array, handle: Handle) -> jax.Array:
     """expert_out ``[R, d]``: one unweighted result per window row. Returns ``[T, d]``."""
-    if isinstance(handle, (decode.GatherHandle, decode.BlocksHandle)):
+    if isinstance(handle, decode.GatherHandle):
         return decode.combine(expert_out, handle)
-    return prefill.weighted_sum(prefill.combine_round(handle, expert_out, 0))
+    return prefill.weighted_sum(prefill.combine_round(handle, expert_out, 0)).astype(expert_out.dtype)

@@ -11,6 +11,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 _F32 = jnp.float32
 
@@ -70,16 +71,33 @@ def weighted_row_sum(
 
     rows ``[R, d]``; index ``[n, k] int32`` in ``[0, R)``; weights ``[n, k] float32``; valid
     ``[n, k] bool`` (default: all); into ``[n, d] float32`` (default: zeros) -> ``[n, d]
-    float32``. One gather per choice, each fused into a running sum in choice order: no
+    float32``. One gather per choice, each added to a running sum in choice order: no
     ``[n, k, d]`` intermediate, and no scatter-add (whose repeated rows are float atomics on
-    a GPU), so the result is the same bits on every run.
+    a GPU), so the result is the same bits on every run. XLA:CPU fuses the k gathers into the
+    sum; other backends may materialise each gathered ``[n, d]`` at once (XLA:TPU does), so
+    there the choices run one at a time in a loop.
     """
+    from moe_relayfree.collectives import vary_like  # collectives imports this module
+
     n, k = index.shape
     out = jnp.zeros((n, rows.shape[1]), _F32) if into is None else into
-    for j in range(k):
-        term = take_rows(rows, index[:, j]).astype(_F32) * weights[:, j, None]
-        out = out + (term if valid is None else jnp.where(valid[:, j, None], term, 0.0))
-    return out
+    valid = jnp.ones(index.shape, bool) if valid is None else valid
+    out = vary_like(out, rows, index, weights, valid)
+
+    def add(j, out, pick):
+        term = take_rows(rows, pick(index)).astype(_F32) * pick(weights)[:, None]
+        return out + jnp.where(pick(valid)[:, None], term, 0.0)
+
+    def unrolled(out):
+        for j in range(k):
+            out = add(j, out, lambda a, j=j: a[:, j])
+        return out
+
+    def looped(out):
+        return lax.fori_loop(
+            0, k, lambda j, o: add(j, o, lambda a: lax.dynamic_index_in_dim(a, j, 1, False)), out)
+
+    return lax.platform_dependent(out, cpu=unrolled, default=looped)
 
 
 def local_expert_order(keys: jax.Array, num_local: int) -> tuple[jax.Array, jax.Array]:

@@ -74,3 +74,34 @@ def test_capacity_for():
 def test_unknown_implementation():
     with pytest.raises(ValueError, match="implementation must be one of"):
         mr.expert_parallel_moe(*moe_inputs(8, 4, 4, 8, 2), mesh=make_mesh(2), implementation="x")
+
+
+def test_bounded_ragged_baseline_drops_past_its_buffer_and_counts_them():
+    """MaxText's bounded receive buffer (2*T*k rows): under skew the rows past it are dropped,
+    sources in rank order, each source's copies in expert order; the result equals the
+    reference with exactly those copies' weights zeroed, and dropped_copies counts them."""
+    from moe_relayfree.baselines import ragged
+
+    num_ranks, n, e, k = 8, 32, 16, 2
+    rng = np.random.default_rng(6)
+    ids = np.where(rng.random((n, 1)) < 0.75, np.array([[14, 15]]),
+                   np.stack([rng.choice(e, k, replace=False) for _ in range(n)])).astype(np.int32)
+    x, ids, w, wg, wu, wd = moe_inputs(n, 8, 12, e, k, seed=6, ids=ids)
+    t, rows = n // num_ranks, 2 * (n // num_ranks) * k
+    mesh = make_mesh(num_ranks)
+    y = mr.expert_parallel_moe(x, ids, w, wg, wu, wd, mesh=mesh,
+                               implementation="ragged_baseline_bounded")
+    ids_np, kept = np.asarray(ids), np.ones((n, k), bool)
+    filled = np.zeros(num_ranks, int)
+    local = e // num_ranks
+    for s in range(num_ranks):
+        flat = [(ids_np[tok, j], tok * k + j) for tok in range(s * t, (s + 1) * t) for j in range(k)]
+        for expert, f in sorted(flat):
+            r = expert // local
+            kept[f // k, f % k] = filled[r] < rows
+            filled[r] += 1
+    assert (~kept).sum() > 0
+    want = mr.dense_moe_reference(x, ids, jnp.where(kept, w, 0.0), wg, wu, wd)
+    np.testing.assert_allclose(y, want, atol=2e-5, rtol=2e-5)
+    per_source = ragged.dropped_copies(ids_np, e, num_ranks, rows)
+    np.testing.assert_array_equal(per_source, (~kept).reshape(num_ranks, -1).sum(1))

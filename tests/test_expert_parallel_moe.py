@@ -82,7 +82,7 @@ def test_auto_selects_by_tokens_per_rank():
         return fn.trace(*inputs).lower(lowering_platforms=("cuda",)).as_text()
 
     decode_hlo, prefill_hlo = lowered(4), lowered(3)  # 4 tokens per rank
-    # prefill all-gathers its counts; decode (blocks transport at P > k on a GPU) gathers nothing
+    # prefill all-gathers its counts; decode (windows transport at P > k on a GPU) gathers nothing
     assert "all_gather" not in decode_hlo and "all_gather" in prefill_hlo
     check(mesh, inputs, "auto")
 

@@ -26,7 +26,7 @@ CONFIGS = {
 
 # Every router and shared-expert form on 8 ranks, both schedules on 8 ranks, 1 and 2 ranks once
 # each (the router and the schedule are independent; on CPU the decode schedule takes its gather
-# transport; tests/test_decode.py forces blocks).
+# transport; tests/test_decode.py forces windows).
 @pytest.mark.parametrize(
     "num_ranks,arch,schedule",
     [(8, "deepseek", "prefill"), (8, "qwen2", "decode"), (8, "qwen3", "decode"),
@@ -73,9 +73,10 @@ def test_layer_bf16_activations_and_errors():
 
 def test_decode_overflow_reaches_the_schedule():
     """MoELayer(decode_overflow="one_pass") runs the decode schedule without its overflow
-    conditional (one compiled conditional fewer than the default), same results."""
+    conditionals (none left, where the default has them), same results. 8 tokens per rank:
+    the worst case (128 window rows) is past one pass (32)."""
     mesh = make_mesh(8)
-    x = jax.random.normal(jax.random.PRNGKey(1), (16, D))
+    x = jax.random.normal(jax.random.PRNGKey(1), (64, D))
     outs, conds = {}, {}
     for overflow in ("branch", "one_pass"):
         layer = mr.MoELayer(D, F, E, 2, mesh=mesh, schedule="decode", decode_overflow=overflow,
@@ -86,7 +87,7 @@ def test_decode_overflow_reaches_the_schedule():
     want = dense_layer(layer_params(layer), x, 2, mr.RouterConfig())
     np.testing.assert_allclose(outs["one_pass"], want, atol=3e-5, rtol=3e-5)
     np.testing.assert_allclose(outs["branch"], want, atol=3e-5, rtol=3e-5)
-    assert conds["branch"] == conds["one_pass"] + 1, conds
+    assert conds["branch"] > conds["one_pass"] == 0, conds
     with pytest.raises(ValueError, match="decode_overflow"):
         mr.MoELayer(D, F, E, 2, mesh=mesh, decode_overflow="drop", rngs=nnx.Rngs(0))
 

@@ -115,7 +115,7 @@ def test_batch_smaller_than_the_shards_runs_replicated_with_gradients(name):
 
 
 @pytest.mark.parametrize("schedule,transport", [("prefill", "auto"), ("decode", "gather"),
-                                                ("decode", "blocks")])
+                                                ("decode", "windows")])
 def test_verbs_inside_a_users_2d_shard_map_with_check_vma(schedule, transport):
     """A user's shard_map over (data, ep), check_vma on (the default): every buffer the verbs
     make varies over both axes, so the platform branches and loops type-check."""

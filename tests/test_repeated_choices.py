@@ -75,7 +75,7 @@ def test_merge_repeated_choices_matches_numpy():
 
 @pytest.mark.parametrize("kind", ["one_expert", "pairs", "padding", "mixed"])
 @pytest.mark.parametrize("num_ranks,transport", [
-    (1, "gather"), (2, "blocks"), (4, "gather"), (8, "gather"), (8, "blocks"), (8, "replicated"),
+    (1, "gather"), (2, "windows"), (4, "gather"), (8, "gather"), (8, "windows"), (8, "replicated"),
 ])
 def test_decode_transports(kind, num_ranks, transport):
     """The decode windows are sized for distinct experts per token (``P*T*min(k, El)`` rows);
@@ -98,7 +98,7 @@ def verbs_program(num_ranks: int, schedule: str, transport: str = "auto"):
                                  out_specs=TOK))
 
 
-@pytest.mark.parametrize("schedule,transport", [("decode", "gather"), ("decode", "blocks"),
+@pytest.mark.parametrize("schedule,transport", [("decode", "gather"), ("decode", "windows"),
                                                 ("prefill", "auto")])
 def test_verbs(schedule, transport):
     args = inputs("mixed", 32, 8, seed=1)

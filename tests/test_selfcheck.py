@@ -40,16 +40,16 @@ def results():
     mesh = mr.make_ep_mesh(8)
     return selfcheck.run_checks(
         mesh, shapes=SHAPES, dtypes=(jnp.float32,),
-        variants=("decode_blocks", "prefill_rounds"),  # each variant: tests/test_decode.py etc.
+        variants=("decode_windows", "prefill_rounds"),  # each variant: tests/test_decode.py etc.
         grad_variants=("decode",),
         extra={"drops_last_token": _drops_last_token, "nan_output": _nan_output,
                "does_not_compile": _does_not_compile})
 
 
 def test_every_variant_and_routing_matches_the_reference(results):
-    ok = [r for r in results if r.variant in ("decode", "decode_blocks", "prefill_rounds")]
+    ok = [r for r in results if r.variant in ("decode", "decode_windows", "prefill_rounds")]
     assert {(r.variant, r.routing) for r in ok if r.check == "output"} == {
-        (v, r) for v in ("decode_blocks", "prefill_rounds") for r in selfcheck.ROUTINGS}
+        (v, r) for v in ("decode_windows", "prefill_rounds") for r in selfcheck.ROUTINGS}
     assert {r.check for r in ok} == {"output", "grad x", "grad weights", "grad w_gate",
                                      "grad w_up", "grad w_down"}
     assert all(r.ok for r in ok), [r for r in ok if not r.ok]

@@ -4,7 +4,9 @@ Per rank (call inside ``shard_map``), the steps the relay-free schedule removes 
 
 1. permute: sort the ``T*k`` copies by global expert, gather -> ``[T*k, d]``.
 2. ``ragged_all_to_all`` with ONE segment per peer into a receive buffer (default worst case
-   ``P*T*k`` rows, so it never drops); rows arrive source-major.
+   ``P*T*k`` rows, so it never drops; with ``recv_rows=R``, MaxText's bounded buffer, rows past
+   ``R`` on a receiver are DROPPED, sources in rank order, and counted); rows arrive
+   source-major.
 3. (*) local permute: argsort the received rows by local expert (padding rows included) and
    gather -> another ``[R, d]``.
 4. grouped SwiGLU.
@@ -23,6 +25,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from moe_relayfree.collectives import ensure_varying, peer_rows, ragged_all_to_all
@@ -36,7 +39,8 @@ _F32 = jnp.float32
 @dataclasses.dataclass(frozen=True)
 class RaggedHandle:
     """order ``[T*k]``; per-peer sizes and offsets ``[P]``;
-    local_order ``[R]`` (the receiver's sort); weights ``[T, k] f32``."""
+    local_order ``[R]`` (the receiver's sort); weights ``[T, k] f32``; dropped ``[]`` int32
+    copies of this rank's tokens a bounded receive buffer had no room for."""
 
     order: jax.Array
     send_sizes: jax.Array
@@ -47,6 +51,7 @@ class RaggedHandle:
     return_offsets: jax.Array
     local_order: jax.Array
     weights: jax.Array
+    dropped: jax.Array
     num_copies: int = dataclasses.field(metadata=dict(static=True))
     axis_name: str = dataclasses.field(metadata=dict(static=True))
 
@@ -70,15 +75,22 @@ def dispatch(
     permuted = take_rows(x, order // k)  # step 1: [T*k, d]
 
     me = lax.axis_index(axis_name)
-    per_peer = all_counts.sum(-1)  # [P_src, P_dst]
+    wanted = all_counts.sum(-1)  # [P_src, P_dst]
+    # A receiver keeps the first rows_bound rows, sources in rank order; each source's segment
+    # is sorted by local expert, so what survives of it is a prefix per (source, receiver).
+    before = jnp.cumsum(wanted, axis=0) - wanted
+    per_peer = jnp.clip(rows_bound - before, 0, wanted)
+    kept_counts = jnp.clip(rows_bound - before[..., None] - (jnp.cumsum(all_counts, -1) - all_counts),
+                           0, all_counts)  # [P_src, P_dst, El]
+    dropped = (wanted[me] - per_peer[me]).sum().astype(jnp.int32)
     send_sizes = per_peer[me]
-    send_offsets = jnp.cumsum(send_sizes) - send_sizes
+    send_offsets = jnp.cumsum(wanted[me]) - wanted[me]  # segments start where they are sorted
     arrive = jnp.cumsum(per_peer, axis=0) - per_peer  # receiver-side offset of each source
     dest_offsets = arrive[me]  # where my block starts on each receiver
     recv_sizes = per_peer[:, me]
     recv_offsets = arrive[:, me]
     # where each source's block for me sits in that source's sorted send buffer
-    return_offsets = (jnp.cumsum(per_peer, axis=1) - per_peer)[:, me]
+    return_offsets = (jnp.cumsum(wanted, axis=1) - wanted)[:, me]
     buf = ensure_varying(jnp.zeros((rows_bound, x.shape[1]), x.dtype), axis_name, x)
     received = ragged_all_to_all(  # step 2: source-major
         permuted, buf, send_offsets, send_sizes, dest_offsets, recv_sizes,
@@ -86,7 +98,7 @@ def dispatch(
     )
 
     # Step 3: local expert of every received row (padding rows sort last), argsort, gather.
-    mine = all_counts[:, me, :]  # [P_src, El]
+    mine = kept_counts[:, me, :]  # [P_src, El] rows received per (source, local expert)
     row = jnp.arange(rows_bound, dtype=jnp.int32)
     block_starts = jnp.cumsum(recv_sizes) - recv_sizes  # [P_src]
     src = jnp.clip(jnp.searchsorted(jnp.cumsum(recv_sizes), row, side="right"), 0, num_ranks - 1)
@@ -102,8 +114,8 @@ def dispatch(
     handle = RaggedHandle(
         order=order, send_sizes=send_sizes, send_offsets=send_offsets,
         dest_offsets=dest_offsets, recv_sizes=recv_sizes, recv_offsets=recv_offsets,
-        return_offsets=return_offsets, local_order=local_order, weights=topk_weights.astype(_F32), num_copies=n,
-        axis_name=axis_name,
+        return_offsets=return_offsets, local_order=local_order,
+        weights=topk_weights.astype(_F32), dropped=dropped, num_copies=n, axis_name=axis_name,
     )
     return (grouped, group_sizes), handle
 
@@ -124,3 +136,15 @@ def combine(expert_out: jax.Array, handle: RaggedHandle) -> jax.Array:
     t, k = handle.weights.shape
     y = jnp.einsum("tk,tkd->td", handle.weights, unpermuted.reshape(t, k, -1).astype(_F32))
     return y.astype(expert_out.dtype)
+
+
+def dropped_copies(topk_ids, num_experts: int, num_ranks: int, recv_rows: int) -> np.ndarray:
+    """Copies a ``recv_rows`` receive buffer drops, per source rank (host-side, NumPy): the
+    exact rule of :func:`dispatch`, for benchmark reports. topk_ids ``[N, k]``, split in
+    ``num_ranks`` equal row blocks. Returns ``[P] int``."""
+    ids = np.asarray(topk_ids).reshape(num_ranks, -1)
+    local = num_experts // num_ranks
+    wanted = np.stack([np.bincount(r // local, minlength=num_ranks) for r in ids])  # [src, dst]
+    before = np.cumsum(wanted, axis=0) - wanted
+    kept = np.clip(recv_rows - before, 0, wanted)
+    return (wanted - kept).sum(axis=1)

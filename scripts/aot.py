@@ -1,0 +1,98 @@
+"""Deviceless XLA:TPU compiles of the MoE layer or a whole model step: per-device memory and
+collectives of the real compiled program, without a TPU (needs ``pip install -e ".[tpu]"``).
+
+    python scripts/aot.py layer --topology v5p:4x4x4 --shapes deepseek-v3 --tokens 1 8 128
+    python scripts/aot.py layer --implementation relayfree ragged_baseline_bounded --schedule auto
+    python scripts/aot.py model --config models/configs/deepseek-v3 --batch 8 --context 4096
+    python scripts/aot.py ... --out results/aot/NAME     # NAME.json and NAME.md
+
+Layer rows: temp / argument / output MiB per device, the schedule "auto" chose, the largest
+ragged all-to-all receive buffer, bytes moved (uniform routing), compile seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+LAYER_COLUMNS = [("topology", "topology"), ("T", "tokens_per_device"),
+                 ("implementation", "implementation"), ("schedule", "schedule"),
+                 ("ran", "resolved_schedule"), ("temp MiB", "temp_mib"),
+                 ("args MiB", "args_mib"), ("recv rows", "recv_rows"),
+                 ("moved MiB", "moved_mib"), ("collectives", "ops"), ("compile s", "compile_s")]
+MODEL_COLUMNS = [("topology", "topology"), ("layers", "layers"), ("batch/dev", "batch_per_device"),
+                 ("context", "context"), ("implementation", "implementation"),
+                 ("params GiB", "params_gib"), ("KV GiB", "kv_gib"), ("temp GiB", "temp_gib"),
+                 ("total GiB", "total_gib"), ("compile s", "compile_s")]
+
+
+def summarize(report: dict) -> dict:
+    """Adds the table's derived columns to a report."""
+    mem, coll = report["memory"], report["collectives"]
+    ragged = [c for c in coll if c["op"] == "ragged_all_to_all"]
+    out = dict(report, temp_mib=mem["temp"] / 2**20, args_mib=mem["argument"] / 2**20,
+               moved_mib=sum(c["moved_bytes"] for c in coll) / 2**20,
+               recv_rows=max((c["output_shape"][0] for c in ragged), default=None),
+               ops=" ".join(sorted({c["op"] for c in coll})))
+    gib = 2**30
+    for key in ("params", "kv_cache", "temp", "total"):
+        if key in mem:
+            out[("kv" if key == "kv_cache" else key) + "_gib"] = mem[key] / gib
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("what", choices=["layer", "model"])
+    p.add_argument("--topology", nargs="+", default=["v5p:4x4x4"], help="e.g. v5p:2x2x2 v5p:8x8x4")
+    p.add_argument("--mesh", default=None, help="axes NAME=SIZE,... (default ep=<all chips>)")
+    p.add_argument("--shapes", default="deepseek-v3", help="layer shapes: deepseek-v3, qwen3-235b-a22b")
+    p.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 32, 128, 2048],
+                   help="layer: tokens per device")
+    p.add_argument("--implementation", nargs="+", default=["relayfree"])
+    p.add_argument("--schedule", nargs="+", default=["auto"])
+    p.add_argument("--decode-overflow", default="branch")
+    p.add_argument("--config", default=None, help="model: a folder with a config.json")
+    p.add_argument("--batch", type=int, nargs="+", default=[8], help="model: sequences per device")
+    p.add_argument("--context", type=int, nargs="+", default=[4096], help="model: KV-cache length")
+    p.add_argument("--phase", default="decode", choices=["decode", "prefill"])
+    p.add_argument("--out", default=None, help="write OUT.json and OUT.md")
+    args = p.parse_args(argv)
+
+    import moe_relayfree as mr
+    from moe_relayfree.tools import aot
+
+    rows = []
+    for topology in args.topology:
+        mesh = aot.tpu_mesh(topology, mr.parse_mesh(args.mesh) if args.mesh else None)
+        for impl in args.implementation:
+            for schedule in args.schedule if impl == "relayfree" else ["auto"]:
+                config = mr.DispatchConfig(mesh, schedule=schedule, implementation=impl,
+                                           decode_overflow=args.decode_overflow)
+                if args.what == "layer":
+                    for t in args.tokens:
+                        rows.append(summarize(aot.layer_report(config, aot.LAYER_SHAPES[args.shapes], t)))
+                        print(aot.markdown(rows[-1:], LAYER_COLUMNS).splitlines()[-1], flush=True)
+                else:
+                    for b in args.batch:
+                        for ctx in args.context:
+                            rows.append(summarize(aot.model_report(args.config, config, b, ctx, args.phase)))
+                            print(aot.markdown(rows[-1:], MODEL_COLUMNS).splitlines()[-1], flush=True)
+    table = aot.markdown(rows, LAYER_COLUMNS if args.what == "layer" else MODEL_COLUMNS)
+    print(table)
+    if args.out:
+        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+        with open(args.out + ".json", "w") as fh:
+            json.dump({"argv": sys.argv[1:] if argv is None else argv, "rows": rows}, fh, indent=1)
+        with open(args.out + ".md", "w") as fh:
+            fh.write(f"`python scripts/aot.py {' '.join(sys.argv[1:] if argv is None else argv)}`\n\n{table}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

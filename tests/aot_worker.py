@@ -1,0 +1,27 @@
+"""Run by tests/test_aot.py in .venv-tpu (libtpu): deviceless XLA:TPU compiles of one MoE layer
+on v5p:4x4x4 (64 chips, P > k), small widths. Prints one JSON object of reports."""
+
+import json
+import sys
+
+import moe_relayfree as mr
+from moe_relayfree.tools import aot
+
+SHAPES = aot.LayerShapes(num_experts=256, k=8, d_model=256, d_ff=128)  # El = 4 per chip
+
+
+def main() -> None:
+    mesh = aot.tpu_mesh("v5p:4x4x4")
+    reports = {}
+    for name, impl, schedule, tokens in [("decode", "relayfree", "auto", 8),
+                                         ("bounded", "ragged_baseline_bounded", "auto", 8),
+                                         ("prefill", "relayfree", "prefill", 8)]:
+        config = mr.DispatchConfig(mesh, schedule=schedule, implementation=impl)
+        report = aot.layer_report(config, SHAPES, tokens)
+        report["hlo_ops"] = sorted({c["op"] for c in report["collectives"]})
+        reports[name] = report
+    json.dump(reports, sys.stdout)
+
+
+if __name__ == "__main__":
+    main()

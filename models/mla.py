@@ -2,7 +2,17 @@
 
 Per layer the cache holds ``ckv [B, L, kv_lora_rank]`` (the normed latent) and
 ``krope [B, L, qk_rope_head_dim]`` (the shared rotary key), not per-head keys and values:
-that is MLA's memory saving. Keys and values are expanded from the latent at attention time.
+that is MLA's memory saving. Attention over it takes one of two forms (the same math):
+
+* **absorbed** (DeepSeek's own inference code, vLLM's and SGLang's MLA): ``kv_b``'s key half
+  ``W_UK [c, h, nope]`` is folded into the queries (``q_nope @ W_UK^T``: ``[B, S, h, c]``) and
+  its value half ``W_UV`` into the output, so attention runs over the latent cache as it is:
+  no ``[B, L, h, nope + v]`` expansion of the cache on every step;
+* **expanded** (transformers' form): keys and values expanded from the whole cache, then
+  ordinary attention.
+
+:func:`absorbed` picks by the multiply-adds of each for ``S`` queries: decode (``S = 1``)
+always absorbs; a long prefill chunk expands (for DeepSeek-V3's shapes, past ~170 queries).
 """
 
 from __future__ import annotations
@@ -18,6 +28,70 @@ from moe_relayfree.layer import normal_init
 
 _F32 = jnp.float32
 LATENT_NORM_EPS = 1e-6  # DeepseekV3RMSNorm's default, used for q_a/kv_a norms
+
+
+# Cache rows per step of the absorbed form's attention: its scores and probabilities are
+# [B, h, S, chunk] whatever the context (at 8 sequences, 128 heads and 8192 rows unchunked,
+# each f32 copy of the scores was 32 MiB; docs/benchmarks.md, "At scale").
+KEY_CHUNK = 1024
+
+
+def latent_attention(q_latent, q_rope, latent, k_rope, mask, scale: float,
+                     chunk: int = KEY_CHUNK) -> jax.Array:
+    """``softmax((q_latent . latent + q_rope . k_rope) * scale) @ latent`` over the cache rows,
+    ``chunk`` rows at a time with a running maximum and sum (online softmax).
+
+    q_latent ``[B, S, h, c]``, q_rope ``[B, S, h, r]``, latent ``[B, L, c]``, k_rope
+    ``[B, L, r]`` (one dtype), mask ``[B, 1, S, L]`` bool -> ``[B, S, h, c]`` in that dtype.
+    Scores in f32, probabilities rounded to the dtype before they weight the latent. Rows with
+    no visible key (padding queries) get the mean of the masked rows, as the one-pass softmax
+    over scores filled with -1e30 gives them."""
+    dt = latent.dtype
+    b, length, c = latent.shape
+    _, s, h, _ = q_latent.shape
+    chunk = min(chunk, length)
+
+    def scores_of(lat, kr):
+        return (jnp.einsum("bshc,blc->bhsl", q_latent, lat, preferred_element_type=_F32)
+                + jnp.einsum("bshd,bld->bhsl", q_rope, kr, preferred_element_type=_F32)) * scale
+
+    if chunk == length:
+        probs = jax.nn.softmax(jnp.where(mask, scores_of(latent, k_rope), -1e30), axis=-1)
+        return jnp.einsum("bhsl,blc->bshc", probs.astype(dt), latent,
+                          preferred_element_type=_F32).astype(dt)
+
+    def step(i, carry):
+        top, total, acc = carry
+        # the last chunk ends at the cache's end; rows an earlier chunk had are masked out
+        start = jnp.minimum(i * chunk, length - chunk)
+        lat = jax.lax.dynamic_slice_in_dim(latent, start, chunk, 1)
+        kr = jax.lax.dynamic_slice_in_dim(k_rope, start, chunk, 1)
+        new = (start + jnp.arange(chunk)) >= i * chunk
+        keep = jax.lax.dynamic_slice_in_dim(mask, start, chunk, 3) & new
+        sc = jnp.where(keep, scores_of(lat, kr), -1e30)
+        # rows an earlier chunk had count nowhere, not even as masked -1e30 rows
+        sc = jnp.where(new, sc, -jnp.inf)
+        top_new = jnp.maximum(top, sc.max(-1))
+        p = jnp.exp(sc - top_new[..., None])
+        scale_old = jnp.exp(top - top_new)
+        total = total * scale_old + p.sum(-1)
+        weighted = jnp.einsum("bhsl,blc->bshc", p.astype(dt), lat, preferred_element_type=_F32)
+        acc = acc * scale_old.transpose(0, 2, 1)[..., None] + weighted
+        return top_new, total, acc
+
+    init = (jnp.full((b, h, s), -jnp.inf, _F32), jnp.zeros((b, h, s), _F32),
+            jnp.zeros((b, s, h, c), _F32))
+    _, total, acc = jax.lax.fori_loop(0, -(-length // chunk), step, init)
+    return (acc / total.transpose(0, 2, 1)[..., None]).astype(dt)
+
+
+def absorbed(cfg: ModelConfig, num_queries: int) -> bool:
+    """Whether :class:`MLAttention` attends over the latent for ``num_queries`` queries: per
+    query and cache row it costs ``2c + rope`` multiply-adds (scores in the latent, values
+    summed in it), where expanding costs ``c * (nope + v)`` per cache row once plus
+    ``nope + rope + v`` per query (``c`` = kv_lora_rank)."""
+    c, nope, r, v = cfg.kv_lora_rank, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+    return num_queries * (2 * c + r) <= c * (nope + v) + num_queries * (nope + r + v)
 
 
 class MLAttention(nnx.Module):
@@ -40,9 +114,11 @@ class MLAttention(nnx.Module):
                                       cfg.kv_lora_rank**-0.5, param_dtype))
         self.wo = nnx.Param(normal_init(rngs, (h * cfg.v_head_dim, d), (h * cfg.v_head_dim) ** -0.5, param_dtype))
 
-    def __call__(self, x, positions, key_valid, cache_ckv, cache_krope, start, rows=None):
+    def __call__(self, x, positions, key_valid, cache_ckv, cache_krope, start, rows=None,
+                 form: str | None = None):
         """x ``[B, S, d]``; cache_ckv ``[B, L, kv_lora]``, cache_krope ``[B, L, rope]``; rows:
-        x's rows per device, if known (``dense_dot``)."""
+        x's rows per device, if known (``dense_dot``); form: "absorbed" or "expanded" (default
+        :func:`absorbed`'s choice)."""
         cfg = self.cfg
         b, s, _ = x.shape
         dt = x.dtype
@@ -60,14 +136,32 @@ class MLAttention(nnx.Module):
         k_rope = rope(k_rope[:, :, None, :], positions, cfg.rope_theta, cfg.rope_interleave)[:, :, 0]
         cache_ckv = jax.lax.dynamic_update_slice_in_dim(cache_ckv, ckv.astype(cache_ckv.dtype), start, 1)
         cache_krope = jax.lax.dynamic_update_slice_in_dim(cache_krope, k_rope.astype(cache_krope.dtype), start, 1)
-        length = cache_ckv.shape[1]
-        # over the cache's rows, not the tokens'
-        expanded = mm(cache_ckv.astype(dt), self.kv_b, None).reshape(b, length, h, nope + vdim)
-        k_nope, v = expanded[..., :nope], expanded[..., nope:]
-        scores = (jnp.einsum("bshd,blhd->bhsl", q_nope, k_nope, preferred_element_type=_F32)
-                  + jnp.einsum("bshd,bld->bhsl", q_rope, cache_krope.astype(dt), preferred_element_type=_F32))
-        scores = scores * (nope + rdim) ** -0.5
-        scores = jnp.where(attention_mask(start, s, key_valid)[:, None], scores, -1e30)
-        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-        out = jnp.einsum("bhsl,blhd->bshd", probs, v, preferred_element_type=_F32).astype(dt)
+        form = form or ("absorbed" if absorbed(cfg, s) else "expanded")
+        if form not in ("absorbed", "expanded"):
+            raise ValueError(f"form must be 'absorbed' or 'expanded', got {form!r}")
+        latent, k_rope_all = cache_ckv.astype(dt), cache_krope.astype(dt)
+        mask = attention_mask(start, s, key_valid)[:, None]
+        scale = (nope + rdim) ** -0.5
+        if form == "absorbed":
+            w = self.kv_b[...].astype(dt).reshape(cfg.kv_lora_rank, h, nope + vdim)
+            q_latent = jnp.einsum("bshn,chn->bshc", q_nope, w[..., :nope],
+                                  preferred_element_type=_F32).astype(dt)
+            out_latent = latent_attention(q_latent, q_rope, latent, k_rope_all, mask, scale)
+            out = jnp.einsum("bshc,chv->bshv", out_latent, w[..., nope:],
+                             preferred_element_type=_F32).astype(dt)
+        else:
+            rope_scores = jnp.einsum("bshd,bld->bhsl", q_rope, k_rope_all,
+                                     preferred_element_type=_F32)
+
+            def softmax(nope_scores):
+                scores = (nope_scores + rope_scores) * scale
+                return jax.nn.softmax(jnp.where(mask, scores, -1e30), axis=-1).astype(dt)
+
+            length = cache_ckv.shape[1]
+            # over the cache's rows, not the tokens'
+            expanded = mm(latent, self.kv_b, None).reshape(b, length, h, nope + vdim)
+            k_nope, v = expanded[..., :nope], expanded[..., nope:]
+            probs = softmax(jnp.einsum("bshd,blhd->bhsl", q_nope, k_nope,
+                                       preferred_element_type=_F32))
+            out = jnp.einsum("bhsl,blhd->bshd", probs, v, preferred_element_type=_F32).astype(dt)
         return mm(out.reshape(b, s, h * vdim), self.wo), cache_ckv, cache_krope

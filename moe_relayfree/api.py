@@ -15,7 +15,7 @@ from moe_relayfree.collectives import vary_like
 from moe_relayfree.config import DEFAULT_CAPACITY_FACTOR, DispatchConfig, dispatch_config
 from moe_relayfree.experts import grouped_swiglu, swiglu, windows_swiglu
 from moe_relayfree.layout import MeshLayout
-from moe_relayfree.plan import rows_per_round
+from moe_relayfree.plan import MIN_ROWS, rows_per_round
 from moe_relayfree.routing import RouterConfig, route
 from moe_relayfree.selection import select_schedule
 from moe_relayfree.windows import ExpertWindows
@@ -220,7 +220,9 @@ def expert_parallel_moe(
     tokens = max(1, n // lay.num_token_shards)
     resolved = select_schedule(tokens, config.schedule, config.decode_threshold,
                                platform=lay.platform)
-    rows = rows_per_round(tokens, k, lay.num_ranks, config.capacity_factor)
+    # the bounded baseline as MaxText sizes it: capacity_factor * T * k rows, no floor
+    floor = 1 if config.implementation == "ragged_baseline_bounded" else MIN_ROWS
+    rows = rows_per_round(tokens, k, lay.num_ranks, config.capacity_factor, floor)
     program = config.replace(
         schedule=resolved, decode_threshold=None,
         decode_overflow=config.decode_overflow if resolved == "decode" else "branch")

@@ -111,9 +111,10 @@ class RoundSegments:
 MIN_ROWS = 32
 
 
-def rows_per_round(tokens: int, k: int, num_ranks: int, capacity_factor: float | None) -> int:
-    """Static receive rows per round: ``capacity_factor * T * k`` (at least :data:`MIN_ROWS`),
-    at most the worst case.
+def rows_per_round(tokens: int, k: int, num_ranks: int, capacity_factor: float | None,
+                   floor: int = MIN_ROWS) -> int:
+    """Static receive rows per round: ``capacity_factor * T * k`` (at least ``floor``), at
+    most the worst case.
 
     The worst case (every copy of every rank lands on one rank) is ``P*T*k``; with
     ``capacity_factor=None`` the buffer is sized for it and one round always suffices.
@@ -124,7 +125,7 @@ def rows_per_round(tokens: int, k: int, num_ranks: int, capacity_factor: float |
     if capacity_factor <= 0:
         raise ValueError(f"capacity_factor must be positive or None, got {capacity_factor}")
     rows = -(-int(capacity_factor * tokens * k * 8) // 8)  # ceil(capacity_factor * T * k)
-    return max(1, min(worst, max(MIN_ROWS, rows)))
+    return max(1, min(worst, max(floor, rows)))
 
 
 def sort_copies(topk_ids: jax.Array, num_experts: int):

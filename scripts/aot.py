@@ -6,8 +6,10 @@ collectives of the real compiled program, without a TPU (needs ``pip install -e 
     python scripts/aot.py model --config models/configs/deepseek-v3 --batch 8 --context 4096
     python scripts/aot.py ... --out results/aot/NAME     # NAME.json and NAME.md
 
-Layer rows: temp / argument / output MiB per device, the schedule "auto" chose, the largest
-ragged all-to-all receive buffer, bytes moved (uniform routing), compile seconds.
+Layer rows: temp / argument MiB per device, the schedule "auto" chose, the largest ragged
+all-to-all receive buffer, MiB a device moves per call (uniform routing; a skewed batch's extra
+rounds not counted), compile seconds. A program XLA:TPU refuses for the chip's HBM shows the
+temporaries the compiler said it needs, and "OOM (compile)".
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ LAYER_COLUMNS = [("topology", "topology"), ("T", "tokens_per_device"),
                  ("ran", "resolved_schedule"), ("temp MiB", "temp_mib"),
                  ("args MiB", "args_mib"), ("recv rows", "recv_rows"),
                  ("moved MiB", "moved_mib"), ("collectives", "ops"), ("compile s", "compile_s")]
-MODEL_COLUMNS = [("topology", "topology"), ("layers", "layers"), ("batch/dev", "batch_per_device"),
+MODEL_COLUMNS = [("topology", "topology"), ("layers", "layers"), ("compiled", "compiled_layers"),
+                 ("batch/dev", "batch_per_device"),
                  ("context", "context"), ("implementation", "implementation"),
                  ("params GiB", "params_gib"), ("KV GiB", "kv_gib"), ("temp GiB", "temp_gib"),
                  ("total GiB", "total_gib"), ("compile s", "compile_s")]
@@ -34,9 +37,14 @@ MODEL_COLUMNS = [("topology", "topology"), ("layers", "layers"), ("batch/dev", "
 def summarize(report: dict) -> dict:
     """Adds the table's derived columns to a report."""
     mem, coll = report["memory"], report["collectives"]
+    if report.get("oom"):  # the compiler refused it: what it said the temporaries need
+        gib = 2**30
+        return dict(report, temp_mib=(mem["temp"] or 0) / 2**20, ops="OOM (compile)",
+                    temp_gib=(mem["temp"] or 0) / gib, total_gib=None,
+                    params_gib=mem.get("params", 0) / gib, kv_gib=mem.get("kv_cache", 0) / gib)
     ragged = [c for c in coll if c["op"] == "ragged_all_to_all"]
-    out = dict(report, temp_mib=mem["temp"] / 2**20, args_mib=mem["argument"] / 2**20,
-               moved_mib=sum(c["moved_bytes"] for c in coll) / 2**20,
+    out = dict(report, temp_mib=mem["temp"] / 2**20, args_mib=mem.get("argument", 0) / 2**20,
+               moved_mib=sum(c["moved_bytes"] for c in coll if c["every_call"]) / 2**20,
                recv_rows=max((c["output_shape"][0] for c in ragged), default=None),
                ops=" ".join(sorted({c["op"] for c in coll})))
     gib = 2**30
@@ -61,6 +69,9 @@ def main(argv=None) -> int:
     p.add_argument("--batch", type=int, nargs="+", default=[8], help="model: sequences per device")
     p.add_argument("--context", type=int, nargs="+", default=[4096], help="model: KV-cache length")
     p.add_argument("--phase", default="decode", choices=["decode", "prefill"])
+    p.add_argument("--layers", type=int, default=None,
+                   help="model: compile this many layers (temp does not grow with depth); "
+                   "params and KV cache are counted for all of them")
     p.add_argument("--out", default=None, help="write OUT.json and OUT.md")
     args = p.parse_args(argv)
 
@@ -81,7 +92,8 @@ def main(argv=None) -> int:
                 else:
                     for b in args.batch:
                         for ctx in args.context:
-                            rows.append(summarize(aot.model_report(args.config, config, b, ctx, args.phase)))
+                            rows.append(summarize(aot.model_report(args.config, config, b, ctx, args.phase,
+                                                                      layers=args.layers)))
                             print(aot.markdown(rows[-1:], MODEL_COLUMNS).splitlines()[-1], flush=True)
     table = aot.markdown(rows, LAYER_COLUMNS if args.what == "layer" else MODEL_COLUMNS)
     print(table)

@@ -91,3 +91,22 @@ def test_prompt_encoding_matches_transformers(case):
     adds_bos = {"bytelevel-template-bos": True, "bytelevel-no-bos": False,
                 "bytelevel-no-postprocessor": False, "metaspace-llama-bos": True}[case]
     assert all((s["transformers"][0] in (1, 256)) == adds_bos for s in samples)
+
+
+@pytest.mark.parametrize("form", ["absorbed", "expanded"])
+def test_mla_both_attention_forms_match_transformers(monkeypatch, form):
+    """DeepSeek-V3's attention in each form, forced for every call (the model picks per call by
+    the number of queries: decode absorbs, a long prefill expands): logits and greedy tokens."""
+    from models import mla
+
+    monkeypatch.setattr(mla, "absorbed", lambda cfg, s: form == "absorbed")
+    name = "deepseek_v3-large"
+    ref = np.load(os.path.join(FIXTURES, name, "reference.npz"))
+    model = checkpoint.load_model(os.path.join(FIXTURES, name), mesh=make_mesh(8),
+                                  schedule="decode")
+    ids = jnp.asarray(ref["input_ids"], jnp.int32)
+    cache = init_cache(model.cfg, ids.shape[0], ids.shape[1], jnp.float32)
+    logits, _ = model(ids, jnp.zeros((ids.shape[0],), jnp.int32), cache, 0)
+    scale = max(1.0, float(np.abs(ref["logits"]).max()))
+    np.testing.assert_allclose(np.asarray(logits), ref["logits"], atol=1e-5 * scale, rtol=1e-4)
+    np.testing.assert_array_equal(greedy(model, ref["prompt"], ref["greedy"].shape[1]), ref["greedy"])

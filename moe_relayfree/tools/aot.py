@@ -57,8 +57,12 @@ LAYER_SHAPES = {
 
 def tpu_devices(topology: str) -> list:
     """Compile-only devices of a TPU topology, e.g. ``"v5p:4x4x4"`` (64 chips)."""
+    import os
+
     from jax.experimental import topologies
 
+    # libtpu takes a machine-wide lock on load; compiles need no device, so allow several
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     try:
         desc = topologies.get_topology_desc(platform="tpu", topology_name=topology)
     except Exception as e:  # no libtpu, or a name libtpu does not know
@@ -102,8 +106,9 @@ def memory(compiled) -> dict:
 
 
 def collective_rows(text: str, num_ranks: int, copies_per_rank: int | None) -> list[dict]:
-    """The compiled program's collectives: op, the computation it is in, the data buffer's
-    shape and bytes, and ``moved_bytes``: what one device puts on the wire (an all-gather's
+    """The compiled program's collectives: op, the computation it is in (``every_call``: the
+    entry computation, not a skewed batch's extra rounds), the data buffer's shape and bytes,
+    and ``moved_bytes``: what one device puts on the wire (an all-gather's
     or all-to-all's ``(P-1)/P`` of its buffer, twice that for an all-reduce; a ragged
     all-to-all's valid rows under uniform routing, ``copies_per_rank`` rows of its buffer)."""
     rows = []
@@ -117,31 +122,56 @@ def collective_rows(text: str, num_ranks: int, copies_per_rank: int | None) -> l
             rows_total = min(b.shape[0] for b in (c.operands[:2] or (buf,)))
             valid = rows_total if copies_per_rank is None else min(rows_total, copies_per_rank)
             moved = valid * (buf.nbytes // max(1, buf.shape[0])) * share
-        rows.append({"op": c.op, "computation": c.computation, "shape": list(buf.shape),
+        rows.append({"op": c.op, "computation": c.computation, "every_call": c.entry,
+                     "shape": list(buf.shape),
                      "dtype": buf.dtype, "buffer_bytes": buf.nbytes,
                      "output_shape": list(c.result[0].shape) if c.result else [],
                      "moved_bytes": int(moved)})
     return rows
 
 
+def _compile(lowered):
+    """(compiled, None), or (None, the compiler's message) where XLA:TPU refuses the program
+    for exceeding the chip's HBM (it says how much its temporaries need)."""
+    try:
+        return lowered.compile(), None
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        return None, str(e).splitlines()[0]
+
+
+def _oom_report(message: str, seconds: float) -> dict:
+    import re
+
+    needed = re.search(r"temporaries \(([\d.]+)G\)", message)
+    gib = float(needed.group(1)) if needed else None
+    return {"memory": {"temp": None if gib is None else int(gib * 2**30)}, "collectives": [],
+            "oom": message, "compile_s": round(seconds, 2)}
+
+
 def layer_report(config: DispatchConfig, shapes: LayerShapes, tokens_per_device: int) -> dict:
     """Compiles one MoE layer (``expert_parallel_moe``) for ``config``'s mesh and reports its
-    per-device memory, collectives, the schedule "auto" resolves to and the compile time."""
+    per-device memory, collectives, the schedule "auto" resolves to and the compile time. A
+    program XLA:TPU refuses for the chip's HBM is reported with ``oom`` (the compiler's
+    message) and the temporaries it said it needs."""
     lay = config.layout
     args = layer_inputs(config, shapes, tokens_per_device)
     fn = jax.jit(lambda *a: expert_parallel_moe(*a, config))
     start = time.perf_counter()
-    compiled = fn.lower(*args).compile()
+    compiled, oom = _compile(fn.lower(*args))
     seconds = time.perf_counter() - start
+    head = {"topology": _topology_name(config.mesh), "mesh": dict(config.mesh.shape),
+            "implementation": config.implementation, "schedule": config.schedule,
+            "tokens_per_device": tokens_per_device, "shapes": dataclasses.asdict(shapes)}
+    if oom:
+        return dict(head, resolved_schedule=None, **_oom_report(oom, seconds))
     text = compiled.as_text()
     copies = tokens_per_device * shapes.k
     resolved = select_schedule(tokens_per_device, config.schedule, config.decode_threshold,
                                platform=lay.platform) if config.relayfree else None
     return {
-        "topology": _topology_name(config.mesh), "mesh": dict(config.mesh.shape),
-        "implementation": config.implementation, "schedule": config.schedule,
-        "resolved_schedule": resolved, "tokens_per_device": tokens_per_device,
-        "shapes": dataclasses.asdict(shapes), "memory": memory(compiled),
+        **head, "resolved_schedule": resolved, "memory": memory(compiled),
         "collectives": collective_rows(text, lay.num_ranks, copies),
         "ragged_dot": "ragged-dot" in text or "ragged_dot" in text,
         "compile_s": round(seconds, 2),
@@ -157,13 +187,18 @@ def _topology_name(mesh: Mesh) -> str:
 
 
 def truncated(cfg, layers: int | None):
-    """``cfg`` with its first ``layers`` decoder layers (None: all): a shallower model of the
-    same layer kinds, for compiles whose temporaries do not grow with depth."""
+    """``cfg`` with ``layers`` decoder layers (None: all): a shallower model of the same layer
+    kinds, for compiles whose temporaries do not grow with depth. Dense layers before the
+    first MoE layer (DeepSeek-V3's first three) keep at most ``layers - 1`` of their number,
+    so at least one MoE layer remains: ``layers=2`` is one dense and one MoE layer."""
     if layers is None or layers >= cfg.n_layers:
         return cfg
-    sliding = None if cfg.sliding_layers is None else cfg.sliding_layers[:layers]
-    return dataclasses.replace(cfg, n_layers=layers, moe_layers=cfg.moe_layers[:layers],
-                               sliding_layers=sliding)
+    dense = next((i for i, m in enumerate(cfg.moe_layers) if m), cfg.n_layers)
+    keep = min(dense, layers - 1) if dense < cfg.n_layers else layers
+    index = list(range(keep)) + list(range(dense, dense + layers - keep))
+    pick = lambda flags: None if flags is None else tuple(flags[i] for i in index)  # noqa: E731
+    return dataclasses.replace(cfg, n_layers=layers, moe_layers=pick(cfg.moe_layers),
+                               sliding_layers=pick(cfg.sliding_layers))
 
 
 def abstract_model(folder: str, config: DispatchConfig, dtype="bfloat16",
@@ -184,7 +219,8 @@ def abstract_model(folder: str, config: DispatchConfig, dtype="bfloat16",
     lay, mesh = config.layout, config.mesh
 
     def place(path, leaf):
-        names = [str(getattr(p, "key", p)) for p in path]
+        names = [str(getattr(p, "key", getattr(p, "name", p))) for p in path]
+        names = [n for n in names if n != "value"]  # a Variable's value attribute
         spec = P()
         if len(leaf.shape) == 3 and names[-1] in ("w_gate", "w_up", "w_down"):
             spec = lay.w_out if names[-1] == "w_down" else lay.w_in
@@ -242,8 +278,14 @@ def model_report(folder: str, config: DispatchConfig, batch_per_device: int, con
         tokens_per_device = batch_per_device * width
     else:
         raise ValueError(f"phase must be 'decode' or 'prefill', got {phase!r}")
-    compiled = lowered.compile()
+    compiled, oom = _compile(lowered)
     seconds = time.perf_counter() - start
+    if oom:
+        report = _oom_report(oom, seconds)
+        report["memory"].update(params=_device_bytes(full_state), kv_cache=_device_bytes(full_cache))
+        return dict(report, model=folder, layers=full_cfg.n_layers, compiled_layers=cfg.n_layers,
+                    topology=_topology_name(mesh), implementation=config.implementation,
+                    batch_per_device=batch_per_device, context=context, phase=phase)
     text = compiled.as_text()
     compiled_mem = memory(compiled)
     compiled_mem.update(params=_device_bytes(state), kv_cache=_device_bytes(cache))

@@ -26,6 +26,7 @@ from jax.sharding import PartitionSpec as P
 
 from models.config import ModelConfig
 from models.hf_config import from_hf_config
+from models.quant import parse_quantization
 from models.tensor_index import CheckpointError, TensorIndex
 from models.transformer import MoETransformer
 from moe_relayfree.config import DispatchConfig, dispatch_config
@@ -63,6 +64,7 @@ def _check(index: TensorIndex, name: str, shape: tuple[int, ...], used: set[str]
     if index.shape[name] != tuple(shape):
         raise CheckpointError(f"tensor {name!r} has shape {index.shape[name]}, expected {tuple(shape)}")
     used.add(name)
+    used.update(index.companions(name))  # an FP8 weight's block scales
 
 
 def _expert_reader(index: TensorIndex, prefix: str, cfg: ModelConfig, used: set[str]):
@@ -230,10 +232,13 @@ def load_model(folder: str, dispatch: DispatchConfig | None = None, *, dtype=Non
         part).
     """
     cfg = read_config(folder)
-    index = TensorIndex(folder)
+    with open(os.path.join(folder, "config.json")) as fh:
+        quant = parse_quantization(json.load(fh).get("quantization_config"))
+    index = TensorIndex(folder, quant)
     if dtype is None:
         dtype = index.dtype.get("model.embed_tokens.weight", np.dtype(np.float32))
     dtype = jnp.dtype(dtype)
+    index.dequant_dtype = np.dtype(dtype)  # FP8 weights come out in the model's dtype
     dispatch = dispatch_config(dispatch, **dispatch_settings).with_auto_mesh()
     mesh = dispatch.mesh
     model = nnx.eval_shape(lambda: MoETransformer(

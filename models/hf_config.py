@@ -17,6 +17,7 @@ from typing import Any
 
 from models.config import ARCHITECTURES, ModelConfig
 from models.hf_defaults import ALIASES, DEFAULTS, ROPE_THETA
+from models.quant import parse_quantization
 from moe_relayfree.routing import RouterConfig
 
 # Keys that do not change inference math: bookkeeping, generation settings, and training-only
@@ -36,7 +37,6 @@ HARMLESS = frozenset({
 # Keys outside the transformers classes that checkpoints carry and that change the math:
 # key -> (family or None for all, the value this project runs).
 FOREIGN = {
-    "quantization_config": (None, None),
     "moe_layer_freq": ("deepseek_v3", 1),
     "scoring_func": ("deepseek_v3", "sigmoid"),
     "topk_method": ("deepseek_v3", "noaux_tc"),
@@ -77,7 +77,7 @@ class _Keys:
         for key, (only, runs) in FOREIGN.items():
             if key in self.given and (only is None or only == self.model_type):
                 if self.given[key] != runs:
-                    what = "quantized checkpoints" if key == "quantization_config" else f"{key}={self.given[key]!r}"
+                    what = f"{key}={self.given[key]!r}"
                     raise ValueError(f"config.json {key}: {what} not supported "
                                      f"(this loader runs {key}={runs!r})")
         missed = sorted(k for k in family if k not in self.read and k not in HARMLESS)
@@ -211,6 +211,9 @@ def from_hf_config(cfg: dict) -> ModelConfig:
         raise ValueError(f"unsupported model_type {model_type!r}; supported: {ARCHITECTURES}")
     get = _Keys(cfg, model_type)
     out = _FAMILIES[model_type](get, _common(get))
+    # weights only: models.quant reads them dequantized; the math is the unquantized model's
+    parse_quantization(get.given.get("quantization_config"))
+    get.read.add("quantization_config")
     get.check_unread()
     return out
 

@@ -4,6 +4,8 @@ collectives of the real compiled program, without a TPU (needs ``pip install -e 
     python scripts/aot.py layer --topology v5p:4x4x4 --shapes deepseek-v3 --tokens 1 8 128
     python scripts/aot.py layer --implementation relayfree ragged_baseline_bounded --schedule auto
     python scripts/aot.py model --config models/configs/deepseek-v3 --batch 8 --context 4096
+    python scripts/aot.py serving --config models/configs/deepseek-v3 --context 4096 32768 \
+        --implementation relayfree ragged_baseline_bounded --layers 4   # largest batch that fits
     python scripts/aot.py ... --out results/aot/NAME     # NAME.json and NAME.md
 
 Layer rows: temp / argument MiB per device, the schedule "auto" chose, the largest ragged
@@ -33,6 +35,12 @@ MODEL_COLUMNS = [("topology", "topology"), ("layers", "layers"), ("compiled", "c
                  ("params GiB", "params_gib"), ("KV GiB", "kv_gib"), ("temp GiB", "temp_gib"),
                  ("total GiB", "total_gib"), ("compile s", "compile_s")]
 
+SERVING_COLUMNS = [("topology", "topology"), ("layers", "layers"), ("context", "context"),
+                   ("implementation", "implementation"), ("schedule", "resolved_schedule"),
+                   ("max batch/dev", "max_batch"), ("params GiB", "params_gib"),
+                   ("KV GiB", "kv_gib"), ("temp GiB", "temp_gib"), ("total GiB", "total_gib"),
+                   ("HBM GiB", "hbm_gib")]
+
 
 def summarize(report: dict) -> dict:
     """Adds the table's derived columns to a report."""
@@ -54,9 +62,34 @@ def summarize(report: dict) -> dict:
     return out
 
 
+def pivot(rows: list[dict]) -> str:
+    """Layer rows as one table: temp MiB per (topology, T), a column per implementation and
+    relay-free schedule, and relay-free auto over the bounded baseline."""
+    def name(r):
+        return r["implementation"] + (f" {r['schedule']}" if r["implementation"] == "relayfree" else "")
+
+    names = list(dict.fromkeys(name(r) for r in rows))
+    cells: dict = {}
+    for r in rows:
+        cells.setdefault((r["topology"], r["tokens_per_device"]), {})[name(r)] = r
+    lines = ["| topology | T | " + " | ".join(names) + " | auto / bounded |",
+             "|---|---|" + "---|" * (len(names) + 1)]
+    for (topo, t), by in cells.items():
+        def cell(n):
+            r = by.get(n)
+            if r is None:
+                return ""
+            text = f"{r['temp_mib']:.1f}"
+            return text + " (OOM)" if r.get("oom") else text
+        auto, bounded = by.get("relayfree auto"), by.get("ragged_baseline_bounded")
+        ratio = f"{auto['temp_mib'] / bounded['temp_mib']:.3f}" if auto and bounded else ""
+        lines.append(f"| {topo} | {t} | " + " | ".join(cell(n) for n in names) + f" | {ratio} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["layer", "model"])
+    p.add_argument("what", choices=["layer", "model", "serving"])
     p.add_argument("--topology", nargs="+", default=["v5p:4x4x4"], help="e.g. v5p:2x2x2 v5p:8x8x4")
     p.add_argument("--mesh", default=None, help="axes NAME=SIZE,... (default ep=<all chips>)")
     p.add_argument("--shapes", default="deepseek-v3", help="layer shapes: deepseek-v3, qwen3-235b-a22b")
@@ -89,20 +122,33 @@ def main(argv=None) -> int:
                     for t in args.tokens:
                         rows.append(summarize(aot.layer_report(config, aot.LAYER_SHAPES[args.shapes], t)))
                         print(aot.markdown(rows[-1:], LAYER_COLUMNS).splitlines()[-1], flush=True)
+                elif args.what == "serving":
+                    hbm = aot.HBM_BYTES[topology.split(":")[0]]
+                    for ctx in args.context:
+                        found = aot.largest_batch(args.config, config, ctx, hbm, layers=args.layers)
+                        row = summarize(found["report"]) if found["report"] else {}
+                        rows.append(dict(row, topology=topology, implementation=impl, context=ctx,
+                                         max_batch=found["batch"], tried=found["tried"],
+                                         hbm_gib=hbm / 2**30))
+                        print(aot.markdown(rows[-1:], SERVING_COLUMNS).splitlines()[-1], flush=True)
                 else:
                     for b in args.batch:
                         for ctx in args.context:
                             rows.append(summarize(aot.model_report(args.config, config, b, ctx, args.phase,
                                                                       layers=args.layers)))
                             print(aot.markdown(rows[-1:], MODEL_COLUMNS).splitlines()[-1], flush=True)
-    table = aot.markdown(rows, LAYER_COLUMNS if args.what == "layer" else MODEL_COLUMNS)
+    columns = {"layer": LAYER_COLUMNS, "model": MODEL_COLUMNS, "serving": SERVING_COLUMNS}
+    table = aot.markdown(rows, columns[args.what])
     print(table)
     if args.out:
         os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
         with open(args.out + ".json", "w") as fh:
             json.dump({"argv": sys.argv[1:] if argv is None else argv, "rows": rows}, fh, indent=1)
+        summary = f"{pivot(rows)}\n\nTemporaries per device, MiB (memory_analysis().temp_size_in_bytes).\n\n" \
+            if args.what == "layer" else ""
         with open(args.out + ".md", "w") as fh:
-            fh.write(f"`python scripts/aot.py {' '.join(sys.argv[1:] if argv is None else argv)}`\n\n{table}\n")
+            fh.write(f"`python scripts/aot.py {' '.join(sys.argv[1:] if argv is None else argv)}`\n\n"
+                     f"{summary}{table}\n")
     return 0
 
 

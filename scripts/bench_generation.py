@@ -5,6 +5,9 @@
   ``logits_to_keep=0``): time to first token and XLA's temporary buffer bytes per device.
 * ``sampling`` (``--sampling-batch N``): the decode step of ``generate`` with temperature,
   top-k and top-p settings against greedy, in one process (median step of ``--new-tokens``).
+* ``mla`` (``--mla-contexts L ...``, MLA checkpoints only): the decode step with attention in
+  the absorbed form (over the latent cache) against the expanded one (keys and values expanded
+  from the cache every step), at caches of ``L`` rows, in one process.
 * ``step``: the decode step with dense projections padded to ``DENSE_MIN_ROWS`` rows per device
   (``moe_relayfree.experts.dense_dot``) against unpadded (``DENSE_MIN_ROWS = 1``): at one token
   per device XLA:CPU runs a bf16 one-row dot as a matrix-vector product that widens the whole
@@ -40,6 +43,8 @@ def parse_args(argv=None):
     p.add_argument("--prompt-lengths", type=int, nargs="*", default=[256], help="prefill, batch 8")
     p.add_argument("--sampling-batch", type=int, default=None,
                    help="also time a decode step per sampling setting against greedy at this batch")
+    p.add_argument("--mla-contexts", type=int, nargs="*", default=[],
+                   help="MLA checkpoints: decode step absorbed / expanded at these cache lengths")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--new-tokens", type=int, default=32, help="decode steps per run (step A/B)")
     p.add_argument("--child", nargs=4, metavar=("CHECKPOINT", "BATCH", "MIN_ROWS", "NEW"),
@@ -100,6 +105,50 @@ def compare(name: str, times: dict, outs: dict, variant: str, baseline: str, **e
                 baseline_ms=1e3 * float(np.median(times[baseline])),
                 paired_ratio=float(np.median(times[variant] / times[baseline])),
                 same_tokens=bool((outs[variant] == outs[baseline]).all()))
+
+
+def mla_step_ab(model, batch: int, length: int, rounds: int, shape: dict) -> dict:
+    """The decode step at a cache of ``length`` rows with MLA attention forced absorbed, then
+    expanded (each its own program, traced with the choice in place), alternating; the
+    cache's contents do not change the work."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    from models import mla
+    from models.generation import choose_tokens, GREEDY
+    from models.transformer import init_cache
+
+    graphdef, state = nnx.split(model)
+    cache = init_cache(model.cfg, batch, length, model.compute_dtype)
+    token, pad, key = jnp.zeros((batch,), jnp.int32), jnp.zeros((batch,), jnp.int32), jax.random.key(0)
+    chosen = mla.absorbed
+
+    def program(form):
+        @jax.jit
+        def step(state, token, cache):
+            logits, cache = nnx.merge(graphdef, state)(token[:, None], pad, cache, length - 1)
+            return choose_tokens(logits[:, -1], key, length, GREEDY), cache
+
+        mla.absorbed = lambda cfg, s: form == "absorbed"
+        try:
+            jax.block_until_ready(step(state, token, cache))  # traced with this form
+        finally:
+            mla.absorbed = chosen
+
+        def call():
+            start = time.perf_counter()
+            out, _ = step(state, token, cache)
+            return jax.block_until_ready(out), time.perf_counter() - start
+        return call
+
+    calls = {form: program(form) for form in ("absorbed", "expanded")}
+    times, outs = alternate(calls, max(rounds, 5))
+    row = compare(f"mla decode step: absorbed / expanded, cache {length}", times, outs,
+                  "absorbed", "expanded", **shape, batch=batch)
+    del row["same_tokens"]  # one step from an empty cache: not a generation
+    return dict(row, prompt=length)
 
 
 def main(argv=None) -> int:
@@ -182,6 +231,11 @@ def main(argv=None) -> int:
                               **shape, batch=batch)
                 del row["same_tokens"]  # sampled tokens are not greedy ones
                 rows.append(row)
+                print(json.dumps(rows[-1]), flush=True)
+
+        if model.cfg.is_mla and args.mla_contexts:
+            for length in args.mla_contexts:
+                rows.append(mla_step_ab(model, args.batches[-1], length, args.rounds, shape))
                 print(json.dumps(rows[-1]), flush=True)
 
         for batch in args.batches:

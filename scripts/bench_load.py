@@ -13,6 +13,11 @@ just before reading) and its wall time. Writes ``load.json`` and ``load.md`` to 
 
     python scripts/bench_load.py                 # 2 GB, about 3 minutes on 2 cores
     python scripts/bench_load.py --gb 0.05 --repeats 1 --out /tmp/l    # seconds
+    python scripts/bench_load.py --fp8 --out results/load/fp8   # a block-quantized FP8 twin
+
+``--fp8``: every ``*_proj`` weight stored as ``float8_e4m3fn`` with 128x128 block scales (as
+DeepSeek-V3's and Qwen3's FP8 checkpoints), loaded dequantized to bf16; the ratio that matters
+is then peak RSS over the *loaded* (bf16) model's bytes.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ def parse_args(argv=None):
     p.add_argument("--gb", type=float, default=2.0, help="checkpoint size to write")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--devices", type=int, default=8)
+    p.add_argument("--fp8", action="store_true", help="write the checkpoint block-quantized FP8")
     p.add_argument("--out", default=os.path.join(ROOT, "results", "load"))
     p.add_argument("--child", nargs=2, metavar=("MODE", "DIR"), help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -53,8 +59,9 @@ def shapes(gb: float) -> dict:
                 max_position_embeddings=4096, tie_word_embeddings=False, hidden_act="silu")
 
 
-def write_checkpoint(folder: str, cfg: dict, layers_per_file: int = 2) -> int:
-    """Random bf16 tensors under Hugging Face Qwen3-MoE names; returns the total tensor bytes."""
+def write_checkpoint(folder: str, cfg: dict, layers_per_file: int = 2, fp8: bool = False) -> tuple[int, int]:
+    """Random bf16 tensors under Hugging Face Qwen3-MoE names (``fp8``: the ``*_proj`` ones
+    block-quantized); returns (tensor bytes written, bytes of the model as bf16)."""
     import ml_dtypes
     import numpy as np
     from safetensors.numpy import save_file
@@ -80,8 +87,18 @@ def write_checkpoint(folder: str, cfg: dict, layers_per_file: int = 2) -> int:
         for x in range(e):
             for n, shape in (("gate_proj", (f, d)), ("up_proj", (f, d)), ("down_proj", (d, f))):
                 g[f"{p}.mlp.experts.{x}.{n}.weight"] = t(*shape)
-    weight_map, total = {}, 0
+    weight_map, total, model_bytes = {}, 0, 0
+    if fp8:
+        from models import quant
+
+        block = quant.BlockFp8((128, 128))
+        cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3",
+                                      "activation_scheme": "dynamic", "weight_block_size": [128, 128]}
     for j, g in enumerate(groups):
+        model_bytes += sum(v.nbytes for v in g.values())
+        if fp8:
+            for k in [k for k in g if quant.quantizable(k)]:
+                g[k], g[k + "_scale_inv"] = quant.quantize(g[k], block)
         name = f"model-{j + 1:05d}-of-{len(groups):05d}.safetensors"
         save_file(g, os.path.join(folder, name), metadata={"format": "pt"})
         for k, v in g.items():
@@ -91,7 +108,7 @@ def write_checkpoint(folder: str, cfg: dict, layers_per_file: int = 2) -> int:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, fh)
     with open(os.path.join(folder, "config.json"), "w") as fh:
         json.dump(cfg, fh)
-    return total
+    return total, model_bytes
 
 
 def _rss_peak_bytes() -> int:
@@ -122,6 +139,17 @@ def child(mode: str, folder: str, devices: int) -> dict:
         from flax import nnx
 
         jax.block_until_ready(nnx.state(model))
+    elif os.path.exists(os.path.join(folder, "config.json")) and "quantization_config" in open(
+            os.path.join(folder, "config.json")).read():
+        # the safetensors package's numpy reader has no float8: the raw tensors via the index
+        from models import quant
+        from models.tensor_index import TensorIndex
+
+        with open(os.path.join(folder, "config.json")) as fh:
+            q = quant.parse_quantization(json.load(fh)["quantization_config"])
+        index = TensorIndex(folder, q)
+        held = {k: index._read(k, ()) for k in index.file}
+        stats["bytes_read"] = sum(v.nbytes for v in held.values())
     else:
         held, touched = {}, 0
         for path in sorted(glob.glob(os.path.join(folder, "*.safetensors"))):
@@ -138,6 +166,7 @@ def child(mode: str, folder: str, devices: int) -> dict:
 
 def main(argv=None) -> int:
     a = parse_args(argv)
+    sys.path.insert(0, ROOT)
     if a.child:
         print(json.dumps(child(a.child[0], a.child[1], a.devices)))
         return 0
@@ -147,7 +176,7 @@ def main(argv=None) -> int:
     runs = []
     with tempfile.TemporaryDirectory() as folder:
         start = time.perf_counter()
-        total = write_checkpoint(folder, cfg)
+        total, model_bytes = write_checkpoint(folder, cfg, fp8=a.fp8)
         print(f"wrote {total / 1e9:.2f} GB ({cfg['num_hidden_layers']} layers) in "
               f"{time.perf_counter() - start:.0f} s", flush=True)
         for r in range(a.repeats):
@@ -159,23 +188,26 @@ def main(argv=None) -> int:
                 runs.append(row)
                 print(f"  {mode:5s} {row['seconds']:6.2f} s  peak RSS above baseline "
                       f"{row['peak_above_baseline'] / 1e9:5.2f} GB "
-                      f"({row['peak_above_baseline'] / total:.2f}x the model)", flush=True)
+                      f"({row['peak_above_baseline'] / model_bytes:.2f}x the loaded model)", flush=True)
     med = {m: {k: float(np.median([r[k] for r in runs if r["mode"] == m]))
                for k in ("seconds", "peak_above_baseline")} for m in ("load", "plain")}
-    report = dict(model_bytes=total, config=cfg, devices=a.devices, runs=runs, median=med,
+    report = dict(checkpoint_bytes=total, model_bytes=model_bytes, config=cfg, devices=a.devices,
+                  runs=runs, median=med, fp8=a.fp8,
                   load_vs_plain_seconds=med["load"]["seconds"] / med["plain"]["seconds"],
-                  load_peak_vs_model=med["load"]["peak_above_baseline"] / total,
-                  command="python scripts/bench_load.py" + (f" --gb {a.gb}" if a.gb != 2.0 else ""))
+                  load_peak_vs_model=med["load"]["peak_above_baseline"] / model_bytes,
+                  command="python scripts/bench_load.py" + (f" --gb {a.gb}" if a.gb != 2.0 else "")
+                  + (" --fp8" if a.fp8 else ""))
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, "load.json"), "w") as fh:
         json.dump(report, fh, indent=1)
     lines = [f"# Checkpoint loading ({report['command']})", "",
-             f"Synthetic Qwen3-MoE, {total / 1e9:.2f} GB bf16, {cfg['num_hidden_layers']} layers, "
+             f"Synthetic Qwen3-MoE, {total / 1e9:.2f} GB of tensors ({'FP8 *_proj weights with 128x128 block scales' if a.fp8 else 'bf16'}), "
+             f"{model_bytes / 1e9:.2f} GB loaded (bf16), {cfg['num_hidden_layers']} layers, "
              f"{a.devices} emulated CPU devices; medians of {a.repeats} fresh processes each.", "",
-             "| reader | seconds | peak RSS above baseline (GB) | x model bytes |", "|---|---|---|---|"]
+             "| reader | seconds | peak RSS above baseline (GB) | x loaded model bytes |", "|---|---|---|---|"]
     for m in ("load", "plain"):
         lines.append(f"| {m} | {med[m]['seconds']:.2f} | {med[m]['peak_above_baseline'] / 1e9:.2f} "
-                     f"| {med[m]['peak_above_baseline'] / total:.2f} |")
+                     f"| {med[m]['peak_above_baseline'] / model_bytes:.2f} |")
     lines += ["", f"load / plain time: {report['load_vs_plain_seconds']:.2f}x", ""]
     with open(os.path.join(a.out, "load.md"), "w") as fh:
         fh.write("\n".join(lines))

@@ -29,6 +29,8 @@ def main(argv=None) -> int:
                    help="vocabulary size (default: the byte-level 259, which infer.py can "
                    "tokenize; others run in sweep.py and profile_layer.py, which make their "
                    "own token ids)")
+    p.add_argument("--arch", choices=["qwen3_moe", "deepseek_v3"], default="qwen3_moe",
+                   help="deepseek_v3: MLA attention (latent d/4, heads of 64+32) and DeepSeek routing")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
@@ -47,13 +49,22 @@ def main(argv=None) -> int:
     from models.transformer import MoETransformer
     from moe_relayfree import make_ep_mesh
 
-    cfg = ModelConfig(
-        arch="qwen3_moe", vocab_size=args.vocab or tokenizer.VOCAB_SIZE, d_model=args.d_model,
-        n_layers=args.layers, n_heads=args.d_model // 64, n_kv_heads=max(1, args.d_model // 128),
-        head_dim=64, d_ff=2 * args.d_model, num_experts=args.experts, k=args.k,
-        d_ff_expert=args.d_ff_expert, moe_layers=(False,) + (True,) * (args.layers - 1),
-        qk_norm="head", max_position=1024,
-    )
+    from moe_relayfree.routing import RouterConfig
+
+    common = dict(vocab_size=args.vocab or tokenizer.VOCAB_SIZE, d_model=args.d_model,
+                  n_layers=args.layers, n_heads=args.d_model // 64, d_ff=2 * args.d_model,
+                  num_experts=args.experts, k=args.k, d_ff_expert=args.d_ff_expert,
+                  moe_layers=(False,) + (True,) * (args.layers - 1))
+    if args.arch == "deepseek_v3":  # DeepSeek-V3's ratios: latent d/14 (512 of 7168), heads of 192
+        cfg = ModelConfig(arch="deepseek_v3", **common, n_kv_heads=args.d_model // 64,
+                          head_dim=64, max_position=16384, q_lora_rank=args.d_model // 4,
+                          kv_lora_rank=max(16, args.d_model // 4), qk_nope_head_dim=64,
+                          qk_rope_head_dim=32, v_head_dim=64, shared_d_ff=args.d_ff_expert,
+                          router=RouterConfig(method="sigmoid_grouped", n_group=4, topk_group=2,
+                                              routed_scaling_factor=2.5, score_bias=True))
+    else:
+        cfg = ModelConfig(arch="qwen3_moe", **common, n_kv_heads=max(1, args.d_model // 128),
+                          head_dim=64, qk_norm="head", max_position=1024)
     model = MoETransformer(cfg, mesh=make_ep_mesh(1), rngs=nnx.Rngs(args.seed))
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "config.json"), "w") as fh:

@@ -74,7 +74,8 @@ def test_every_transformers_key_is_read_or_harmless():
     ("deepseek_v3", "attention_bias", True, "attention_bias=True is not supported"),
     ("deepseek_v3", "moe_layer_freq", 2, "moe_layer_freq"),
     ("deepseek_v3", "scoring_func", "softmax", "scoring_func"),
-    ("mixtral", "quantization_config", {"quant_method": "fp8"}, "quantized checkpoints"),
+    ("mixtral", "quantization_config", {"quant_method": "gptq"}, "quant_method=.gptq. is not supported"),
+    ("mixtral", "quantization_config", {"quant_method": "fp8"}, "weight_block_size must be"),
     ("qwen3_moe", "rope_parameters", {"rope_type": "yarn", "factor": 4.0}, "rope_type 'yarn'"),
     ("qwen2_moe", "layer_types", ["sliding_attention"] * 3, "layer_types must list"),
 ])

@@ -331,3 +331,42 @@ def mib(n: float) -> float:
 __all__ = ["HBM_BYTES", "LAYER_SHAPES", "LayerShapes", "abstract_model", "collective_rows",
            "layer_inputs", "layer_report", "markdown", "memory", "mib", "model_report",
            "tpu_devices", "tpu_mesh"]
+
+
+def largest_batch(folder: str, config: DispatchConfig, context: int, hbm_bytes: int,
+                  layers: int | None = 4, start: int = 8, limit: int = 4096) -> dict:
+    """The largest decode batch per device whose compiled decode step fits ``hbm_bytes``:
+    parameters + KV cache + the step's temporaries (:func:`model_report`, ``layers`` layers
+    compiled, parameters and cache counted for all). Doubling from ``start``, then bisection:
+    ``{"batch": b (0: not even 1 fits), "report": the report at b, "tried": {b: total}}``."""
+    tried: dict[int, int] = {}
+    reports: dict[int, dict] = {}
+
+    def fits(b: int) -> bool:
+        r = model_report(folder, config, b, context, "decode", layers=layers)
+        total = r["memory"]["total"] if not r.get("oom") else None
+        tried[b] = total
+        reports[b] = r
+        return total is not None and total <= hbm_bytes
+
+    lo, hi = 0, None
+    b = start
+    while b <= limit:
+        if fits(b):
+            lo, b = b, 2 * b
+        else:
+            hi = b
+            break
+    if hi is None:
+        return {"batch": lo, "report": reports.get(lo), "tried": tried, "capped": True}
+    if lo == 0:  # below start: bisect down from it
+        lo_b, hi_b = 0, hi
+    else:
+        lo_b, hi_b = lo, hi
+    while hi_b - lo_b > 1:
+        mid = (lo_b + hi_b) // 2
+        if fits(mid):
+            lo_b = mid
+        else:
+            hi_b = mid
+    return {"batch": lo_b, "report": reports.get(lo_b), "tried": tried, "capped": False}

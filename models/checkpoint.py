@@ -24,11 +24,11 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from models.config import ModelConfig
-from models.hf_config import from_hf_config
-from models.quant import parse_quantization
-from models.tensor_index import CheckpointError, TensorIndex
-from models.transformer import MoETransformer
+from moe_relayfree_models.config import ModelConfig
+from moe_relayfree_models.hf_config import from_hf_config
+from moe_relayfree_models.quant import parse_quantization
+from moe_relayfree_models.tensor_index import CheckpointError, TensorIndex
+from moe_relayfree_models.transformer import MoETransformer
 from moe_relayfree.config import DispatchConfig, dispatch_config
 
 

@@ -24,7 +24,7 @@ import numpy as np
 from flax import nnx
 from jax import lax
 
-from models.transformer import init_cache
+from moe_relayfree_models.transformer import init_cache
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,7 +114,7 @@ def stop_token_ids(folder: str, tokenizer=None) -> tuple[int, ...]:
     ``generation_config.json``'s ``eos_token_id`` (Qwen3's lists two), else ``config.json``'s,
     else the default of the model type's config class (``models/hf_defaults.py``); plus the
     tokenizer's own EOS id where it has one (the byte-level scheme's)."""
-    from models.hf_defaults import DEFAULTS
+    from moe_relayfree_models.hf_defaults import DEFAULTS
 
     eos, model_type = None, None
     for name in ("generation_config.json", "config.json"):

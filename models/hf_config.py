@@ -15,9 +15,9 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
-from models.config import ARCHITECTURES, ModelConfig
-from models.hf_defaults import ALIASES, DEFAULTS, ROPE_THETA
-from models.quant import parse_quantization
+from moe_relayfree_models.config import ARCHITECTURES, ModelConfig
+from moe_relayfree_models.hf_defaults import ALIASES, DEFAULTS, ROPE_THETA
+from moe_relayfree_models.quant import parse_quantization
 from moe_relayfree.routing import RouterConfig
 
 # Keys that do not change inference math: bookkeeping, generation settings, and training-only

@@ -21,8 +21,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from models.config import ModelConfig
-from models.layers import RMSNorm, attention_mask, rope
+from moe_relayfree_models.config import ModelConfig
+from moe_relayfree_models.layers import RMSNorm, attention_mask, rope
 from moe_relayfree.experts import dense_dot
 from moe_relayfree.layer import normal_init
 

@@ -22,7 +22,7 @@ import struct
 import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy for the safetensors reader)
 import numpy as np
 
-from models import quant as fp8
+from moe_relayfree_models import quant as fp8
 
 INDEX_FILE = "model.safetensors.index.json"
 

@@ -1,70 +1,51 @@
-"""moe-relayfree: relay-buffer-free expert-parallel MoE dispatch/combine for JAX."""
+"""moe-relayfree: relay-buffer-free expert-parallel MoE dispatch/combine for JAX.
 
-from moe_relayfree import (
-    balance,
-    collectives,
-    decode,
-    distributed,
-    layout,
-    plan,
-    platform,
-    prefill,
-    routing,
-    transports,
-)
-from moe_relayfree.api import expert_parallel_moe, replicates_tokens, route_tokens
-from moe_relayfree.config import DEFAULT_CAPACITY_FACTOR, DispatchConfig, dispatch_config
+The surface, by what it is for:
+
+* the layer: :class:`MoELayer`, configured by :class:`DispatchConfig` (mesh, axis roles,
+  schedule) and :class:`RouterConfig`;
+* the functional core: :func:`expert_parallel_moe`, :func:`route_tokens`, and the verbs
+  :func:`dispatch` / :func:`combine` for your own ``shard_map`` (the schedules' pieces in
+  :mod:`moe_relayfree.prefill` and :mod:`moe_relayfree.decode`); expert math
+  :func:`swiglu`, :func:`grouped_swiglu`, :func:`windows_swiglu`; the reference
+  :func:`dense_moe_reference`; router statistics and losses in :mod:`moe_relayfree.balance`;
+* meshes: :func:`make_ep_mesh`, :func:`make_mesh`, :func:`parse_mesh`, :func:`make_layout`;
+* the schedule choice: :func:`select_schedule`, :func:`decode_threshold`,
+  :func:`set_decode_threshold` (measuring it: :mod:`moe_relayfree.tools.calibration`);
+* platforms: :func:`register_ragged_all_to_all`, :mod:`moe_relayfree.platform` (PJRT
+  plugins, kernel registries), :mod:`moe_relayfree.distributed` (multi-process start-up).
+
+Tooling the core never imports lives in :mod:`moe_relayfree.tools` (deviceless TPU compiles,
+HLO analysis, the platform self-check, calibration).
+"""
+
+from moe_relayfree import balance, decode, distributed, platform, prefill
+from moe_relayfree.api import expert_parallel_moe, route_tokens
+from moe_relayfree.collectives import ragged_all_to_all, register_ragged_all_to_all
+from moe_relayfree.config import DispatchConfig
+from moe_relayfree.experts import grouped_swiglu, swiglu, windows_swiglu
+from moe_relayfree.layer import MoELayer
 from moe_relayfree.layout import MeshLayout, make_ep_mesh, make_layout, make_mesh, parse_mesh
+from moe_relayfree.reference import dense_moe_reference
+from moe_relayfree.routing import RouterConfig, route
 from moe_relayfree.selection import (
     DEFAULT_DECODE_THRESHOLDS,
-    calibrate_decode_threshold,
     decode_threshold,
     select_schedule,
     set_decode_threshold,
 )
-from moe_relayfree.collectives import ragged_all_to_all, register_ragged_all_to_all
-from moe_relayfree.experts import grouped_swiglu, swiglu, windows_swiglu
-from moe_relayfree.layer import MoELayer
-from moe_relayfree.reference import dense_moe_reference
-from moe_relayfree.routing import RouterConfig, route
 from moe_relayfree.verbs import combine, dispatch
 
 __all__ = [
-    "DEFAULT_CAPACITY_FACTOR",
-    "DEFAULT_DECODE_THRESHOLDS",
-    "DispatchConfig",
-    "dispatch_config",
-    "MeshLayout",
-    "MoELayer",
-    "RouterConfig",
-    "balance",
-    "calibrate_decode_threshold",
-    "collectives",
-    "combine",
-    "decode",
-    "decode_threshold",
-    "distributed",
-    "dense_moe_reference",
-    "dispatch",
-    "expert_parallel_moe",
-    "layout",
-    "make_ep_mesh",
-    "make_layout",
-    "make_mesh",
-    "parse_mesh",
-    "grouped_swiglu",
-    "plan",
-    "platform",
-    "prefill",
-    "ragged_all_to_all",
-    "register_ragged_all_to_all",
-    "replicates_tokens",
-    "route",
-    "route_tokens",
-    "routing",
-    "select_schedule",
-    "set_decode_threshold",
-    "swiglu",
-    "windows_swiglu",
-    "transports",
+    # the layer and its configuration
+    "MoELayer", "DispatchConfig", "RouterConfig",
+    # the functional core
+    "expert_parallel_moe", "route_tokens", "route", "dispatch", "combine", "swiglu",
+    "grouped_swiglu", "windows_swiglu", "dense_moe_reference", "balance", "prefill", "decode",
+    # meshes
+    "MeshLayout", "make_ep_mesh", "make_layout", "make_mesh", "parse_mesh",
+    # the schedule choice
+    "DEFAULT_DECODE_THRESHOLDS", "decode_threshold", "select_schedule", "set_decode_threshold",
+    # platforms
+    "ragged_all_to_all", "register_ragged_all_to_all", "platform", "distributed",
 ]

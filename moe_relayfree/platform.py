@@ -8,7 +8,6 @@ at lowering time (``jax.lax.platform_dependent``) from two registries, ``collect
 from __future__ import annotations
 
 import ctypes
-import importlib.metadata
 import os
 import warnings
 
@@ -74,20 +73,6 @@ def register_pjrt_plugin(
         if not _backends_initialized():
             os.environ["JAX_PLATFORMS"] = "cpu"
         return None
-
-
-def installed_plugins() -> list[str]:
-    """PJRT plugins installed as ``jax_plugins`` packages (JAX loads these by itself)."""
-    names = {ep.name for ep in importlib.metadata.entry_points(group="jax_plugins")}
-    try:
-        import jax_plugins  # namespace package
-
-        import pkgutil
-
-        names |= {m.name for m in pkgutil.iter_modules(jax_plugins.__path__)}
-    except ImportError:
-        pass
-    return sorted(names)
 
 
 def set_platform_impls(platform: str, *, ragged_all_to_all=None, grouped_swiglu=None,

@@ -90,7 +90,9 @@ def pivot(rows: list[dict]) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=["layer", "model", "serving"])
-    p.add_argument("--topology", nargs="+", default=["v5p:4x4x4"], help="e.g. v5p:2x2x2 v5p:8x8x4")
+    p.add_argument("--topology", nargs="+", default=["v5p:4x4x4"],
+                   help="e.g. v5p:2x2x2 v5p:8x8x4; TOPOLOGY@MESH for a mesh of its own, e.g. "
+                   "v5p:8x8x4@data=2,ep=128 (128 experts cannot split over 256 ranks)")
     p.add_argument("--mesh", default=None, help="axes NAME=SIZE,... (default ep=<all chips>)")
     p.add_argument("--shapes", default="deepseek-v3", help="layer shapes: deepseek-v3, qwen3-235b-a22b")
     p.add_argument("--tokens", type=int, nargs="+", default=[1, 8, 32, 128, 2048],
@@ -112,8 +114,19 @@ def main(argv=None) -> int:
     from moe_relayfree.tools import aot
 
     rows = []
-    for topology in args.topology:
-        mesh = aot.tpu_mesh(topology, mr.parse_mesh(args.mesh) if args.mesh else None)
+    columns = {"layer": LAYER_COLUMNS, "model": MODEL_COLUMNS, "serving": SERVING_COLUMNS}
+
+    def save():  # after every row: a long run that fails later keeps what it measured
+        if not args.out:
+            return
+        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+        with open(args.out + ".json", "w") as fh:
+            json.dump({"argv": sys.argv[1:] if argv is None else argv, "rows": rows}, fh, indent=1)
+
+    for spec in args.topology:
+        topology, _, own_mesh = spec.partition("@")
+        axes = own_mesh or args.mesh
+        mesh = aot.tpu_mesh(topology, mr.parse_mesh(axes) if axes else None)
         for impl in args.implementation:
             for schedule in args.schedule if impl == "relayfree" else ["auto"]:
                 config = mr.DispatchConfig(mesh, schedule=schedule, implementation=impl,
@@ -122,6 +135,7 @@ def main(argv=None) -> int:
                     for t in args.tokens:
                         rows.append(summarize(aot.layer_report(config, aot.LAYER_SHAPES[args.shapes], t)))
                         print(aot.markdown(rows[-1:], LAYER_COLUMNS).splitlines()[-1], flush=True)
+                        save()
                 elif args.what == "serving":
                     hbm = aot.HBM_BYTES[topology.split(":")[0]]
                     for ctx in args.context:
@@ -131,19 +145,18 @@ def main(argv=None) -> int:
                                          max_batch=found["batch"], tried=found["tried"],
                                          hbm_gib=hbm / 2**30))
                         print(aot.markdown(rows[-1:], SERVING_COLUMNS).splitlines()[-1], flush=True)
+                        save()
                 else:
                     for b in args.batch:
                         for ctx in args.context:
                             rows.append(summarize(aot.model_report(args.config, config, b, ctx, args.phase,
                                                                       layers=args.layers)))
                             print(aot.markdown(rows[-1:], MODEL_COLUMNS).splitlines()[-1], flush=True)
-    columns = {"layer": LAYER_COLUMNS, "model": MODEL_COLUMNS, "serving": SERVING_COLUMNS}
+                            save()
     table = aot.markdown(rows, columns[args.what])
     print(table)
     if args.out:
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        with open(args.out + ".json", "w") as fh:
-            json.dump({"argv": sys.argv[1:] if argv is None else argv, "rows": rows}, fh, indent=1)
+        save()
         summary = f"{pivot(rows)}\n\nTemporaries per device, MiB (memory_analysis().temp_size_in_bytes).\n\n" \
             if args.what == "layer" else ""
         with open(args.out + ".md", "w") as fh:

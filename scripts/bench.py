@@ -53,7 +53,9 @@ from jax.sharding import PartitionSpec as P  # noqa: E402
 
 import moe_relayfree as mr  # noqa: E402
 from bench_report import IMPL_ORDER, markdown, plots  # noqa: E402
-from moe_relayfree import analysis, decode, prefill, selection  # noqa: E402
+from moe_relayfree import decode, prefill, selection  # noqa: E402
+from moe_relayfree.tools import analysis  # noqa: E402
+from moe_relayfree.tools.calibration import time_alternately  # noqa: E402
 from moe_relayfree.baselines import capacity, ragged  # noqa: E402
 from moe_relayfree.experts import grouped_swiglu, swiglu, windows_swiglu  # noqa: E402
 from moe_relayfree.plan import rows_per_round  # noqa: E402
@@ -264,7 +266,7 @@ def auto_choice(layers: dict, args: tuple, tokens: int, *, min_rounds: int,
     fns = {s: layers.get(name) for s, name in (("decode", "relayfree_decode"), ("prefill", "relayfree"))}
     if any(fn is None for fn in fns.values()):
         return row  # one schedule skipped (memory guard): nothing to compare against
-    times = selection.time_alternately(fns, args, min_rounds=min_rounds, seconds=seconds,
+    times = time_alternately(fns, args, min_rounds=min_rounds, seconds=seconds,
                                        max_rounds=MAX_CHOICE_ROUNDS, warm_each=True)
     dec, pre = times["decode"], times["prefill"]
     row.update(rounds=len(dec), decode_s=float(np.median(dec)), prefill_s=float(np.median(pre)),

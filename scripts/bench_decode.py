@@ -10,7 +10,7 @@ Two parts, one JSON + markdown report (``--out``, default ``results/decode``):
   per-round ratios with a bootstrap 95% interval of that median.
 * ``bytes``: the dispatch+combine lowered for ``cuda`` (no GPU needed) at P = 8..64 emulated
   devices with DeepSeek-V3 shapes (E=256, k=8, d=7168, bf16), summing the buffer each
-  collective moves per rank (``moe_relayfree.analysis.collectives``). Runs in a subprocess
+  collective moves per rank (``moe_relayfree.tools.analysis.collectives``). Runs in a subprocess
   with 64 emulated devices.
 
     python scripts/bench_decode.py                 # both parts (about 15 min on 2 cores)
@@ -202,7 +202,7 @@ def bytes_part(smoke: bool) -> list[dict]:
     from jax.sharding import PartitionSpec as P
 
     import moe_relayfree as mr
-    from moe_relayfree import analysis
+    from moe_relayfree.tools import analysis
 
     shape = dict(T=2, E=64, k=4, d=512, f=32) if smoke else dict(T=8, E=256, k=8, d=7168, f=2048)
     ranks = (4, 8, 16) if smoke else (8, 16, 32, 64)

@@ -72,8 +72,8 @@ def run_child(folder: str, batch: int, min_rows: int, new_tokens: int) -> None:
     import jax
 
     import moe_relayfree as mr
-    from models import checkpoint
-    from models.generation import generate
+    from moe_relayfree_models import checkpoint
+    from moe_relayfree_models.generation import generate
     from moe_relayfree import experts
 
     experts.DENSE_MIN_ROWS = min_rows  # read by dense_dot while the programs are traced
@@ -116,9 +116,9 @@ def mla_step_ab(model, batch: int, length: int, rounds: int, shape: dict) -> dic
     import numpy as np
     from flax import nnx
 
-    from models import mla
-    from models.generation import choose_tokens, GREEDY
-    from models.transformer import init_cache
+    from moe_relayfree_models import mla
+    from moe_relayfree_models.generation import choose_tokens, GREEDY
+    from moe_relayfree_models.transformer import init_cache
 
     graphdef, state = nnx.split(model)
     cache = init_cache(model.cfg, batch, length, model.compute_dtype)
@@ -169,9 +169,9 @@ def main(argv=None) -> int:
     from flax import nnx
 
     import moe_relayfree as mr
-    from models import checkpoint
-    from models.generation import GREEDY, Sampling, generate
-    from models.transformer import init_cache
+    from moe_relayfree_models import checkpoint
+    from moe_relayfree_models.generation import GREEDY, Sampling, generate
+    from moe_relayfree_models.transformer import init_cache
     from moe_relayfree import experts
 
     SAMPLINGS = (GREEDY, Sampling(0.7), Sampling(0.7, top_k=50), Sampling(0.7, top_k=50, top_p=0.9),

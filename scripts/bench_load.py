@@ -4,7 +4,7 @@ Writes a synthetic Qwen3-MoE checkpoint of ``--gb`` GB (bf16, several ``*.safete
 and ``model.safetensors.index.json``, written with the safetensors package into a temporary
 folder), then in fresh subprocesses, alternating, ``--repeats`` times each:
 
-* ``load``: ``models.checkpoint.load_model`` on 8 emulated CPU devices, the model kept in bf16;
+* ``load``: ``moe_relayfree_models.checkpoint.load_model`` on 8 emulated CPU devices, the model kept in bf16;
 * ``plain``: the safetensors package reading every tensor of the same files into numpy
   (``safe_open(...).get_tensor``), the floor for reading these bytes.
 
@@ -89,7 +89,7 @@ def write_checkpoint(folder: str, cfg: dict, layers_per_file: int = 2, fp8: bool
                 g[f"{p}.mlp.experts.{x}.{n}.weight"] = t(*shape)
     weight_map, total, model_bytes = {}, 0, 0
     if fp8:
-        from models import quant
+        from moe_relayfree_models import quant
 
         block = quant.BlockFp8((128, 128))
         cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3",
@@ -127,7 +127,7 @@ def child(mode: str, folder: str, devices: int) -> dict:
     from safetensors import safe_open
 
     import moe_relayfree as mr
-    from models import checkpoint
+    from moe_relayfree_models import checkpoint
 
     mesh = mr.make_ep_mesh(devices)
     jax.block_until_ready(jax.device_put(0.0))
@@ -142,8 +142,8 @@ def child(mode: str, folder: str, devices: int) -> dict:
     elif os.path.exists(os.path.join(folder, "config.json")) and "quantization_config" in open(
             os.path.join(folder, "config.json")).read():
         # the safetensors package's numpy reader has no float8: the raw tensors via the index
-        from models import quant
-        from models.tensor_index import TensorIndex
+        from moe_relayfree_models import quant
+        from moe_relayfree_models.tensor_index import TensorIndex
 
         with open(os.path.join(folder, "config.json")) as fh:
             q = quant.parse_quantization(json.load(fh)["quantization_config"])

@@ -29,10 +29,10 @@ def main(argv=None):
         os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={args.devices}"
     import jax
 
-    import moe_relayfree as mr
+    from moe_relayfree.tools.calibration import calibrate_decode_threshold
 
     mesh = jax.make_mesh((len(jax.devices()),), ("ep",))
-    result = mr.calibrate_decode_threshold(
+    result = calibrate_decode_threshold(
         mesh, d_model=args.d_model, d_ff=args.d_ff, num_experts=args.experts, k=args.k,
         tokens_per_rank=args.tokens, repeats=args.repeats,
     )

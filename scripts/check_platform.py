@@ -27,7 +27,7 @@ def parse_args(argv=None):
     p.add_argument("--devices", type=int, default=8, help="emulated CPU devices (CPU only)")
     p.add_argument("--quick", action="store_true", help="f32 only, uniform and one_rank routing")
     p.add_argument("--variants", nargs="+", default=None, metavar="NAME",
-                   help="only these variants (default: all of moe_relayfree.selfcheck.VARIANTS)")
+                   help="only these variants (default: all of moe_relayfree.tools.selfcheck.VARIANTS)")
     p.add_argument("--time", type=int, nargs="*", default=[], metavar="TOKENS",
                    help="also time the layer at these tokens per device")
     p.add_argument("--local", type=int, default=8, help="timing: experts per device")
@@ -79,7 +79,8 @@ def main(argv=None) -> int:
     import jax
     import jax.numpy as jnp
 
-    from moe_relayfree import make_ep_mesh, platform, selfcheck
+    from moe_relayfree import make_ep_mesh, platform
+    from moe_relayfree.tools import selfcheck
 
     devices = jax.devices()
     mesh = make_ep_mesh(len(devices))

@@ -119,7 +119,7 @@ def main(argv=None) -> int:
     import numpy as np
 
     import moe_relayfree as mr
-    from models import checkpoint, generation, tokenizer
+    from moe_relayfree_models import checkpoint, generation, tokenizer
 
     if args.coordinator:
         mr.distributed.initialize(args.coordinator, args.num_processes, args.process_id)

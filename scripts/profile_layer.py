@@ -191,9 +191,9 @@ def run_step(checkpoint: str, batch: int, paths, *, rounds: int, calls: int,
     from infer import DISPATCH, ROOT
     if ROOT not in sys.path:
         sys.path.insert(0, ROOT)
-    from models import checkpoint as ckpt
-    from models.generation import GREEDY, step_program
-    from models.transformer import init_cache
+    from moe_relayfree_models import checkpoint as ckpt
+    from moe_relayfree_models.generation import GREEDY, step_program
+    from moe_relayfree_models.transformer import init_cache
 
     mesh = mr.make_ep_mesh(len(jax.devices()))
     key = jax.random.key(0)

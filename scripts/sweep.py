@@ -72,8 +72,8 @@ def main(argv=None) -> int:
     import numpy as np
 
     import moe_relayfree as mr
-    from models import checkpoint, tokenizer
-    from models.generation import generate
+    from moe_relayfree_models import checkpoint, tokenizer
+    from moe_relayfree_models.generation import generate
 
     batches = args.batches or ([1, 4, 16] if args.quick else [1, 4, 16, 64, 96, 128, 192, 256, 512])
     lengths = args.prompt_lengths or ([16, 64] if args.quick else [16, 64, 256, 1024])

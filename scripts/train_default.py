@@ -67,10 +67,10 @@ def main(argv=None) -> int:
 
     from safetensors.numpy import save_file
 
-    from models import checkpoint, tokenizer
-    from models.config import ModelConfig
-    from models.hf_config import to_hf_config
-    from models.transformer import MoETransformer, init_cache
+    from moe_relayfree_models import checkpoint, tokenizer
+    from moe_relayfree_models.config import ModelConfig
+    from moe_relayfree_models.hf_config import to_hf_config
+    from moe_relayfree_models.transformer import MoETransformer, init_cache
     from moe_relayfree import make_ep_mesh
 
     cfg = ModelConfig(

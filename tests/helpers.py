@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import moe_relayfree as mr
-from moe_relayfree import selfcheck
+from moe_relayfree.tools import selfcheck
 
 
 def make_mesh(num_ranks: int, axis: str = "ep"):
@@ -30,7 +30,7 @@ def moe_inputs(n, d, f, e, k, *, seed=0, dtype=jnp.float32, ids=None):
 
 def skewed_ids(kind, n, k, num_experts, num_ranks):
     """Adversarial routing (``one_expert``, ``one_rank``, ``empty_experts``): the patterns of
-    the platform self-check, :func:`moe_relayfree.selfcheck.routing_ids`."""
+    the platform self-check, :func:`moe_relayfree.tools.selfcheck.routing_ids`."""
     return selfcheck.routing_ids(kind, n, k, num_experts, num_ranks)
 
 

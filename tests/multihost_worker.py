@@ -74,7 +74,7 @@ grad = jax.jit(jax.grad(loss))(args2[3], *args2[:3], *args2[4:], ct)
 results["mesh2d_grad_w_gate"] = np.asarray(multihost_utils.process_allgather(grad, tiled=True))
 # The shipped default checkpoint, streamed: this process reads its own experts only.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from models import checkpoint  # noqa: E402
+from moe_relayfree_models import checkpoint  # noqa: E402
 
 stats = {}
 checkpoint.load_model(os.path.join(os.path.dirname(__file__), "..", "models", "default"), mesh=mesh,

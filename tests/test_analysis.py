@@ -3,7 +3,7 @@
 import jax
 import jax.numpy as jnp
 
-from moe_relayfree import analysis
+from moe_relayfree.tools import analysis
 
 
 def program(x, idx):

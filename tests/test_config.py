@@ -57,7 +57,7 @@ def test_config_and_keywords_are_one_program():
 def test_the_loader_carries_one_config_to_every_moe_layer():
     """Settings a model could not be given before (capacity factor, decode threshold and
     overflow) reach every MoE layer through the one config."""
-    from models import checkpoint
+    from moe_relayfree_models import checkpoint
 
     config = mr.DispatchConfig(mr.make_ep_mesh(8), capacity_factor=1.5, decode_threshold=4,
                                decode_overflow="one_pass")

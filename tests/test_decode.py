@@ -11,7 +11,8 @@ from jax.sharding import PartitionSpec as P
 
 import moe_relayfree as mr
 from helpers import moe_inputs, skewed_ids
-from moe_relayfree import analysis, decode, transports
+from moe_relayfree import decode, transports
+from moe_relayfree.tools import analysis
 from moe_relayfree.experts import grouped_swiglu, windows_swiglu
 
 D, F = 16, 24

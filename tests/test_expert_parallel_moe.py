@@ -8,6 +8,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import moe_relayfree as mr
+from moe_relayfree.api import replicates_tokens
 from helpers import make_mesh, moe_inputs, skewed_ids
 
 D, F = 16, 24
@@ -115,8 +116,8 @@ def test_batch_smaller_than_the_devices_runs_replicated():
                      r"(?:-start)?\(", text)
     assert ops == ["all-reduce"], ops
     config = mr.DispatchConfig(mesh)
-    assert mr.replicates_tokens(5, config) and not mr.replicates_tokens(8, config)
-    assert not mr.replicates_tokens(5, config.replace(implementation="capacity_baseline"))
+    assert replicates_tokens(5, config) and not replicates_tokens(8, config)
+    assert not replicates_tokens(5, config.replace(implementation="capacity_baseline"))
     for kw in (dict(schedule="prefill"), dict(implementation="ragged_baseline")):
         with pytest.raises(ValueError, match="N=5 tokens is not divisible"):
             mr.expert_parallel_moe(*inputs, mesh=mesh, **kw)
@@ -194,7 +195,7 @@ def test_row_gathers_carry_no_out_of_bounds_fill(platform):
     """Every row gather of the schedules and the ragged baseline has in-bounds indices by
     construction; jnp.take's default NaN fill (a mask and select over the whole gathered
     result, unfused on XLA:CPU) cost the decode layer up to 1.26x there."""
-    from moe_relayfree import analysis
+    from moe_relayfree.tools import analysis
 
     mesh = make_mesh(8)
     inputs = moe_inputs(8 * 4, D, F, 16, 2)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from helpers import make_mesh
-from models import checkpoint, quant
+from moe_relayfree_models import checkpoint, quant
 from test_models import build, save_folder, tiny
 
 BLOCK = [8, 16]  # the tiny models' dims (20, 24, 36, ...) are not multiples of it

@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from models import generation
-from models.generation import Sampling, choose_tokens, filtered_logits, stop_token_ids
+from moe_relayfree_models import generation
+from moe_relayfree_models.generation import Sampling, choose_tokens, filtered_logits, stop_token_ids
 
 
 def hf_warped(logits: np.ndarray, s: Sampling) -> np.ndarray:

@@ -5,9 +5,9 @@ import os
 
 import pytest
 
-from models import checkpoint
-from models.hf_config import FOREIGN, HARMLESS, _FAMILIES, from_hf_config, to_hf_config
-from models.hf_defaults import DEFAULTS, TRANSFORMERS_VERSION
+from moe_relayfree_models import checkpoint
+from moe_relayfree_models.hf_config import FOREIGN, HARMLESS, _FAMILIES, from_hf_config, to_hf_config
+from moe_relayfree_models.hf_defaults import DEFAULTS, TRANSFORMERS_VERSION
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "hf")
 # 128 heads: every family's default num_key_value_heads divides it, as transformers needs.
@@ -56,7 +56,7 @@ def test_every_transformers_key_is_read_or_harmless():
         from_hf_config(minimal(model_type))  # raises "internal: config keys ... neither read nor harmless"
         assert not (set(keys) & set(FOREIGN)), model_type
     # and the raise works: a key nobody decided about
-    import models.hf_config as hf
+    import moe_relayfree_models.hf_config as hf
 
     saved = dict(DEFAULTS["mixtral"])
     DEFAULTS["mixtral"]["new_math_knob"] = 3

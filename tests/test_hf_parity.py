@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from helpers import make_mesh
-from models import checkpoint, init_cache
+from moe_relayfree_models import checkpoint, init_cache
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "hf")
 MANIFEST = json.load(open(os.path.join(FIXTURES, "manifest.json")))
@@ -53,7 +53,7 @@ def test_logits_and_greedy_tokens_match_transformers(name, num_ranks, schedule):
 
 
 def test_byte_tokenizer_matches_its_hugging_face_form():
-    from models import tokenizer
+    from moe_relayfree_models import tokenizer
 
     folder = os.path.join(FIXTURES, "tokenizer")
     samples = json.load(open(os.path.join(folder, "samples.json")))
@@ -80,7 +80,7 @@ def test_prompt_encoding_matches_transformers(case):
     (even with add_bos_token false in tokenizer_config.json), a byte-level one does not (even
     with add_bos_token true), as transformers' AutoTokenizer encodes."""
     pytest.importorskip("tokenizers")
-    from models import tokenizer
+    from moe_relayfree_models import tokenizer
 
     folder = os.path.join(FIXTURES, "tokenizers", case)
     samples = json.load(open(os.path.join(folder, "samples.json")))["samples"]
@@ -97,7 +97,7 @@ def test_prompt_encoding_matches_transformers(case):
 def test_mla_both_attention_forms_match_transformers(monkeypatch, form):
     """DeepSeek-V3's attention in each form, forced for every call (the model picks per call by
     the number of queries: decode absorbs, a long prefill expands): logits and greedy tokens."""
-    from models import mla
+    from moe_relayfree_models import mla
 
     monkeypatch.setattr(mla, "absorbed", lambda cfg, s: form == "absorbed")
     name = "deepseek_v3-large"

@@ -12,10 +12,10 @@ import pytest
 from flax import nnx
 
 import moe_relayfree as mr
-from moe_relayfree import analysis
+from moe_relayfree.tools import analysis
 from helpers import make_mesh
-from models import checkpoint, init_cache, tokenizer
-from models.generation import Sampling, generate
+from moe_relayfree_models import checkpoint, init_cache, tokenizer
+from moe_relayfree_models.generation import Sampling, generate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT = os.path.join(ROOT, "models", "default")
@@ -157,7 +157,7 @@ def test_decode_step_updates_the_cache_in_place(mesh):
     """The decode step donates its KV cache: no copy of every layer's cache per token."""
     import jax
 
-    from models.generation import GREEDY, prefill_program, step_program
+    from moe_relayfree_models.generation import GREEDY, prefill_program, step_program
 
     model = checkpoint.load_model(DEFAULT, mesh=mesh)
     graphdef, state = nnx.split(model)
@@ -190,8 +190,8 @@ def test_random_checkpoint_script_writes_a_loadable_model(tmp_path):
     reads on 8 ranks and that runs (a sweep on an MoE-heavy model uses it)."""
     import importlib.util
 
-    from models import checkpoint
-    from models.transformer import init_cache
+    from moe_relayfree_models import checkpoint
+    from moe_relayfree_models.transformer import init_cache
 
     spec = importlib.util.spec_from_file_location(
         "make_random_checkpoint", os.path.join(ROOT, "scripts", "make_random_checkpoint.py"))

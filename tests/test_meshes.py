@@ -9,6 +9,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import moe_relayfree as mr
+from moe_relayfree.api import replicates_tokens
 from helpers import moe_inputs
 from moe_relayfree.experts import grouped_swiglu
 
@@ -101,7 +102,7 @@ def test_batch_smaller_than_the_shards_runs_replicated_with_gradients(name):
     shape, kw = MESHES[name]
     mesh = mr.make_mesh(shape)
     x, ids, w, wg, wu, wd = moe_inputs(3, D, F, E, K, seed=9)
-    assert mr.replicates_tokens(3, mr.DispatchConfig(mesh, tensor_axis=kw.get("tensor_axis")))
+    assert replicates_tokens(3, mr.DispatchConfig(mesh, tensor_axis=kw.get("tensor_axis")))
     ct = jax.random.normal(jax.random.PRNGKey(3), x.shape)
 
     def loss(moe):

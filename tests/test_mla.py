@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from models import mla
-from models.layers import attention_mask
+from moe_relayfree_models import mla
+from moe_relayfree_models.layers import attention_mask
 
 
 @pytest.mark.parametrize("length,chunk,start", [(37, 8, 36), (64, 16, 60), (40, 40, 39)])
@@ -37,10 +37,10 @@ def test_absorbed_decode_step_does_not_expand_the_cache(monkeypatch):
     from flax import nnx
 
     import moe_relayfree as mr
-    from models import init_cache
-    from models.checkpoint import read_config
-    from models.generation import GREEDY, step_program
-    from models.transformer import MoETransformer
+    from moe_relayfree_models import init_cache
+    from moe_relayfree_models.checkpoint import read_config
+    from moe_relayfree_models.generation import GREEDY, step_program
+    from moe_relayfree_models.transformer import MoETransformer
 
     cfg = dataclasses.replace(read_config("tests/fixtures/hf/deepseek_v3-large"), n_heads=32,
                               n_kv_heads=32, kv_lora_rank=64, max_position=1 << 16)

@@ -9,10 +9,10 @@ from flax import nnx
 from safetensors.numpy import save_file
 
 from helpers import make_mesh
-from models import MoETransformer, init_cache
-from models import checkpoint
-from models.config import ModelConfig
-from models.hf_config import from_hf_config, to_hf_config
+from moe_relayfree_models import MoETransformer, init_cache
+from moe_relayfree_models import checkpoint
+from moe_relayfree_models.config import ModelConfig
+from moe_relayfree_models.hf_config import from_hf_config, to_hf_config
 from moe_relayfree.routing import RouterConfig
 
 

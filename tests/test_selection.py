@@ -3,8 +3,9 @@
 import pytest
 
 import moe_relayfree as mr
+from moe_relayfree import selection
 from helpers import make_mesh
-from moe_relayfree.selection import crossover
+from moe_relayfree.tools.calibration import calibrate_decode_threshold, crossover
 
 
 def test_crossover_picks_the_fastest_step():
@@ -25,7 +26,7 @@ def test_thresholds_per_platform_and_overrides():
     assert mr.DEFAULT_DECODE_THRESHOLDS["gpu"] == gpu  # Device.platform's name for it
     assert mr.select_schedule(gpu, platform="gpu") == "decode"
     assert mr.select_schedule(gpu + 1, platform="gpu") == "prefill"
-    assert mr.decode_threshold("ascend") == mr.selection.FALLBACK_DECODE_THRESHOLD
+    assert mr.decode_threshold("ascend") == selection.FALLBACK_DECODE_THRESHOLD
     assert mr.select_schedule(10**6, threshold=10**6) == "decode"
     try:
         mr.set_decode_threshold(3, platform="cpu")
@@ -49,7 +50,7 @@ def test_select_schedule_rejects_unknown():
 def test_calibration_measures_both_and_applies():
     mesh = make_mesh(2)
     try:
-        r = mr.calibrate_decode_threshold(
+        r = calibrate_decode_threshold(
             mesh, d_model=8, d_ff=16, num_experts=4, k=2, tokens_per_rank=(1, 4), repeats=1,
             apply=True,
         )

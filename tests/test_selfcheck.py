@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import moe_relayfree as mr
-from moe_relayfree import selfcheck
+from moe_relayfree.tools import selfcheck
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts"))
 

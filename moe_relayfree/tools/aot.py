@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from moe_relayfree import analysis
+from moe_relayfree.tools import analysis
 from moe_relayfree.api import expert_parallel_moe
 from moe_relayfree.config import DispatchConfig
 from moe_relayfree.layout import make_mesh
@@ -208,8 +208,8 @@ def abstract_model(folder: str, config: DispatchConfig, dtype="bfloat16",
     are read or made."""
     from flax import nnx
 
-    from models.checkpoint import read_config
-    from models.transformer import MoETransformer
+    from moe_relayfree_models.checkpoint import read_config
+    from moe_relayfree_models.transformer import MoETransformer
 
     cfg = truncated(read_config(folder), layers)
     config = config.with_auto_mesh()
@@ -249,8 +249,8 @@ def model_report(folder: str, config: DispatchConfig, batch_per_device: int, con
     step's temporaries do not grow with depth; parameters and KV cache do, and are counted for
     the whole model from its abstract shapes (``memory["params"]``, ``["kv_cache"]``,
     ``["total"]``; the compiled program's own figures are under ``compiled``)."""
-    from models.generation import GREEDY, prefill_program, step_program
-    from models.transformer import init_cache
+    from moe_relayfree_models.generation import GREEDY, prefill_program, step_program
+    from moe_relayfree_models.transformer import init_cache
 
     _, full_state, full_cfg = abstract_model(folder, config, dtype)
     graphdef, state, cfg = abstract_model(folder, config, dtype, layers)

@@ -301,7 +301,7 @@ def time_variants(mesh: Mesh, tokens: int, *, axis: str = "ep", shapes: Shapes =
     """Layer time of each variant at ``tokens`` per device (uniform routing), programs called
     alternately in the same process. Returns ``{variant: median seconds}`` and per-round
     ratios to ``variants[0]`` as ``{variant + "/" + variants[0]: median ratio}``."""
-    from moe_relayfree.selection import time_alternately
+    from moe_relayfree.tools.calibration import time_alternately
 
     e = _num_ranks(mesh, axis) * shapes.local
     sized = dataclasses.replace(shapes, tokens=tokens)

@@ -94,9 +94,9 @@ def prefill_program(graphdef, sampling: Sampling, state, tokens, pad, cache, key
     at the last position (left padding puts every row's last token there).
 
     Plain ``jax.jit`` on the split model, not ``nnx.jit`` on the module: nnx.jit walks and
-    re-flattens the module graph in Python on every call, which made the default model's decode
-    step 1.45-1.7x as long (6-7 ms of Python per step; docs/benchmarks.md). The KV cache is
-    donated: each call writes the updated cache into the buffers it was given (3-6% of a step).
+    re-flattens the module graph in Python on every call, milliseconds of Python per decode step
+    (docs/benchmarks.md). The KV cache is donated: each call writes the updated cache into the
+    buffers it was given.
     """
     logits, cache = nnx.merge(graphdef, state)(tokens, pad, cache, 0, logits_to_keep=1)
     return choose_tokens(logits[:, -1], key, tokens.shape[1], sampling), cache

@@ -191,8 +191,7 @@ class MoETransformer(nnx.Module):
 
         Activations follow the parameters by default because each layer casts its weights to
         the activations' dtype: f32 activations over bf16 weights converted every weight
-        matrix of the model on every call (a decode step of the MoE-heavy checkpoint took
-        2.1-3.0x as long as in bf16 on this CPU; docs/benchmarks.md)."""
+        matrix of the model on every call (docs/benchmarks.md, "bf16 on the CPU")."""
         dtype = self.compute_dtype if dtype is None else dtype
         b, s = tokens.shape
         length = cache.k[0].shape[1]

@@ -47,7 +47,7 @@ def _swiglu_f32(x, w_gate, w_up, w_down, dtype, rows_kept=None) -> jax.Array:
 # Rows per ragged_dot call of the native path: a buffer of R rows holds f32 gate, up and
 # down-projection results of R rows at once (at R = 32768, d = 7168: 1.4 GiB on top of the
 # buffer itself); in chunks they are chunk-sized, and a chunk this large keeps the matrix
-# units busy. docs/benchmarks.md, "At scale".
+# units busy (docs/benchmarks.md, "At scale").
 NATIVE_CHUNK_ROWS = 4096
 
 
@@ -125,9 +125,8 @@ def _over_experts_with_rows(counts, expert, init):
 
     XLA:CPU copies an expert's weight slices out of the stacked weights once, before its tile
     loop, even when that loop runs zero times; looping over all ``El`` experts would make every
-    empty expert pay that copy (a decode-sized batch leaves most experts of a rank empty). A
-    ``lax.cond`` per expert avoids the copy too but measured up to 1.1x slower when every
-    expert has rows.
+    empty expert pay that copy (a decode-sized batch leaves most experts of a rank empty); a
+    ``lax.cond`` per expert was slower when every expert has rows (docs/benchmarks.md).
     """
     with_rows = jnp.argsort(counts == 0, stable=True).astype(jnp.int32)  # non-empty first
     return lax.fori_loop(0, jnp.sum(counts > 0), lambda j, c: expert(with_rows[j], c), init)
@@ -144,8 +143,8 @@ def _dot_dtype(dtype) -> jnp.dtype:
 
     XLA:CPU runs a bf16 x bf16 -> f32 dot as one YNNPACK kernel (AVX512-BF16 / AMX where the
     CPU has them); widening the weights to f32 first cost a conversion pass over every expert's
-    weights and twice the bytes in the dot: the layer took 1.7-2.2x as long at d=1024 from 8
-    tokens per rank (docs/benchmarks.md, "bf16 on the CPU"). YNNPACK has no f16 dot kernel.
+    weights and twice the bytes in the dot (docs/benchmarks.md, "bf16 on the CPU"). YNNPACK has
+    no f16 dot kernel.
     A bf16 product is exact in f32, so the results are those of the widened dot up to the
     order of the f32 sums.
     """
@@ -187,10 +186,8 @@ def _one_expert_pass(x, w_gate) -> bool:
     The tile loop would slice (copy) the expert's three matrices out of their ``[1, d, f]``
     stacks on every call and run a loop for one or two tiles; here ``w[0]`` is a view and the
     rows past the window (at most the buffer's padding) are masked in the hidden activation,
-    which XLA fuses into the SwiGLU product. Same-process A/B, decode layer, one expert per
-    rank, bf16: 0.82-0.85x the tile loop at d=f=128 (1-16 tokens per rank), 0.78-0.91 at
-    d=256-1024. Not for f32, where the tile loop's 1-row dots beat the dense rows (1.0-1.4x;
-    docs/benchmarks.md, "bf16 on the CPU")."""
+    which XLA fuses into the SwiGLU product. Not for f32, where the tile loop's 1-row dots beat
+    the dense rows (docs/benchmarks.md, "bf16 on the CPU")."""
     return (w_gate.shape[0] == 1 and x.shape[0] <= CPU_TILE_ROWS
             and _dot_dtype(x.dtype) == jnp.bfloat16 and _dot_dtype(w_gate.dtype) == jnp.bfloat16)
 
@@ -219,8 +216,7 @@ def _grouped_swiglu_tiled_fwd_impl(x, group_sizes, w_gate, w_up, w_down, tile):
         def one_tile(c, y):
             a, mask = _tile_at(starts[e], ends[e], c, n, tile)
             # as for the weights (_expert_slices): without the barrier XLA:CPU converted the
-            # whole bf16 x to f32 once per call and each tile back (decode layer 0.83-0.87x
-            # with it at 64-256 tokens per rank, d=256-1024)
+            # whole bf16 x to f32 once per call and each tile back
             xv, a = lax.optimization_barrier((xc, a))
             yt = _swiglu_f32(lax.dynamic_slice_in_dim(xv, a, tile), wg, wu, wd, x.dtype)
             old = lax.dynamic_slice_in_dim(y, a, tile)
@@ -298,8 +294,8 @@ def cpu_tile_rows(num_rows: int, num_groups: int) -> int:
     batches) do not pay a mostly-masked 64-row tile per expert.
 
     No floor: at decode sizes the masked rows of a tile are paid in full (8 emulated devices
-    share the cores), and 1-2 row tiles measured 0.64-0.85x the layer time of 8-row tiles
-    (docs/benchmarks.md, "CPU expert kernel"); bf16 is the exception (:func:`min_tile_rows`)."""
+    share the cores), so small tiles pay (docs/benchmarks.md, "CPU expert kernel"); bf16 is
+    the exception (:func:`min_tile_rows`)."""
     mean = max(1, num_rows // max(1, num_groups))
     return min(CPU_TILE_ROWS, 1 << (mean - 1).bit_length())
 
@@ -314,10 +310,8 @@ def min_tile_rows(dtype) -> int:
     A one-row dot is a matrix-vector product, which YNNPACK does not take: XLA:CPU converts the
     expert's bf16 matrices to f32 for its own kernel, on every call; YNNPACK's 2-row bf16 call
     costs more than that at small experts, its 4-row call no more than its 2-row one. Same-process
-    A/B, decode layer, 4-row against the previous floor (1 row, 2 from d*f >= 2^17): d=1024
-    0.92 / 0.91 / 0.97 at 1 / 2 / 8 tokens per rank; d=f=256 0.92 at 2, 0.98-1.01 at 1, 4, 8;
-    d=f=128 0.99-1.00; 8-row tiles no better than 4 (docs/benchmarks.md, "bf16 on the CPU").
-    f32 keeps 1-row tiles (2 or 4 rows measured 1.00-1.07x)."""
+    The measured choice of tile sizes: docs/benchmarks.md, "bf16 on the CPU". f32 keeps
+    1-row tiles."""
     return BF16_MIN_TILE_ROWS if jnp.dtype(dtype) == jnp.bfloat16 else 1
 
 
@@ -332,10 +326,9 @@ def dense_dot(x: jax.Array, w: jax.Array, *, rows_per_device: int | None = None)
     On XLA:CPU a bf16 dot of one row is a matrix-vector product, which YNNPACK does not take:
     XLA converts all of ``w`` to f32 on every call. A decode step with one token per device did
     that for every dense matrix of the model, the LM head included. There the rows are padded
-    with zeros to ``DENSE_MIN_ROWS`` per device and the extra rows dropped: a decode step at
-    one token per device took 0.53-0.55x as long on the default model, 0.09-0.11x with a 152k
-    vocabulary (docs/benchmarks.md, "Outside the MoE layer"). Other platforms, and dots that
-    already have the rows, run as they are.
+    with zeros to ``DENSE_MIN_ROWS`` per device and the extra rows dropped (docs/benchmarks.md,
+    "Outside the MoE layer"). Other platforms, and dots that already have the rows, run as
+    they are.
 
     rows_per_device: how many rows of x each device holds when x is ``[N, d]`` split over the
     devices; without it, x's second-to-last axis ``S`` (each device holds at least one row of

@@ -9,15 +9,10 @@ from moe_relayfree.config import Schedule
 
 # Tokens per rank at or below which "auto" picks the decode schedule, per platform (JAX's names:
 # ``Device.platform`` says "gpu" where ``lax.platform_dependent`` says "cuda"/"rocm"; both are
-# listed). CPU: scripts/calibrate.py on 8 emulated devices, both schedules timed interleaved
-# (docs/design.md, "Selection"; raw runs in results/calibration/interleaved_*.json): pooled over
-# four runs and three shapes at 1..4096 tokens per rank, thresholds 1024-4096 are best; decode
-# is slower (by 2-14%) only at d=1024 and 2-16 tokens per rank, under XLA:CPU's default dot
-# path, and not with XLA's own dot emitter. Above 1024 the two are within 3% and decode's
-# worst-case window (P*T*min(k, El) rows) only costs memory.
-# Accelerators: not measured here (no GPU in this project's CI); 128 is the size DeepEP's
-# low-latency kernels are built for, and decode's worst-case window stays a few hundred MB at
-# EP 64 and d=7168 there. Calibrate per machine and model shape with calibrate_decode_threshold.
+# listed). CPU: from scripts/calibrate.py on 8 emulated devices; accelerators: both schedules
+# compile to the same memory there, so this is a latency choice, not yet measured (DeepEP's
+# low-latency kernels are built for 128). Where each comes from: docs/design.md, "Selection";
+# calibrate per machine and model with moe_relayfree.tools.calibration.
 DEFAULT_DECODE_THRESHOLDS: dict[str, int] = {
     "cpu": 1024,
     "gpu": 128,

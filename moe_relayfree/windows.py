@@ -54,8 +54,7 @@ def take_rows(a: jax.Array, index: jax.Array) -> jax.Array:
 
     A plain gather (XLA clamps its indices, so nothing is read out of bounds). ``jnp.take``'s
     default out-of-bounds fill adds a mask and a select over the whole result, which XLA:CPU
-    does not fuse into the gather: the decode layer at d=128, k=2, 16 tokens per rank took
-    1.26x as long with it (docs/benchmarks.md). ``analysis.nan_filled_selects`` finds it.
+    does not fuse into the gather (docs/benchmarks.md). ``analysis.nan_filled_selects`` finds it.
     """
     return a.at[index].get(mode="promise_in_bounds")
 

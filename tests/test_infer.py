@@ -207,3 +207,32 @@ def test_random_checkpoint_script_writes_a_loadable_model(tmp_path):
     logits, _ = nnx.jit(lambda m, *a: m(*a))(
         model, toks, jnp.zeros((8,), jnp.int32), init_cache(cfg, 8, 5, jnp.float32), 0)
     assert logits.shape == (8, 5, cfg.vocab_size) and bool(jnp.isfinite(logits).all())
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--max-new-tokens", "0"], "argument --max-new-tokens: must be >= 1, got 0"),
+    (["--batch", "-1"], "argument --batch: must be >= 1, got -1"),
+    (["--batch", "0"], "argument --batch: must be >= 1, got 0"),
+    (["--devices", "x"], "argument --devices: 'x' is not an integer"),
+])
+def test_bad_arguments_are_one_line_errors(capsys, argv, message):
+    """Refused by the argument parser (exit 2, one line naming the option), before JAX starts;
+    --batch 0 used to run batch 3 and --batch -1 blamed the prompt."""
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import infer
+
+    with pytest.raises(SystemExit) as done:
+        infer.parse_args(argv)
+    assert done.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_experts_not_divisible_by_the_devices_is_a_one_line_error():
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=3")
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "infer.py"), "--devices", "3",
+                          "--max-new-tokens", "2"], capture_output=True, text=True, cwd=ROOT,
+                         env=env, timeout=600)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines()[-1].endswith(
+        "E=8 experts is not divisible by the 3 ranks of axis 'ep'"), out.stderr[-500:]
+    assert "Traceback" not in out.stderr

@@ -73,9 +73,17 @@ def tpu_devices(topology: str) -> list:
 
 def tpu_mesh(topology: str, axes: dict[str, int] | None = None) -> Mesh:
     """A mesh with Auto axes over a topology's compile-only devices (default: one ``ep`` axis
-    over all of them)."""
+    over all of them). Axes that do not follow the chips' physical axes (``data=2`` on a
+    ``8x8x4`` torus) split them."""
+    from jax.experimental import mesh_utils
+
     devices = tpu_devices(topology)
-    return make_mesh(axes or {"ep": len(devices)}, devices=devices)
+    try:
+        return make_mesh(axes or {"ep": len(devices)}, devices=devices)
+    except (ValueError, NotImplementedError):
+        shape = tuple(axes.values())
+        grid = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+        return Mesh(grid, tuple(axes), axis_types=(jax.sharding.AxisType.Auto,) * len(shape))
 
 
 def _struct(shape, dtype, mesh: Mesh, spec: P) -> jax.ShapeDtypeStruct:
@@ -334,39 +342,46 @@ __all__ = ["HBM_BYTES", "LAYER_SHAPES", "LayerShapes", "abstract_model", "collec
 
 
 def largest_batch(folder: str, config: DispatchConfig, context: int, hbm_bytes: int,
-                  layers: int | None = 4, start: int = 8, limit: int = 4096) -> dict:
+                  layers: int | None = 4, probe: int = 8, limit: int = 4096) -> dict:
     """The largest decode batch per device whose compiled decode step fits ``hbm_bytes``:
     parameters + KV cache + the step's temporaries (:func:`model_report`, ``layers`` layers
-    compiled, parameters and cache counted for all). Doubling from ``start``, then bisection:
-    ``{"batch": b (0: not even 1 fits), "report": the report at b, "tried": {b: total}}``."""
-    tried: dict[int, int] = {}
+    compiled, parameters and cache counted for all).
+
+    One compile at ``probe`` sequences gives the cache and temporaries per sequence; the
+    estimate they give is bracketed (x1.25 steps) and bisected until the bracket is within
+    1/32 of it. ``{"batch": the largest batch found to fit (0: not even 1), "report": its
+    report, "tried": {batch: total bytes, None where the compiler refused it}}``."""
+    tried: dict[int, int | None] = {}
     reports: dict[int, dict] = {}
 
     def fits(b: int) -> bool:
-        r = model_report(folder, config, b, context, "decode", layers=layers)
-        total = r["memory"]["total"] if not r.get("oom") else None
-        tried[b] = total
-        reports[b] = r
-        return total is not None and total <= hbm_bytes
+        if b not in tried:
+            r = model_report(folder, config, b, context, "decode", layers=layers)
+            tried[b] = None if r.get("oom") else r["memory"]["total"]
+            reports[b] = r
+        return tried[b] is not None and tried[b] <= hbm_bytes
 
-    lo, hi = 0, None
-    b = start
-    while b <= limit:
+    fits(probe)
+    first = reports[probe]["memory"]
+    per_seq = (first["kv_cache"] + (first["temp"] or 0)) / probe
+    fixed = first["params"]
+    guess = int(max(1, min(limit, (hbm_bytes - fixed) // max(per_seq, 1))))
+    lo, hi = (probe, None) if fits(probe) else (0, probe)
+    b = guess
+    while hi is None or (lo == 0 and hi > 1):
+        if b <= lo or (hi is not None and b >= hi):
+            b = (lo + (hi if hi is not None else 2 * max(lo, 1))) // 2 or 1
         if fits(b):
-            lo, b = b, 2 * b
+            lo = b
+            b = min(limit, int(b * 1.25) + 1)
+            if lo >= limit:
+                hi = limit + 1
         else:
             hi = b
+            b = max(1, int(b / 1.25))
+        if hi is not None and lo > 0:
             break
-    if hi is None:
-        return {"batch": lo, "report": reports.get(lo), "tried": tried, "capped": True}
-    if lo == 0:  # below start: bisect down from it
-        lo_b, hi_b = 0, hi
-    else:
-        lo_b, hi_b = lo, hi
-    while hi_b - lo_b > 1:
-        mid = (lo_b + hi_b) // 2
-        if fits(mid):
-            lo_b = mid
-        else:
-            hi_b = mid
-    return {"batch": lo_b, "report": reports.get(lo_b), "tried": tried, "capped": False}
+    while hi - lo > max(1, lo // 32):
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return {"batch": lo, "report": reports.get(lo), "tried": tried}

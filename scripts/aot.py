@@ -107,11 +107,18 @@ def main(argv=None) -> int:
     p.add_argument("--layers", type=int, default=None,
                    help="model: compile this many layers (temp does not grow with depth); "
                    "params and KV cache are counted for all of them")
+    p.add_argument("--mla-form", choices=["auto", "absorbed", "expanded"], default="auto",
+                   help="model/serving, MLA models: force the attention form (default: per call)")
     p.add_argument("--out", default=None, help="write OUT.json and OUT.md")
     args = p.parse_args(argv)
 
     import moe_relayfree as mr
     from moe_relayfree.tools import aot
+
+    if args.mla_form != "auto":
+        from moe_relayfree_models import mla
+
+        mla.absorbed = lambda cfg, s: args.mla_form == "absorbed"
 
     rows = []
     columns = {"layer": LAYER_COLUMNS, "model": MODEL_COLUMNS, "serving": SERVING_COLUMNS}

@@ -1,11 +1,13 @@
-"""The tensors of a checkpoint folder, read piecewise through the ``safetensors`` package.
+"""The tensors of a checkpoint folder (safetensors files), read piecewise.
 
-Names, shapes and dtypes come from the file headers (``safe_open``; nothing is read for them),
-the file of each tensor from ``model.safetensors.index.json`` when the checkpoint is sharded.
-:meth:`TensorIndex.read` reads one tensor or a slice of it (``get_slice``: only those bytes) and
-counts the bytes, so a loader can prove it read only its share. bf16 comes through the package's
-numpy reader once ``ml_dtypes`` is imported (it registers the dtype with numpy); FP8, which that
-reader does not know, is read from a memory map of the file (only the touched pages).
+Names, shapes, dtypes and byte offsets come from the file headers (8 bytes of length, then
+JSON; nothing else is read for them), the file of each tensor from
+``model.safetensors.index.json`` when the checkpoint is sharded. :meth:`TensorIndex.read` reads
+one tensor or a slice of it and counts the bytes copied, so a loader can prove it read only its
+share. The bytes come from a memory map opened per read and dropped after the copy: only the
+touched pages are read, and none stay mapped (the ``safetensors`` package's reader kept every
+file mapped, and the pages it had read counted in the process's memory until the end of the
+load: 2x the model at peak). Dtypes from ``ml_dtypes`` (bf16, FP8).
 
 A block-quantized FP8 checkpoint (``quant``, :mod:`models.quant`) reads each quantized weight
 dequantized: the values and the scales of the blocks under the slice, multiplied, in
@@ -19,7 +21,7 @@ import json
 import os
 import struct
 
-import ml_dtypes  # noqa: F401  (registers bfloat16 with numpy for the safetensors reader)
+import ml_dtypes
 import numpy as np
 
 from moe_relayfree_models import quant as fp8
@@ -35,12 +37,6 @@ class TensorIndex:
     """name -> (file, shape, dtype) of every tensor under ``folder``; slices read on demand."""
 
     def __init__(self, folder: str, quant: fp8.BlockFp8 | None = None, dequant_dtype=np.float32):
-        try:
-            from safetensors import SafetensorError, safe_open
-        except ImportError:
-            raise ImportError("reading checkpoints needs the 'safetensors' package: "
-                              "pip install safetensors") from None
-        self._safe_open, self._error = safe_open, SafetensorError
         self.folder = folder
         index_path = os.path.join(folder, INDEX_FILE)
         listed: dict[str, str] | None = None
@@ -57,22 +53,18 @@ class TensorIndex:
             files = sorted(os.path.basename(p) for p in glob.glob(os.path.join(folder, "*.safetensors")))
         if not files:
             raise CheckpointError(f"no *.safetensors files in {folder}")
-        self._handles: dict[str, object] = {}
-        self._raw: dict[str, tuple[str, int]] = {}  # FP8 tensors: (file, byte offset)
+        self._raw: dict[str, tuple[str, int]] = {}  # tensor: (file, byte offset of its data)
         self.file: dict[str, str] = {}
         self.shape: dict[str, tuple[int, ...]] = {}
         self.dtype: dict[str, np.dtype] = {}
         for name in files:
-            handle = self._open(name)
-            for key in handle.keys():
+            for key, (dtype, shape, offset) in _header(os.path.join(folder, name)).items():
                 if key in self.file:
                     raise CheckpointError(f"tensor {key!r} appears in both {self.file[key]} and {name}")
-                piece = handle.get_slice(key)
                 self.file[key] = name
-                self.shape[key] = tuple(piece.get_shape())
-                self.dtype[key] = _numpy_dtype(piece.get_dtype(), key, name)
-            if any(self.dtype[k] in fp8.FP8_DTYPES for k in handle.keys()):
-                self._raw.update(_data_offsets(os.path.join(folder, name)))
+                self.shape[key] = shape
+                self.dtype[key] = _numpy_dtype(dtype, key, name)
+                self._raw[key] = (name, offset)
         if listed is not None:
             wrong = sorted(k for k, f in listed.items() if self.file.get(k) != f)
             if wrong:
@@ -109,15 +101,6 @@ class TensorIndex:
         """The tensors stored for ``name`` besides itself: its block scales, if quantized."""
         return (name + fp8.SCALE_SUFFIX,) if self.quantized(name) else ()
 
-    def _open(self, name: str):
-        if name not in self._handles:
-            path = os.path.join(self.folder, name)
-            try:
-                self._handles[name] = self._safe_open(path, framework="numpy")
-            except (self._error, OSError) as e:
-                raise CheckpointError(f"{path} is not a readable safetensors file ({e})") from None
-        return self._handles[name]
-
     def __contains__(self, name: str) -> bool:
         return name in self.file
 
@@ -134,31 +117,43 @@ class TensorIndex:
         return self._read(name, index)
 
     def _read(self, name: str, index: tuple) -> np.ndarray:
-        if name in self._raw:
-            file, offset = self._raw[name]
-            data = np.memmap(os.path.join(self.folder, file), dtype=self.dtype[name], mode="r",
-                             offset=offset, shape=self.shape[name])
-            value = np.array(data[index] if index else data)
-            self.bytes_read += value.nbytes
+        file, offset = self._raw[name]
+        path = os.path.join(self.folder, file)
+        if self.nbytes(name) == 0:  # mmap cannot map zero bytes
+            value = np.zeros(self.shape[name], self.dtype[name])[index]
             return value
-        piece = self._open(self.file[name]).get_slice(name)
         try:
-            value = piece[index] if index else piece[:]
-        except self._error as e:
-            raise CheckpointError(f"{os.path.join(self.folder, self.file[name])}: cannot read "
-                                  f"{name!r} ({e})") from None
+            data = np.memmap(path, dtype=self.dtype[name], mode="r", offset=offset,
+                             shape=self.shape[name])
+            value = np.array(data[index] if index else data)
+        except (ValueError, IndexError, TypeError) as e:
+            raise CheckpointError(f"{path}: cannot read {name!r} ({e})") from None
+        del data  # unmapped now, not at the end of the load
         self.bytes_read += value.nbytes
         return value
 
 
-def _data_offsets(path: str) -> dict[str, tuple[str, int]]:
-    """name -> (file name, absolute byte offset) of the tensors of one safetensors file, from
-    its header: 8 bytes of header length, the JSON header, then the data."""
-    with open(path, "rb") as fh:
-        (length,) = struct.unpack("<Q", fh.read(8))
-        header = json.loads(fh.read(length))
-    base, file = 8 + length, os.path.basename(path)
-    return {k: (file, base + v["data_offsets"][0]) for k, v in header.items() if k != "__metadata__"}
+def _header(path: str) -> dict[str, tuple[str, tuple[int, ...], int]]:
+    """name -> (safetensors dtype name, shape, absolute byte offset of its data) of one file,
+    from its header: 8 bytes of header length, the JSON header, then the data."""
+    try:
+        with open(path, "rb") as fh:
+            (length,) = struct.unpack("<Q", fh.read(8))
+            if not 0 < length <= os.path.getsize(path) - 8:
+                raise ValueError(f"header length {length}")
+            header = json.loads(fh.read(length))
+        base, size = 8 + length, os.path.getsize(path)
+        out = {}
+        for key, entry in header.items():
+            if key == "__metadata__":
+                continue
+            begin, end = entry["data_offsets"]
+            if not 0 <= begin <= end <= size - base:
+                raise ValueError(f"tensor {key!r} lies past the end of the file")
+            out[key] = (entry["dtype"], tuple(int(n) for n in entry["shape"]), base + begin)
+        return out
+    except (OSError, ValueError, KeyError, TypeError, struct.error) as e:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({e})") from None
 
 
 def _numpy_dtype(name: str, key: str, file: str) -> np.dtype:

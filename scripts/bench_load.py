@@ -112,6 +112,15 @@ def write_checkpoint(folder: str, cfg: dict, layers_per_file: int = 2, fp8: bool
 
 
 def _rss_peak_bytes() -> int:
+    """This process's peak RSS. Linux's VmHWM, not ``ru_maxrss``: that one survives exec, so a
+    child started by a parent that held the checkpoint reported the parent's peak."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 

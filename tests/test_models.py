@@ -1,6 +1,7 @@
 """MoE transformer: KV-cache consistency, padding, dispatch paths, checkpoint round trips."""
 
 import json
+import os
 
 import jax.numpy as jnp
 import numpy as np
@@ -13,6 +14,7 @@ from moe_relayfree_models import MoETransformer, init_cache
 from moe_relayfree_models import checkpoint
 from moe_relayfree_models.config import ModelConfig
 from moe_relayfree_models.hf_config import from_hf_config, to_hf_config
+from moe_relayfree_models.tensor_index import TensorIndex
 from moe_relayfree.routing import RouterConfig
 
 
@@ -188,6 +190,14 @@ def test_sharded_checkpoint_with_index(tmp_path):
     loaded = checkpoint.load_model(str(folder), mesh=mesh, stats=stats)
     np.testing.assert_array_equal(full_logits(loaded, TOKENS, PAD), full_logits(model, TOKENS, PAD))
     assert stats["bytes_read"] == stats["tensor_bytes"] == sum(v.nbytes for v in tensors.values())
+    if os.path.exists("/proc/self/maps"):
+        # a read maps its file only while it copies: pages of a file left mapped count in the
+        # process's memory until the end of a load (2x the model at peak)
+        reader = TensorIndex(str(folder))
+        assert reader.read(names[0]).shape == reader.shape[names[0]]
+        with open("/proc/self/maps") as fh:
+            mapped = [line for line in fh if str(folder) in line]
+        assert not mapped, mapped
     moved = dict(weight_map, **{names[0]: "model-00002-of-00002.safetensors"})
     index.write_text(json.dumps({"weight_map": moved}))
     with pytest.raises(checkpoint.CheckpointError, match=f"places 1 tensors in files that do not hold them: {names[0]}"):

@@ -21,8 +21,6 @@ import json
 import os
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
 
 LAYER_COLUMNS = [("topology", "topology"), ("T", "tokens_per_device"),
                  ("implementation", "implementation"), ("schedule", "schedule"),

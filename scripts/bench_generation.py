@@ -18,7 +18,7 @@ Variants alternate, order swapped every round; the ratio is the median over roun
 variant / baseline in the same round. ``same_tokens`` says whether both generated the same
 greedy tokens; it is reported, not required: a dot over more rows may add in another order, and
 with random prompts (near ties) one ulp can change a token. Writes ``generation.json`` and
-``generation.md`` to ``--out``.
+``generation.md`` to ``--out`` (``moe_relayfree.tools.bench.generation``).
 
     python scripts/bench_generation.py --checkpoint models/default --batches 1 8 16
     python scripts/make_random_checkpoint.py --vocab 151936 --out /tmp/moe64v
@@ -28,10 +28,10 @@ with random prompts (near ties) one ulp can change a token. Writes ``generation.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import time
+
+from moe_relayfree.tools.bench import env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -47,230 +47,17 @@ def parse_args(argv=None):
                    help="MLA checkpoints: decode step absorbed / expanded at these cache lengths")
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--new-tokens", type=int, default=32, help="decode steps per run (step A/B)")
-    p.add_argument("--child", nargs=4, metavar=("CHECKPOINT", "BATCH", "MIN_ROWS", "NEW"),
-                   help=argparse.SUPPRESS)
     p.add_argument("--devices", type=int, default=8)
     p.add_argument("--out", default=os.path.join(ROOT, "results", "generation"))
     return p.parse_args(argv)
 
 
-def child_step(folder: str, batch: int, min_rows: int, new_tokens: int, devices: int) -> dict:
-    """One decode run in a fresh process, as ``scripts/infer.py`` runs it (one program called
-    step after step): in a process that alternates two step programs, XLA:CPU ran the unpadded
-    one as fast as the padded one, alone it took 1.8x as long (default model, batch 8)."""
-    import subprocess
-
-    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child", folder,
-                          str(batch), str(min_rows), str(new_tokens), "--devices", str(devices)],
-                         check=True, capture_output=True, text=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def run_child(folder: str, batch: int, min_rows: int, new_tokens: int) -> None:
-    import numpy as np
-
-    import jax
-
-    import moe_relayfree as mr
-    from moe_relayfree_models import checkpoint
-    from moe_relayfree_models.generation import generate
-    from moe_relayfree import experts
-
-    experts.DENSE_MIN_ROWS = min_rows  # read by dense_dot while the programs are traced
-    model = checkpoint.load_model(folder, mesh=mr.make_ep_mesh(len(jax.devices())))
-    rng = np.random.default_rng(0)
-    prompts = [rng.integers(3, model.cfg.vocab_size, 16).tolist() for _ in range(batch)]
-    result = generate(model, prompts, new_tokens)
-    print(json.dumps(dict(tpot_s=float(np.median(result["step_s"])), tokens=result["tokens"])))
-
-
-def alternate(calls: dict, rounds: int) -> tuple[dict, dict]:
-    """``{name: fn() -> (output array, seconds)}`` called in alternating order; returns the
-    seconds per name and each name's last output."""
-    import numpy as np
-
-    times, outs = {n: [] for n in calls}, {}
-    names = list(calls)
-    for r in range(rounds):
-        for n in names if r % 2 == 0 else names[::-1]:
-            outs[n], sec = calls[n]()
-            times[n].append(sec)
-    return {n: np.asarray(t) for n, t in times.items()}, {n: np.asarray(o) for n, o in outs.items()}
-
-
-def compare(name: str, times: dict, outs: dict, variant: str, baseline: str, **extra) -> dict:
-    import numpy as np
-
-    return dict(case=name, **extra, variant_ms=1e3 * float(np.median(times[variant])),
-                baseline_ms=1e3 * float(np.median(times[baseline])),
-                paired_ratio=float(np.median(times[variant] / times[baseline])),
-                same_tokens=bool((outs[variant] == outs[baseline]).all()))
-
-
-def mla_step_ab(model, batch: int, length: int, rounds: int, shape: dict) -> dict:
-    """The decode step at a cache of ``length`` rows with MLA attention forced absorbed, then
-    expanded (each its own program, traced with the choice in place), alternating; the
-    cache's contents do not change the work."""
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-    from flax import nnx
-
-    from moe_relayfree_models import mla
-    from moe_relayfree_models.generation import choose_tokens, GREEDY
-    from moe_relayfree_models.transformer import init_cache
-
-    graphdef, state = nnx.split(model)
-    cache = init_cache(model.cfg, batch, length, model.compute_dtype)
-    token, pad, key = jnp.zeros((batch,), jnp.int32), jnp.zeros((batch,), jnp.int32), jax.random.key(0)
-    chosen = mla.absorbed
-
-    def program(form):
-        @jax.jit
-        def step(state, token, cache):
-            logits, cache = nnx.merge(graphdef, state)(token[:, None], pad, cache, length - 1)
-            return choose_tokens(logits[:, -1], key, length, GREEDY), cache
-
-        mla.absorbed = lambda cfg, s: form == "absorbed"
-        try:
-            jax.block_until_ready(step(state, token, cache))  # traced with this form
-        finally:
-            mla.absorbed = chosen
-
-        def call():
-            start = time.perf_counter()
-            out, _ = step(state, token, cache)
-            return jax.block_until_ready(out), time.perf_counter() - start
-        return call
-
-    calls = {form: program(form) for form in ("absorbed", "expanded")}
-    times, outs = alternate(calls, max(rounds, 5))
-    row = compare(f"mla decode step: absorbed / expanded, cache {length}", times, outs,
-                  "absorbed", "expanded", **shape, batch=batch)
-    del row["same_tokens"]  # one step from an empty cache: not a generation
-    return dict(row, prompt=length)
-
-
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    flags = os.environ.get("XLA_FLAGS", "")
-    if "xla_force_host_platform_device_count" not in flags:
-        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={args.devices}"
-    sys.path.insert(0, ROOT)
-    if args.child:
-        folder, batch, min_rows, new = args.child
-        run_child(folder, int(batch), int(min_rows), int(new))
-        return 0
-    import functools
+    a = parse_args(argv)
+    env.emulate_cpu_devices(a.devices)
+    from moe_relayfree.tools.bench import generation
 
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-    from flax import nnx
-
-    import moe_relayfree as mr
-    from moe_relayfree_models import checkpoint
-    from moe_relayfree_models.generation import GREEDY, Sampling, generate
-    from moe_relayfree_models.transformer import init_cache
-    from moe_relayfree import experts
-
-    SAMPLINGS = (GREEDY, Sampling(0.7), Sampling(0.7, top_k=50), Sampling(0.7, top_k=50, top_p=0.9),
-                 Sampling(0.7, top_p=0.9))
-
-    @functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=5)
-    def prefill(graphdef, keep, state, tokens, pad, cache):
-        logits, cache = nnx.merge(graphdef, state)(tokens, pad, cache, 0, logits_to_keep=keep)
-        return jnp.argmax(logits[:, -1], axis=-1), cache
-
-    mesh = mr.make_ep_mesh(len(jax.devices()))
-    padded = experts.DENSE_MIN_ROWS
-    rows = []
-    for folder in args.checkpoint or [os.path.join(ROOT, "models", "default")]:
-        model = checkpoint.load_model(folder, mesh=mesh)
-        cfg, dtype = model.cfg, model.compute_dtype
-        graphdef, state = nnx.split(model)
-        rng = np.random.default_rng(0)
-        label = os.path.relpath(folder, ROOT) if folder.startswith(ROOT) else folder
-        shape = dict(checkpoint=label, vocab=cfg.vocab_size, d_model=cfg.d_model,
-                     dtype=np.dtype(dtype).name)
-
-        for length in args.prompt_lengths:
-            tokens = jnp.asarray(rng.integers(3, cfg.vocab_size, (8, length)), jnp.int32)
-            pad = jnp.zeros((8,), jnp.int32)
-            programs = {keep: prefill.lower(graphdef, keep, state, tokens, pad,
-                                            init_cache(cfg, 8, length, dtype)).compile()
-                        for keep in (1, 0)}
-
-            def call(keep, tokens=tokens, pad=pad, length=length):
-                cache = jax.block_until_ready(init_cache(cfg, 8, length, dtype))
-                start = time.perf_counter()
-                out, _ = programs[keep](state, tokens, pad, cache)
-                return jax.block_until_ready(out), time.perf_counter() - start
-
-            for keep in programs:  # warm
-                call(keep)
-            times, outs = alternate({k: functools.partial(call, k) for k in programs}, args.rounds)
-            temp = {k: c.memory_analysis().temp_size_in_bytes / 2**20 for k, c in programs.items()}
-            rows.append(compare("prefill: last-position logits / all", times, outs, 1, 0, **shape,
-                                batch=8, prompt=length, variant_temp_mib=temp[1],
-                                baseline_temp_mib=temp[0]))
-            print(json.dumps(rows[-1]), flush=True)
-
-        if args.sampling_batch:
-            batch = args.sampling_batch
-            prompts = [rng.integers(3, cfg.vocab_size, 16).tolist() for _ in range(batch)]
-
-            def sample(setting):
-                result = generate(model, prompts, args.new_tokens, sampling=setting)
-                return result["tokens"], float(np.median(result["step_s"]))
-
-            times, outs = alternate({s: functools.partial(sample, s) for s in SAMPLINGS},
-                                    args.rounds)
-            for setting in SAMPLINGS[1:]:
-                row = compare(f"sampling: {setting} / greedy", times, outs, setting, GREEDY,
-                              **shape, batch=batch)
-                del row["same_tokens"]  # sampled tokens are not greedy ones
-                rows.append(row)
-                print(json.dumps(rows[-1]), flush=True)
-
-        if model.cfg.is_mla and args.mla_contexts:
-            for length in args.mla_contexts:
-                rows.append(mla_step_ab(model, args.batches[-1], length, args.rounds, shape))
-                print(json.dumps(rows[-1]), flush=True)
-
-        for batch in args.batches:
-            def run(min_rows, batch=batch):
-                got = child_step(folder, batch, min_rows, args.new_tokens, args.devices)
-                return got["tokens"], got["tpot_s"]
-
-            times, outs = alternate({m: functools.partial(run, m) for m in (padded, 1)},
-                                    args.rounds)
-            rows.append(compare("decode step: padded dense rows / unpadded", times, outs, padded,
-                                1, **shape, batch=batch,
-                                tokens_per_device=model.rows_per_device(batch, 1)))
-            print(json.dumps(rows[-1]), flush=True)
-
-    report = dict(command=" ".join(["python scripts/bench_generation.py"]
-                                   + (sys.argv[1:] if argv is None else list(argv))),
-                  devices=len(jax.devices()), platform=jax.devices()[0].platform,
-                  rounds=args.rounds, rows=rows)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "generation.json"), "w") as fh:
-        json.dump(report, fh, indent=1)
-    lines = [f"# Generation A/Bs ({report['command']})", "",
-             f"{report['devices']} {report['platform']} devices, medians of {args.rounds} "
-             "alternating rounds; ratio: median over rounds of variant / baseline.", "",
-             "| case | checkpoint | vocab | batch | prompt | variant ms | baseline ms | ratio "
-             "| temp MiB (variant / baseline) | same tokens |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        temp = (f"{r['variant_temp_mib']:.0f} / {r['baseline_temp_mib']:.0f}"
-                if "variant_temp_mib" in r else "")
-        lines.append(f"| {r['case']} | {r['checkpoint']} | {r['vocab']} | {r['batch']} | "
-                     f"{r.get('prompt', '')} | {r['variant_ms']:.1f} | {r['baseline_ms']:.1f} | "
-                     f"{r['paired_ratio']:.2f} | {temp} | {r.get('same_tokens', '')} |")
-    with open(os.path.join(args.out, "generation.md"), "w") as fh:
-        fh.write("\n".join(lines) + "\n")
-    print(f"wrote {args.out}/generation.json, .md")
+    generation.run(a, env.command("bench_generation.py", argv))
     return 0
 
 

@@ -9,23 +9,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from moe_relayfree.experts import grouped_swiglu_native, grouped_swiglu_tiled, swiglu
-
-
-def median_time(fn, *args, repeats: int) -> float:
-    fn(*args).block_until_ready()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn(*args).block_until_ready()
-        times.append(time.perf_counter() - start)
-    return float(np.median(times))
+from moe_relayfree.tools.bench.timing import median_seconds
 
 
 def main(argv=None):
@@ -61,8 +51,8 @@ def main(argv=None):
         "ragged_dot": jax.jit(grouped_swiglu_native),
     }
     for name, fn in impls.items():
-        results["median_s"][name] = median_time(fn, x, gs, wg, wu, wd, repeats=args.repeats)
-    results["median_s"]["static_slices"] = median_time(
+        results["median_s"][name] = median_seconds(fn, x, gs, wg, wu, wd, repeats=args.repeats)
+    results["median_s"]["static_slices"] = median_seconds(
         jax.jit(static_slices), x, wg, wu, wd, repeats=args.repeats
     )
     base = results["median_s"]["tiled_cpu"]

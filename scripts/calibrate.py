@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
+
+from moe_relayfree.tools.bench import env
 
 
 def main(argv=None):
@@ -24,9 +24,7 @@ def main(argv=None):
     p.add_argument("--tokens", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024])
     p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args(argv)
-    flags = os.environ.get("XLA_FLAGS", "")
-    if "xla_force_host_platform_device_count" not in flags:
-        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={args.devices}"
+    env.emulate_cpu_devices(args.devices)
     import jax
 
     from moe_relayfree.tools.calibration import calibrate_decode_threshold
@@ -39,9 +37,7 @@ def main(argv=None):
     result.update(platform=jax.devices()[0].platform, devices=len(jax.devices()),
                   experts=args.experts, k=args.k, d_model=args.d_model, d_ff=args.d_ff,
                   repeats=args.repeats, jax=jax.__version__,
-                  command=" ".join(([f'XLA_FLAGS="{flags.strip()}"'] if flags.strip() else [])
-                                   + ["python scripts/calibrate.py"]
-                                   + (sys.argv[1:] if argv is None else list(argv))))
+                  command=env.command("calibrate.py", argv))
     print(json.dumps(result, indent=2))
 
 

@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform as host_platform
 import sys
+
+from moe_relayfree.tools.bench import env
+from moe_relayfree.tools.bench import report as bench_report
 
 
 def parse_args(argv=None):
@@ -71,9 +73,7 @@ def markdown(report: dict) -> str:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    flags = os.environ.get("XLA_FLAGS", "")
-    if "xla_force_host_platform_device_count" not in flags:  # affects the CPU platform only
-        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={args.devices}"
+    env.emulate_cpu_devices(args.devices)  # affects the CPU platform only
     import dataclasses
 
     import jax
@@ -107,18 +107,13 @@ def main(argv=None) -> int:
         platform=devices[0].platform, device_kind=devices[0].device_kind, devices=len(devices),
         jax=jax.__version__, machine=host_platform.machine(),
         capabilities=platform.capabilities(),
-        command=" ".join(["python scripts/check_platform.py"]
-                         + (sys.argv[1:] if argv is None else list(argv))),
+        command=env.command("check_platform.py", argv),
         checks=[dict(dataclasses.asdict(c), ok=c.ok) for c in checks],
         failed=sum(not c.ok for c in checks), programs=programs, timing=timing,
         timing_shapes={k: v for k, v in dataclasses.asdict(shapes).items() if k != "tokens"}
         if timing else None)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "check.json"), "w") as f:
-        json.dump(report, f, indent=1, default=float)
-    with open(os.path.join(args.out, "check.md"), "w") as f:
-        f.write(markdown(report))
-    print(f"{report['failed']} of {len(checks)} checks failed; wrote {args.out}/check.json, check.md")
+    paths = bench_report.write(args.out, "check", report, markdown(report))
+    print(f"{report['failed']} of {len(checks)} checks failed; wrote " + ", ".join(paths))
     return 1 if report["failed"] else 0
 
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import time
+
+from moe_relayfree.tools.bench import env
+from moe_relayfree.tools.bench.timing import median_seconds
 
 
 def parse_args(argv=None):
@@ -30,9 +31,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    flags = os.environ.get("XLA_FLAGS", "")
-    if "xla_force_host_platform_device_count" not in flags:
-        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={args.devices}"
+    env.emulate_cpu_devices(args.devices)
 
     import jax
     import jax.numpy as jnp
@@ -59,11 +58,7 @@ def main(argv=None) -> int:
     for phase, n in (("prefill", args.prefill_tokens), ("decode", args.decode_tokens)):
         x = jnp.asarray(rng.standard_normal((n, args.d_model)), jnp.float32)
         y = forward(layer, x).block_until_ready()
-        times = []
-        for _ in range(args.repeats):
-            start = time.perf_counter()
-            forward(layer, x).block_until_ready()
-            times.append(time.perf_counter() - start)
+        seconds = median_seconds(forward, layer, x, repeats=args.repeats)
         tokens_per_rank = -(-n // len(devices))
         report["phases"].append({
             "phase": phase,
@@ -71,7 +66,7 @@ def main(argv=None) -> int:
             "tokens_per_rank": tokens_per_rank,
             "schedule": mr.select_schedule(tokens_per_rank),
             "max_abs_err_vs_dense": float(jnp.abs(y - reference(x)).max()),
-            "median_ms": 1e3 * float(np.median(times)),
+            "median_ms": 1e3 * seconds,
         })
     if args.json:
         print(json.dumps(report, indent=2))

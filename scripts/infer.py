@@ -21,22 +21,12 @@ import json
 import os
 import sys
 
+from moe_relayfree.tools.bench.env import emulate_cpu_devices
+from moe_relayfree_models.cli import (DEFAULT_CHECKPOINT, DISPATCH, add_mesh_args, dispatch_from_args,
+                                      mesh_from_args, positive_int)
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEFAULT_CHECKPOINT = os.path.join(ROOT, "models", "default")
-DISPATCH = {"relayfree": "relayfree", "ragged-baseline": "ragged_baseline",
-            "capacity-baseline": "capacity_baseline"}
 DEFAULT_PROMPTS = ["Return the number of ", "This function ", "Raise ValueError if "]
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an int >= 1 (argparse then prints one line naming the option)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def parse_args(argv=None):
@@ -75,46 +65,9 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def add_mesh_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--mesh", default=None,
-                   help="mesh axes as NAME=SIZE,... in order (default: ep=<all devices>)")
-    p.add_argument("--expert-axis", default="ep", help="the mesh axis experts are split over")
-    p.add_argument("--tensor-axis", default=None,
-                   help="optional mesh axis splitting each expert's hidden width")
-
-
-def mesh_from_args(args, num_devices: int):
-    """(mesh, layout) from ``--mesh/--expert-axis/--tensor-axis``; ValueError names the problem."""
-    import moe_relayfree as mr
-
-    mesh = mr.make_mesh(mr.parse_mesh(args.mesh) if args.mesh else {args.expert_axis: num_devices})
-    return mesh, mr.make_layout(mesh, args.expert_axis, tensor_axis=args.tensor_axis)
-
-
-def dispatch_from_args(args, mesh):
-    """The one :class:`moe_relayfree.DispatchConfig` the model's MoE layers get, from
-    ``--expert-axis/--tensor-axis/--dispatch/--schedule`` (``args.schedule``: None or a
-    schedule name)."""
-    import moe_relayfree as mr
-
-    return mr.DispatchConfig(mesh, axis=args.expert_axis, tensor_axis=args.tensor_axis,
-                             schedule=args.schedule, implementation=DISPATCH[args.dispatch],
-                             capacity_factor=args.capacity_factor,
-                             decode_threshold=args.decode_threshold,
-                             decode_overflow=args.decode_overflow)
-
-
-def setup_devices(count: int) -> None:
-    flags = os.environ.get("XLA_FLAGS", "")
-    if "xla_force_host_platform_device_count" not in flags:
-        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={count}"
-    if ROOT not in sys.path:
-        sys.path.insert(0, ROOT)
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
-    setup_devices(args.devices)
+    emulate_cpu_devices(args.devices)
     import jax
     import numpy as np
 

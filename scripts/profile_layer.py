@@ -1,22 +1,6 @@
-"""Where a layer's time goes on emulated CPU devices, from XLA:CPU's own profile.
-
-Each implementation (names as in ``bench_decode.py``: decode, prefill, auto, ragged_baseline,
-capacity_baseline, decode_exchange, prefill_exchange) is compiled for one decode-sized case
-(P=8 emulated devices, k=8, d=1024, the bench's shapes and routing), timed in interleaved
-rounds (median), then traced with ``jax.profiler`` for ``--calls`` calls. The trace's events are
-reduced to *self* time (an event's duration less that of the events nested in it on the same
-thread) and summed per call, per op class and per thread kind:
-
-* op classes: ``dot`` (the expert GEMM's dot kernels), ``weight_slice`` (an expert's matrix
-  copied out of the stacked weights: found in the compiled program, whatever XLA named it), ``collective`` (collectives and
-  their rendezvous), ``intra_op_wait`` (a kernel waiting for the parts of it that XLA split off
-  to the intra-op pool), ``program_wait`` (a client thread waiting for the rest of its program,
-  which moved onto the pool), ``other``;
-* thread kinds: ``client`` (the PjRt client threads that start each device's program) and
-  ``pool`` (XLA:CPU's intra-op pool).
-
-Thread-milliseconds are summed over every emulated device's threads, which share the cores,
-so they exceed the wall time; compare implementations with each other, in one run.
+"""Where a layer's time goes on emulated CPU devices, from XLA:CPU's own profile
+(``moe_relayfree.tools.bench.profile`` says how the trace is reduced: self time per op class
+and thread kind, thread-ms per call).
 
     python scripts/profile_layer.py --experts 256 --tokens 16          # decode vs prefill
     python scripts/profile_layer.py --impls decode prefill ragged_baseline --calls 20
@@ -33,222 +17,18 @@ among the rest of the model.
 from __future__ import annotations
 
 import argparse
-import collections
-import glob
-import gzip
-import json
 import os
-import re
 import sys
-import tempfile
-import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import bench_decode  # noqa: E402  (sets no flags on import)
-
-CLASSES = ("dot", "weight_slice", "collective", "intra_op_wait", "program_wait", "other")
-_COLLECTIVES = ("all_gather", "all-gather", "all_to_all", "all-to-all", "ragged", "reduce_scatter",
-                "reduce-scatter", "all-reduce", "all_reduce", "collective", "Rendezvous",
-                "InvokeRendezvous", "Wait: pending_threads")
-
-
-_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = .*?\bfusion\(.*\bcalls=%?([\w.\-]+)")
-_COMPUTATION = re.compile(r"^%?([\w.\-]+) \(.*\) -> .* \{$")
-# one whole matrix of a rank-3 stack: dynamic_slice_sizes={1,d,f}
-_MATRIX_SLICE = re.compile(r"dynamic-slice\(.*dynamic_slice_sizes=\{1,\d+,\d+\}")
-
-
-def weight_slice_ops(hlo: str) -> set[str]:
-    """Names of the instructions of a compiled program (``compiled.as_text()``) that copy one
-    expert's matrix out of a ``[El, d, f]`` stack: a dynamic-slice of sizes ``{1, d, f}``, on
-    its own or inside a fusion. XLA names such a fusion after what else it fuses (a bf16 slice
-    becomes ``convert_bitcast_fusion``: sliced through an f32 conversion), so its trace events
-    cannot be told from other fusions by name."""
-    sliced, ops, current = set(), set(), None
-    for line in hlo.splitlines():
-        head = _COMPUTATION.match(line)
-        if head:
-            current = head.group(1)
-        elif _MATRIX_SLICE.search(line):
-            sliced.add(current)  # the computation, if a fusion calls it
-            ops.add(line.split(" = ")[0].split()[-1].lstrip("%"))  # the slice, if unfused
-    for line in hlo.splitlines():
-        m = _INSTRUCTION.match(line)
-        if m and m.group(2) in sliced:
-            ops.add(m.group(1))
-    return ops
-
-
-def op_class(name: str, weight_slices: set | None = None) -> str:
-    """The class of one trace event name (XLA:CPU thunk names and runtime scopes);
-    ``weight_slices``: instruction names :func:`weight_slice_ops` found in the program (may be
-    empty); ``None`` (no program text): ops named ``dynamic-slice*`` are taken for them."""
-    if name in weight_slices if weight_slices is not None else name.startswith("dynamic-slice"):
-        return "weight_slice"
-    if name == "SlinkyThreadPool::Await":
-        return "intra_op_wait"
-    if name == "ThunkExecutor::Execute (wait for completion)":
-        return "program_wait"
-    if name.startswith(("ynn_fusion", "xnn_fusion", "dot")) or "_dot" in name:
-        return "dot"
-    if name.startswith(_COLLECTIVES):
-        return "collective"
-    return "other"
-
-
-def self_times(events: list[dict]) -> list[tuple[dict, float]]:
-    """Complete events (``ph == "X"``, ``ts``/``dur`` in us) of ONE thread -> (event, self us):
-    its duration less the durations of the events directly nested in it."""
-    out, stack = [], []  # stack of [event, end, children_us]
-    for e in sorted(events, key=lambda e: (e["ts"], -e.get("dur", 0))):
-        while stack and stack[-1][1] <= e["ts"]:
-            done = stack.pop()
-            out.append((done[0], done[0].get("dur", 0) - done[2]))
-        if stack:
-            stack[-1][2] += e.get("dur", 0)
-        stack.append([e, e["ts"] + e.get("dur", 0), 0.0])
-    out.extend((s[0], s[0].get("dur", 0) - s[2]) for s in reversed(stack))
-    return out
-
-
-def summarize(trace: dict | list, calls: int, weight_slices: set | None = None) -> dict:
-    """A perfetto trace (``jax.profiler.trace(..., create_perfetto_trace=True)``) -> thread-ms
-    per call by class and thread kind, and the ten ops with most self time (``weight_slices``:
-    see :func:`op_class`)."""
-    events = trace["traceEvents"] if isinstance(trace, dict) else trace
-    names = {(e["pid"], e["tid"]): e["args"]["name"] for e in events
-             if e.get("ph") == "M" and e.get("name") == "thread_name"}
-    per_thread = collections.defaultdict(list)
-    for e in events:
-        if e.get("ph") == "X" and "XLA" in names.get((e["pid"], e["tid"]), ""):
-            per_thread[(e["pid"], e["tid"])].append(e)
-    by_class = {c: {"client": 0.0, "pool": 0.0} for c in CLASSES}
-    ops = collections.Counter()
-    for key, evs in per_thread.items():
-        kind = "client" if "Client" in names[key] else "pool"
-        for e, us in self_times(evs):
-            cls = op_class(e["name"], weight_slices)
-            if e["name"].startswith("ThunkExecutor::Execute") and cls == "other":
-                continue  # the executor's own bookkeeping around the thunks
-            by_class[cls][kind] += us / 1e3 / calls
-            ops[e["name"]] += us / 1e3 / calls
-    return {"thread_ms_per_call": by_class,
-            "top_ops": [[n, round(v, 3)] for n, v in ops.most_common(10)]}
-
-
-def profile(fn, args, calls: int, hlo: str = "") -> dict:
-    """Traces ``calls`` calls of ``fn(*args)`` (``args=None``: ``fn()``); ``hlo``: the
-    compiled program's text, to find its weight slices by what they compute."""
-    import jax
-
-    with tempfile.TemporaryDirectory() as d:
-        with jax.profiler.trace(d, create_perfetto_trace=True):
-            for _ in range(calls):
-                jax.block_until_ready(fn() if args is None else fn(*args))
-        (path,) = glob.glob(os.path.join(d, "**", "*perfetto_trace.json.gz"), recursive=True)
-        with gzip.open(path) as fh:
-            return summarize(json.load(fh), calls, weight_slice_ops(hlo) if hlo else None)
-
-
-def run(case: dict, impls, *, rounds: int, calls: int) -> dict:
-    import jax
-    import numpy as np
-
-    import moe_relayfree as mr
-
-    mesh = mr.make_ep_mesh(8)
-    args = bench_decode.case_inputs(mesh, case)
-    # compiled once: the program that is timed and traced is the one whose text is read
-    fns = {name: bench_decode._layer_fn(mesh, name).lower(*args).compile() for name in impls}
-    for fn in fns.values():
-        jax.block_until_ready(fn(*args))
-    times = {name: [] for name in fns}
-    for r in range(rounds):
-        for name in impls[r % len(impls):] + impls[:r % len(impls)]:
-            jax.block_until_ready(fns[name](*args))
-            start = time.perf_counter()
-            jax.block_until_ready(fns[name](*args))
-            times[name].append(time.perf_counter() - start)
-    out = {}
-    for name, fn in fns.items():
-        out[name] = dict(ms=float(np.median(times[name]) * 1e3),
-                         **profile(fn, args, calls, fn.as_text()))
-    return out
-
-
-def run_step(checkpoint: str, batch: int, paths, *, rounds: int, calls: int,
-             cache_len: int = 32) -> dict:
-    """The model's decode step for ``batch`` sequences, per dispatch path: median ms over
-    interleaved rounds and the profile. Tokens are random (the routing of real text, not one
-    token repeated, which would send every copy to the same experts)."""
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-    from flax import nnx
-
-    import moe_relayfree as mr
-    from infer import DISPATCH, ROOT
-    if ROOT not in sys.path:
-        sys.path.insert(0, ROOT)
-    from moe_relayfree_models import checkpoint as ckpt
-    from moe_relayfree_models.generation import GREEDY, step_program
-    from moe_relayfree_models.transformer import init_cache
-
-    mesh = mr.make_ep_mesh(len(jax.devices()))
-    key = jax.random.key(0)
-    calls_of, hlo = {}, {}
-    for name in paths:
-        model = ckpt.load_model(checkpoint, mesh=mesh, implementation=DISPATCH[name])
-        graphdef, state = nnx.split(model)
-        rng = np.random.default_rng(batch)
-        token = jnp.asarray(rng.integers(3, model.cfg.vocab_size, batch), jnp.int32)
-        pad = jnp.zeros((batch,), jnp.int32)
-        box = [init_cache(model.cfg, batch, cache_len, model.compute_dtype)]
-        position = jnp.int32(cache_len // 2)
-        compiled = step_program.lower(graphdef, GREEDY, state, token, pad, box[0], position,
-                                      key).compile()
-
-        def call(compiled=compiled, state=state, token=token, pad=pad, box=box, position=position):
-            # the step donates its cache: thread it through the calls
-            out, box[0] = compiled(state, token, pad, box[0], position, key)
-            return out
-
-        calls_of[name], hlo[name] = call, compiled.as_text()
-        jax.block_until_ready(call())
-    times = {name: [] for name in paths}
-    for r in range(rounds):
-        for name in paths[r % len(paths):] + paths[:r % len(paths)]:
-            jax.block_until_ready(calls_of[name]())
-            start = time.perf_counter()
-            jax.block_until_ready(calls_of[name]())
-            times[name].append(time.perf_counter() - start)
-    return {name: dict(ms=float(np.median(times[name]) * 1e3),
-                       **profile(calls_of[name], None, calls, hlo[name])) for name in paths}
-
-
-def markdown(report: dict) -> str:
-    c = report["case"]
-    title = (f"# Decode-step profile: {c['checkpoint']}, batch {c['batch']}" if "batch" in c else
-             f"# Layer profile: E={c['E']}, T={c['T']}/rank, k={c['k']}, d={c['d']}, f={c['f']}")
-    lines = [title + ", P=8 emulated CPU devices", "",
-             f"Command: `{report['command']}`. Thread-ms per call, summed over the devices' "
-             "threads (client / pool).", "",
-             f"| impl | {'step' if 'batch' in c else 'layer'} ms | " + " | ".join(CLASSES) + " |",
-             "|---" * (2 + len(CLASSES)) + "|"]
-    for name, r in report["impls"].items():
-        cells = [f"{r['thread_ms_per_call'][k]['client']:.1f} / {r['thread_ms_per_call'][k]['pool']:.1f}"
-                 for k in CLASSES]
-        lines.append(f"| {name} | {r['ms']:.1f} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+from moe_relayfree.tools.bench import env, report
+from moe_relayfree.tools.bench.variants import EXCHANGES, LAYERS
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--experts", type=int, default=256, choices=(64, 256))
     p.add_argument("--tokens", type=int, default=16, help="tokens per rank")
-    p.add_argument("--impls", nargs="+", default=["decode", "prefill"],
-                   choices=bench_decode.LAYER_IMPLS + bench_decode.EXCHANGE_IMPLS)
+    p.add_argument("--impls", nargs="+", default=["decode", "prefill"], choices=LAYERS + EXCHANGES)
     p.add_argument("--rounds", type=int, default=10, help="interleaved timing rounds")
     p.add_argument("--calls", type=int, default=10, help="calls traced per implementation")
     p.add_argument("--smoke", action="store_true", help="tiny shapes, to check the script")
@@ -258,30 +38,23 @@ def main(argv=None) -> int:
                    help="dispatch paths for --checkpoint (infer.py's --dispatch names)")
     p.add_argument("--out", default="results/profile")
     a = p.parse_args(argv)
-    bench_decode._setup_jax(8)
-    command = " ".join(["python scripts/profile_layer.py"] + (sys.argv[1:] if argv is None else list(argv)))
+    env.emulate_cpu_devices(8)
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
+    from moe_relayfree.tools.bench import profile
+
     if a.checkpoint:
         case = dict(checkpoint=a.checkpoint, batch=a.batch)
-        report = {"case": case, "command": command,
-                  "impls": run_step(a.checkpoint, a.batch, list(a.paths), rounds=a.rounds, calls=a.calls)}
-        return _write(report, os.path.join(a.out, f"step_{os.path.basename(os.path.normpath(a.checkpoint))}_B{a.batch}"))
-    if a.smoke:
-        case = dict(E=16, f=16, T=4, k=2, d=32)
+        impls = profile.run_step(a.checkpoint, a.batch, list(a.paths), rounds=a.rounds, calls=a.calls)
+        stem = f"step_{os.path.basename(os.path.normpath(a.checkpoint))}_B{a.batch}"
     else:
-        case = dict(E=a.experts, f=512 if a.experts == 64 else 256, T=a.tokens, k=8, d=1024)
-    report = {"case": case, "impls": run(case, list(a.impls), rounds=a.rounds, calls=a.calls),
-              "command": command}
-    return _write(report, os.path.join(a.out, f"profile_E{case['E']}_T{case['T']}"))
-
-
-def _write(report: dict, stem: str) -> int:
-    os.makedirs(os.path.dirname(stem), exist_ok=True)
-    with open(stem + ".json", "w") as fh:
-        json.dump(report, fh, indent=1)
-    with open(stem + ".md", "w") as fh:
-        fh.write(markdown(report))
-    print(markdown(report))
-    print(f"wrote {stem}.json, .md")
+        case = (dict(E=16, f=16, T=4, k=2, d=32) if a.smoke else
+                dict(E=a.experts, f=512 if a.experts == 64 else 256, T=a.tokens, k=8, d=1024))
+        impls = profile.run(case, list(a.impls), rounds=a.rounds, calls=a.calls)
+        stem = f"profile_E{case['E']}_T{case['T']}"
+    out = {"case": case, "impls": impls, "command": env.command("profile_layer.py", argv)}
+    text = profile.markdown(out)
+    print(text)
+    print("wrote " + ", ".join(report.write(a.out, stem, out, text)))
     return 0
 
 

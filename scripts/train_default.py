@@ -19,8 +19,6 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
 
 MODULES = ["abc", "argparse", "base64", "bisect", "calendar", "collections", "contextlib", "copy",
            "csv", "dataclasses", "datetime", "decimal", "difflib", "enum", "fractions", "functools",

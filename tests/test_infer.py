@@ -138,7 +138,7 @@ def test_sweep_script_smoke(tmp_path):
 
 
 def test_sweep_feasibility_is_the_largest_batch_under_each_target():
-    from sweep import feasibility
+    from moe_relayfree.tools.bench.serving import feasibility
 
     tpot = {"relayfree": [(1, 3.0), (8, 4.0), (64, 5.0)],
             "capacity-baseline": [(1, 4.8), (8, 3.9), (64, 6.0)],

@@ -1,14 +1,13 @@
-"""scripts/profile_layer.py: self times from a trace's nested events, summed by op class and
-thread kind; and real profiles of a tiny decode layer and of a model's decode step parse."""
+"""moe_relayfree.tools.bench.profile (scripts/profile_layer.py): self times from a trace's
+nested events, summed by op class and thread kind; and real profiles of a tiny decode layer and of a model's decode step parse."""
 
 import os
-import sys
 
 import pytest
 
+from moe_relayfree.tools.bench import profile as profile_layer
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "scripts"))
-import profile_layer  # noqa: E402
 
 
 def _x(name, ts, dur, tid):

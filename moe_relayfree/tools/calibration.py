@@ -1,13 +1,13 @@
-"""Calibrating the decode/prefill threshold on this machine, and alternating timing loops."""
+"""Calibrating the decode/prefill threshold on this machine."""
 
 from __future__ import annotations
 
-import time
 from typing import Sequence
 
 import numpy as np
 
 from moe_relayfree.selection import set_decode_threshold
+from moe_relayfree.tools.bench.timing import interleaved
 
 
 def crossover(tokens: Sequence[int], decode_s: Sequence[float], prefill_s: Sequence[float]) -> int:
@@ -23,32 +23,6 @@ def crossover(tokens: Sequence[int], decode_s: Sequence[float], prefill_s: Seque
         if best_cost is None or cost < best_cost - 1e-12:
             best, best_cost = threshold, cost
     return best
-
-
-def time_alternately(fns: dict, args: Sequence, *, min_rounds: int, seconds: float = 0.0,
-                     max_rounds: int | None = None, warm_each: bool = False) -> dict:
-    """Times each program of ``fns`` once per round, in an order that alternates from round to
-    round, so a slow spell of the machine hits every program rather than one.
-
-    Rounds go on past ``min_rounds`` until every program has been timed ``seconds`` in all (at
-    most ``max_rounds``). ``warm_each``: an untimed call right before each timed one. Returns
-    ``{name: [rounds] float64 seconds}``; round ``i`` of every program is paired.
-    """
-    import jax
-
-    names = list(fns)
-    times = {n: [] for n in names}
-    r = 0
-    while r < min_rounds or (min(sum(t) for t in times.values()) < seconds
-                             and (max_rounds is None or r < max_rounds)):
-        for n in (names if r % 2 == 0 else names[::-1]):
-            if warm_each:
-                jax.block_until_ready(fns[n](*args))
-            start = time.perf_counter()
-            jax.block_until_ready(fns[n](*args))
-            times[n].append(time.perf_counter() - start)
-        r += 1
-    return {n: np.asarray(t) for n, t in times.items()}
 
 
 def calibrate_decode_threshold(
@@ -102,7 +76,7 @@ def calibrate_decode_threshold(
         }
         for fn in fns.values():
             fn(x, ids, wts, *w).block_until_ready()
-        times = time_alternately(fns, (x, ids, wts, *w), min_rounds=repeats)
+        times = interleaved(fns, (x, ids, wts, *w), min_rounds=repeats, warm_each=False)
         row = {s: float(np.median(v)) for s, v in times.items()}
         results["tokens_per_rank"].append(int(t))
         results["decode_s"].append(row["decode"])

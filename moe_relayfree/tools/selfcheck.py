@@ -301,7 +301,7 @@ def time_variants(mesh: Mesh, tokens: int, *, axis: str = "ep", shapes: Shapes =
     """Layer time of each variant at ``tokens`` per device (uniform routing), programs called
     alternately in the same process. Returns ``{variant: median seconds}`` and per-round
     ratios to ``variants[0]`` as ``{variant + "/" + variants[0]: median ratio}``."""
-    from moe_relayfree.tools.calibration import time_alternately
+    from moe_relayfree.tools.bench.timing import interleaved
 
     e = _num_ranks(mesh, axis) * shapes.local
     sized = dataclasses.replace(shapes, tokens=tokens)
@@ -309,7 +309,7 @@ def time_variants(mesh: Mesh, tokens: int, *, axis: str = "ep", shapes: Shapes =
     fns = {v: _timed_fn(mesh, v, e, axis) for v in variants}
     for fn in fns.values():
         jax.block_until_ready(fn(*args))
-    times = time_alternately(fns, args, min_rounds=rounds, seconds=seconds, warm_each=True)
+    times = interleaved(fns, args, min_rounds=rounds, seconds=seconds)
     out = {v: float(np.median(t)) for v, t in times.items()}
     first = variants[0]
     out.update({f"{v}/{first}": float(np.median(times[v] / times[first])) for v in variants[1:]})

@@ -1,0 +1,52 @@
+"""Command-line settings of a served model, shared by ``scripts/infer.py`` and the benchmarks
+that serve a checkpoint (``sweep.py``, ``profile_layer.py``): the mesh, the dispatch path."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+DEFAULT_CHECKPOINT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default")
+# --dispatch names -> DispatchConfig.implementation
+DISPATCH = {"relayfree": "relayfree", "ragged-baseline": "ragged_baseline",
+            "capacity-baseline": "capacity_baseline"}
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an int >= 1 (argparse then prints one line naming the option)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def add_mesh_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--mesh", default=None,
+                   help="mesh axes as NAME=SIZE,... in order (default: ep=<all devices>)")
+    p.add_argument("--expert-axis", default="ep", help="the mesh axis experts are split over")
+    p.add_argument("--tensor-axis", default=None,
+                   help="optional mesh axis splitting each expert's hidden width")
+
+
+def mesh_from_args(args, num_devices: int):
+    """(mesh, layout) from ``--mesh/--expert-axis/--tensor-axis``; ValueError names the problem."""
+    import moe_relayfree as mr
+
+    mesh = mr.make_mesh(mr.parse_mesh(args.mesh) if args.mesh else {args.expert_axis: num_devices})
+    return mesh, mr.make_layout(mesh, args.expert_axis, tensor_axis=args.tensor_axis)
+
+
+def dispatch_from_args(args, mesh):
+    """The one :class:`moe_relayfree.DispatchConfig` the model's MoE layers get, from
+    ``--expert-axis/--tensor-axis/--dispatch/--schedule/--capacity-factor/--decode-threshold/
+    --decode-overflow``."""
+    import moe_relayfree as mr
+
+    return mr.DispatchConfig(mesh, axis=args.expert_axis, tensor_axis=args.tensor_axis,
+                             schedule=args.schedule, implementation=DISPATCH[args.dispatch],
+                             capacity_factor=args.capacity_factor,
+                             decode_threshold=args.decode_threshold,
+                             decode_overflow=args.decode_overflow)

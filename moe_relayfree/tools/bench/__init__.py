@@ -1,0 +1,12 @@
+"""The benchmarks behind ``scripts/``: shared parts and one module per benchmark.
+
+Shared: :mod:`.env` (emulated devices, the command line, the machine), :mod:`.timing`
+(interleaved rounds, medians, intervals: the one way programs are compared),
+:mod:`.inputs` (placed layer inputs), :mod:`.variants` (named layer programs and per-phase
+implementations), :mod:`.report` (JSON and markdown out).
+
+Benchmarks (each behind a thin ``scripts/`` command): :mod:`.layer` (``bench.py``),
+:mod:`.decode` (``bench_decode.py``), :mod:`.profile` (``profile_layer.py``), :mod:`.serving`
+(``sweep.py``), :mod:`.generation` (``bench_generation.py``), :mod:`.loading`
+(``bench_load.py``). Nothing in the core imports this package.
+"""

@@ -53,7 +53,7 @@ class TensorIndex:
             files = sorted(os.path.basename(p) for p in glob.glob(os.path.join(folder, "*.safetensors")))
         if not files:
             raise CheckpointError(f"no *.safetensors files in {folder}")
-        self._raw: dict[str, tuple[str, int]] = {}  # tensor: (file, byte offset of its data)
+        self._offset: dict[str, int] = {}  # tensor: byte offset of its data in its file
         self.file: dict[str, str] = {}
         self.shape: dict[str, tuple[int, ...]] = {}
         self.dtype: dict[str, np.dtype] = {}
@@ -64,7 +64,7 @@ class TensorIndex:
                 self.file[key] = name
                 self.shape[key] = shape
                 self.dtype[key] = _numpy_dtype(dtype, key, name)
-                self._raw[key] = (name, offset)
+                self._offset[key] = offset
         if listed is not None:
             wrong = sorted(k for k, f in listed.items() if self.file.get(k) != f)
             if wrong:
@@ -117,8 +117,7 @@ class TensorIndex:
         return self._read(name, index)
 
     def _read(self, name: str, index: tuple) -> np.ndarray:
-        file, offset = self._raw[name]
-        path = os.path.join(self.folder, file)
+        path, offset = os.path.join(self.folder, self.file[name]), self._offset[name]
         if self.nbytes(name) == 0:  # mmap cannot map zero bytes
             value = np.zeros(self.shape[name], self.dtype[name])[index]
             return value

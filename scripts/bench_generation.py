@@ -1,24 +1,8 @@
-"""Model-level costs outside the MoE layer, as A/Bs on emulated CPU devices.
-
-* ``prefill``: the prefill program computing logits for the last position only (what
-  ``models.generation`` runs) against every position (the model's default,
-  ``logits_to_keep=0``): time to first token and XLA's temporary buffer bytes per device.
-* ``sampling`` (``--sampling-batch N``): the decode step of ``generate`` with temperature,
-  top-k and top-p settings against greedy, in one process (median step of ``--new-tokens``).
-* ``mla`` (``--mla-contexts L ...``, MLA checkpoints only): the decode step with attention in
-  the absorbed form (over the latent cache) against the expanded one (keys and values expanded
-  from the cache every step), at caches of ``L`` rows, in one process.
-* ``step``: the decode step with dense projections padded to ``DENSE_MIN_ROWS`` rows per device
-  (``moe_relayfree.experts.dense_dot``) against unpadded (``DENSE_MIN_ROWS = 1``): at one token
-  per device XLA:CPU runs a bf16 one-row dot as a matrix-vector product that widens the whole
-  matrix to f32 on every call. Each variant runs ``generate`` in a fresh process, as
-  ``scripts/infer.py`` does (median decode step of ``--new-tokens``), see ``child_step``.
-
-Variants alternate, order swapped every round; the ratio is the median over rounds of
-variant / baseline in the same round. ``same_tokens`` says whether both generated the same
-greedy tokens; it is reported, not required: a dot over more rows may add in another order, and
-with random prompts (near ties) one ulp can change a token. Writes ``generation.json`` and
-``generation.md`` to ``--out`` (``moe_relayfree.tools.bench.generation``).
+"""Model-level costs outside the MoE layer, as A/Bs on emulated CPU devices: prefill logits of
+the last position only against all, sampling settings against greedy, MLA's absorbed against
+expanded decode step, padded against unpadded dense rows at one token per device (what each
+measures and how: ``moe_relayfree.tools.bench.generation``). Writes ``generation.json`` and
+``generation.md`` to ``--out``.
 
     python scripts/bench_generation.py --checkpoint models/default --batches 1 8 16
     python scripts/make_random_checkpoint.py --vocab 151936 --out /tmp/moe64v

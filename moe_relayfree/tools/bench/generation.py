@@ -14,7 +14,7 @@
   matrix to f32 on every call. Each variant runs ``generate`` in a fresh process, as
   ``scripts/infer.py`` does (median decode step of ``--new-tokens``), see ``child_step``.
 
-Variants alternate, order swapped every round; the ratio is the median over rounds of
+Variants alternate, order rotating every round; the ratio is the median over rounds of
 variant / baseline in the same round. ``same_tokens`` says whether both generated the same
 greedy tokens; it is reported, not required: a dot over more rows may add in another order, and
 with random prompts (near ties) one ulp can change a token. The command: ``scripts/bench_generation.py``.

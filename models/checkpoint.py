@@ -14,6 +14,7 @@ names the tensors. Nothing is downloaded.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -26,7 +27,7 @@ from jax.sharding import PartitionSpec as P
 
 from moe_relayfree_models.config import ModelConfig
 from moe_relayfree_models.hf_config import from_hf_config
-from moe_relayfree_models.quant import parse_quantization
+from moe_relayfree_models.quant import SCALE_SUFFIX, parse_quantization
 from moe_relayfree_models.tensor_index import CheckpointError, TensorIndex
 from moe_relayfree_models.transformer import MoETransformer
 from moe_relayfree.config import DispatchConfig, dispatch_config
@@ -68,20 +69,39 @@ def _check(index: TensorIndex, name: str, shape: tuple[int, ...], used: set[str]
 
 
 def _expert_reader(index: TensorIndex, prefix: str, cfg: ModelConfig, used: set[str]):
-    """Checks the expert tensors of one MoE layer; returns ``read(which, e0, e1)`` giving
-    experts ``[e0, e1)`` of ``which`` in {"gate", "up", "down"} as ``[n, d, f]`` / ``[n, f, d]``."""
+    """Checks the expert tensors of one MoE layer; returns ``read(which, e0, e1, part)`` giving
+    experts ``[e0, e1)`` of ``which`` in {"gate", "up", "down"} as ``[n, d, f]`` / ``[n, f, d]``:
+    ``part="weight"`` the weights (an FP8 checkpoint's dequantized), ``"values"`` / ``"scale"``
+    an FP8 checkpoint's stored values and block scales, transposed alike."""
     e, d, f = cfg.num_experts, cfg.d_model, cfg.d_ff_expert
     fused = f"{prefix}.experts.gate_up_proj"
+
+    def get(name, part, index_=()):
+        if part == "weight":
+            return index.read(name, index_)
+        if not index.quantized(name):
+            raise CheckpointError(f"{name!r} is not stored in FP8: its experts cannot stay FP8")
+        if part == "values":
+            return index.read_stored(name, index_)
+        rows = index_[1] if len(index_) > 1 else slice(None)
+        if rows != slice(None):  # gate or up half of a fused stack, in blocks
+            bo = index.quant.block[0]
+            if rows.start % bo or rows.stop % bo:
+                raise CheckpointError(f"{name!r}: f={f} is not a multiple of the {bo}-row blocks, "
+                                      "so its gate and up halves share blocks; load it dequantized")
+            rows = slice(rows.start // bo, rows.stop // bo)
+        return index.read_stored(name + SCALE_SUFFIX, tuple(index_[:1]) + (rows,))
+
     if fused in index:
         _check(index, fused, (e, 2 * f, d), used)
         _check(index, f"{prefix}.experts.down_proj", (e, d, f), used)
 
-        def read(which, e0, e1):
+        def read(which, e0, e1, part="weight"):
             rows = slice(e0, e1)
             if which == "down":
-                return np.swapaxes(index.read(f"{prefix}.experts.down_proj", (rows,)), 1, 2)
+                return np.swapaxes(get(f"{prefix}.experts.down_proj", part, (rows,)), 1, 2)
             half = slice(0, f) if which == "gate" else slice(f, 2 * f)
-            return np.swapaxes(index.read(fused, (rows, half)), 1, 2)
+            return np.swapaxes(get(fused, part, (rows, half)), 1, 2)
         return read
     names = dict(zip(("gate", "up", "down"), ("w1", "w3", "w2") if cfg.arch == "mixtral"
                      else ("gate_proj", "up_proj", "down_proj")))
@@ -89,8 +109,8 @@ def _expert_reader(index: TensorIndex, prefix: str, cfg: ModelConfig, used: set[
         for which, torch_shape in (("gate", (f, d)), ("up", (f, d)), ("down", (d, f))):
             _check(index, f"{prefix}.experts.{i}.{names[which]}.weight", torch_shape, used)
 
-    def read(which, e0, e1):
-        return np.stack([index.read(f"{prefix}.experts.{i}.{names[which]}.weight").T
+    def read(which, e0, e1, part="weight"):
+        return np.stack([get(f"{prefix}.experts.{i}.{names[which]}.weight", part).T
                          for i in range(e0, e1)])
     return read
 
@@ -194,7 +214,12 @@ def _replicated(read, dtype):
 
 
 def export_tensors(model: MoETransformer, *, fused_experts: bool = False, dtype=None) -> dict[str, np.ndarray]:
-    """The model's weights under Hugging Face names (the inverse of :func:`load_weights`)."""
+    """The model's weights under Hugging Face names (the inverse of :func:`load_weights`).
+
+    FP8 experts (``cfg.expert_fp8_block``) are written as stored: ``float8_e4m3fn`` values and
+    their ``_scale_inv`` blocks, in torch's ``[out, in]`` orientation (``dtype`` applies to the
+    other tensors); the folder's ``config.json`` then needs the matching
+    ``quantization_config``."""
     def host(var):
         a = np.asarray(jax.device_get(var[...]))
         return a.astype(dtype) if dtype is not None else a
@@ -205,20 +230,30 @@ def export_tensors(model: MoETransformer, *, fused_experts: bool = False, dtype=
         out[name] = np.ascontiguousarray(host(var).T if linear else host(var))
     names = ("w1", "w3", "w2") if model.cfg.arch == "mixtral" else ("gate_proj", "up_proj", "down_proj")
     for prefix, moe in experts:
-        gate, up, down = host(moe.w_gate), host(moe.w_up), host(moe.w_down)
-        if fused_experts:
-            out[f"{prefix}.experts.gate_up_proj"] = np.ascontiguousarray(
-                np.concatenate([gate, up], axis=2).swapaxes(1, 2))
-            out[f"{prefix}.experts.down_proj"] = np.ascontiguousarray(down.swapaxes(1, 2))
-            continue
-        for e in range(gate.shape[0]):
-            for n, w in zip(names, (gate[e], up[e], down[e])):
-                out[f"{prefix}.experts.{e}.{n}.weight"] = np.ascontiguousarray(w.T)
+        stacks = [{"": host(getattr(moe, n))} for n in ("w_gate", "w_up", "w_down")]
+        if moe.expert_block is not None:
+            for stack, n in zip(stacks, ("w_gate", "w_up", "w_down")):
+                stack[""] = np.asarray(jax.device_get(getattr(moe, n)[...]))
+                stack[SCALE_SUFFIX] = np.asarray(jax.device_get(getattr(moe, n + "_scale")[...]))
+        gate, up, down = stacks
+        for suffix in gate:
+            if fused_experts:
+                if suffix and model.cfg.d_ff_expert % moe.expert_block[1]:
+                    raise ValueError("fused FP8 experts need f to be a multiple of the block")
+                out[f"{prefix}.experts.gate_up_proj{suffix}"] = np.ascontiguousarray(
+                    np.concatenate([gate[suffix], up[suffix]], axis=2).swapaxes(1, 2))
+                out[f"{prefix}.experts.down_proj{suffix}"] = np.ascontiguousarray(
+                    down[suffix].swapaxes(1, 2))
+                continue
+            for e in range(gate[suffix].shape[0]):
+                for n, w in zip(names, (gate[suffix][e], up[suffix][e], down[suffix][e])):
+                    out[f"{prefix}.experts.{e}.{n}.weight{suffix}"] = np.ascontiguousarray(w.T)
     return out
 
 
 def load_model(folder: str, dispatch: DispatchConfig | None = None, *, dtype=None,
-               stats: dict | None = None, **dispatch_settings) -> MoETransformer:
+               fp8_experts: bool = False, stats: dict | None = None,
+               **dispatch_settings) -> MoETransformer:
     """Builds the model described by ``folder/config.json`` and streams its safetensors in.
 
     Args:
@@ -227,6 +262,9 @@ def load_model(folder: str, dispatch: DispatchConfig | None = None, *, dtype=Non
         (:mod:`moe_relayfree.layout`); expert tensors are read per device, for the experts on
         that device's expert rank (with a tensor axis, the full ``f`` is read and sliced).
       dtype: parameter dtype; default the checkpoint's (that of its embedding).
+      fp8_experts: an FP8 checkpoint's routed experts stay FP8 on the devices, with their block
+        scales (half the bytes of bf16; dequantized where the experts run, see
+        :class:`moe_relayfree.MoELayer`); every other weight is dequantized to ``dtype``.
       stats: if given, filled with ``bytes_read`` (tensor bytes this process read),
         ``tensor_bytes`` (all tensors of the checkpoint) and ``expert_bytes`` (their routed-expert
         part).
@@ -234,6 +272,12 @@ def load_model(folder: str, dispatch: DispatchConfig | None = None, *, dtype=Non
     cfg = read_config(folder)
     with open(os.path.join(folder, "config.json")) as fh:
         quant = parse_quantization(json.load(fh).get("quantization_config"))
+    if fp8_experts:
+        if quant is None:
+            raise CheckpointError(f"fp8_experts needs an FP8 checkpoint; {folder}/config.json has "
+                                  "no quantization_config")
+        # torch's [out, in] blocks (bo, bi) are (bi, bo) blocks of the transposed matrices
+        cfg = dataclasses.replace(cfg, expert_fp8_block=quant.block[::-1])
     index = TensorIndex(folder, quant)
     if dtype is None:
         dtype = index.dtype.get("model.embed_tokens.weight", np.dtype(np.float32))
@@ -264,15 +308,19 @@ def load_model(folder: str, dispatch: DispatchConfig | None = None, *, dtype=Non
             return value.T if linear else value
         _place(var, replicated, _replicated(read, dtype), dtype)
     lay = dispatch.layout
+    parts = (("values", "", jnp.float8_e4m3fn), ("scale", "_scale", jnp.float32)) if fp8_experts \
+        else (("weight", "", dtype),)
     for moe, read in readers:
-        for var, which, spec in ((moe.w_gate, "gate", lay.w_in), (moe.w_up, "up", lay.w_in),
-                                 (moe.w_down, "down", lay.w_out)):
-            def build(idx, read=read, which=which):
-                rows = idx[0]
-                value = read(which, rows.start or 0,
-                             cfg.num_experts if rows.stop is None else rows.stop)
-                return value[(slice(None),) + tuple(idx[1:])]
-            _place(var, NamedSharding(mesh, spec), build, dtype)
+        for name, which, spec in (("w_gate", "gate", lay.w_in), ("w_up", "up", lay.w_in),
+                                  ("w_down", "down", lay.w_out)):
+            for part, suffix, part_dtype in parts:
+                # a scale variable's shards come in blocks: the same slices of its own shape
+                def build(idx, read=read, which=which, part=part):
+                    rows = idx[0]
+                    value = read(which, rows.start or 0,
+                                 cfg.num_experts if rows.stop is None else rows.stop, part)
+                    return value[(slice(None),) + tuple(idx[1:])]
+                _place(getattr(moe, name + suffix), NamedSharding(mesh, spec), build, part_dtype)
     if stats is not None:
         stats.update(bytes_read=index.bytes_read,
                      tensor_bytes=sum(index.nbytes(n) for n in index.file),

@@ -47,6 +47,9 @@ class ModelConfig:
     sliding_window: int | None = None
     sliding_layers: tuple[bool, ...] | None = None
     clip_qkv: float | None = None  # OLMoE: clamp q, k, v to [-clip_qkv, clip_qkv]
+    # Routed experts kept in FP8 on the devices, one float32 scale per (rows, cols) block of
+    # each [d, f] / [f, d] matrix (moe_relayfree.MoELayer's expert_block); None: param dtype.
+    expert_fp8_block: tuple[int, int] | None = None
 
     def __post_init__(self):
         if self.arch not in ARCHITECTURES:

@@ -23,7 +23,7 @@ from flax import nnx
 
 from moe_relayfree_models.config import ModelConfig
 from moe_relayfree_models.layers import RMSNorm, attention_mask, rope
-from moe_relayfree.experts import dense_dot
+from moe_relayfree.ffn import dense_dot
 from moe_relayfree.layer import normal_init
 
 _F32 = jnp.float32

@@ -118,3 +118,41 @@ def quantize(weight: np.ndarray, quant: BlockFp8) -> tuple[np.ndarray, np.ndarra
     scale = np.where(scale > 0, scale, 1.0).astype(np.float32)
     full = np.repeat(np.repeat(scale, bo, axis=-2), bi, axis=-1)[..., :rows, :cols]
     return (w / full).astype(ml_dtypes.float8_e4m3fn), scale
+
+
+def quantize_checkpoint(src: str, dst: str, block: tuple[int, int] = (128, 128)) -> dict:
+    """Writes ``dst``: the checkpoint folder ``src`` with every :func:`quantizable` tensor
+    block-quantized to FP8 (:func:`quantize`), the others and the tokenizer files as they are,
+    and ``quantization_config`` in its ``config.json``: the official FP8 checkpoints' format,
+    for benchmarks and tests of a model whose FP8 release is not on this machine. Reads the
+    whole model into memory (small models). Returns ``{"tensors", "quantized", "bytes"}``."""
+    import json
+    import os
+    import shutil
+
+    from safetensors.numpy import save_file
+
+    from moe_relayfree_models.tensor_index import TensorIndex
+
+    index = TensorIndex(src)
+    q = BlockFp8(tuple(block))
+    out, quantized = {}, 0
+    for name in index.file:
+        value = index.read(name)
+        if quantizable(name) and value.ndim >= 2:
+            out[name], out[name + SCALE_SUFFIX] = quantize(value, q)
+            quantized += 1
+        else:
+            out[name] = value
+    os.makedirs(dst, exist_ok=True)
+    save_file(out, os.path.join(dst, "model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(src, "config.json")) as fh:
+        config = json.load(fh)
+    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3",
+                                     "activation_scheme": "dynamic", "weight_block_size": list(block)}
+    with open(os.path.join(dst, "config.json"), "w") as fh:
+        json.dump(config, fh, indent=1)
+    for extra in os.listdir(src):
+        if extra.startswith("tokenizer") or extra == "generation_config.json":
+            shutil.copy(os.path.join(src, extra), os.path.join(dst, extra))
+    return {"tensors": len(out), "quantized": quantized, "bytes": sum(v.nbytes for v in out.values())}

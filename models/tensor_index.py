@@ -116,6 +116,10 @@ class TensorIndex:
                                   self.shape[name], index, self.quant, self.dequant_dtype)
         return self._read(name, index)
 
+    def read_stored(self, name: str, index: tuple = ()) -> np.ndarray:
+        """Tensor ``name`` (or a slice) as stored: an FP8 weight's values, not dequantized."""
+        return self._read(name, index)
+
     def _read(self, name: str, index: tuple) -> np.ndarray:
         path, offset = os.path.join(self.folder, self.file[name]), self._offset[name]
         if self.nbytes(name) == 0:  # mmap cannot map zero bytes

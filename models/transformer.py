@@ -20,7 +20,7 @@ from flax import nnx
 from moe_relayfree_models.config import ModelConfig
 from moe_relayfree_models.layers import RMSNorm, attention_mask, rope
 from moe_relayfree_models.mla import MLAttention
-from moe_relayfree.experts import dense_dot
+from moe_relayfree.ffn import dense_dot
 from moe_relayfree.config import DispatchConfig, dispatch_config
 from moe_relayfree.layer import MoELayer, SwiGLUMLP, normal_init
 
@@ -128,7 +128,7 @@ class DecoderLayer(nnx.Module):
             self.mlp = MoELayer(
                 cfg.d_model, cfg.d_ff_expert, cfg.num_experts, cfg.k, dispatch=dispatch,
                 router=cfg.router, shared_d_ff=cfg.shared_d_ff, shared_gate=cfg.shared_gate,
-                param_dtype=param_dtype, rngs=rngs,
+                param_dtype=param_dtype, expert_block=cfg.expert_fp8_block, rngs=rngs,
             )
         else:
             self.mlp = SwiGLUMLP(cfg.d_model, cfg.d_ff, param_dtype=param_dtype, rngs=rngs)

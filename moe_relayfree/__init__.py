@@ -7,7 +7,8 @@ The surface, by what it is for:
 * the functional core: :func:`expert_parallel_moe`, :func:`route_tokens`, and the verbs
   :func:`dispatch` / :func:`combine` for your own ``shard_map`` (the schedules' pieces in
   :mod:`moe_relayfree.prefill` and :mod:`moe_relayfree.decode`); expert math
-  :func:`swiglu`, :func:`grouped_swiglu`, :func:`windows_swiglu`; the reference
+  :func:`swiglu`, :func:`grouped_swiglu`, :func:`windows_swiglu` (FP8 expert weights:
+  :mod:`moe_relayfree.quant`); the reference
   :func:`dense_moe_reference`; router statistics and losses in :mod:`moe_relayfree.balance`;
 * meshes: :func:`make_ep_mesh`, :func:`make_mesh`, :func:`parse_mesh`, :func:`make_layout`;
 * the schedule choice: :func:`select_schedule`, :func:`decode_threshold`,
@@ -19,7 +20,7 @@ Tooling the core never imports lives in :mod:`moe_relayfree.tools` (deviceless T
 HLO analysis, the platform self-check, calibration).
 """
 
-from moe_relayfree import balance, decode, distributed, platform, prefill
+from moe_relayfree import balance, decode, distributed, platform, prefill, quant
 from moe_relayfree.api import expert_parallel_moe, route_tokens
 from moe_relayfree.collectives import ragged_all_to_all, register_ragged_all_to_all
 from moe_relayfree.config import DispatchConfig
@@ -42,6 +43,7 @@ __all__ = [
     # the functional core
     "expert_parallel_moe", "route_tokens", "route", "dispatch", "combine", "swiglu",
     "grouped_swiglu", "windows_swiglu", "dense_moe_reference", "balance", "prefill", "decode",
+    "quant",
     # meshes
     "MeshLayout", "make_ep_mesh", "make_layout", "make_mesh", "parse_mesh",
     # the schedule choice

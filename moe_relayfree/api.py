@@ -16,6 +16,7 @@ from moe_relayfree.config import DEFAULT_CAPACITY_FACTOR, DispatchConfig, dispat
 from moe_relayfree.experts import grouped_swiglu, swiglu, windows_swiglu
 from moe_relayfree.layout import MeshLayout
 from moe_relayfree.plan import MIN_ROWS, rows_per_round
+from moe_relayfree.quant import BlockQuantized, as_dtype, check_split, is_quantized, shape_of
 from moe_relayfree.routing import RouterConfig, route
 from moe_relayfree.selection import select_schedule
 from moe_relayfree.windows import ExpertWindows
@@ -25,8 +26,7 @@ __all__ = ["DEFAULT_CAPACITY_FACTOR", "expert_parallel_moe", "replicates_tokens"
 
 def _validate(x, topk_ids, topk_weights, w_gate, w_up, w_down, lay: MeshLayout,
               small_batch_ok: bool = False):
-    def shape(a):
-        return tuple(np.shape(a))
+    shape = shape_of
 
     if len(shape(x)) != 2:
         raise ValueError(f"x must be [N, d], got shape {shape(x)}")
@@ -54,6 +54,10 @@ def _validate(x, topk_ids, topk_weights, w_gate, w_up, w_down, lay: MeshLayout,
             f"{lay.batch_axes}; pad the batch (MoELayer does this for you)"
         )
     lay.check_experts(e, f)
+    tensor = lay.tensor_size
+    for name, w, f_dim in (("w_gate", w_gate, 2), ("w_up", w_up, 2), ("w_down", w_down, 1)):
+        if is_quantized(w):
+            check_split(name, w.shape, w.block, f_dim, tensor)
     if k > e:
         raise ValueError(f"k={k} exceeds the number of experts E={e}")
     if not isinstance(topk_ids, jax.core.Tracer):
@@ -93,7 +97,8 @@ def _per_rank(x, topk_ids, topk_weights, w_gate, w_up, w_down, *, axis, tensor_a
     # group agree on, and ranks of different groups meet different collectives (a deadlock).
     # Here the sums happen once, after the whole layer's backward pass.
     args = (x, topk_ids, topk_weights, w_gate, w_up, w_down)
-    args = [vary_like(a, *args) for a in args]
+    leaves = jax.tree.leaves(args)
+    args = [jax.tree.map(lambda a: vary_like(a, *leaves), a) for a in args]
     y = _routed(*args, axis=axis, schedule=schedule, num_experts=num_experts, rows=rows,
                 implementation=implementation, decode_overflow=decode_overflow,
                 replicated=replicated)
@@ -115,7 +120,8 @@ def _routed(x, topk_ids, topk_weights, w_gate, w_up, w_down, *, axis, schedule, 
         return baselines.ragged.combine(grouped_swiglu(grouped, sizes, w_gate, w_up, w_down), handle)
     if implementation == "capacity_baseline":
         expert_in, handle = baselines.capacity.dispatch(x, topk_ids, topk_weights, **common)
-        out = jax.vmap(swiglu)(expert_in, w_gate, w_up, w_down)
+        dense = (as_dtype(w, x.dtype) for w in (w_gate, w_up, w_down))
+        out = jax.vmap(swiglu)(expert_in, *dense)
         return baselines.capacity.combine(out, handle)
 
     def experts(win: ExpertWindows):
@@ -165,6 +171,8 @@ def _explicit(mesh: Mesh) -> bool:
 
 
 def _place(a, mesh: Mesh, spec: P):
+    if is_quantized(a):  # both arrays split alike (the scale's blocks follow the values)
+        return BlockQuantized(_place(a.values, mesh, spec), _place(a.scale, mesh, spec), a.block)
     sharding = NamedSharding(mesh, spec)
     if isinstance(a, jax.core.Tracer):
         if _explicit(mesh):
@@ -195,7 +203,10 @@ def expert_parallel_moe(
         repeat an expert: its choices of one expert add up.
       topk_weights: ``[N, k]`` routing weights, split like x.
       w_gate, w_up: ``[E, d, f]``; w_down: ``[E, f, d]``: split on E over the expert axis (and
-        on f over the tensor axis if any), replicated over the other axes.
+        on f over the tensor axis if any), replicated over the other axes. Each may be a
+        :class:`~moe_relayfree.quant.BlockQuantized` weight (FP8 values and block scales, split
+        alike; a tensor axis must leave whole blocks on each rank): it stays quantized in
+        memory and is dequantized to x's dtype where the experts read it (inference only).
       config: a :class:`~moe_relayfree.DispatchConfig` (mesh, axis roles, schedule,
         implementation, capacity factor, decode settings).
       **settings: its fields given directly (``mesh=..., schedule="decode"``), or changes to

@@ -48,7 +48,6 @@ import functools
 from typing import Callable, Literal
 
 import jax
-import jax.numpy as jnp
 from jax import lax
 
 from moe_relayfree import prefill, transports

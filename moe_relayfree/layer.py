@@ -15,12 +15,25 @@ from moe_relayfree.balance import (
     update_score_bias,
 )
 from moe_relayfree.config import DispatchConfig, dispatch_config
-from moe_relayfree.experts import dense_dot
+from moe_relayfree.ffn import dense_dot
+from moe_relayfree.quant import BlockQuantized, check_split, quantize
 from moe_relayfree.routing import RouterConfig, route
 
 
 class RouterBias(nnx.Variable):
     """Selection-only expert bias (DeepSeek-V3 ``e_score_correction_bias``): not a gradient param."""
+
+
+class BlockScale(nnx.Variable):
+    """The float32 block scales of a block-quantized expert stack: not a gradient param."""
+
+
+def quantize_stack(w: jax.Array, block: tuple[int, int], mesh, spec) -> BlockQuantized:
+    """:func:`~moe_relayfree.quant.quantize` of a stack split by ``spec``, shard by shard (each
+    shard holds whole blocks, :func:`~moe_relayfree.quant.check_split`), under jit (under
+    ``nnx.eval_shape``: the abstract shapes)."""
+    local = jax.shard_map(lambda a: quantize(a, block), mesh=mesh, in_specs=spec, out_specs=spec)
+    return jax.jit(local)(w)
 
 
 def normal_init(rngs: nnx.Rngs, shape, std: float, dtype) -> jax.Array:
@@ -62,6 +75,13 @@ class MoELayer(nnx.Module):
       w_gate, w_up ``[E, d, f]`` and w_down ``[E, f, d]``, created sharded on E over ``axis``
       (and on f over ``tensor_axis``); shared experts (``shared_d_ff`` > 0) replicated.
 
+    FP8 experts (``expert_block=(br, bc)``, or :meth:`quantize_experts` later): the three
+    stacks are stored as ``float8_e4m3fn`` with float32 :class:`BlockScale` variables
+    ``w_gate_scale`` / ``w_up_scale`` ``[E, ceil(d/br), ceil(f/bc)]`` and ``w_down_scale``
+    ``[E, ceil(f/br), ceil(d/bc)]``, split like their stacks: half the bytes of bf16. They are
+    dequantized to the activations' dtype where the experts run
+    (:mod:`moe_relayfree.quant`); inference only.
+
     Dispatch: a :class:`~moe_relayfree.DispatchConfig` (``dispatch=``), or its fields as
     keywords (``mesh=..., schedule=...``), or both (the keywords change the config). Tokens
     are split over its batch axes, experts over its expert axis (see
@@ -95,6 +115,7 @@ class MoELayer(nnx.Module):
         load_balancing_weight: float = 0.0,
         z_loss_weight: float = 0.0,
         param_dtype=jnp.float32,
+        expert_block: tuple[int, int] | None = None,
         rngs: nnx.Rngs,
         **dispatch_settings,
     ):
@@ -128,6 +149,37 @@ class MoELayer(nnx.Module):
             if shared_d_ff
             else None
         )
+        self.expert_block = None  # (rows, cols) once quantized, with w_*_scale variables
+        if expert_block is not None:
+            self.quantize_experts(expert_block)
+
+    def quantize_experts(self, block: tuple[int, int] = (128, 128)) -> None:
+        """Stores the routed experts in FP8 with one float32 scale per ``block`` (rows, cols) of
+        each matrix (:func:`moe_relayfree.quant.quantize`: every block's largest magnitude maps
+        to 448), in place, split as before. A tensor axis must leave whole blocks on each rank."""
+        if self.expert_block is not None:
+            raise ValueError(f"the experts are already quantized (blocks {self.expert_block})")
+        block = tuple(int(b) for b in block)
+        if len(block) != 2 or min(block) < 1:
+            raise ValueError(f"block must be two positive ints (rows, cols), got {block}")
+        lay, mesh = self.layout, self.mesh
+        for name, spec, f_dim in (("w_gate", lay.w_in, 2), ("w_up", lay.w_in, 2),
+                                  ("w_down", lay.w_out, 1)):
+            var = getattr(self, name)
+            check_split(name, var.shape, block, f_dim, lay.tensor_size)
+            q = quantize_stack(var[...], block, mesh, spec)
+            setattr(self, name, nnx.Param(q.values, out_sharding=tuple(spec), mesh=mesh))
+            setattr(self, f"{name}_scale", BlockScale(q.scale, out_sharding=tuple(spec), mesh=mesh))
+        self.expert_block = block
+
+    def _expert_weights(self, dtype) -> tuple:
+        """The three stacks as :func:`expert_parallel_moe` takes them: in ``dtype``, or
+        :class:`~moe_relayfree.quant.BlockQuantized` (dequantized where the experts run)."""
+        names = ("w_gate", "w_up", "w_down")
+        if self.expert_block is None:
+            return tuple(getattr(self, n)[...].astype(dtype) for n in names)
+        return tuple(BlockQuantized(getattr(self, n)[...], getattr(self, f"{n}_scale")[...],
+                                    self.expert_block) for n in names)
 
     def rows_per_device(self, num_tokens: int) -> int:
         """Token rows each device holds when this layer gets ``num_tokens``: all of them when
@@ -202,12 +254,8 @@ class MoELayer(nnx.Module):
             fill = ((row - n) * self.k + jnp.arange(self.k, dtype=jnp.int32)) % self.num_experts
             ids = jnp.where(row < n, ids, fill)
             weights = jnp.where(row < n, weights, 0.0)
-        dtype = x.dtype
-        y = expert_parallel_moe(
-            tokens, ids, weights,
-            self.w_gate[...].astype(dtype), self.w_up[...].astype(dtype),
-            self.w_down[...].astype(dtype), self.dispatch,
-        )[:n]
+        y = expert_parallel_moe(tokens, ids, weights, *self._expert_weights(x.dtype),
+                                self.dispatch)[:n]
         if self.shared is not None:
             y = y + self.shared(tokens[:n], rows_per_device=rows)
         return y.reshape(*lead, d)

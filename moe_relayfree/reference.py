@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from moe_relayfree.experts import swiglu
+from moe_relayfree.ffn import swiglu
 
 
 @jax.jit  # one compiled program per shape: op-by-op dispatch of it cost tests seconds

@@ -6,6 +6,7 @@ collectives of the real compiled program, without a TPU (needs ``pip install -e 
     python scripts/aot.py model --config models/configs/deepseek-v3 --batch 8 --context 4096
     python scripts/aot.py serving --config models/configs/deepseek-v3 --context 4096 32768 \
         --implementation relayfree ragged_baseline_bounded --layers 4   # largest batch that fits
+    python scripts/aot.py layer --experts bf16 fp8     # FP8 expert weights (128x128 block scales)
     python scripts/aot.py ... --out results/aot/NAME     # NAME.json and NAME.md
 
 Layer rows: temp / argument MiB per device, the schedule "auto" chose, the largest ragged
@@ -24,18 +25,18 @@ import sys
 
 LAYER_COLUMNS = [("topology", "topology"), ("T", "tokens_per_device"),
                  ("implementation", "implementation"), ("schedule", "schedule"),
-                 ("ran", "resolved_schedule"), ("temp MiB", "temp_mib"),
+                 ("experts", "experts"), ("ran", "resolved_schedule"), ("temp MiB", "temp_mib"),
                  ("args MiB", "args_mib"), ("recv rows", "recv_rows"),
                  ("moved MiB", "moved_mib"), ("collectives", "ops"), ("compile s", "compile_s")]
 MODEL_COLUMNS = [("topology", "topology"), ("layers", "layers"), ("compiled", "compiled_layers"),
                  ("batch/dev", "batch_per_device"),
                  ("context", "context"), ("implementation", "implementation"),
-                 ("params GiB", "params_gib"), ("KV GiB", "kv_gib"), ("temp GiB", "temp_gib"),
+                 ("experts", "experts"), ("params GiB", "params_gib"), ("KV GiB", "kv_gib"), ("temp GiB", "temp_gib"),
                  ("total GiB", "total_gib"), ("compile s", "compile_s")]
 
 SERVING_COLUMNS = [("topology", "topology"), ("layers", "layers"), ("context", "context"),
-                   ("implementation", "implementation"), ("schedule", "resolved_schedule"),
-                   ("max batch/dev", "max_batch"), ("params GiB", "params_gib"),
+                   ("implementation", "implementation"), ("experts", "experts"),
+                   ("schedule", "resolved_schedule"), ("max batch/dev", "max_batch"), ("params GiB", "params_gib"),
                    ("KV GiB", "kv_gib"), ("temp GiB", "temp_gib"), ("total GiB", "total_gib"),
                    ("HBM GiB", "hbm_gib")]
 
@@ -64,7 +65,8 @@ def pivot(rows: list[dict]) -> str:
     """Layer rows as one table: temp MiB per (topology, T), a column per implementation and
     relay-free schedule, and relay-free auto over the bounded baseline."""
     def name(r):
-        return r["implementation"] + (f" {r['schedule']}" if r["implementation"] == "relayfree" else "")
+        kind = r["implementation"] + (f" {r['schedule']}" if r["implementation"] == "relayfree" else "")
+        return kind + (" fp8" if r.get("experts") == "fp8" else "")
 
     names = list(dict.fromkeys(name(r) for r in rows))
     cells: dict = {}
@@ -98,6 +100,9 @@ def main(argv=None) -> int:
     p.add_argument("--implementation", nargs="+", default=["relayfree"])
     p.add_argument("--schedule", nargs="+", default=["auto"])
     p.add_argument("--decode-overflow", default="branch")
+    p.add_argument("--experts", nargs="+", choices=["bf16", "fp8"], default=["bf16"],
+                   help="routed expert weights: bf16, or FP8 with 128x128 block scales (as "
+                   "load_model(..., fp8_experts=True) keeps an FP8 checkpoint's)")
     p.add_argument("--config", default=None, help="model: a folder with a config.json")
     p.add_argument("--batch", type=int, nargs="+", default=[8], help="model: sequences per device")
     p.add_argument("--context", type=int, nargs="+", default=[4096], help="model: KV-cache length")
@@ -132,32 +137,37 @@ def main(argv=None) -> int:
         topology, _, own_mesh = spec.partition("@")
         axes = own_mesh or args.mesh
         mesh = aot.tpu_mesh(topology, mr.parse_mesh(axes) if axes else None)
-        for impl in args.implementation:
-            for schedule in args.schedule if impl == "relayfree" else ["auto"]:
-                config = mr.DispatchConfig(mesh, schedule=schedule, implementation=impl,
-                                           decode_overflow=args.decode_overflow)
-                if args.what == "layer":
-                    for t in args.tokens:
-                        rows.append(summarize(aot.layer_report(config, aot.LAYER_SHAPES[args.shapes], t)))
-                        print(aot.markdown(rows[-1:], LAYER_COLUMNS).splitlines()[-1], flush=True)
-                        save()
-                elif args.what == "serving":
-                    hbm = aot.HBM_BYTES[topology.split(":")[0]]
+        variants = [(impl, experts, schedule) for impl in args.implementation
+                    for experts in args.experts
+                    for schedule in (args.schedule if impl == "relayfree" else ["auto"])]
+        for impl, experts, schedule in variants:
+            block = aot.FP8_BLOCK if experts == "fp8" else None
+            config = mr.DispatchConfig(mesh, schedule=schedule, implementation=impl,
+                                       decode_overflow=args.decode_overflow)
+            if args.what == "layer":
+                for t in args.tokens:
+                    report = aot.layer_report(config, aot.LAYER_SHAPES[args.shapes], t, block)
+                    rows.append(summarize(report))
+                    print(aot.markdown(rows[-1:], LAYER_COLUMNS).splitlines()[-1], flush=True)
+                    save()
+            elif args.what == "serving":
+                hbm = aot.HBM_BYTES[topology.split(":")[0]]
+                for ctx in args.context:
+                    found = aot.largest_batch(args.config, config, ctx, hbm, layers=args.layers,
+                                              fp8_block=block)
+                    row = summarize(found["report"]) if found["report"] else {}
+                    rows.append(dict(row, topology=topology, implementation=impl, context=ctx,
+                                     experts=experts, max_batch=found["batch"],
+                                     tried=found["tried"], hbm_gib=hbm / 2**30))
+                    print(aot.markdown(rows[-1:], SERVING_COLUMNS).splitlines()[-1], flush=True)
+                    save()
+            else:
+                for b in args.batch:
                     for ctx in args.context:
-                        found = aot.largest_batch(args.config, config, ctx, hbm, layers=args.layers)
-                        row = summarize(found["report"]) if found["report"] else {}
-                        rows.append(dict(row, topology=topology, implementation=impl, context=ctx,
-                                         max_batch=found["batch"], tried=found["tried"],
-                                         hbm_gib=hbm / 2**30))
-                        print(aot.markdown(rows[-1:], SERVING_COLUMNS).splitlines()[-1], flush=True)
+                        rows.append(summarize(aot.model_report(args.config, config, b, ctx, args.phase,
+                                                               layers=args.layers, fp8_block=block)))
+                        print(aot.markdown(rows[-1:], MODEL_COLUMNS).splitlines()[-1], flush=True)
                         save()
-                else:
-                    for b in args.batch:
-                        for ctx in args.context:
-                            rows.append(summarize(aot.model_report(args.config, config, b, ctx, args.phase,
-                                                                      layers=args.layers)))
-                            print(aot.markdown(rows[-1:], MODEL_COLUMNS).splitlines()[-1], flush=True)
-                            save()
     table = aot.markdown(rows, columns[args.what])
     print(table)
     if args.out:

@@ -57,6 +57,9 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
                    help="parameter dtype, which the activations and KV cache follow "
                    "(default: the checkpoint's)")
+    p.add_argument("--fp8-experts", action="store_true",
+                   help="an FP8 checkpoint's routed experts stay FP8 on the devices (half the "
+                   "bytes; dequantized where the experts run) instead of dequantized at load")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     p.add_argument("--coordinator", help="HOST:PORT of process 0, to run over several processes")
@@ -98,7 +101,8 @@ def main(argv=None) -> int:
         print(f"dispatch settings: {e}", file=sys.stderr)
         return 2
     try:
-        model = checkpoint.load_model(args.checkpoint, dispatch, dtype=args.dtype)
+        model = checkpoint.load_model(args.checkpoint, dispatch, dtype=args.dtype,
+                                      fp8_experts=args.fp8_experts)
     except ValueError as e:  # e.g. experts not divisible by --devices
         print(f"{args.checkpoint}: {e}", file=sys.stderr)
         return 2
@@ -128,6 +132,7 @@ def main(argv=None) -> int:
         "platform": devices[0].platform, "devices": len(devices), "dispatch": args.dispatch,
         "mesh": dict(mesh.shape), "expert_axis": lay.axis, "batch_axes": list(lay.batch_axes),
         "tensor_axis": lay.tensor_axis, "dtype": np.dtype(model.compute_dtype).name,
+        "experts": "fp8" if model.cfg.expert_fp8_block else np.dtype(model.compute_dtype).name,
         "batch": batch, "prompt_tokens": result["prompt_width"], "new_tokens": args.max_new_tokens,
         # a baseline has no schedule: it ignores --schedule
         "prefill_schedule": (mr.select_schedule(-(-batch * result["prompt_width"] // shards),

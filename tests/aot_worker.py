@@ -13,11 +13,13 @@ SHAPES = aot.LayerShapes(num_experts=256, k=8, d_model=256, d_ff=128)  # El = 4 
 def main() -> None:
     mesh = aot.tpu_mesh("v5p:4x4x4")
     reports = {}
-    for name, impl, schedule, tokens in [("decode", "relayfree", "auto", 8),
-                                         ("bounded", "ragged_baseline_bounded", "auto", 8),
-                                         ("prefill", "relayfree", "prefill", 8)]:
+    for name, impl, schedule, tokens, block in [
+            ("decode", "relayfree", "auto", 8, None),
+            ("bounded", "ragged_baseline_bounded", "auto", 8, None),
+            ("prefill", "relayfree", "prefill", 8, None),
+            ("decode_fp8", "relayfree", "auto", 8, aot.FP8_BLOCK)]:
         config = mr.DispatchConfig(mesh, schedule=schedule, implementation=impl)
-        report = aot.layer_report(config, SHAPES, tokens)
+        report = aot.layer_report(config, SHAPES, tokens, block)
         report["hlo_ops"] = sorted({c["op"] for c in report["collectives"]})
         reports[name] = report
     json.dump(reports, sys.stdout)

@@ -52,3 +52,20 @@ def test_decode_needs_no_more_memory_than_a_bounded_buffer_that_drops():
     assert r["decode"]["memory"]["temp"] <= r["bounded"]["memory"]["temp"], (
         r["decode"]["memory"], r["bounded"]["memory"])
     assert r["prefill"]["memory"]["temp"] <= r["bounded"]["memory"]["temp"]
+
+
+def test_fp8_experts_halve_the_weights_and_never_write_them_dequantized():
+    """FP8 experts with 128 x 128 block scales: the layer's arguments lose half the weights'
+    bytes, and the decode step's temporaries grow by less than the rank's expert stacks in bf16
+    (what dequantizing them before the GEMM would add): the tiles' block-scaled dots read the
+    FP8 values themselves, with no ragged_dot over dequantized stacks."""
+    r = reports()
+    shapes = r["decode"]["shapes"]
+    local_stacks = E // P * 3 * shapes["d_model"] * shapes["d_ff"] * 2  # bf16 bytes
+    bf16, fp8 = r["decode"]["memory"], r["decode_fp8"]["memory"]
+    # half the weights' bytes, less the scales (a few KB once TPU tiles pad them)
+    saved = bf16["argument"] - fp8["argument"]
+    assert local_stacks // 2 - 4096 < saved < local_stacks // 2, saved
+    assert fp8["temp"] - bf16["temp"] < local_stacks, (bf16, fp8)
+    assert not r["decode_fp8"]["ragged_dot"]
+    assert r["decode_fp8"]["resolved_schedule"] == "decode"

@@ -62,17 +62,22 @@ def test_bench_decode_bytes_stay_flat_in_ranks(tmp_path):
 
 
 def test_bench_generation_smoke(tmp_path):
-    """scripts/bench_generation.py: both A/Bs run (the step one in fresh processes) and report
-    their times and whether the variants' tokens agree."""
+    """scripts/bench_generation.py: the A/Bs run (the step one in fresh processes) and report
+    their times and whether the variants' tokens agree; FP8 experts kept on the devices give
+    the tokens of the same checkpoint dequantized at load, in half the expert bytes."""
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
     subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "bench_generation.py"),
                     "--batches", "8", "--prompt-lengths", "8", "--rounds", "1", "--new-tokens", "3",
+                    "--fp8-batches", "8", "--fp8-prompt", "8",
                     "--out", str(tmp_path)], check=True, capture_output=True, text=True, env=env,
                    cwd=ROOT, timeout=600)
     report = json.loads((tmp_path / "generation.json").read_text())
     cases = [r["case"].split(":")[0] for r in report["rows"]]
-    assert cases == ["prefill", "decode step"]
+    assert cases == ["prefill", "fp8 experts", "fp8 experts", "decode step"]
+    for r in report["rows"][1:3]:
+        assert r["same_tokens"] is True
+        assert 0 < r["variant_expert_mib"] < 0.51 * r["baseline_expert_mib"]
     for r in report["rows"]:
         assert r["variant_ms"] > 0 and r["baseline_ms"] > 0 and isinstance(r["same_tokens"], bool)
-    assert report["rows"][1]["tokens_per_device"] == 1 and report["rows"][0]["prompt"] == 8
+    assert report["rows"][-1]["tokens_per_device"] == 1 and report["rows"][0]["prompt"] == 8
     assert (tmp_path / "generation.md").exists()

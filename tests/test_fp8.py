@@ -115,3 +115,49 @@ def test_bad_fp8_checkpoints_are_refused(tmp_path, change, match):
     with pytest.raises(ValueError, match=match):
         checkpoint.load_model(folder, mesh=make_mesh(1))
     jax.clear_caches()
+
+
+@pytest.mark.parametrize("arch,fused,num_ranks,dtype", [
+    ("deepseek_v3", False, 8, "float32"), ("qwen3_moe", True, 2, "bfloat16"),
+])
+def test_fp8_experts_stay_fp8_on_the_devices(tmp_path, arch, fused, num_ranks, dtype):
+    """``fp8_experts=True``: the routed experts keep their stored FP8 values and block scales
+    (transposed like the weights), the logits equal those of the dequantized twin, and
+    exporting gives back the stored tensors."""
+    import jax.numpy as jnp
+
+    from test_models import full_logits
+
+    # f = 24 is a multiple of the 8-row blocks (a fused stack's gate and up halves must not
+    # share blocks); d = 40 is not a multiple of the 16-column ones
+    cfg = tiny(arch, d_model=40, d_ff_expert=24, d_ff=36,
+               **({"shared_d_ff": 24} if arch == "deepseek_v3" else {}))
+    folder, twin, stored = fp8_and_twin(tmp_path, cfg, fused)
+    mesh = make_mesh(num_ranks)
+    stats = {}
+    model = checkpoint.load_model(folder, mesh=mesh, dtype=dtype, fp8_experts=True, stats=stats)
+    assert stats["bytes_read"] <= 1.05 * sum(v.nbytes for v in stored.values())
+    moe = model.layers[1].mlp
+    assert moe.expert_block == (BLOCK[1], BLOCK[0])  # blocks of the transposed matrices
+    assert moe.w_gate[...].dtype == jnp.float8_e4m3fn and moe.w_down_scale[...].dtype == jnp.float32
+    assert moe.w_gate[...].sharding.spec == moe.w_gate_scale[...].sharding.spec
+    assert model.layers[1].attn.wo[...].dtype == jnp.dtype(dtype)  # the rest is dequantized
+    exported = checkpoint.export_tensors(model, fused_experts=fused)
+    experts = [n for n in stored if ".experts." in n]
+    assert len(experts) >= 4
+    for name in experts:
+        np.testing.assert_array_equal(np.asarray(exported[name]).view(np.uint8),
+                                      stored[name].view(np.uint8), err_msg=name)
+    twin_model = checkpoint.load_model(twin, mesh=mesh, dtype=dtype)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 6)), jnp.int32)
+    pad = jnp.zeros((2,), jnp.int32)
+    got, want = full_logits(model, tokens, pad), full_logits(twin_model, tokens, pad)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)
+    jax.clear_caches()
+
+
+def test_fp8_experts_need_an_fp8_checkpoint(tmp_path):
+    cfg = tiny("qwen3_moe")
+    folder = save_folder(tmp_path / "bf16", cfg, checkpoint.export_tensors(build(cfg, make_mesh(1))))
+    with pytest.raises(ValueError, match="fp8_experts needs an FP8 checkpoint"):
+        checkpoint.load_model(folder, mesh=make_mesh(1), fp8_experts=True)

@@ -84,13 +84,20 @@ def test_rows_stop_at_their_first_stop_token_and_sampling_is_seeded(mesh):
     assert hot[0] == hot[1] and hot[0] != hot[2] and rows not in (hot[0], hot[2])
 
 
-def test_infer_script_json():
+def test_infer_script_json(tmp_path):
+    """The script's JSON report, on an FP8 copy of the default checkpoint with its experts kept
+    FP8 (``--fp8-experts``)."""
+    from moe_relayfree_models import quant
+
+    quant.quantize_checkpoint(os.path.join(ROOT, "models", "default"), str(tmp_path))
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
     out = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "infer.py"), "--json",
                           "--quiet", "--max-new-tokens", "6", "--batch", "4",
-                          "--mesh", "data=2,ep=4", "--temperature", "0.8", "--top-p", "0.9"],
+                          "--mesh", "data=2,ep=4", "--temperature", "0.8", "--top-p", "0.9",
+                          "--checkpoint", str(tmp_path), "--fp8-experts"],
                          check=True, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     report = json.loads(out.stdout)
+    assert report["experts"] == "fp8"
     assert report["devices"] == 8 and report["batch"] == 4
     assert report["mesh"] == {"data": 2, "ep": 4} and report["batch_axes"] == ["data", "ep"]
     assert report["dtype"] == "bfloat16"  # the default checkpoint's: activations follow it

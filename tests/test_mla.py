@@ -1,6 +1,8 @@
 """MLA attention over the latent cache: the chunked online softmax of the absorbed form against
 the one-pass softmax, and the compiled decode step's temporaries against the context length."""
 
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -42,7 +44,7 @@ def test_absorbed_decode_step_does_not_expand_the_cache(monkeypatch):
     from moe_relayfree_models.generation import GREEDY, step_program
     from moe_relayfree_models.transformer import MoETransformer
 
-    cfg = dataclasses.replace(read_config("tests/fixtures/hf/deepseek_v3-large"), n_heads=32,
+    cfg = dataclasses.replace(read_config(os.path.join(os.path.dirname(__file__), "fixtures", "hf", "deepseek_v3-large")), n_heads=32,
                               n_kv_heads=32, kv_lora_rank=64, max_position=1 << 16)
     model = MoETransformer(cfg, mesh=mr.make_ep_mesh(1), rngs=nnx.Rngs(0))
     graphdef, state = nnx.split(model)

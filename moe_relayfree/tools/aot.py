@@ -90,16 +90,32 @@ def _struct(shape, dtype, mesh: Mesh, spec: P) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype), sharding=NamedSharding(mesh, spec))
 
 
-def layer_inputs(config: DispatchConfig, shapes: LayerShapes, tokens_per_device: int):
+# the official FP8 checkpoints' blocks (DeepSeek-V3, Qwen3): square, so the same for the
+# transposed matrices the layer holds
+FP8_BLOCK = (128, 128)
+
+
+def layer_inputs(config: DispatchConfig, shapes: LayerShapes, tokens_per_device: int,
+                 fp8_block: tuple[int, int] | None = None):
     """Abstract ``expert_parallel_moe`` inputs: x ``[N, d]``, ids / weights ``[N, k]``, and the
-    expert stacks, placed as the layer places them (``N = T * token shards``)."""
+    expert stacks, placed as the layer places them (``N = T * token shards``); ``fp8_block``:
+    the stacks as :class:`~moe_relayfree.quant.BlockQuantized` (FP8 values, f32 block scales)."""
+    from moe_relayfree.quant import FP8, BlockQuantized, scale_shape
+
     lay, mesh = config.layout, config.mesh
     n = tokens_per_device * lay.num_token_shards
     e, k, d, f, dt = shapes.num_experts, shapes.k, shapes.d_model, shapes.d_ff, shapes.dtype
+
+    def stack(shape, spec):
+        if fp8_block is None:
+            return _struct(shape, dt, mesh, spec)
+        return BlockQuantized(_struct(shape, FP8, mesh, spec),
+                              _struct(scale_shape(shape, fp8_block), jnp.float32, mesh, spec),
+                              fp8_block)
+
     return [_struct((n, d), dt, mesh, lay.tokens), _struct((n, k), jnp.int32, mesh, lay.tokens),
             _struct((n, k), jnp.float32, mesh, lay.tokens),
-            _struct((e, d, f), dt, mesh, lay.w_in), _struct((e, d, f), dt, mesh, lay.w_in),
-            _struct((e, f, d), dt, mesh, lay.w_out)]
+            stack((e, d, f), lay.w_in), stack((e, d, f), lay.w_in), stack((e, f, d), lay.w_out)]
 
 
 def memory(compiled) -> dict:
@@ -158,20 +174,23 @@ def _oom_report(message: str, seconds: float) -> dict:
             "oom": message, "compile_s": round(seconds, 2)}
 
 
-def layer_report(config: DispatchConfig, shapes: LayerShapes, tokens_per_device: int) -> dict:
+def layer_report(config: DispatchConfig, shapes: LayerShapes, tokens_per_device: int,
+                 fp8_block: tuple[int, int] | None = None) -> dict:
     """Compiles one MoE layer (``expert_parallel_moe``) for ``config``'s mesh and reports its
-    per-device memory, collectives, the schedule "auto" resolves to and the compile time. A
-    program XLA:TPU refuses for the chip's HBM is reported with ``oom`` (the compiler's
-    message) and the temporaries it said it needs."""
+    per-device memory, collectives, the schedule "auto" resolves to and the compile time
+    (``fp8_block``: FP8 expert weights, see :func:`layer_inputs`). A program XLA:TPU refuses
+    for the chip's HBM is reported with ``oom`` (the compiler's message) and the temporaries
+    it said it needs."""
     lay = config.layout
-    args = layer_inputs(config, shapes, tokens_per_device)
+    args = layer_inputs(config, shapes, tokens_per_device, fp8_block)
     fn = jax.jit(lambda *a: expert_parallel_moe(*a, config))
     start = time.perf_counter()
     compiled, oom = _compile(fn.lower(*args))
     seconds = time.perf_counter() - start
     head = {"topology": _topology_name(config.mesh), "mesh": dict(config.mesh.shape),
             "implementation": config.implementation, "schedule": config.schedule,
-            "tokens_per_device": tokens_per_device, "shapes": dataclasses.asdict(shapes)}
+            "tokens_per_device": tokens_per_device, "shapes": dataclasses.asdict(shapes),
+            "experts": "fp8" if fp8_block else shapes.dtype}
     if oom:
         return dict(head, resolved_schedule=None, **_oom_report(oom, seconds))
     text = compiled.as_text()
@@ -210,16 +229,17 @@ def truncated(cfg, layers: int | None):
 
 
 def abstract_model(folder: str, config: DispatchConfig, dtype="bfloat16",
-                   layers: int | None = None):
+                   layers: int | None = None, fp8_block: tuple[int, int] | None = None):
     """(graphdef, state of ShapeDtypeStructs placed as the loader places them, model config)
-    of the model ``folder/config.json`` describes (its first ``layers`` layers): no weights
+    of the model ``folder/config.json`` describes (its first ``layers`` layers; ``fp8_block``:
+    routed experts in FP8, as ``load_model(..., fp8_experts=True)`` keeps them): no weights
     are read or made."""
     from flax import nnx
 
     from moe_relayfree_models.checkpoint import read_config
     from moe_relayfree_models.transformer import MoETransformer
 
-    cfg = truncated(read_config(folder), layers)
+    cfg = dataclasses.replace(truncated(read_config(folder), layers), expert_fp8_block=fp8_block)
     config = config.with_auto_mesh()
     model = nnx.eval_shape(lambda: MoETransformer(cfg, dispatch=config, param_dtype=jnp.dtype(dtype),
                                                   rngs=nnx.Rngs(0)))
@@ -230,8 +250,9 @@ def abstract_model(folder: str, config: DispatchConfig, dtype="bfloat16",
         names = [str(getattr(p, "key", getattr(p, "name", p))) for p in path]
         names = [n for n in names if n != "value"]  # a Variable's value attribute
         spec = P()
-        if len(leaf.shape) == 3 and names[-1] in ("w_gate", "w_up", "w_down"):
-            spec = lay.w_out if names[-1] == "w_down" else lay.w_in
+        stack = names[-1].removesuffix("_scale")
+        if len(leaf.shape) == 3 and stack in ("w_gate", "w_up", "w_down"):
+            spec = lay.w_out if stack == "w_down" else lay.w_in
         return _struct(leaf.shape, leaf.dtype, mesh, spec)
 
     return graphdef, jax.tree_util.tree_map_with_path(place, state), cfg
@@ -247,7 +268,7 @@ def _device_bytes(tree) -> int:
 
 def model_report(folder: str, config: DispatchConfig, batch_per_device: int, context: int,
                  phase: str = "decode", prompt: int | None = None, dtype="bfloat16",
-                 layers: int | None = None) -> dict:
+                 layers: int | None = None, fp8_block: tuple[int, int] | None = None) -> dict:
     """Compiles the model's decode step (``phase="decode"``: one token per sequence, a KV cache
     of ``context`` positions) or prefill (``prompt`` tokens) for ``batch_per_device`` sequences
     per token shard, the cache split over the batch axes, and reports per-device parameter,
@@ -256,12 +277,13 @@ def model_report(folder: str, config: DispatchConfig, batch_per_device: int, con
     ``layers``: compile the first ``layers`` layers only. Layers run one after another, so the
     step's temporaries do not grow with depth; parameters and KV cache do, and are counted for
     the whole model from its abstract shapes (``memory["params"]``, ``["kv_cache"]``,
-    ``["total"]``; the compiled program's own figures are under ``compiled``)."""
+    ``["total"]``; the compiled program's own figures are under ``compiled``). ``fp8_block``:
+    routed experts in FP8 (:func:`abstract_model`)."""
     from moe_relayfree_models.generation import GREEDY, prefill_program, step_program
     from moe_relayfree_models.transformer import init_cache
 
-    _, full_state, full_cfg = abstract_model(folder, config, dtype)
-    graphdef, state, cfg = abstract_model(folder, config, dtype, layers)
+    _, full_state, full_cfg = abstract_model(folder, config, dtype, fp8_block=fp8_block)
+    graphdef, state, cfg = abstract_model(folder, config, dtype, layers, fp8_block)
     config = config.with_auto_mesh()
     lay, mesh = config.layout, config.mesh
     batch = batch_per_device * lay.num_token_shards
@@ -293,7 +315,8 @@ def model_report(folder: str, config: DispatchConfig, batch_per_device: int, con
         report["memory"].update(params=_device_bytes(full_state), kv_cache=_device_bytes(full_cache))
         return dict(report, model=folder, layers=full_cfg.n_layers, compiled_layers=cfg.n_layers,
                     topology=_topology_name(mesh), implementation=config.implementation,
-                    batch_per_device=batch_per_device, context=context, phase=phase)
+                    batch_per_device=batch_per_device, context=context, phase=phase,
+                    experts="fp8" if fp8_block else dtype)
     text = compiled.as_text()
     compiled_mem = memory(compiled)
     compiled_mem.update(params=_device_bytes(state), kv_cache=_device_bytes(cache))
@@ -311,7 +334,7 @@ def model_report(folder: str, config: DispatchConfig, batch_per_device: int, con
         "mesh": dict(mesh.shape), "implementation": config.implementation,
         "schedule": config.schedule, "resolved_schedule": resolved, "phase": phase,
         "batch_per_device": batch_per_device, "context": context, "memory": mem,
-        "compiled": compiled_mem,
+        "experts": "fp8" if fp8_block else dtype, "compiled": compiled_mem,
         "collectives": collective_rows(text, lay.num_ranks, tokens_per_device * cfg.k),
         "compile_s": round(seconds, 2),
     }
@@ -336,13 +359,14 @@ def mib(n: float) -> float:
     return round(n / MiB, 1)
 
 
-__all__ = ["HBM_BYTES", "LAYER_SHAPES", "LayerShapes", "abstract_model", "collective_rows",
+__all__ = ["FP8_BLOCK", "HBM_BYTES", "LAYER_SHAPES", "LayerShapes", "abstract_model", "collective_rows",
            "layer_inputs", "layer_report", "markdown", "memory", "mib", "model_report",
            "tpu_devices", "tpu_mesh"]
 
 
 def largest_batch(folder: str, config: DispatchConfig, context: int, hbm_bytes: int,
-                  layers: int | None = 4, probe: int = 8, limit: int = 4096) -> dict:
+                  layers: int | None = 4, probe: int = 8, limit: int = 4096,
+                  fp8_block: tuple[int, int] | None = None) -> dict:
     """The largest decode batch per device whose compiled decode step fits ``hbm_bytes``:
     parameters + KV cache + the step's temporaries (:func:`model_report`, ``layers`` layers
     compiled, parameters and cache counted for all).
@@ -356,7 +380,8 @@ def largest_batch(folder: str, config: DispatchConfig, context: int, hbm_bytes: 
 
     def fits(b: int) -> bool:
         if b not in tried:
-            r = model_report(folder, config, b, context, "decode", layers=layers)
+            r = model_report(folder, config, b, context, "decode", layers=layers,
+                             fp8_block=fp8_block)
             tried[b] = None if r.get("oom") else r["memory"]["total"]
             reports[b] = r
         return tried[b] is not None and tried[b] <= hbm_bytes

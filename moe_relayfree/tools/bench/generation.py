@@ -8,8 +8,13 @@
 * ``mla`` (``--mla-contexts L ...``, MLA checkpoints only): the decode step with attention in
   the absorbed form (over the latent cache) against the expanded one (keys and values expanded
   from the cache every step), at caches of ``L`` rows, in one process.
+* ``fp8`` (``--fp8-batches B ...``): the checkpoint block-quantized to FP8 (128 x 128, as the
+  official FP8 releases), loaded twice: routed experts kept FP8 on the devices (dequantized
+  inside the expert kernel) against dequantized to the checkpoint's dtype at load; the decode
+  step at each batch ``B`` and a prefill of ``--fp8-prompt`` tokens (batch 8), in one process,
+  and the expert bytes per device. Same numbers both ways, so ``same_tokens`` should hold.
 * ``step``: the decode step with dense projections padded to ``DENSE_MIN_ROWS`` rows per device
-  (``moe_relayfree.experts.dense_dot``) against unpadded (``DENSE_MIN_ROWS = 1``): at one token
+  (``moe_relayfree.ffn.dense_dot``) against unpadded (``DENSE_MIN_ROWS = 1``): at one token
   per device XLA:CPU runs a bf16 one-row dot as a matrix-vector product that widens the whole
   matrix to f32 on every call. Each variant runs ``generate`` in a fresh process, as
   ``scripts/infer.py`` does (median decode step of ``--new-tokens``), see ``child_step``.
@@ -53,9 +58,9 @@ def run_child(folder: str, batch: int, min_rows: int, new_tokens: int) -> None:
     import moe_relayfree as mr
     from moe_relayfree_models import checkpoint
     from moe_relayfree_models.generation import generate
-    from moe_relayfree import experts
+    from moe_relayfree import ffn
 
-    experts.DENSE_MIN_ROWS = min_rows  # read by dense_dot while the programs are traced
+    ffn.DENSE_MIN_ROWS = min_rows  # read by dense_dot while the programs are traced
     model = checkpoint.load_model(folder, mesh=mr.make_ep_mesh(len(jax.devices())))
     rng = np.random.default_rng(0)
     prompts = [rng.integers(3, model.cfg.vocab_size, 16).tolist() for _ in range(batch)]
@@ -115,6 +120,79 @@ def mla_step_ab(model, batch: int, length: int, rounds: int, shape: dict) -> dic
     return dict(row, prompt=length)
 
 
+def fp8_experts_ab(folder: str, batches: list[int], prompt: int, rounds: int, shape: dict) -> list[dict]:
+    """Rows of the ``fp8`` A/B (module docstring) for the checkpoint ``folder``."""
+    import tempfile
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from flax import nnx
+
+    import moe_relayfree as mr
+    from moe_relayfree_models import checkpoint, quant
+    from moe_relayfree_models.generation import GREEDY, choose_tokens
+    from moe_relayfree_models.transformer import init_cache
+
+    mesh = mr.make_ep_mesh(len(jax.devices()))
+    with tempfile.TemporaryDirectory() as twin:
+        quant.quantize_checkpoint(folder, twin)
+        base = checkpoint.load_model(folder, mesh=mesh)
+        models = {"fp8": checkpoint.load_model(twin, mesh=mesh, fp8_experts=True, dtype=base.compute_dtype),
+                  "dequantized": checkpoint.load_model(twin, mesh=mesh, dtype=base.compute_dtype)}
+
+    def expert_bytes(model):  # per device: the first device's shards of every routed stack
+        state = nnx.state(model)
+        total = 0
+        for path, leaf in nnx.to_flat_state(state):
+            if str(path[-1]).startswith(("w_gate", "w_up", "w_down")) and leaf[...].ndim == 3:
+                total += leaf[...].addressable_shards[0].data.nbytes
+        return total
+
+    cfg, dtype = base.cfg, base.compute_dtype
+    rows = []
+    rng = np.random.default_rng(0)
+    for batch, width in [(b, 1) for b in batches] + [(8, prompt)]:
+        length = max(width, 64)
+        tokens = jnp.asarray(rng.integers(3, cfg.vocab_size, (batch, width)), jnp.int32)
+        pad = jnp.zeros((batch,), jnp.int32)
+        start_row = length - width
+
+        def program(model, tokens=tokens, pad=pad, length=length, start_row=start_row):
+            graphdef, state = nnx.split(model)
+
+            @jax.jit
+            def step(state, cache):
+                logits, cache = nnx.merge(graphdef, state)(tokens, pad, cache, start_row,
+                                                           logits_to_keep=1)
+                return choose_tokens(logits[:, -1], jax.random.key(0), length, GREEDY), cache
+
+            cache = init_cache(cfg, tokens.shape[0], length, dtype)
+            compiled = step.lower(state, cache).compile()
+
+            def call():
+                begin = time.perf_counter()
+                out, _ = compiled(state, cache)
+                return jax.block_until_ready(out), time.perf_counter() - begin
+            call()
+            return call, compiled.memory_analysis().temp_size_in_bytes
+
+        made = {name: program(m) for name, m in models.items()}
+        times, outs = interleaved_calls({n: c for n, (c, _) in made.items()}, rounds)
+        kind = "decode step" if width == 1 else "prefill"
+        row = compare(f"fp8 experts: {kind}, FP8 kept / dequantized at load", times, outs,
+                      "fp8", "dequantized", **shape, batch=batch,
+                      variant_temp_mib=made["fp8"][1] / 2**20,
+                      baseline_temp_mib=made["dequantized"][1] / 2**20,
+                      variant_expert_mib=expert_bytes(models["fp8"]) / 2**20,
+                      baseline_expert_mib=expert_bytes(models["dequantized"]) / 2**20)
+        if width > 1:
+            row["prompt"] = width
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
 def run(a, command: str) -> dict:
     """Every A/B that ``a`` (``scripts/bench_generation.py``'s parsed arguments) asks for,
     written to ``a.out`` (``generation.json``, ``generation.md``)."""
@@ -129,7 +207,7 @@ def run(a, command: str) -> dict:
     from moe_relayfree_models import checkpoint
     from moe_relayfree_models.generation import GREEDY, Sampling, generate
     from moe_relayfree_models.transformer import init_cache
-    from moe_relayfree import experts
+    from moe_relayfree import ffn
 
     SAMPLINGS = (GREEDY, Sampling(0.7), Sampling(0.7, top_k=50), Sampling(0.7, top_k=50, top_p=0.9),
                  Sampling(0.7, top_p=0.9))
@@ -140,7 +218,7 @@ def run(a, command: str) -> dict:
         return jnp.argmax(logits[:, -1], axis=-1), cache
 
     mesh = mr.make_ep_mesh(len(jax.devices()))
-    padded = experts.DENSE_MIN_ROWS
+    padded = ffn.DENSE_MIN_ROWS
     rows = []
     for folder in a.checkpoint or [DEFAULT_CHECKPOINT]:
         model = checkpoint.load_model(folder, mesh=mesh)
@@ -189,6 +267,9 @@ def run(a, command: str) -> dict:
                 del row["same_tokens"]  # sampled tokens are not greedy ones
                 rows.append(row)
                 print(json.dumps(rows[-1]), flush=True)
+
+        if a.fp8_batches:
+            rows += fp8_experts_ab(folder, a.fp8_batches, a.fp8_prompt, a.rounds, shape)
 
         if model.cfg.is_mla and a.mla_contexts:
             for length in a.mla_contexts:

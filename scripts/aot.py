@@ -51,7 +51,7 @@ def summarize(report: dict) -> dict:
                     params_gib=mem.get("params", 0) / gib, kv_gib=mem.get("kv_cache", 0) / gib)
     ragged = [c for c in coll if c["op"] == "ragged_all_to_all"]
     out = dict(report, temp_mib=mem["temp"] / 2**20, args_mib=mem.get("argument", 0) / 2**20,
-               moved_mib=sum(c["moved_bytes"] for c in coll if c["every_call"]) / 2**20,
+               moved_mib=sum(c["moved_bytes"] for c in coll) / 2**20,
                recv_rows=max((c["output_shape"][0] for c in ragged), default=None),
                ops=" ".join(sorted({c["op"] for c in coll})))
     gib = 2**30

@@ -85,6 +85,14 @@ def test_bf16_by_default_and_slices_of_blocks(tmp_path):
     np.testing.assert_array_equal(index.read(name, (slice(5, 19), slice(3, 37))), whole[5:19, 3:37])
 
 
+@pytest.fixture(scope="module")
+def fp8_checkpoint(tmp_path_factory):
+    """One FP8 checkpoint (its config and tensors) that each refusal case changes a copy of."""
+    path = tmp_path_factory.mktemp("fp8_refused")
+    folder, _, stored = fp8_and_twin(path, tiny("deepseek_v3"))
+    return json.loads((path / "fp8" / "config.json").read_text()), stored
+
+
 @pytest.mark.parametrize("change,match", [
     ("drop_scale", "has no 'model.layers.1.mlp.experts.0.up_proj.weight_scale_inv'"),
     ("bad_scale", "_scale_inv' has shape"),
@@ -92,13 +100,10 @@ def test_bf16_by_default_and_slices_of_blocks(tmp_path):
     ("gptq", "quant_method='gptq' is not supported"),
     ("static", "activation_scheme='static' is not supported"),
 ])
-def test_bad_fp8_checkpoints_are_refused(tmp_path, change, match):
+def test_bad_fp8_checkpoints_are_refused(tmp_path, fp8_checkpoint, change, match):
     from safetensors.numpy import save_file
 
-    cfg = tiny("deepseek_v3")
-    folder, _, stored = fp8_and_twin(tmp_path, cfg)
-    config_path = tmp_path / "fp8" / "config.json"
-    config = json.loads(config_path.read_text())
+    config, stored = json.loads(json.dumps(fp8_checkpoint[0])), dict(fp8_checkpoint[1])
     scale = "model.layers.1.mlp.experts.0.up_proj.weight_scale_inv"
     if change == "drop_scale":
         del stored[scale]
@@ -110,11 +115,12 @@ def test_bad_fp8_checkpoints_are_refused(tmp_path, change, match):
         config["quantization_config"]["quant_method"] = "gptq"
     else:
         config["quantization_config"]["activation_scheme"] = "static"
-    save_file(stored, str(tmp_path / "fp8" / "model.safetensors"))
-    config_path.write_text(json.dumps(config))
+    folder = tmp_path / "fp8"
+    folder.mkdir()
+    save_file(stored, str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=match):
-        checkpoint.load_model(folder, mesh=make_mesh(1))
-    jax.clear_caches()
+        checkpoint.load_model(str(folder), mesh=make_mesh(1))
 
 
 @pytest.mark.parametrize("arch,fused,num_ranks,dtype", [

@@ -35,16 +35,15 @@ def run(mesh, implementation, schedule="auto", new=12, **layout):
     return model, generate(model, [tokenizer.encode(p) for p in PROMPTS], new)
 
 
-def test_dispatch_paths_and_schedules_generate_identical_tokens(mesh):
+def test_schedules_and_meshes_generate_identical_tokens(mesh):
     model, long = run(mesh, "relayfree", new=40)  # auto: the decode schedule at these sizes
     text = tokenizer.decode(long["tokens"][0])
     assert len([w for w in text.split() if w.isalpha()]) >= 3, text  # trained, not byte noise
     base = {"tokens": [t[:12] for t in long["tokens"]]}
     assert max(len(tokenizer.encode(p)) for p in PROMPTS) * len(PROMPTS) // 8 <= mr.decode_threshold()
-    for impl, sched in (("ragged_baseline", "auto"), ("capacity_baseline", "auto"),
-                        ("relayfree", "prefill")):
-        _, other = run(mesh, impl, sched)
-        assert other["tokens"] == base["tokens"], (impl, sched)
+    # the baselines' tokens: test_sweep_script_smoke (and their logits: test_models.py)
+    _, other = run(mesh, "relayfree", "prefill")
+    assert other["tokens"] == base["tokens"]
     # the same tokens on a 3-axis mesh: two batch axes, and a tensor axis splitting the
     # experts' width (the loader slices f per device); test_infer_script_json runs (2, 4)
     _, other = run(mr.make_mesh({"data": 2, "ep": 2, "tp": 2}), "relayfree", tensor_axis="tp")

@@ -40,7 +40,9 @@ def build(cfg, mesh, **kw):
     return MoETransformer(cfg, mesh=mesh, rngs=nnx.Rngs(3), **kw)
 
 
+@nnx.jit
 def full_logits(model, tokens, pad):
+    """One compiled forward from position 0 (op by op, the 8-device layers were slower)."""
     cache = init_cache(model.cfg, tokens.shape[0], tokens.shape[1], jnp.float32)
     return model(tokens, pad, cache, 0)[0]
 
@@ -56,10 +58,12 @@ def test_prefill_then_decode_matches_full_forward(arch):
     model = build(tiny(arch), make_mesh(8))
     want = full_logits(model, TOKENS, PAD)
     cache = init_cache(model.cfg, 2, 6, jnp.float32)
-    logits, cache = model(TOKENS[:, :4], PAD, cache, 0)
+    # compiled: op by op, the 8-device layers took most of this test's time
+    run = nnx.jit(lambda m, tokens, pad, cache, pos: m(tokens, pad, cache, pos))
+    logits, cache = run(model, TOKENS[:, :4], PAD, cache, jnp.int32(0))
     steps = [logits]
     for i in (4, 5):
-        logits, cache = model(TOKENS[:, i : i + 1], PAD, cache, i)
+        logits, cache = run(model, TOKENS[:, i : i + 1], PAD, cache, jnp.int32(i))
         steps.append(logits)
     got = jnp.concatenate(steps, axis=1)
     real = np.arange(6)[None, :] >= np.asarray(PAD)[:, None]  # outputs at padding are unused
@@ -125,7 +129,8 @@ def test_bf16_checkpoint_loads(tmp_path):
     want = full_logits(as_f32, TOKENS, PAD)
     # asked for f32 activations, bf16 parameters give the numbers of f32 parameters ...
     cache = init_cache(cfg, 2, 6, jnp.float32)
-    np.testing.assert_array_equal(loaded(TOKENS, PAD, cache, 0, dtype=jnp.float32)[0], want)
+    as_asked = nnx.jit(lambda m: m(TOKENS, PAD, cache, 0, dtype=jnp.float32)[0])(loaded)
+    np.testing.assert_array_equal(as_asked, want)
     # ... and by default the activations follow the parameters (bf16: close, not equal)
     assert loaded.compute_dtype == jnp.bfloat16 and as_f32.compute_dtype == jnp.float32
     got = full_logits(loaded, TOKENS, PAD)

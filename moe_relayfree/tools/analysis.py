@@ -134,7 +134,7 @@ class Collective:
     op: str
     operands: tuple[Buffer, ...]
     result: Buffer
-    in_loop: bool = False  # inside a while loop (a schedule's extra rounds: skew only)
+    in_loop: bool = False  # inside a while loop (a schedule's rounds, once in the usual case)
 
     @property
     def moved(self) -> Buffer:

@@ -130,8 +130,8 @@ def memory(compiled) -> dict:
 
 
 def collective_rows(text: str, num_ranks: int, copies_per_rank: int | None) -> list[dict]:
-    """The compiled program's collectives: op, the computation it is in (``every_call``: the
-    entry computation, not a skewed batch's extra rounds), the data buffer's shape and bytes,
+    """The compiled program's collectives: op, the computation it is in (a schedule's rounds
+    are one loop body, run once in the usual case), the data buffer's shape and bytes,
     and ``moved_bytes``: what one device puts on the wire (an all-gather's
     or all-to-all's ``(P-1)/P`` of its buffer, twice that for an all-reduce; a ragged
     all-to-all's valid rows under uniform routing, ``copies_per_rank`` rows of its buffer)."""
@@ -146,8 +146,7 @@ def collective_rows(text: str, num_ranks: int, copies_per_rank: int | None) -> l
             rows_total = min(b.shape[0] for b in (c.operands[:2] or (buf,)))
             valid = rows_total if copies_per_rank is None else min(rows_total, copies_per_rank)
             moved = valid * (buf.nbytes // max(1, buf.shape[0])) * share
-        rows.append({"op": c.op, "computation": c.computation, "every_call": c.entry,
-                     "shape": list(buf.shape),
+        rows.append({"op": c.op, "computation": c.computation, "shape": list(buf.shape),
                      "dtype": buf.dtype, "buffer_bytes": buf.nbytes,
                      "output_shape": list(c.result[0].shape) if c.result else [],
                      "moved_bytes": int(moved)})

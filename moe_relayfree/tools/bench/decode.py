@@ -103,8 +103,8 @@ def bytes_part(smoke: bool) -> list[dict]:
                 spec((e, d, f), jnp.bfloat16, exp), spec((e, f, d), jnp.bfloat16, exp)]
         for name in BYTES_IMPLS:
             text = layer_program(mesh, name).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-            # a skewed batch's extra rounds (a loop) move nothing under this uniform routing
-            ops = [c for c in analysis.collectives(text) if not c.in_loop]
+            # each collective once: the rounds are one loop body, run once under uniform routing
+            ops = analysis.collectives(text)
             moved = sum(c.moved.nbytes for c in ops)
             data = sum(c.moved.nbytes for c in ops if c.moved.elements >= d)
             exact = 2 * t * k * d * 2  # every copy out and back once, bf16

@@ -144,6 +144,10 @@ def weighted_sum(handle: PrefillHandle, into: jax.Array | None = None) -> jax.Ar
 
 ExpertFn = Callable[[ExpertWindows], jax.Array]
 
+#: Platforms (as ``lax.platform_dependent`` names them) that run round 0 before the rounds'
+#: loop; every other platform runs all rounds as one loop body (see :func:`prefill_moe`).
+FIRST_ROUND_INLINE: tuple[str, ...] = ("cpu",)
+
 
 def prefill_moe(
     x: jax.Array,
@@ -203,4 +207,5 @@ def prefill_moe(
                         lambda y: y, y)
 
     y = ensure_varying(jnp.zeros(x.shape, x.dtype), axis_name, x)
-    return lax.platform_dependent(y, cpu=first_inline, default=one_body)
+    return lax.platform_dependent(y, **{p: first_inline for p in FIRST_ROUND_INLINE},
+                                  default=one_body)

@@ -24,12 +24,13 @@ CONFIGS = {
 }
 
 
-# Every router and shared-expert form on 8 ranks, both schedules on 8 ranks, 1 and 2 ranks once
-# each (the router and the schedule are independent; on CPU the decode schedule takes its gather
-# transport; tests/test_decode.py forces windows).
+# Every router and shared-expert form, both schedules, on 1, 2, 4 and 8 ranks (the router and
+# the schedule are independent; on CPU the decode schedule takes its gather transport;
+# tests/test_decode.py forces windows; the prefill schedule's gradients on 8 ranks:
+# tests/test_meshes.py, on 2-D meshes).
 @pytest.mark.parametrize(
     "num_ranks,arch,schedule",
-    [(8, "deepseek", "prefill"), (8, "qwen2", "decode"), (8, "qwen3", "decode"),
+    [(4, "deepseek", "prefill"), (8, "qwen2", "decode"), (8, "qwen3", "decode"),
      (1, "deepseek", "prefill"), (2, "qwen2", "prefill")],
 )
 def test_layer_forward_backward(num_ranks, arch, schedule):

@@ -286,7 +286,6 @@ class CompiledCollective:
     result: tuple[Buffer, ...]
     operands: tuple[Buffer, ...]
     computation: str
-    entry: bool  # in the entry computation: runs every call (not in a loop or a branch)
 
     @property
     def buffer(self) -> Buffer:
@@ -307,10 +306,9 @@ def compiled_collectives(text: str) -> list[CompiledCollective]:
     halves counted once, with operand shapes looked up by name."""
     shapes: dict[str, tuple[Buffer, ...]] = {}
     found = []
-    computation, entry = "", False
+    computation = ""
     for line in text.splitlines():
         if line and not line.startswith((" ", "\t")) and line.rstrip().endswith("{"):
-            entry = line.startswith("ENTRY")
             computation = line.split("(", 1)[0].replace("ENTRY", "").strip().lstrip("%")
             continue
         m = _HLO_DEF.match(line)
@@ -323,11 +321,10 @@ def compiled_collectives(text: str) -> list[CompiledCollective]:
         if op and op.group(1) in _HLO_COLLECTIVE_OPS:
             args = rest[op.end():].split(")", 1)[0]
             found.append((_HLO_COLLECTIVE_OPS[op.group(1)], shapes[name],
-                          re.findall(r"%([\w.\-]+)", args), computation, entry))
+                          re.findall(r"%([\w.\-]+)", args), computation))
     out = []
-    for op, result, args, comp, in_entry in found:
+    for op, result, args, comp in found:
         operands = tuple(b for a in args for b in shapes.get(a, ())[:1])
         out.append(CompiledCollective(op, tuple(Buffer(op, b.shape, b.dtype) for b in result),
-                                      tuple(Buffer(op, b.shape, b.dtype) for b in operands), comp,
-                                      in_entry))
+                                      tuple(Buffer(op, b.shape, b.dtype) for b in operands), comp))
     return out

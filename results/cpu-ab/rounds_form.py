@@ -1,49 +1,65 @@
-"""Same process, interleaved: the prefill schedule of this checkout against prefill_before.py
-(moe_relayfree/prefill.py of 98aa79e: round 0 inline, the skew rounds in a conditional beside
-it), 8 CPU devices; prints one line per layer, then JSON.
+"""Same process, interleaved: the prefill schedule of this checkout against the one of 98aa79e
+(round 0 inline, the skew rounds in a conditional beside it; read from git, so run it inside
+the repository), 8 CPU devices; prints one line per layer, then JSON.
 
     python results/cpu-ab/rounds_form.py > results/cpu-ab/rounds_form.txt
 """
-import os, json, time
+import json
+import os
+import subprocess
+import sys
+import time
+import types
+
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 os.environ["JAX_PLATFORMS"] = "cpu"
-import numpy as np, jax, jax.numpy as jnp
-from jax.sharding import NamedSharding, PartitionSpec as P
-import moe_relayfree as mr
-import sys
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import prefill_before as _prefill_before  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+import moe_relayfree as mr  # noqa: E402
 from moe_relayfree import prefill  # noqa: E402
-from moe_relayfree.tools.bench.timing import interleaved, median_ci
+from moe_relayfree.tools.bench.inputs import layer_inputs  # noqa: E402
+from moe_relayfree.tools.bench.timing import interleaved, ratio_summary  # noqa: E402
+
+BEFORE = "98aa79e"
+
+
+def schedule_at(commit: str) -> types.ModuleType:
+    """moe_relayfree/prefill.py of ``commit`` as a module (it imports today's package)."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    source = subprocess.run(["git", "-C", root, "show", f"{commit}:moe_relayfree/prefill.py"],
+                            check=True, capture_output=True, text=True).stdout
+    module = types.ModuleType(f"prefill_{commit}")
+    sys.modules[module.__name__] = module  # its dataclasses look their module up
+    exec(compile(source, f"{commit}:moe_relayfree/prefill.py", "exec"), module.__dict__)
+    return module
+
+
 mesh = mr.make_ep_mesh(8)
-tok, exp = NamedSharding(mesh, P("ep")), NamedSharding(mesh, P("ep", None, None))
+forms = {"now": prefill.prefill_moe, "before": schedule_at(BEFORE).prefill_moe}
 out = {}
-now_fn = prefill.prefill_moe
 for name, (E, k, d, f, T, dt) in {
     "prefill E64 T256 f32": (64, 8, 1024, 512, 256, jnp.float32),
     "prefill E64 T256 bf16": (64, 8, 1024, 512, 256, jnp.bfloat16),
     "prefill E256 T512 bf16": (256, 8, 1024, 256, 512, jnp.bfloat16),
 }.items():
-    rng = np.random.default_rng(0)
-    n = 8 * T
-    x = jax.device_put(jnp.asarray(rng.standard_normal((n, d)), dt), tok)
-    ids = jax.device_put(jnp.asarray(np.argsort(rng.random((n, E)), 1)[:, :k], jnp.int32), tok)
-    w = jax.device_put(jnp.asarray(rng.uniform(0.1, 1, (n, k)), jnp.float32), tok)
-    ws = [jax.device_put(jnp.asarray(rng.standard_normal(s) / np.sqrt(s[1]), dt), exp)
-          for s in ((E, d, f), (E, d, f), (E, f, d))]
-    args = (x, ids, w, *ws)
-    progs, comp, outs = {}, {}, {}
-    for label, fn in (("now", now_fn), ("before", _prefill_before.prefill_moe)):
-        prefill.prefill_moe = fn
+    args = layer_inputs(mesh, T, E, k, d, f, dtype=dt)
+    progs, compile_s, values = {}, {}, {}
+    for label, form in forms.items():
+        prefill.prefill_moe = form  # read when the layer is traced
         jitted = jax.jit(lambda *a: mr.expert_parallel_moe(*a, mesh=mesh, schedule="prefill"))
-        t0 = time.perf_counter(); progs[label] = jitted.lower(*args).compile(); comp[label] = time.perf_counter() - t0
-        outs[label] = np.asarray(progs[label](*args).astype(jnp.float32))
-    prefill.prefill_moe = now_fn
+        start = time.perf_counter()
+        progs[label] = jitted.lower(*args).compile()
+        compile_s[label] = time.perf_counter() - start
+        values[label] = np.asarray(progs[label](*args).astype(jnp.float32))
+    prefill.prefill_moe = forms["now"]
     times = interleaved(progs, args, min_rounds=21)
-    r = times["now"] / times["before"]
-    out[name] = dict(now_ms=float(np.median(times["now"]) * 1e3), before_ms=float(np.median(times["before"]) * 1e3),
-                     ratio=float(np.median(r)), ci95=median_ci(r), rounds=len(r),
-                     compile_now_s=comp["now"], compile_before_s=comp["before"],
-                     same_values=bool(np.array_equal(outs["now"], outs["before"])))
+    out[name] = dict(now_ms=float(np.median(times["now"]) * 1e3),
+                     before_ms=float(np.median(times["before"]) * 1e3),
+                     now_over_before=ratio_summary(times["now"] / times["before"]),
+                     rounds=len(times["now"]), compile_s=compile_s,
+                     same_values=bool(np.array_equal(values["now"], values["before"])))
     print(name, out[name], flush=True)
 print(json.dumps(out))

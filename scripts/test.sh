@@ -4,7 +4,10 @@
 # compiles, one core each; every worker holds its own 8 emulated devices).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-bash "$root/scripts/setup.sh"
-bash "$root/scripts/setup_tpu.sh"  # tests/test_aot.py compiles for TPU topologies in it
+# Both environments at once on a fresh machine (mostly downloads); each script is a no-op
+# once its environment is installed. .venv-tpu: tests/test_aot.py compiles for TPU topologies.
+bash "$root/scripts/setup.sh" & main=$!
+bash "$root/scripts/setup_tpu.sh" & tpu=$!
+wait "$main" && wait "$tpu"
 cd "$root"
 exec .venv/bin/python -m pytest -q -n "${MOE_RELAYFREE_TEST_WORKERS:-2}" --dist worksteal "$@"

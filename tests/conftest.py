@@ -6,11 +6,23 @@ os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One persistent compilation cache per test run, shared by the xdist workers and the scripts
+# the tests start (they inherit the environment): many programs (the default model's steps,
+# a module's fixtures split over both workers) are otherwise compiled once per process.
+# (The pytest process that creates it, the xdist controller, removes it at the end.)
+_OWN_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    _OWN_CACHE = tempfile.mkdtemp(prefix="moe-relayfree-tests-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _OWN_CACHE
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
 
 @pytest.fixture(scope="session")
 def devices():
@@ -18,3 +30,9 @@ def devices():
     assert len(devs) >= 8, "tests need 8 emulated CPU devices"
     return devs
 
+
+def pytest_unconfigure(config):
+    if _OWN_CACHE is not None:
+        import shutil
+
+        shutil.rmtree(_OWN_CACHE, ignore_errors=True)

@@ -7,6 +7,7 @@ import os
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from helpers import make_mesh
 from moe_relayfree_models import checkpoint, init_cache
@@ -18,14 +19,20 @@ NAMES = MANIFEST["models"]
 VARIANTS = MANIFEST["variants"]
 
 
+# Compiled: op by op, every step re-dispatches each shard_map and took longer than compiling
+# the prefill and the one decode program.
+forward = nnx.jit(lambda model, *a: model(*a))
+
+
 def greedy(model, prompt, steps):
     b, s = prompt.shape
     pad = jnp.zeros((b,), jnp.int32)
     cache = init_cache(model.cfg, b, s + steps, jnp.float32)
-    logits, cache = model(jnp.asarray(prompt, jnp.int32), pad, cache, 0)
+    logits, cache = forward(model, jnp.asarray(prompt, jnp.int32), pad, cache, 0)
     out = [jnp.argmax(logits[:, -1], -1)]
     for i in range(steps - 1):
-        logits, cache = model(out[-1][:, None].astype(jnp.int32), pad, cache, s + i)
+        logits, cache = forward(model, out[-1][:, None].astype(jnp.int32), pad, cache,
+                                jnp.int32(s + i))
         out.append(jnp.argmax(logits[:, -1], -1))
     return np.stack([np.asarray(o) for o in out], axis=1)
 
@@ -46,7 +53,7 @@ def test_logits_and_greedy_tokens_match_transformers(name, num_ranks, schedule):
                                   schedule=schedule)
     ids = jnp.asarray(ref["input_ids"], jnp.int32)
     cache = init_cache(model.cfg, ids.shape[0], ids.shape[1], jnp.float32)
-    logits, _ = model(ids, jnp.zeros((ids.shape[0],), jnp.int32), cache, 0)
+    logits, _ = forward(model, ids, jnp.zeros((ids.shape[0],), jnp.int32), cache, 0)
     scale = max(1.0, float(np.abs(ref["logits"]).max()))
     np.testing.assert_allclose(np.asarray(logits), ref["logits"], atol=1e-5 * scale, rtol=1e-4)
     np.testing.assert_array_equal(greedy(model, ref["prompt"], ref["greedy"].shape[1]), ref["greedy"])
@@ -106,7 +113,7 @@ def test_mla_both_attention_forms_match_transformers(monkeypatch, form):
                                   schedule="decode")
     ids = jnp.asarray(ref["input_ids"], jnp.int32)
     cache = init_cache(model.cfg, ids.shape[0], ids.shape[1], jnp.float32)
-    logits, _ = model(ids, jnp.zeros((ids.shape[0],), jnp.int32), cache, 0)
+    logits, _ = forward(model, ids, jnp.zeros((ids.shape[0],), jnp.int32), cache, 0)
     scale = max(1.0, float(np.abs(ref["logits"]).max()))
     np.testing.assert_allclose(np.asarray(logits), ref["logits"], atol=1e-5 * scale, rtol=1e-4)
     np.testing.assert_array_equal(greedy(model, ref["prompt"], ref["greedy"].shape[1]), ref["greedy"])

@@ -2,8 +2,13 @@
 
 import os
 
+# LLVM at -O0 for the tests' programs: XLA's HLO passes (what the tests read in compiled
+# programs) run as always, only the machine-code optimization is skipped; on these tiny shapes
+# compiling is most of the time (tests/test_layer.py + test_decode.py: 94 -> 71 s). Scripts the
+# tests start get the same flags (helpers.script_env).
 os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    os.environ.get("XLA_FLAGS", "")
+    + " --xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One persistent compilation cache per test run, shared by the xdist workers and the scripts

@@ -1,6 +1,7 @@
 """Shared fixtures-as-functions for the tests."""
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -8,6 +9,17 @@ import numpy as np
 
 import moe_relayfree as mr
 from moe_relayfree.tools import selfcheck
+
+
+def script_env(device_count: int | None = None) -> dict:
+    """The environment for a script a test starts: the tests' XLA flags (tests/conftest.py)
+    without their device count, and ``device_count`` emulated CPU devices if given (else the
+    script sets its own)."""
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+             if not f.startswith("--xla_force_host_platform_device_count")]
+    if device_count is not None:
+        flags.append(f"--xla_force_host_platform_device_count={device_count}")
+    return dict(os.environ, XLA_FLAGS=" ".join(flags))
 
 
 def make_mesh(num_ranks: int, axis: str = "ep"):

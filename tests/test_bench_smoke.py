@@ -5,12 +5,13 @@ import os
 import subprocess
 import sys
 
+from helpers import script_env
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_bench_smoke(tmp_path):
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    env = script_env(8)
     subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "bench.py"), "--smoke",
                     "--out", str(tmp_path)], check=True, env=env, cwd=ROOT, timeout=600)
     report = json.loads((tmp_path / "bench.json").read_text())
@@ -47,7 +48,7 @@ def test_bench_smoke(tmp_path):
 def test_bench_decode_bytes_stay_flat_in_ranks(tmp_path):
     """Lowered for cuda at P = 4, 8, 16 (k=4): the decode schedule moves the copies once each
     way at P > k, whatever P; the gather transport forced at every P grows with P."""
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = script_env()
     subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "bench_decode.py"), "--smoke",
                     "--part", "bytes", "--out", str(tmp_path)], check=True, env=env, cwd=ROOT,
                    timeout=600)
@@ -65,7 +66,7 @@ def test_bench_generation_smoke(tmp_path):
     """scripts/bench_generation.py: the A/Bs run (the step one in fresh processes) and report
     their times and whether the variants' tokens agree; FP8 experts kept on the devices give
     the tokens of the same checkpoint dequantized at load, in half the expert bytes."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    env = script_env(8)
     subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "bench_generation.py"),
                     "--batches", "8", "--prompt-lengths", "8", "--rounds", "1", "--new-tokens", "3",
                     "--fp8-batches", "8", "--fp8-prompt", "8",

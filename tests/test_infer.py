@@ -13,7 +13,7 @@ from flax import nnx
 
 import moe_relayfree as mr
 from moe_relayfree.tools import analysis
-from helpers import make_mesh
+from helpers import make_mesh, script_env
 from moe_relayfree_models import checkpoint, init_cache, tokenizer
 from moe_relayfree_models.generation import Sampling, generate
 
@@ -89,7 +89,7 @@ def test_infer_script_json(tmp_path):
     from moe_relayfree_models import quant
 
     quant.quantize_checkpoint(os.path.join(ROOT, "models", "default"), str(tmp_path))
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    env = script_env(8)
     out = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "infer.py"), "--json",
                           "--quiet", "--max-new-tokens", "6", "--batch", "4",
                           "--mesh", "data=2,ep=4", "--temperature", "0.8", "--top-p", "0.9",
@@ -119,7 +119,7 @@ def test_missing_checkpoint_is_a_clear_error(tmp_path):
 
 
 def test_sweep_script_smoke(tmp_path):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    env = script_env(8)
     # on a 2-D mesh: tokens over both axes, experts over ep (a 1-D mesh is the scripts' default,
     # run by the other tests here)
     subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "sweep.py"), "--batches", "2",
@@ -234,7 +234,7 @@ def test_bad_arguments_are_one_line_errors(capsys, argv, message):
 
 
 def test_experts_not_divisible_by_the_devices_is_a_one_line_error():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=3")
+    env = script_env(3)
     out = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "infer.py"), "--devices", "3",
                           "--max-new-tokens", "2"], capture_output=True, text=True, cwd=ROOT,
                          env=env, timeout=600)

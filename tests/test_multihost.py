@@ -10,7 +10,7 @@ import jax
 import numpy as np
 
 import moe_relayfree as mr
-from helpers import make_mesh, moe_inputs
+from helpers import make_mesh, moe_inputs, script_env
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "multihost_worker.py")
 
@@ -31,7 +31,7 @@ def free_port() -> int:
 
 
 def start(pid, nproc, port, out, timeout=60):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = script_env()
     return subprocess.Popen([sys.executable, WORKER, str(pid), str(nproc), str(port), str(out),
                              str(timeout)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
@@ -85,7 +85,7 @@ def test_inference_script_across_two_processes(tmp_path):
     # batch 8 on 8 devices: each process holds half of every step's tokens (before, the script
     # fetched them as if it held all and failed)
     common = ["--json", "--quiet", "--max-new-tokens", "6", "--batch", "8"]
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env = script_env()
     single = subprocess.run([sys.executable, script, *common], capture_output=True, text=True,
                             env=env, timeout=300, check=True)
     port = free_port()

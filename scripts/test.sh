@@ -8,6 +8,10 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 # once its environment is installed. .venv-tpu: tests/test_aot.py compiles for TPU topologies.
 bash "$root/scripts/setup.sh" & main=$!
 bash "$root/scripts/setup_tpu.sh" & tpu=$!
-wait "$main" && wait "$tpu"
+# Both waited for (set -e does not stop at a failed command left of &&), then a failure exits.
+status=0
+wait "$main" || status=$?
+wait "$tpu" || status=$?
+[ "$status" -eq 0 ] || exit "$status"
 cd "$root"
 exec .venv/bin/python -m pytest -q -n "${MOE_RELAYFREE_TEST_WORKERS:-2}" --dist worksteal "$@"

@@ -6,20 +6,26 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 import moe_relayfree as mr
 from moe_relayfree.tools import selfcheck
+from moe_relayfree.tools.bench.env import DEVICE_COUNT_FLAG
 
 
 def script_env(device_count: int | None = None) -> dict:
     """The environment for a script a test starts: the tests' XLA flags (tests/conftest.py)
     without their device count, and ``device_count`` emulated CPU devices if given (else the
     script sets its own)."""
-    flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
-             if not f.startswith("--xla_force_host_platform_device_count")]
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if DEVICE_COUNT_FLAG not in f]
     if device_count is not None:
-        flags.append(f"--xla_force_host_platform_device_count={device_count}")
+        flags.append(f"--{DEVICE_COUNT_FLAG}={device_count}")
     return dict(os.environ, XLA_FLAGS=" ".join(flags))
+
+
+# A model's forward, compiled (tokens, pad, cache, position -> logits, cache): op by op, every
+# call re-dispatches each layer's shard_map, which took longer than compiling it.
+forward = nnx.jit(lambda model, *args: model(*args))
 
 
 def make_mesh(num_ranks: int, axis: str = "ep"):

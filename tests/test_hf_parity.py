@@ -7,9 +7,8 @@ import os
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
-from helpers import make_mesh
+from helpers import forward, make_mesh
 from moe_relayfree_models import checkpoint, init_cache
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "hf")
@@ -17,11 +16,6 @@ MANIFEST = json.load(open(os.path.join(FIXTURES, "manifest.json")))
 NAMES = MANIFEST["models"]
 # sliding windows (Mixtral, Qwen3, Qwen2 per layer), clip_qkv and attention biases
 VARIANTS = MANIFEST["variants"]
-
-
-# Compiled: op by op, every step re-dispatches each shard_map and took longer than compiling
-# the prefill and the one decode program.
-forward = nnx.jit(lambda model, *a: model(*a))
 
 
 def greedy(model, prompt, steps):

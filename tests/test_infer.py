@@ -13,7 +13,7 @@ from flax import nnx
 
 import moe_relayfree as mr
 from moe_relayfree.tools import analysis
-from helpers import make_mesh, script_env
+from helpers import forward, make_mesh, script_env
 from moe_relayfree_models import checkpoint, init_cache, tokenizer
 from moe_relayfree_models.generation import Sampling, generate
 
@@ -56,7 +56,7 @@ def test_schedules_and_meshes_generate_identical_tokens(mesh):
     toks = jnp.asarray([[0] * (width - len(r)) + r for r in rows], jnp.int32)
     # compiled: op by op this forward took twice its compile time
     cache = init_cache(model.cfg, len(rows), width, jnp.float32)
-    logits, _ = nnx.jit(lambda m, *a: m(*a))(model, toks, pad, cache, 0)
+    logits, _ = forward(model, toks, pad, cache, 0)
     pred = np.asarray(jnp.argmax(logits, -1))
     for i, (p, g) in enumerate(zip(prompt, base["tokens"])):
         start = width - len(rows[i]) + len(p) - 1
@@ -210,8 +210,7 @@ def test_random_checkpoint_script_writes_a_loadable_model(tmp_path):
     assert (cfg.num_experts, cfg.k, cfg.d_model, cfg.d_ff_expert) == (16, 4, 64, 32)
     assert cfg.moe_layers == (False, True)
     toks = jnp.ones((8, 5), jnp.int32)
-    logits, _ = nnx.jit(lambda m, *a: m(*a))(
-        model, toks, jnp.zeros((8,), jnp.int32), init_cache(cfg, 8, 5, jnp.float32), 0)
+    logits, _ = forward(model, toks, jnp.zeros((8,), jnp.int32), init_cache(cfg, 8, 5, jnp.float32), 0)
     assert logits.shape == (8, 5, cfg.vocab_size) and bool(jnp.isfinite(logits).all())
 
 

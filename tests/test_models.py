@@ -9,7 +9,7 @@ import pytest
 from flax import nnx
 from safetensors.numpy import save_file
 
-from helpers import make_mesh
+from helpers import forward, make_mesh
 from moe_relayfree_models import MoETransformer, init_cache
 from moe_relayfree_models import checkpoint
 from moe_relayfree_models.config import ModelConfig
@@ -58,12 +58,10 @@ def test_prefill_then_decode_matches_full_forward(arch):
     model = build(tiny(arch), make_mesh(8))
     want = full_logits(model, TOKENS, PAD)
     cache = init_cache(model.cfg, 2, 6, jnp.float32)
-    # compiled: op by op, the 8-device layers took most of this test's time
-    run = nnx.jit(lambda m, tokens, pad, cache, pos: m(tokens, pad, cache, pos))
-    logits, cache = run(model, TOKENS[:, :4], PAD, cache, jnp.int32(0))
+    logits, cache = forward(model, TOKENS[:, :4], PAD, cache, jnp.int32(0))
     steps = [logits]
     for i in (4, 5):
-        logits, cache = run(model, TOKENS[:, i : i + 1], PAD, cache, jnp.int32(i))
+        logits, cache = forward(model, TOKENS[:, i : i + 1], PAD, cache, jnp.int32(i))
         steps.append(logits)
     got = jnp.concatenate(steps, axis=1)
     real = np.arange(6)[None, :] >= np.asarray(PAD)[:, None]  # outputs at padding are unused

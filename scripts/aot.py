@@ -26,7 +26,7 @@ import sys
 LAYER_COLUMNS = [("topology", "topology"), ("T", "tokens_per_device"),
                  ("implementation", "implementation"), ("schedule", "schedule"),
                  ("experts", "experts"), ("ran", "resolved_schedule"), ("temp MiB", "temp_mib"),
-                 ("args MiB", "args_mib"), ("recv rows", "recv_rows"),
+                 ("args MiB", "args_mib"), ("recv rows", "recv_rows"), ("P(over)", "overflow_text"),
                  ("moved MiB", "moved_mib"), ("collectives", "ops"), ("compile s", "compile_s")]
 MODEL_COLUMNS = [("topology", "topology"), ("layers", "layers"), ("compiled", "compiled_layers"),
                  ("batch/dev", "batch_per_device"),
@@ -41,6 +41,15 @@ SERVING_COLUMNS = [("topology", "topology"), ("layers", "layers"), ("context", "
                    ("HBM GiB", "hbm_gib")]
 
 
+def overflow_text(overflow: dict | None) -> str | None:
+    """The chance some rank overflows, as its two bounds ("0.29-0.34"), or one where they
+    agree to two digits."""
+    if overflow is None:
+        return None
+    low, high = (f"{overflow[key]:.2g}" for key in ("any_rank_low", "any_rank_high"))
+    return high if low == high else f"{low}-{high}"
+
+
 def summarize(report: dict) -> dict:
     """Adds the table's derived columns to a report."""
     mem, coll = report["memory"], report["collectives"]
@@ -53,6 +62,7 @@ def summarize(report: dict) -> dict:
     out = dict(report, temp_mib=mem["temp"] / 2**20, args_mib=mem.get("argument", 0) / 2**20,
                moved_mib=sum(c["moved_bytes"] for c in coll) / 2**20,
                recv_rows=max((c["output_shape"][0] for c in ragged), default=None),
+               overflow_text=overflow_text(report.get("overflow")),
                ops=" ".join(sorted({c["op"] for c in coll})))
     gib = 2**30
     for key in ("params", "kv_cache", "temp", "total"):
@@ -100,6 +110,9 @@ def main(argv=None) -> int:
     p.add_argument("--implementation", nargs="+", default=["relayfree"])
     p.add_argument("--schedule", nargs="+", default=["auto"])
     p.add_argument("--decode-overflow", default="branch")
+    p.add_argument("--capacity-factor", type=float, default=None,
+                   help="relay-free prefill's receive rows per round, the bounded baseline's buffer: "
+                   "CAPACITY_FACTOR * T * k (default: DispatchConfig's)")
     p.add_argument("--experts", nargs="+", choices=["bf16", "fp8"], default=["bf16"],
                    help="routed expert weights: bf16, or FP8 with 128x128 block scales (as "
                    "load_model(..., fp8_experts=True) keeps an FP8 checkpoint's)")
@@ -142,8 +155,9 @@ def main(argv=None) -> int:
                     for schedule in (args.schedule if impl == "relayfree" else ["auto"])]
         for impl, experts, schedule in variants:
             block = aot.FP8_BLOCK if experts == "fp8" else None
+            factor = {} if args.capacity_factor is None else {"capacity_factor": args.capacity_factor}
             config = mr.DispatchConfig(mesh, schedule=schedule, implementation=impl,
-                                       decode_overflow=args.decode_overflow)
+                                       decode_overflow=args.decode_overflow, **factor)
             if args.what == "layer":
                 for t in args.tokens:
                     report = aot.layer_report(config, aot.LAYER_SHAPES[args.shapes], t, block)

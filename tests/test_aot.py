@@ -43,6 +43,8 @@ def test_decode_keeps_native_ragged_collectives_and_bounded_windows():
     receive = max(c["output_shape"][0] for c in ragged)
     assert receive == decode.typical_rows(T, K) == 2 * T * K
     assert decode.worst_rows(P, T, K, E // P) == 16 * receive
+    # how often uniform routing would need a second round of these rows (P*T = 512 tokens)
+    assert r["recv_rows"] == receive and r["overflow"]["any_rank_high"] < 1e-3, r["overflow"]
     d = r["shapes"]["d_model"]
     assert not [c for c in r["collectives"]
                 if c["op"] == "all_gather" and c["buffer_bytes"] >= P * T * d]

@@ -110,3 +110,31 @@ def test_weighted_row_sum_matches_numpy_with_mask_and_accumulator():
     np.testing.assert_array_equal(got, fn(rows, index, weights, valid, into))
     np.testing.assert_allclose(jax.jit(weighted_row_sum)(rows, index, weights),
                                np.einsum("tk,tkd->td", weights, rows[index]), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("num_experts,num_ranks,k,tokens,rows", [
+    (16, 8, 4, 6, 6),    # El = 2: up to two copies of a token on one rank
+    (16, 16, 4, 16, 8),  # El = 1, as Qwen3-235B on 128 ranks
+])
+def test_overflow_probability_matches_simulated_routing(num_experts, num_ranks, k, tokens, rows):
+    """The receive-buffer overflow chance (MIN_ROWS' and the AOT tables' figures) against
+    uniform top-k routing drawn at random: per rank within 5 standard errors, and the
+    simulated chance that some rank overflows between the two bounds."""
+    from moe_relayfree.plan import overflow_probability
+
+    per_rank, low, high = overflow_probability(tokens, num_experts, num_ranks, k, rows)
+    trials = 40_000
+    rng = np.random.default_rng(5)
+    ids = np.argsort(rng.random((trials, tokens, num_experts)), axis=-1)[..., :k]
+    ranks = ids // (num_experts // num_ranks)
+    received = (ranks.reshape(trials, -1)[..., None] == np.arange(num_ranks)).sum(axis=1)
+    over = received > rows  # [trials, P]
+    err = np.sqrt(per_rank * (1 - per_rank) / over.size) * 5 * np.sqrt(num_ranks)
+    assert 0.005 < per_rank and high < 0.2  # where a simulation sees all three
+    assert abs(over.mean() - per_rank) < err
+    some = over.any(axis=1).mean()
+    assert low - 0.01 < some < high + 0.01, (low, some, high)
+    most = tokens * min(k, num_experts // num_ranks)  # every copy a rank can receive
+    assert overflow_probability(tokens, num_experts, num_ranks, k, most) == (0, 0, 0)
+    with pytest.raises(ValueError):
+        overflow_probability(tokens, num_experts, num_ranks, 0, rows)

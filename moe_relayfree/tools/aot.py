@@ -30,6 +30,7 @@ from moe_relayfree.tools import analysis
 from moe_relayfree.api import expert_parallel_moe
 from moe_relayfree.config import DispatchConfig
 from moe_relayfree.layout import make_mesh
+from moe_relayfree.plan import overflow_probability
 from moe_relayfree.selection import select_schedule
 
 MiB = 2**20
@@ -177,7 +178,10 @@ def layer_report(config: DispatchConfig, shapes: LayerShapes, tokens_per_device:
                  fp8_block: tuple[int, int] | None = None) -> dict:
     """Compiles one MoE layer (``expert_parallel_moe``) for ``config``'s mesh and reports its
     per-device memory, collectives, the schedule "auto" resolves to and the compile time
-    (``fp8_block``: FP8 expert weights, see :func:`layer_inputs`). A program XLA:TPU refuses
+    (``fp8_block``: FP8 expert weights, see :func:`layer_inputs`). ``overflow``: under
+    uniform routing, how often a rank of the expert-parallel group receives more copies than
+    the ragged all-to-all's ``recv_rows`` in one call (``plan.overflow_probability``):
+    relay-free then runs another round, the bounded baseline drops them. A program XLA:TPU refuses
     for the chip's HBM is reported with ``oom`` (the compiler's message) and the temporaries
     it said it needs."""
     lay = config.layout
@@ -188,7 +192,8 @@ def layer_report(config: DispatchConfig, shapes: LayerShapes, tokens_per_device:
     seconds = time.perf_counter() - start
     head = {"topology": _topology_name(config.mesh), "mesh": dict(config.mesh.shape),
             "implementation": config.implementation, "schedule": config.schedule,
-            "tokens_per_device": tokens_per_device, "shapes": dataclasses.asdict(shapes),
+            "tokens_per_device": tokens_per_device, "capacity_factor": config.capacity_factor,
+            "shapes": dataclasses.asdict(shapes),
             "experts": "fp8" if fp8_block else shapes.dtype}
     if oom:
         return dict(head, resolved_schedule=None, **_oom_report(oom, seconds))
@@ -196,9 +201,16 @@ def layer_report(config: DispatchConfig, shapes: LayerShapes, tokens_per_device:
     copies = tokens_per_device * shapes.k
     resolved = select_schedule(tokens_per_device, config.schedule, config.decode_threshold,
                                platform=lay.platform) if config.relayfree else None
+    collectives = collective_rows(text, lay.num_ranks, copies)
+    recv = max((c["output_shape"][0] for c in collectives if c["op"] == "ragged_all_to_all"),
+               default=None)
+    # the receive buffer's rows against what uniform routing sends the group's ranks
+    overflow = None if recv is None else overflow_probability(
+        tokens_per_device * lay.num_ranks, shapes.num_experts, lay.num_ranks, shapes.k,
+        recv)._asdict()
     return {
         **head, "resolved_schedule": resolved, "memory": memory(compiled),
-        "collectives": collective_rows(text, lay.num_ranks, copies),
+        "collectives": collectives, "recv_rows": recv, "overflow": overflow,
         "ragged_dot": "ragged-dot" in text or "ragged_dot" in text,
         "compile_s": round(seconds, 2),
     }

@@ -30,10 +30,12 @@ A plan never drops a row: ``num_rounds`` rounds cover every receiver's ``total``
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from moe_relayfree.windows import exclusive_cumsum
@@ -150,10 +152,6 @@ def overflow_probability(tokens: int, num_experts: int, num_ranks: int, k: int,
     associated (a token's copies are a uniform k-subset; Joag-Dev and Proschan 1983), so the
     ranks overflow together less often than independent ones would. Host-side NumPy.
     """
-    import math
-
-    import numpy as np
-
     local = num_experts // num_ranks
     if tokens < 0 or rows < 0 or not 0 < k <= num_experts or local < 1:
         raise ValueError(f"need tokens, rows >= 0 and 0 < k <= E with E >= P, got {tokens=}, "

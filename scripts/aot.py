@@ -52,16 +52,17 @@ def overflow_text(overflow: dict | None) -> str | None:
 
 def summarize(report: dict) -> dict:
     """Adds the table's derived columns to a report."""
+    from moe_relayfree.tools.aot import receive_rows  # main imports it after parsing
+
     mem, coll = report["memory"], report["collectives"]
     if report.get("oom"):  # the compiler refused it: what it said the temporaries need
         gib = 2**30
         return dict(report, temp_mib=(mem["temp"] or 0) / 2**20, ops="OOM (compile)",
                     temp_gib=(mem["temp"] or 0) / gib, total_gib=None,
                     params_gib=mem.get("params", 0) / gib, kv_gib=mem.get("kv_cache", 0) / gib)
-    ragged = [c for c in coll if c["op"] == "ragged_all_to_all"]
     out = dict(report, temp_mib=mem["temp"] / 2**20, args_mib=mem.get("argument", 0) / 2**20,
                moved_mib=sum(c["moved_bytes"] for c in coll) / 2**20,
-               recv_rows=max((c["output_shape"][0] for c in ragged), default=None),
+               recv_rows=receive_rows(coll),
                overflow_text=overflow_text(report.get("overflow")),
                ops=" ".join(sorted({c["op"] for c in coll})))
     gib = 2**30

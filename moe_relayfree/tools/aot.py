@@ -154,6 +154,13 @@ def collective_rows(text: str, num_ranks: int, copies_per_rank: int | None) -> l
     return rows
 
 
+def receive_rows(collectives: list[dict]) -> int | None:
+    """The largest ragged all-to-all's output rows (:func:`collective_rows`): a rank's receive
+    buffer per round; ``None`` where the program has none."""
+    return max((c["output_shape"][0] for c in collectives if c["op"] == "ragged_all_to_all"),
+               default=None)
+
+
 def _compile(lowered):
     """(compiled, None), or (None, the compiler's message) where XLA:TPU refuses the program
     for exceeding the chip's HBM (it says how much its temporaries need)."""
@@ -202,8 +209,7 @@ def layer_report(config: DispatchConfig, shapes: LayerShapes, tokens_per_device:
     resolved = select_schedule(tokens_per_device, config.schedule, config.decode_threshold,
                                platform=lay.platform) if config.relayfree else None
     collectives = collective_rows(text, lay.num_ranks, copies)
-    recv = max((c["output_shape"][0] for c in collectives if c["op"] == "ragged_all_to_all"),
-               default=None)
+    recv = receive_rows(collectives)
     # the receive buffer's rows against what uniform routing sends the group's ranks
     overflow = None if recv is None else overflow_probability(
         tokens_per_device * lay.num_ranks, shapes.num_experts, lay.num_ranks, shapes.k,
@@ -371,7 +377,7 @@ def mib(n: float) -> float:
 
 
 __all__ = ["FP8_BLOCK", "HBM_BYTES", "LAYER_SHAPES", "LayerShapes", "abstract_model", "collective_rows",
-           "layer_inputs", "layer_report", "markdown", "memory", "mib", "model_report",
+           "layer_inputs", "layer_report", "markdown", "memory", "mib", "model_report", "receive_rows",
            "tpu_devices", "tpu_mesh"]
 
 

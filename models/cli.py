@@ -6,10 +6,14 @@ from __future__ import annotations
 import argparse
 import os
 
+from moe_relayfree.paths import IMPLEMENTATIONS, PATHS
+
 DEFAULT_CHECKPOINT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default")
-# --dispatch names -> DispatchConfig.implementation
-DISPATCH = {"relayfree": "relayfree", "ragged-baseline": "ragged_baseline",
-            "capacity-baseline": "capacity_baseline"}
+# --dispatch names -> DispatchConfig.implementation: every implementation of the table of paths
+DISPATCH = {impl.replace("_", "-"): impl for impl in IMPLEMENTATIONS}
+# the ones that never drop a copy (what a comparison of generated tokens can take)
+DROPLESS = {name: impl for name, impl in DISPATCH.items()
+            if not any(p.drops for p in PATHS.values() if p.implementation == impl)}
 
 
 def positive_int(text: str) -> int:

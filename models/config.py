@@ -7,6 +7,7 @@ import dataclasses
 from moe_relayfree.routing import RouterConfig
 
 ARCHITECTURES = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v3")
+MLA_FORMS = ("auto", "absorbed", "expanded")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,6 +51,9 @@ class ModelConfig:
     # Routed experts kept in FP8 on the devices, one float32 scale per (rows, cols) block of
     # each [d, f] / [f, d] matrix (moe_relayfree.MoELayer's expert_block); None: param dtype.
     expert_fp8_block: tuple[int, int] | None = None
+    # How MLA attends (a lowering choice, same results): "absorbed" over the latent cache,
+    # "expanded" keys and values, or "auto" (models/mla.py's absorbed(): fewer multiply-adds).
+    mla_form: str = "auto"
 
     def __post_init__(self):
         if self.arch not in ARCHITECTURES:
@@ -64,6 +68,8 @@ class ModelConfig:
             raise ValueError(f"sliding_window must be >= 1 or None, got {self.sliding_window}")
         if self.sliding_layers is not None and len(self.sliding_layers) != self.n_layers:
             raise ValueError(f"sliding_layers has {len(self.sliding_layers)} entries for {self.n_layers} layers")
+        if self.mla_form not in MLA_FORMS:
+            raise ValueError(f"mla_form must be one of {MLA_FORMS}, got {self.mla_form!r}")
         if self.is_mla and (self.sliding_window is not None or self.clip_qkv is not None
                             or self.qkv_bias or self.o_bias):
             raise ValueError("deepseek_v3 (MLA) has no sliding window, clip_qkv or attention bias")

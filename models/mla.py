@@ -23,6 +23,7 @@ from flax import nnx
 
 from moe_relayfree_models.config import ModelConfig
 from moe_relayfree_models.layers import RMSNorm, attention_mask, rope
+from moe_relayfree.config import Lowering
 from moe_relayfree.ffn import dense_dot
 from moe_relayfree.layer import normal_init
 
@@ -95,8 +96,10 @@ def absorbed(cfg: ModelConfig, num_queries: int) -> bool:
 
 
 class MLAttention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, param_dtype, rngs: nnx.Rngs,
+                 min_rows: int = Lowering().dense_min_rows):
         self.cfg = cfg
+        self.min_rows = min_rows  # dense_dot's (Lowering.dense_min_rows)
         d, h = cfg.d_model, cfg.n_heads
         qk = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
         std = d**-0.5
@@ -118,14 +121,15 @@ class MLAttention(nnx.Module):
                  form: str | None = None):
         """x ``[B, S, d]``; cache_ckv ``[B, L, kv_lora]``, cache_krope ``[B, L, rope]``; rows:
         x's rows per device, if known (``dense_dot``); form: "absorbed" or "expanded" (default
-        :func:`absorbed`'s choice)."""
+        ``cfg.mla_form``, where "auto" is :func:`absorbed`'s choice)."""
         cfg = self.cfg
         b, s, _ = x.shape
         dt = x.dtype
         h, nope, rdim, vdim = cfg.n_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
 
         def mm(a, w, rows=rows):
-            return dense_dot(a, w[...].astype(dt), rows_per_device=rows).astype(dt)
+            return dense_dot(a, w[...].astype(dt), rows_per_device=rows,
+                             min_rows=self.min_rows).astype(dt)
 
         q = mm(self.q_a_norm(mm(x, self.q_a)), self.q_b) if self.wq is None else mm(x, self.wq)
         q = q.reshape(b, s, h, nope + rdim)
@@ -136,7 +140,8 @@ class MLAttention(nnx.Module):
         k_rope = rope(k_rope[:, :, None, :], positions, cfg.rope_theta, cfg.rope_interleave)[:, :, 0]
         cache_ckv = jax.lax.dynamic_update_slice_in_dim(cache_ckv, ckv.astype(cache_ckv.dtype), start, 1)
         cache_krope = jax.lax.dynamic_update_slice_in_dim(cache_krope, k_rope.astype(cache_krope.dtype), start, 1)
-        form = form or ("absorbed" if absorbed(cfg, s) else "expanded")
+        form = form or (cfg.mla_form if cfg.mla_form != "auto"
+                        else "absorbed" if absorbed(cfg, s) else "expanded")
         if form not in ("absorbed", "expanded"):
             raise ValueError(f"form must be 'absorbed' or 'expanded', got {form!r}")
         latent, k_rope_all = cache_ckv.astype(dt), cache_krope.astype(dt)

@@ -21,7 +21,7 @@ from moe_relayfree_models.config import ModelConfig
 from moe_relayfree_models.layers import RMSNorm, attention_mask, rope
 from moe_relayfree_models.mla import MLAttention
 from moe_relayfree.ffn import dense_dot
-from moe_relayfree.config import DispatchConfig, dispatch_config
+from moe_relayfree.config import DispatchConfig, Lowering, dispatch_config
 from moe_relayfree.layer import MoELayer, SwiGLUMLP, normal_init
 
 _F32 = jnp.float32
@@ -47,9 +47,11 @@ def init_cache(cfg: ModelConfig, batch: int, length: int, dtype) -> KVCache:
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, param_dtype, rngs: nnx.Rngs, window: int | None = None):
+    def __init__(self, cfg: ModelConfig, *, param_dtype, rngs: nnx.Rngs, window: int | None = None,
+                 min_rows: int = Lowering().dense_min_rows):
         d, h, kv, hd = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.cfg = cfg
+        self.min_rows = min_rows  # dense_dot's (Lowering.dense_min_rows)
         self.window = window  # sliding-window attention over the last `window` keys, or None
         std = d**-0.5
         self.wq = nnx.Param(normal_init(rngs, (d, h * hd), std, param_dtype))
@@ -81,7 +83,7 @@ class Attention(nnx.Module):
         dt = x.dtype
 
         def proj(w, bias):
-            y = dense_dot(x, w[...].astype(dt), rows_per_device=rows)
+            y = dense_dot(x, w[...].astype(dt), rows_per_device=rows, min_rows=self.min_rows)
             if bias is not None:
                 y = y + bias[...].astype(_F32)
             return y.astype(dt)
@@ -108,7 +110,7 @@ class Attention(nnx.Module):
         probs = jax.nn.softmax(scores, axis=-1).astype(dt)
         out = jnp.einsum("bngsl,blnh->bsngh", probs, cache_v.astype(dt), preferred_element_type=_F32)
         out = out.reshape(b, s, cfg.n_heads * cfg.head_dim).astype(dt)
-        y = dense_dot(out, self.wo[...].astype(dt), rows_per_device=rows)
+        y = dense_dot(out, self.wo[...].astype(dt), rows_per_device=rows, min_rows=self.min_rows)
         if self.bo is not None:
             y = y + self.bo[...].astype(_F32)
         return y.astype(dt), cache_k, cache_v
@@ -118,11 +120,12 @@ class DecoderLayer(nnx.Module):
     def __init__(self, cfg: ModelConfig, index: int, *, dispatch: DispatchConfig, param_dtype,
                  rngs: nnx.Rngs):
         self.attn_norm = RMSNorm(cfg.d_model, cfg.rms_eps, param_dtype)
+        min_rows = dispatch.lowering.dense_min_rows
         if cfg.is_mla:
-            self.attn = MLAttention(cfg, param_dtype=param_dtype, rngs=rngs)
+            self.attn = MLAttention(cfg, param_dtype=param_dtype, rngs=rngs, min_rows=min_rows)
         else:
             self.attn = Attention(cfg, param_dtype=param_dtype, rngs=rngs,
-                                  window=cfg.attention_window(index))
+                                  window=cfg.attention_window(index), min_rows=min_rows)
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.rms_eps, param_dtype)
         if cfg.moe_layers[index]:
             self.mlp = MoELayer(
@@ -131,7 +134,8 @@ class DecoderLayer(nnx.Module):
                 param_dtype=param_dtype, expert_block=cfg.expert_fp8_block, rngs=rngs,
             )
         else:
-            self.mlp = SwiGLUMLP(cfg.d_model, cfg.d_ff, param_dtype=param_dtype, rngs=rngs)
+            self.mlp = SwiGLUMLP(cfg.d_model, cfg.d_ff, param_dtype=param_dtype, rngs=rngs,
+                                 lowering=dispatch.lowering)
 
     def __call__(self, x, positions, key_valid, cache_k, cache_v, start: int, rows: int | None = None):
         h, cache_k, cache_v = self.attn(self.attn_norm(x), positions, key_valid, cache_k, cache_v,
@@ -172,6 +176,16 @@ class MoETransformer(nnx.Module):
         moe = [layer.mlp for layer in self.layers if isinstance(layer.mlp, MoELayer)]
         return moe[0].rows_per_device(b * s) if moe else None
 
+    def set_mla_form(self, form: str) -> None:
+        """Makes every MLA attention layer attend in ``form`` ("auto", "absorbed",
+        "expanded": ``ModelConfig.mla_form``); a program traced after this sees it (the
+        config is part of the module's graph, so of a jitted program's cache key)."""
+        cfg = dataclasses.replace(self.cfg, mla_form=form)  # validated
+        self.cfg = cfg
+        for layer in self.layers:
+            if hasattr(layer.attn, "cfg"):
+                layer.attn.cfg = cfg
+
     @property
     def compute_dtype(self) -> jnp.dtype:
         """The activations' default dtype: the parameters' (a bf16 checkpoint runs in bf16)."""
@@ -209,5 +223,6 @@ class MoETransformer(nnx.Module):
             rows = self.rows_per_device(b, x.shape[1])
         x = self.norm(x)
         head = self.embed[...].T if self.lm_head is None else self.lm_head[...]
-        logits = dense_dot(x, head.astype(dtype), rows_per_device=rows)
+        logits = dense_dot(x, head.astype(dtype), rows_per_device=rows,
+                           min_rows=self.dispatch.lowering.dense_min_rows)
         return logits, KVCache(new_k, new_v)

@@ -3,7 +3,9 @@
 The surface, by what it is for:
 
 * the layer: :class:`MoELayer`, configured by :class:`DispatchConfig` (mesh, axis roles,
-  schedule) and :class:`RouterConfig`;
+  schedule, :class:`Lowering`) and :class:`RouterConfig`;
+* the dispatch paths (relay-free prefill and decode, the baselines): one table,
+  :data:`moe_relayfree.paths.PATHS`; :func:`resolve` says which one a call runs;
 * the functional core: :func:`expert_parallel_moe`, :func:`route_tokens`, and the verbs
   :func:`dispatch` / :func:`combine` for your own ``shard_map`` (the schedules' pieces in
   :mod:`moe_relayfree.prefill` and :mod:`moe_relayfree.decode`); expert math
@@ -20,12 +22,14 @@ Tooling the core never imports lives in :mod:`moe_relayfree.tools` (deviceless T
 HLO analysis, the platform self-check, calibration).
 """
 
-from moe_relayfree import balance, decode, distributed, platform, prefill, quant
+from moe_relayfree import balance, decode, distributed, paths, platform, prefill, quant
 from moe_relayfree.api import expert_parallel_moe, route_tokens
 from moe_relayfree.collectives import ragged_all_to_all, register_ragged_all_to_all
-from moe_relayfree.config import DispatchConfig
-from moe_relayfree.experts import grouped_swiglu, swiglu, windows_swiglu
+from moe_relayfree.config import DispatchConfig, Lowering
+from moe_relayfree.experts import grouped_swiglu, windows_swiglu
+from moe_relayfree.ffn import swiglu
 from moe_relayfree.layer import MoELayer
+from moe_relayfree.paths import resolve
 from moe_relayfree.layout import MeshLayout, make_ep_mesh, make_layout, make_mesh, parse_mesh
 from moe_relayfree.reference import dense_moe_reference
 from moe_relayfree.routing import RouterConfig, route
@@ -39,11 +43,11 @@ from moe_relayfree.verbs import combine, dispatch
 
 __all__ = [
     # the layer and its configuration
-    "MoELayer", "DispatchConfig", "RouterConfig",
+    "MoELayer", "DispatchConfig", "Lowering", "RouterConfig",
     # the functional core
     "expert_parallel_moe", "route_tokens", "route", "dispatch", "combine", "swiglu",
     "grouped_swiglu", "windows_swiglu", "dense_moe_reference", "balance", "prefill", "decode",
-    "quant",
+    "quant", "paths", "resolve",
     # meshes
     "MeshLayout", "make_ep_mesh", "make_layout", "make_mesh", "parse_mesh",
     # the schedule choice

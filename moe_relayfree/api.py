@@ -10,18 +10,16 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from moe_relayfree import baselines, decode, prefill, registry
+from moe_relayfree import registry
 from moe_relayfree.collectives import vary_like
 from moe_relayfree.config import DEFAULT_CAPACITY_FACTOR, DispatchConfig, dispatch_config
-from moe_relayfree.experts import grouped_swiglu, swiglu, windows_swiglu
 from moe_relayfree.layout import MeshLayout
-from moe_relayfree.plan import MIN_ROWS, rows_per_round
-from moe_relayfree.quant import BlockQuantized, as_dtype, check_split, is_quantized, shape_of
+from moe_relayfree.paths import PATHS, Call, DispatchPath, ExpertWeights, Resolved, resolve
+from moe_relayfree.quant import BlockQuantized, check_split, is_quantized, shape_of
 from moe_relayfree.routing import RouterConfig, route
-from moe_relayfree.selection import select_schedule
-from moe_relayfree.windows import ExpertWindows
 
-__all__ = ["DEFAULT_CAPACITY_FACTOR", "expert_parallel_moe", "replicates_tokens", "route_tokens"]
+__all__ = ["DEFAULT_CAPACITY_FACTOR", "expert_parallel_moe", "replicates_tokens", "route_tokens",
+           "run_resolved"]
 
 
 def _validate(x, topk_ids, topk_weights, w_gate, w_up, w_down, lay: MeshLayout,
@@ -89,8 +87,8 @@ def _poison_invalid(topk_ids, topk_weights, num_experts: int):
     return jnp.clip(topk_ids, 0, num_experts - 1).astype(jnp.int32), w
 
 
-def _per_rank(x, topk_ids, topk_weights, w_gate, w_up, w_down, *, axis, tensor_axis, schedule,
-              num_experts, rows, implementation, decode_overflow, replicated):
+def _per_rank(x, topk_ids, topk_weights, w_gate, w_up, w_down, *, path: DispatchPath,
+              call: Call, tensor_axis: str | None):
     # Every input varies over every axis any of them does (weights over the batch axes, tokens
     # over the tensor axis) before the schedules' branches: otherwise the backward pass sums a
     # replicated input's gradient inside a branch that only the ranks of one expert-parallel
@@ -98,10 +96,10 @@ def _per_rank(x, topk_ids, topk_weights, w_gate, w_up, w_down, *, axis, tensor_a
     # Here the sums happen once, after the whole layer's backward pass.
     args = (x, topk_ids, topk_weights, w_gate, w_up, w_down)
     leaves = jax.tree.leaves(args)
-    args = [jax.tree.map(lambda a: vary_like(a, *leaves), a) for a in args]
-    y = _routed(*args, axis=axis, schedule=schedule, num_experts=num_experts, rows=rows,
-                implementation=implementation, decode_overflow=decode_overflow,
-                replicated=replicated)
+    x, topk_ids, topk_weights, *weights = [jax.tree.map(lambda a: vary_like(a, *leaves), a)
+                                           for a in args]
+    topk_ids, topk_weights = _poison_invalid(topk_ids, topk_weights, call.num_experts)
+    y = path.layer(x, topk_ids, topk_weights, ExpertWeights(*weights), call)
     if tensor_axis is not None:
         # Each tensor rank computed its slice of f: combine is linear in the expert outputs, so
         # one sum of [T, d] here replaces a sum of every window row after the down projection.
@@ -109,56 +107,23 @@ def _per_rank(x, topk_ids, topk_weights, w_gate, w_up, w_down, *, axis, tensor_a
     return y
 
 
-def _routed(x, topk_ids, topk_weights, w_gate, w_up, w_down, *, axis, schedule, num_experts,
-            rows, implementation, decode_overflow, replicated):
-    topk_ids, topk_weights = _poison_invalid(topk_ids, topk_weights, num_experts)
-    common = dict(num_experts=num_experts, axis_name=axis)
-    if implementation in ("ragged_baseline", "ragged_baseline_bounded"):
-        bound = rows if implementation == "ragged_baseline_bounded" else None
-        (grouped, sizes), handle = baselines.ragged.dispatch(x, topk_ids, topk_weights,
-                                                             recv_rows=bound, **common)
-        return baselines.ragged.combine(grouped_swiglu(grouped, sizes, w_gate, w_up, w_down), handle)
-    if implementation == "capacity_baseline":
-        expert_in, handle = baselines.capacity.dispatch(x, topk_ids, topk_weights, **common)
-        dense = (as_dtype(w, x.dtype) for w in (w_gate, w_up, w_down))
-        out = jax.vmap(swiglu)(expert_in, *dense)
-        return baselines.capacity.combine(out, handle)
-
-    def experts(win: ExpertWindows):
-        return windows_swiglu(win, w_gate, w_up, w_down)
-
-    if schedule == "decode":
-        return decode.decode_moe(x, topk_ids, topk_weights, experts, overflow=decode_overflow,
-                                 transport="replicated" if replicated else "auto", **common)
-
-    return prefill.prefill_moe(x, topk_ids, topk_weights, experts, rows_per_round=rows, **common)
-
-
 def replicates_tokens(num_tokens: int, config: DispatchConfig) -> bool:
     """Whether :func:`expert_parallel_moe` runs ``num_tokens`` replicated: a relay-free
     decode batch smaller than the token shards (``0 < N < num_token_shards``) cannot be
     split over the devices, so every device takes all ``N`` tokens and gets all ``N`` outputs
     (the decode schedule's "replicated" transport: one ``psum``, no dispatch collective).
-    Otherwise tokens are split over the batch axes, ``N`` a multiple of their size."""
-    lay = config.layout
-    if not config.relayfree or not 0 < num_tokens < lay.num_token_shards:
-        return False
-    return select_schedule(1, config.schedule, config.decode_threshold,
-                           platform=lay.platform) == "decode"
+    Otherwise tokens are split over the batch axes, ``N`` a multiple of their size.
+    (:func:`moe_relayfree.paths.resolve`'s ``replicated``.)"""
+    return resolve(config, num_tokens, 1).replicated
 
 
 @functools.lru_cache(maxsize=256)
-def _sharded_fn(config: DispatchConfig, num_experts: int, rows: int, replicated: bool,
-                kernels: int):
-    """The shard_map program of one resolved config (``config.schedule`` is "prefill" or
-    "decode"); ``kernels``: the registries' generation it was traced under."""
-    del kernels  # a cache key only: a registration re-makes the program
-    lay = config.layout
-    body = functools.partial(
-        _per_rank, axis=lay.axis, tensor_axis=lay.tensor_axis, schedule=config.schedule,
-        num_experts=num_experts, rows=rows, implementation=config.implementation,
-        decode_overflow=config.decode_overflow, replicated=replicated,
-    )
+def _sharded_fn(lay: MeshLayout, path: str, call: Call, replicated: bool, kernels: int):
+    """The shard_map program of one resolved call; ``kernels``: the registries' generation it
+    was traced under (a registration re-makes the program)."""
+    del kernels  # a cache key only
+    body = functools.partial(_per_rank, path=PATHS[path], call=call,
+                             tensor_axis=lay.tensor_axis)
     tok = P() if replicated else lay.tokens
     return jax.shard_map(
         body, mesh=lay.mesh, in_specs=(tok, tok, tok, lay.w_in, lay.w_in, lay.w_out),
@@ -221,24 +186,26 @@ def expert_parallel_moe(
       token's output into NaN. ``N = 0`` gives ``[0, d]``.
     """
     config = dispatch_config(config, **settings)
+    n = np.shape(x)[0] if np.ndim(x) == 2 and np.ndim(topk_ids) == 2 else 0
+    k = np.shape(topk_ids)[1] if np.ndim(topk_ids) == 2 else 1
+    return run_resolved(resolve(config, n, k), config, x, topk_ids, topk_weights,
+                        w_gate, w_up, w_down)
+
+
+def run_resolved(resolved: Resolved, config: DispatchConfig, x, topk_ids, topk_weights,
+                 w_gate, w_up, w_down) -> jax.Array:
+    """:func:`expert_parallel_moe` with its path already chosen (:func:`resolve` of this
+    call's ``N`` and ``k``): what :class:`~moe_relayfree.MoELayer` calls, so a layer trace
+    decides its schedule once."""
     lay, mesh = config.layout, config.mesh
-    replicated = replicates_tokens(np.shape(x)[0] if np.ndim(x) == 2 else 0, config)
     n, k, num_experts = _validate(x, topk_ids, topk_weights, w_gate, w_up, w_down, lay,
-                                  small_batch_ok=replicated)
+                                  small_batch_ok=resolved.replicated)
     if n == 0:
         y = jnp.zeros(np.shape(x), jnp.result_type(x))
         return y if isinstance(x, jax.core.Tracer) else jax.device_put(y, lay.sharding(lay.tokens))
-    tokens = max(1, n // lay.num_token_shards)
-    resolved = select_schedule(tokens, config.schedule, config.decode_threshold,
-                               platform=lay.platform)
-    # the bounded baseline as MaxText sizes it: capacity_factor * T * k rows, no floor
-    floor = 1 if config.implementation == "ragged_baseline_bounded" else MIN_ROWS
-    rows = rows_per_round(tokens, k, lay.num_ranks, config.capacity_factor, floor)
-    program = config.replace(
-        schedule=resolved, decode_threshold=None,
-        decode_overflow=config.decode_overflow if resolved == "decode" else "branch")
-    fn = _sharded_fn(program, num_experts, rows, replicated, registry.generation())
-    token_spec = P() if replicated else lay.tokens
+    fn = _sharded_fn(lay, resolved.path, resolved.call(config, num_experts), resolved.replicated,
+                     registry.generation())
+    token_spec = P() if resolved.replicated else lay.tokens
     args = [_place(a, mesh, token_spec) for a in (x, topk_ids, topk_weights)]
     args += [_place(a, mesh, spec) for a, spec in
              ((w_gate, lay.w_in), (w_up, lay.w_in), (w_down, lay.w_out))]

@@ -16,13 +16,11 @@ from jax.sharding import Mesh
 from moe_relayfree.layout import AxisNames, MeshLayout, auto_mesh, make_layout
 
 Schedule = Literal["auto", "prefill", "decode"]
-Implementation = Literal["relayfree", "ragged_baseline", "ragged_baseline_bounded",
-                         "capacity_baseline"]
+# the implementations are the table of paths' (moe_relayfree.paths.IMPLEMENTATIONS)
+Implementation = str
 Overflow = Literal["branch", "one_pass"]
 
 SCHEDULES: tuple[str, ...] = ("auto", "prefill", "decode")
-IMPLEMENTATIONS: tuple[str, ...] = ("relayfree", "ragged_baseline", "ragged_baseline_bounded",
-                                    "capacity_baseline")
 OVERFLOWS: tuple[str, ...] = ("branch", "one_pass")
 DEFAULT_CAPACITY_FACTOR = 2.0
 
@@ -30,6 +28,33 @@ DEFAULT_CAPACITY_FACTOR = 2.0
 def _one_of(value, allowed: tuple[str, ...], name: str) -> None:
     if value not in allowed:
         raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Lowering:
+    """How programs are lowered: choices that change a compiled program, never its results.
+    Part of :class:`DispatchConfig`, so of every compiled program's cache key (a module global
+    read at trace time was not: changing it after a first call kept the old program).
+
+    dense_min_rows: bf16 dense projections on XLA:CPU run with at least this many rows per
+      device (:func:`moe_relayfree.ffn.dense_dot`: one row is a matrix-vector product, for
+      which XLA:CPU widened the whole matrix to f32 on every call); 1 turns the padding off.
+    first_round_inline: platforms (as ``lax.platform_dependent`` names them) that run the
+      prefill schedule's round 0 before its rounds' loop (:func:`moe_relayfree.prefill.prefill_moe`);
+      every other platform runs all rounds as one loop body.
+    """
+
+    dense_min_rows: int = 2
+    first_round_inline: tuple[str, ...] = ("cpu",)
+
+    def __post_init__(self):
+        if isinstance(self.dense_min_rows, bool) or not isinstance(self.dense_min_rows, int) \
+                or self.dense_min_rows < 1:
+            raise ValueError(f"dense_min_rows must be an int >= 1, got {self.dense_min_rows!r}")
+        if isinstance(self.first_round_inline, str):
+            raise ValueError("first_round_inline must be a tuple of platform names, got the "
+                             f"string {self.first_round_inline!r}")
+        object.__setattr__(self, "first_round_inline", tuple(self.first_round_inline))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,6 +86,9 @@ class DispatchConfig:
       decode_overflow: the decode schedule's rows past the usual ``2*T*k``: "branch" (more
         expert calls only on a rank that received more) or "one_pass" (every worst-case row
         in one call, no conditional); see :func:`moe_relayfree.decode.decode_moe`.
+      lowering: :class:`Lowering`, how the programs are lowered (not what they compute).
+
+    Each implementation is one entry of :data:`moe_relayfree.paths.PATHS`.
     """
 
     mesh: Mesh
@@ -72,6 +100,7 @@ class DispatchConfig:
     capacity_factor: float | None = DEFAULT_CAPACITY_FACTOR
     decode_threshold: int | None = None
     decode_overflow: Overflow = "branch"
+    lowering: Lowering = Lowering()
 
     def __post_init__(self):
         if not isinstance(self.mesh, Mesh):
@@ -79,6 +108,8 @@ class DispatchConfig:
         lay = make_layout(self.mesh, self.axis, self.batch_axes, self.tensor_axis)
         object.__setattr__(self, "batch_axes", lay.batch_axes)
         _one_of(self.schedule, SCHEDULES, "schedule")
+        from moe_relayfree.paths import IMPLEMENTATIONS  # the table imports the schedules
+
         _one_of(self.implementation, IMPLEMENTATIONS, "implementation")
         _one_of(self.decode_overflow, OVERFLOWS, "decode_overflow")
         if self.capacity_factor is not None and not self.capacity_factor > 0:
@@ -86,6 +117,8 @@ class DispatchConfig:
                 f"capacity_factor must be positive or None, got {self.capacity_factor}")
         if self.decode_threshold is not None and self.decode_threshold < 0:
             raise ValueError(f"decode_threshold must be >= 0, got {self.decode_threshold}")
+        if not isinstance(self.lowering, Lowering):
+            raise ValueError(f"lowering must be a Lowering, got {type(self.lowering).__name__}")
 
     @property
     def layout(self) -> MeshLayout:
@@ -127,5 +160,5 @@ def dispatch_config(config: DispatchConfig | None = None, **settings) -> Dispatc
     return config.replace(**settings) if settings else config
 
 
-__all__ = ["AxisNames", "DEFAULT_CAPACITY_FACTOR", "DispatchConfig", "IMPLEMENTATIONS",
-           "OVERFLOWS", "SCHEDULES", "dispatch_config"]
+__all__ = ["AxisNames", "DEFAULT_CAPACITY_FACTOR", "DispatchConfig", "Lowering", "OVERFLOWS",
+           "SCHEDULES", "dispatch_config"]

@@ -135,7 +135,8 @@ def dispatch(
     ids, w = merge_repeated_choices(topk_ids, topk_weights, num_experts)
     if chosen in ("gather", "replicated"):
         plan = transports.gather_plan(x, ids, w, num_experts, axis_name, replicated)
-        return transports.gather_windows(*plan, rows, k, x, axis_name, replicated=replicated)
+        return transports.gather_windows(plan, rows, k, x.dtype, axis_name,
+                                         replicated=replicated)
     handle = prefill.plan_and_pack(x, ids, w, num_experts=num_experts, axis_name=axis_name,
                                    rows_per_round=rows, exchange="all_to_all", max_rows=rows)
     return prefill.dispatch_round(handle, 0), handle
@@ -216,10 +217,10 @@ def _decode_moe(x, topk_ids, w, *, expert_fn, num_experts, axis_name, transport,
                                    exchange="all_to_all", max_rows=worst)
 
     plan = transports.gather_plan(x, topk_ids, w, num_experts, axis_name, replicated)
-    total = plan[3].sum()
+    total = plan.total
 
     def partial(into, start):
-        windows, handle = transports.gather_windows(*plan, rows, k, x, axis_name, start,
+        windows, handle = transports.gather_windows(plan, rows, k, x.dtype, axis_name, start,
                                                     replicated)
         return transports.gather_partial(expert_fn(windows), handle, into)
 

@@ -1,4 +1,5 @@
-"""Multi-process (multi-host) start-up: ``jax.distributed`` with bounded waiting and clear errors.
+"""Process start-up: emulated CPU devices (:func:`emulate_cpu_devices`), and multi-process
+(multi-host) ``jax.distributed`` with bounded waiting and clear errors.
 
 On CPU the cross-process collectives go through gloo (``jax_cpu_collectives_implementation``);
 on GPU/TPU JAX picks the platform's own. Every process runs the same program; a mesh built after
@@ -7,10 +8,30 @@ on GPU/TPU JAX picks the platform's own. Every process runs the same program; a 
 
 from __future__ import annotations
 
+import os
 import socket
+import sys
 import time
 
 import jax
+
+DEVICE_COUNT_FLAG = "xla_force_host_platform_device_count"
+
+
+def emulate_cpu_devices(count: int) -> None:
+    """Asks XLA:CPU for ``count`` devices (``XLA_FLAGS``) unless the caller's flags already
+    name a count; other platforms ignore it. Call before the first use of a JAX backend
+    (importing JAX is fine): after it the flag would be silently ignored, so that raises."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if DEVICE_COUNT_FLAG in flags:
+        return
+    if "jax" in sys.modules:
+        from jax._src import xla_bridge
+
+        if xla_bridge.backends_are_initialized():
+            raise RuntimeError(f"emulate_cpu_devices({count}): JAX backends already started; "
+                               "call it before the first jax.devices() or computation")
+    os.environ["XLA_FLAGS"] = f"{flags} --{DEVICE_COUNT_FLAG}={count}".strip()
 
 
 class DistributedInitError(RuntimeError):

@@ -17,15 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from moe_relayfree.tiled import (  # noqa: F401  (re-exported)
-    BF16_MIN_TILE_ROWS,
-    CPU_TILE_ROWS,
-    cpu_tile_rows,
-    grouped_swiglu_quantized_tiles,
-    grouped_swiglu_tiled,
-    min_tile_rows,
-)
-from moe_relayfree.ffn import DENSE_MIN_ROWS, dense_dot, swiglu  # noqa: F401  (re-exported)
+from moe_relayfree.tiled import grouped_swiglu_quantized_tiles, grouped_swiglu_tiled
 from moe_relayfree.quant import as_dtype, is_quantized
 from moe_relayfree.registry import PlatformRegistry
 from moe_relayfree.windows import ExpertWindows, sizes_in_range
@@ -36,7 +28,7 @@ _F32 = jnp.float32
 # Rows per ragged_dot call of the native path: a buffer of R rows holds f32 gate, up and
 # down-projection results of R rows at once (at R = 32768, d = 7168: 1.4 GiB on top of the
 # buffer itself); in chunks they are chunk-sized, and a chunk this large keeps the matrix
-# units busy (docs/benchmarks.md, "At scale").
+# units busy.
 NATIVE_CHUNK_ROWS = 4096
 
 
@@ -54,7 +46,7 @@ def _copied(rows: jax.Array) -> jax.Array:
     and when that input was a ragged all-to-all's output (the receive buffer of a schedule)
     the compiled program reserved a second ``[T*k, d]``-sized region of temporaries; from a
     gathered copy it does not (a DeepSeek-V3 prefill layer, 2048 tokens per device on v5p-64:
-    1176 -> 941 MB; docs/benchmarks.md, "At scale"). XLA:TPU copies that buffer between the
+    1176 -> 941 MB). XLA:TPU copies that buffer between the
     two layouts anyway; elsewhere nothing is copied."""
     index = jnp.arange(rows.shape[0], dtype=jnp.int32)[::-1]
     return rows.at[index].get(mode="promise_in_bounds")[::-1]
@@ -178,8 +170,6 @@ def windows_swiglu(windows: ExpertWindows, w_gate, w_up, w_down) -> jax.Array:
                           expected_rows=windows.expected_rows)
 
 
-__all__ = ["BF16_MIN_TILE_ROWS", "CPU_TILE_ROWS", "DENSE_MIN_ROWS", "NATIVE_CHUNK_ROWS",
-           "QUANTIZED_TILED_MAX_ROWS", "cpu_tile_rows", "grouped_swiglu_quantized_tiles",
-           "dense_dot", "grouped_swiglu", "grouped_swiglu_impls", "grouped_swiglu_native",
-           "grouped_swiglu_tiled", "min_tile_rows", "register_grouped_swiglu", "swiglu",
+__all__ = ["NATIVE_CHUNK_ROWS", "QUANTIZED_TILED_MAX_ROWS", "grouped_swiglu",
+           "grouped_swiglu_impls", "grouped_swiglu_native", "register_grouped_swiglu",
            "windows_swiglu"]

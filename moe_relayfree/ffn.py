@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from moe_relayfree.config import Lowering
+
 _F32 = jnp.float32
 
 
@@ -33,20 +35,16 @@ def _swiglu_f32(x, w_gate, w_up, w_down, dtype, rows_kept=None) -> jax.Array:
 
 
 
-# dense projections have at least this many rows per device on XLA:CPU in bf16 (dense_dot)
-DENSE_MIN_ROWS = 2
-
-
-def dense_dot(x: jax.Array, w: jax.Array, *, rows_per_device: int | None = None) -> jax.Array:
+def dense_dot(x: jax.Array, w: jax.Array, *, rows_per_device: int | None = None,
+              min_rows: int = Lowering().dense_min_rows) -> jax.Array:
     """``x [..., S, d] @ w [d, n]`` -> ``[..., S, n]`` float32: a dense projection (every
     token through the same matrix).
 
     On XLA:CPU a bf16 dot of one row is a matrix-vector product, which YNNPACK does not take:
     XLA converts all of ``w`` to f32 on every call. A decode step with one token per device did
     that for every dense matrix of the model, the LM head included. There the rows are padded
-    with zeros to ``DENSE_MIN_ROWS`` per device and the extra rows dropped (docs/benchmarks.md,
-    "Outside the MoE layer"). Other platforms, and dots that already have the rows, run as
-    they are.
+    with zeros to ``min_rows`` per device (``Lowering.dense_min_rows``) and the extra rows
+    dropped. Other platforms, and dots that already have the rows, run as they are.
 
     rows_per_device: how many rows of x each device holds when x is ``[N, d]`` split over the
     devices; without it, x's second-to-last axis ``S`` (each device holds at least one row of
@@ -57,14 +55,14 @@ def dense_dot(x: jax.Array, w: jax.Array, *, rows_per_device: int | None = None)
 
     if x.ndim < 2 or x.dtype != jnp.bfloat16 or w.dtype != jnp.bfloat16:
         return plain(x, w)
-    if (x.shape[-2] if rows_per_device is None else rows_per_device) >= DENSE_MIN_ROWS:
+    if (x.shape[-2] if rows_per_device is None else rows_per_device) >= min_rows:
         return plain(x, w)
     # with rows_per_device, each row becomes its own group of S=1 (x may hold many rows in all)
     grouped = x[..., None, :] if rows_per_device is not None else x
     s = grouped.shape[-2]
 
     def padded(x, w):
-        zeros = [(0, 0)] * (x.ndim - 2) + [(0, DENSE_MIN_ROWS - s), (0, 0)]
+        zeros = [(0, 0)] * (x.ndim - 2) + [(0, min_rows - s), (0, 0)]
         return plain(jnp.pad(x, zeros), w)[..., :s, :]
 
     y = lax.platform_dependent(grouped, w, cpu=padded, default=plain)

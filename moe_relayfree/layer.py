@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moe_relayfree.api import expert_parallel_moe, replicates_tokens, route_tokens
+from moe_relayfree.api import route_tokens, run_resolved
 from moe_relayfree.balance import (
     expert_load,
     load_balancing_loss,
@@ -14,8 +14,9 @@ from moe_relayfree.balance import (
     router_z_loss,
     update_score_bias,
 )
-from moe_relayfree.config import DispatchConfig, dispatch_config
+from moe_relayfree.config import DispatchConfig, Lowering, dispatch_config
 from moe_relayfree.ffn import dense_dot
+from moe_relayfree.paths import Resolved, resolve
 from moe_relayfree.quant import BlockQuantized, check_split, quantize
 from moe_relayfree.routing import RouterConfig, route
 
@@ -45,7 +46,9 @@ class SwiGLUMLP(nnx.Module):
     """A dense SwiGLU MLP every token goes through (shared experts, dense layers), optionally
     scaled by ``sigmoid(x @ gate)`` (Qwen2-MoE's ``shared_expert_gate``)."""
 
-    def __init__(self, d_model: int, d_ff: int, *, gated: bool = False, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, d_model: int, d_ff: int, *, gated: bool = False, param_dtype,
+                 rngs: nnx.Rngs, lowering: Lowering = Lowering()):
+        self.min_rows = lowering.dense_min_rows
         self.w_gate = nnx.Param(normal_init(rngs, (d_model, d_ff), d_model**-0.5, param_dtype))
         self.w_up = nnx.Param(normal_init(rngs, (d_model, d_ff), d_model**-0.5, param_dtype))
         self.w_down = nnx.Param(normal_init(rngs, (d_ff, d_model), d_ff**-0.5, param_dtype))
@@ -55,10 +58,11 @@ class SwiGLUMLP(nnx.Module):
 
     def __call__(self, x: jax.Array, *, rows_per_device: int | None = None) -> jax.Array:
         """x ``[..., d]`` -> ``[..., d]``; rows_per_device as in
-        :func:`~moe_relayfree.experts.dense_dot` (for ``[N, d]`` tokens split over devices).
-        Numerics of :func:`~moe_relayfree.experts.swiglu`."""
+        :func:`~moe_relayfree.ffn.dense_dot` (for ``[N, d]`` tokens split over devices).
+        Numerics of :func:`~moe_relayfree.ffn.swiglu`."""
         def dot(a, w):
-            return dense_dot(a, w[...].astype(x.dtype), rows_per_device=rows_per_device)
+            return dense_dot(a, w[...].astype(x.dtype), rows_per_device=rows_per_device,
+                             min_rows=self.min_rows)
 
         h = (jax.nn.silu(dot(x, self.w_gate)) * dot(x, self.w_up)).astype(x.dtype)
         y = dot(h, self.w_down).astype(x.dtype)
@@ -85,8 +89,8 @@ class MoELayer(nnx.Module):
     Dispatch: a :class:`~moe_relayfree.DispatchConfig` (``dispatch=``), or its fields as
     keywords (``mesh=..., schedule=...``), or both (the keywords change the config). Tokens
     are split over its batch axes, experts over its expert axis (see
-    :mod:`moe_relayfree.layout`); the config goes unchanged to
-    :func:`moe_relayfree.expert_parallel_moe`.
+    :mod:`moe_relayfree.layout`); each call resolves its path once (:meth:`resolve`) and runs
+    it as :func:`moe_relayfree.expert_parallel_moe` would.
 
     Call: x ``[..., d]`` -> ``[..., d]`` (x.dtype). Any token count works: the flattened tokens
     are padded to a multiple of the token shards with zero-weight rows, dropped after.
@@ -145,7 +149,8 @@ class MoELayer(nnx.Module):
         self.w_down = nnx.Param(normal_init(rngs, shape_out, d_ff**-0.5, param_dtype),
                                 out_sharding=tuple(lay.w_out), mesh=mesh)
         self.shared = (
-            SwiGLUMLP(d_model, shared_d_ff, gated=shared_gate, param_dtype=param_dtype, rngs=rngs)
+            SwiGLUMLP(d_model, shared_d_ff, gated=shared_gate, param_dtype=param_dtype, rngs=rngs,
+                      lowering=config.lowering)
             if shared_d_ff
             else None
         )
@@ -181,18 +186,26 @@ class MoELayer(nnx.Module):
         return tuple(BlockQuantized(getattr(self, n)[...], getattr(self, f"{n}_scale")[...],
                                     self.expert_block) for n in names)
 
-    def rows_per_device(self, num_tokens: int) -> int:
+    def resolve(self, num_tokens: int) -> Resolved:
+        """What a call with ``num_tokens`` tokens runs: its dispatch path, schedule, transport,
+        whether the batch stays on every device, receive rows
+        (:func:`moe_relayfree.paths.resolve`, the one place the schedule is chosen)."""
+        return resolve(self.dispatch, num_tokens, self.k)
+
+    def rows_per_device(self, num_tokens: int, resolved: Resolved | None = None) -> int:
         """Token rows each device holds when this layer gets ``num_tokens``: all of them when
-        the batch stays on every device (:func:`replicates_tokens`), else the batch padded to
+        the batch stays on every device (``resolved.replicated``), else the batch padded to
         and split over the token shards."""
-        if replicates_tokens(num_tokens, self.dispatch):
+        resolved = resolved or self.resolve(num_tokens)
+        if resolved.replicated:
             return num_tokens
         return -(-num_tokens // self.layout.num_token_shards)
 
     def logits(self, x: jax.Array, *, rows_per_device: int | None = None) -> jax.Array:
         """x ``[N, d]`` -> router logits ``[N, E] float32`` (rows_per_device: see
-        :func:`~moe_relayfree.experts.dense_dot`)."""
-        return dense_dot(x, self.router[...].astype(x.dtype), rows_per_device=rows_per_device)
+        :func:`~moe_relayfree.ffn.dense_dot`)."""
+        return dense_dot(x, self.router[...].astype(x.dtype), rows_per_device=rows_per_device,
+                         min_rows=self.dispatch.lowering.dense_min_rows)
 
     def route(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         """x ``[N, d]`` -> (topk_ids ``[N, k] int32``, topk_weights ``[N, k] float32``)."""
@@ -234,13 +247,13 @@ class MoELayer(nnx.Module):
         lead, d = x.shape[:-1], x.shape[-1]
         tokens = x.reshape(-1, d)
         n = tokens.shape[0]
-        # A batch smaller than the token shards stays on every device (one psum per layer, see
-        # replicates_tokens); a larger one is padded to a multiple of them.
-        small = replicates_tokens(n, self.dispatch)
-        pad = 0 if small else -n % self.layout.num_token_shards
+        # A relay-free decode batch smaller than the token shards stays on every device (one
+        # psum per layer, resolved.replicated); a larger one is padded to a multiple of them.
+        resolved = self.resolve(n)
+        pad = 0 if resolved.replicated else -n % self.layout.num_token_shards
         if pad:
             tokens = jnp.pad(tokens, ((0, pad), (0, 0)))
-        rows = self.rows_per_device(n)
+        rows = self.rows_per_device(n, resolved)
         logits = self.logits(tokens, rows_per_device=rows)
         # Each device routes its own tokens (see route_tokens: top_k in the global view
         # all-gathers the logits of the whole batch onto every device).
@@ -254,8 +267,8 @@ class MoELayer(nnx.Module):
             fill = ((row - n) * self.k + jnp.arange(self.k, dtype=jnp.int32)) % self.num_experts
             ids = jnp.where(row < n, ids, fill)
             weights = jnp.where(row < n, weights, 0.0)
-        y = expert_parallel_moe(tokens, ids, weights, *self._expert_weights(x.dtype),
-                                self.dispatch)[:n]
+        y = run_resolved(resolved, self.dispatch, tokens, ids, weights,
+                         *self._expert_weights(x.dtype))[:n]
         if self.shared is not None:
             y = y + self.shared(tokens[:n], rows_per_device=rows)
         return y.reshape(*lead, d)

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from moe_relayfree.collectives import ensure_varying, peer_rows, ragged_all_to_all
+from moe_relayfree.config import Lowering
 from moe_relayfree.plan import Exchange, Plan, make_plan, round_segments
 from moe_relayfree.windows import ExpertWindows, take_rows, weighted_row_sum
 
@@ -144,10 +145,6 @@ def weighted_sum(handle: PrefillHandle, into: jax.Array | None = None) -> jax.Ar
 
 ExpertFn = Callable[[ExpertWindows], jax.Array]
 
-#: Platforms (as ``lax.platform_dependent`` names them) that run round 0 before the rounds'
-#: loop; every other platform runs all rounds as one loop body (see :func:`prefill_moe`).
-FIRST_ROUND_INLINE: tuple[str, ...] = ("cpu",)
-
 
 def prefill_moe(
     x: jax.Array,
@@ -160,11 +157,14 @@ def prefill_moe(
     rows_per_round: int,
     exchange: Exchange = "all_gather",
     max_rows: int | None = None,
+    first_round_inline: tuple[str, ...] = Lowering().first_round_inline,
 ) -> jax.Array:
     """The whole prefill schedule; ``expert_fn(windows) -> [R, d]``. Returns ``[T, d]``.
 
     Rounds past the first run only when the plan says so (every rank sees the same
     ``num_rounds``); each round's results are summed into ``y`` when they return.
+    ``first_round_inline``: the platforms that run round 0 before the rounds' loop (the
+    others run every round as one loop body; :class:`~moe_relayfree.config.Lowering`).
 
     Several mesh axes: ``expert_fn`` runs inside branches that only the ranks of one
     expert-parallel group agree on. For gradients, make the arrays it closes over vary over
@@ -199,13 +199,13 @@ def prefill_moe(
         return lax.fori_loop(0, handle.plan.max_rounds, step, y)
 
     def first_inline(_):
-        # XLA:CPU runs round 0 up to 1.1x faster outside a loop (a same-run A/B,
-        # docs/benchmarks.md); there the second body costs compile time only.
+        # XLA:CPU runs round 0 faster outside a loop; there the second body costs compile
+        # time only.
         y = round_sum(0, None).astype(x.dtype)
         return lax.cond(handle.plan.num_rounds > 1,
                         lambda y: lax.fori_loop(1, handle.plan.max_rounds, step, y),
                         lambda y: y, y)
 
     y = ensure_varying(jnp.zeros(x.shape, x.dtype), axis_name, x)
-    return lax.platform_dependent(y, **{p: first_inline for p in FIRST_ROUND_INLINE},
+    return lax.platform_dependent(y, **{p: first_inline for p in first_round_inline},
                                   default=one_body)

@@ -60,7 +60,7 @@ def _over_experts_with_rows(counts, expert, init):
     XLA:CPU copies an expert's weight slices out of the stacked weights once, before its tile
     loop, even when that loop runs zero times; looping over all ``El`` experts would make every
     empty expert pay that copy (a decode-sized batch leaves most experts of a rank empty); a
-    ``lax.cond`` per expert was slower when every expert has rows (docs/benchmarks.md).
+    ``lax.cond`` per expert was slower when every expert has rows.
     """
     with_rows = jnp.argsort(counts == 0, stable=True).astype(jnp.int32)  # non-empty first
     return lax.fori_loop(0, jnp.sum(counts > 0), lambda j, c: expert(with_rows[j], c), init)
@@ -77,7 +77,7 @@ def _dot_dtype(dtype) -> jnp.dtype:
 
     XLA:CPU runs a bf16 x bf16 -> f32 dot as one YNNPACK kernel (AVX512-BF16 / AMX where the
     CPU has them); widening the weights to f32 first cost a conversion pass over every expert's
-    weights and twice the bytes in the dot (docs/benchmarks.md, "bf16 on the CPU"). YNNPACK has
+    weights and twice the bytes in the dot. YNNPACK has
     no f16 dot kernel.
     A bf16 product is exact in f32, so the results are those of the widened dot up to the
     order of the f32 sums.
@@ -106,8 +106,7 @@ def _expert_slices(*stacked, as_dtype=_compute_dtype, quantized_dtype=None):
     them for experts with no rows at decode sizes. Slicing the raw uint16 bits instead still
     cost a whole-stack copy per call (XLA:CPU materialises the bitcast, also hoisted). An
     optimization barrier over the stacks *and the loop index* makes them loop-variant, so
-    nothing is hoisted and the conversion stays fused into the slice: only ``w[e]`` is read
-    (docs/benchmarks.md, "bf16 on the CPU").
+    nothing is hoisted and the conversion stays fused into the slice: only ``w[e]`` is read.
     """
     def one(w, e):
         if is_quantized(w):
@@ -134,7 +133,7 @@ def _one_expert_pass(x, w_gate) -> bool:
     stacks on every call and run a loop for one or two tiles; here ``w[0]`` is a view and the
     rows past the window (at most the buffer's padding) are masked in the hidden activation,
     which XLA fuses into the SwiGLU product. Not for f32, where the tile loop's 1-row dots beat
-    the dense rows (docs/benchmarks.md, "bf16 on the CPU")."""
+    the dense rows."""
     return (w_gate.shape[0] == 1 and x.shape[0] <= CPU_TILE_ROWS
             and _dot_dtype(x.dtype) == jnp.bfloat16
             and _dot_dtype(_weight_dtype(w_gate, x.dtype)) == jnp.bfloat16)
@@ -245,7 +244,7 @@ def cpu_tile_rows(num_rows: int, num_groups: int) -> int:
     batches) do not pay a mostly-masked 64-row tile per expert.
 
     No floor: at decode sizes the masked rows of a tile are paid in full (8 emulated devices
-    share the cores), so small tiles pay (docs/benchmarks.md, "CPU expert kernel"); bf16 is
+    share the cores), so small tiles pay; bf16 is
     the exception (:func:`min_tile_rows`)."""
     mean = max(1, num_rows // max(1, num_groups))
     return min(CPU_TILE_ROWS, 1 << (mean - 1).bit_length())
@@ -260,9 +259,8 @@ def min_tile_rows(dtype) -> int:
 
     A one-row dot is a matrix-vector product, which YNNPACK does not take: XLA:CPU converts the
     expert's bf16 matrices to f32 for its own kernel, on every call; YNNPACK's 2-row bf16 call
-    costs more than that at small experts, its 4-row call no more than its 2-row one. Same-process
-    The measured choice of tile sizes: docs/benchmarks.md, "bf16 on the CPU". f32 keeps
-    1-row tiles."""
+    costs more than that at small experts, its 4-row call no more than its 2-row one (measured
+    in one process, alternating). f32 keeps 1-row tiles."""
     return BF16_MIN_TILE_ROWS if jnp.dtype(dtype) == jnp.bfloat16 else 1
 
 

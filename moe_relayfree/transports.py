@@ -41,7 +41,7 @@ def _wire_dtype(dtype) -> jnp.dtype:
     back, two conversions that also canonicalise NaN bit patterns, and the routing weights'
     low halves read as bf16 are NaNs whenever they fall in ``0x7f81-0x7fff`` (tested). f32 and
     f16 rows keep their bits through a float all-gather, and f32 measured faster as f32 than as
-    uint32 on CPU (docs/benchmarks.md, "bf16 on the CPU")."""
+    uint32 on CPU."""
     return jnp.dtype(jnp.uint16) if jnp.dtype(dtype) == jnp.bfloat16 else jnp.dtype(dtype)
 
 
@@ -116,10 +116,31 @@ class GatherHandle:
     replicated: bool = dataclasses.field(default=False, metadata=dict(static=True))
 
 
-def gather_plan(x, ids, w, num_experts, axis_name, replicated: bool = False):
-    """Step 1-2: gathered tokens ``[P*T, d]``, their weights ``[P*T, k] f32``, the expert-major
-    order of the ``P*T*k`` copies (this rank's first), window sizes ``[El]`` and each copy's
-    window row ``[P*T, k]`` (the inverse of the order: a scatter of distinct indices).
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class GatherPlan:
+    """The gather transport's plan (steps 1-2), for ``P*T`` gathered tokens of ``k`` copies.
+
+    tokens ``[P*T, d]`` the gathered rows; weights ``[P*T, k] f32``; order ``[P*T*k] int32``
+    the expert-major order of the copies (this rank's first); sizes ``[El] int32`` its window
+    sizes; position ``[P*T, k] int32`` each copy's row in that order (the inverse of order).
+    """
+
+    tokens: jax.Array
+    weights: jax.Array
+    order: jax.Array
+    sizes: jax.Array
+    position: jax.Array
+
+    @property
+    def total(self) -> jax.Array:
+        """``[] int32`` copies this rank holds."""
+        return self.sizes.sum()
+
+
+def gather_plan(x, ids, w, num_experts, axis_name, replicated: bool = False) -> GatherPlan:
+    """Steps 1-2: gather the tokens with their routing, key the copies by local expert (``El``
+    = not mine), sort the keys (the scatter that inverts the order writes distinct indices).
 
     ``replicated``: x ``[N, d]`` (and ids, w) are already the same N tokens on every rank; they
     are used as the gathered rows (``P*T`` reads ``N`` above and below), nothing is gathered."""
@@ -136,24 +157,25 @@ def gather_plan(x, ids, w, num_experts, axis_name, replicated: bool = False):
     order, sizes = local_expert_order(keys, local)
     position = jnp.zeros_like(order).at[order].set(
         jnp.arange(order.shape[0], dtype=_I32), unique_indices=True)
-    return xs, w_all, order, sizes, position.reshape(ids_all.shape)
+    return GatherPlan(xs, w_all, order, sizes, position.reshape(ids_all.shape))
 
 
-def gather_windows(xs, w_all, order, sizes, position, rows: int, k: int, x, axis_name,
+def gather_windows(plan: GatherPlan, rows: int, k: int, out_dtype, axis_name: str,
                    start: int | jax.Array = 0, replicated: bool = False):
     """Windows of the expert-major rows ``[start, start + rows)`` (``start`` may be traced)
-    and their handle."""
+    and their handle (its combine returns ``out_dtype``)."""
     # rows past the order (a last range running over its end) read copy 0: they are past
     # `total`, so no window holds them and no partial sum reads them
-    padded = jnp.concatenate([order, jnp.zeros((rows,), order.dtype)])
+    padded = jnp.concatenate([plan.order, jnp.zeros((rows,), plan.order.dtype)])
     start = jnp.asarray(start, jnp.int32)
     copy = lax.dynamic_slice_in_dim(padded, start, rows)
-    handle = GatherHandle(position=position, weights=w_all, total=sizes.sum(), start=start,
-                          out_dtype=x.dtype, axis_name=axis_name, replicated=replicated)
-    # the mean copies per rank: T*k (xs holds P*T tokens), or N*k/P replicated
-    expected = -(-xs.shape[0] * k // lax.axis_size(axis_name))
-    windows = ExpertWindows(rows=take_rows(xs, copy // k),
-                            group_sizes=sizes_in_range(sizes, start, rows),
+    handle = GatherHandle(position=plan.position, weights=plan.weights, total=plan.total,
+                          start=start, out_dtype=out_dtype, axis_name=axis_name,
+                          replicated=replicated)
+    # the mean copies per rank: T*k (tokens holds P*T of them), or N*k/P replicated
+    expected = -(-plan.tokens.shape[0] * k // lax.axis_size(axis_name))
+    windows = ExpertWindows(rows=take_rows(plan.tokens, copy // k),
+                            group_sizes=sizes_in_range(plan.sizes, start, rows),
                             expected_rows=expected)
     return windows, handle
 

@@ -14,9 +14,12 @@ import jax
 from jax import lax
 
 from moe_relayfree import decode, prefill
+from moe_relayfree.paths import PATHS, Call
 from moe_relayfree.windows import ExpertWindows
 
 Handle = Union[prefill.PrefillHandle, decode.GatherHandle]
+#: the schedules the verbs take: the relay-free entries of the table of paths
+SCHEDULES = tuple(name for name, p in PATHS.items() if p.implementation == "relayfree")
 
 
 def dispatch(
@@ -35,25 +38,17 @@ def dispatch(
     the handle. Prefill: ``R = P*T*k``; decode: ``R = P*T*min(k, El)``, with ``transport``
     chosen as in :func:`moe_relayfree.decode.choose_transport`; ``transport="replicated"``
     (x the same ``N`` tokens on every rank): ``R = N*min(k, El)`` and combine returns all
-    ``N`` results on every rank.
+    ``N`` results on every rank. (The ``dispatch`` of :data:`moe_relayfree.paths.PATHS`'s
+    ``schedule`` entry, with a worst-case receive buffer.)
     """
-    if schedule == "decode":
-        return decode.dispatch(
-            x, topk_ids, topk_weights, num_experts=num_experts, axis_name=axis_name,
-            transport=transport,
-        )
-    if schedule != "prefill":
-        raise ValueError(f"schedule must be 'prefill' or 'decode', got {schedule!r}")
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
     worst = lax.axis_size(axis_name) * topk_ids.size
-    handle = prefill.plan_and_pack(
-        x, topk_ids, topk_weights, num_experts=num_experts, axis_name=axis_name,
-        rows_per_round=worst,
-    )
-    return prefill.dispatch_round(handle, 0), handle
+    call = Call(num_experts=num_experts, axis_name=axis_name, rows=worst, transport=transport)
+    return PATHS[schedule].dispatch(x, topk_ids, topk_weights, call)
 
 
 def combine(expert_out: jax.Array, handle: Handle) -> jax.Array:
     """expert_out ``[R, d]``: one unweighted result per window row. Returns ``[T, d]``."""
-    if isinstance(handle, decode.GatherHandle):
-        return decode.combine(expert_out, handle)
-    return prefill.weighted_sum(prefill.combine_round(handle, expert_out, 0)).astype(expert_out.dtype)
+    schedule = "decode" if isinstance(handle, decode.GatherHandle) else "prefill"
+    return PATHS[schedule].combine(expert_out, handle)

@@ -54,7 +54,8 @@ def take_rows(a: jax.Array, index: jax.Array) -> jax.Array:
 
     A plain gather (XLA clamps its indices, so nothing is read out of bounds). ``jnp.take``'s
     default out-of-bounds fill adds a mask and a select over the whole result, which XLA:CPU
-    does not fuse into the gather (docs/benchmarks.md). ``analysis.nan_filled_selects`` finds it.
+    does not fuse into the gather (``moe_relayfree.tools.analysis.nan_filled_selects`` finds
+    such selects in a compiled program).
     """
     return a.at[index].get(mode="promise_in_bounds")
 

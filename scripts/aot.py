@@ -131,11 +131,7 @@ def main(argv=None) -> int:
 
     import moe_relayfree as mr
     from moe_relayfree.tools import aot
-
-    if args.mla_form != "auto":
-        from moe_relayfree_models import mla
-
-        mla.absorbed = lambda cfg, s: args.mla_form == "absorbed"
+    from moe_relayfree_models.tools import aot as model_aot
 
     rows = []
     columns = {"layer": LAYER_COLUMNS, "model": MODEL_COLUMNS, "serving": SERVING_COLUMNS}
@@ -168,8 +164,9 @@ def main(argv=None) -> int:
             elif args.what == "serving":
                 hbm = aot.HBM_BYTES[topology.split(":")[0]]
                 for ctx in args.context:
-                    found = aot.largest_batch(args.config, config, ctx, hbm, layers=args.layers,
-                                              fp8_block=block)
+                    found = model_aot.largest_batch(args.config, config, ctx, hbm,
+                                                    layers=args.layers, fp8_block=block,
+                                                    mla_form=args.mla_form)
                     row = summarize(found["report"]) if found["report"] else {}
                     rows.append(dict(row, topology=topology, implementation=impl, context=ctx,
                                      experts=experts, max_batch=found["batch"],
@@ -179,8 +176,9 @@ def main(argv=None) -> int:
             else:
                 for b in args.batch:
                     for ctx in args.context:
-                        rows.append(summarize(aot.model_report(args.config, config, b, ctx, args.phase,
-                                                               layers=args.layers, fp8_block=block)))
+                        rows.append(summarize(model_aot.model_report(
+                            args.config, config, b, ctx, args.phase, layers=args.layers,
+                            fp8_block=block, mla_form=args.mla_form)))
                         print(aot.markdown(rows[-1:], MODEL_COLUMNS).splitlines()[-1], flush=True)
                         save()
     table = aot.markdown(rows, columns[args.what])

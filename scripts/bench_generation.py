@@ -2,7 +2,7 @@
 the last position only against all, sampling settings against greedy, MLA's absorbed against
 expanded decode step, FP8 experts kept on the devices against dequantized at load, padded
 against unpadded dense rows at one token per device (what each
-measures and how: ``moe_relayfree.tools.bench.generation``). Writes ``generation.json`` and
+measures and how: ``moe_relayfree_models.tools.bench.generation``). Writes ``generation.json`` and
 ``generation.md`` to ``--out``.
 
     python scripts/bench_generation.py --checkpoint models/default --batches 1 8 16
@@ -45,7 +45,7 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     a = parse_args(argv)
     env.emulate_cpu_devices(a.devices)
-    from moe_relayfree.tools.bench import generation
+    from moe_relayfree_models.tools.bench import generation
 
     generation.run(a, env.command("bench_generation.py", argv))
     return 0

@@ -14,7 +14,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moe_relayfree.experts import grouped_swiglu_native, grouped_swiglu_tiled, swiglu
+from moe_relayfree.experts import grouped_swiglu_native
+from moe_relayfree.ffn import swiglu
+from moe_relayfree.tiled import grouped_swiglu_tiled
 from moe_relayfree.tools.bench.timing import median_seconds
 
 

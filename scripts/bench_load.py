@@ -9,7 +9,7 @@ folder), then in fresh subprocesses, alternating, ``--repeats`` times each:
   (``safe_open(...).get_tensor``), the floor for reading these bytes.
 
 Each child reports its peak RSS above its own baseline (measured after imports and mesh set-up,
-just before reading) and its wall time. Writes ``load.json`` and ``load.md`` to ``--out`` (``moe_relayfree.tools.bench.loading``).
+just before reading) and its wall time. Writes ``load.json`` and ``load.md`` to ``--out`` (``moe_relayfree_models.tools.bench.loading``).
 
     python scripts/bench_load.py                 # 2 GB, about 3 minutes on 2 cores
     python scripts/bench_load.py --gb 0.05 --repeats 1 --out /tmp/l    # seconds
@@ -43,7 +43,7 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     a = parse_args(argv)
-    from moe_relayfree.tools.bench import loading
+    from moe_relayfree_models.tools.bench import loading
 
     loading.run(a, env.command("bench_load.py", argv))
     return 0

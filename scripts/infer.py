@@ -21,7 +21,7 @@ import json
 import os
 import sys
 
-from moe_relayfree.tools.bench.env import emulate_cpu_devices
+from moe_relayfree.distributed import emulate_cpu_devices
 from moe_relayfree_models.cli import (DEFAULT_CHECKPOINT, DISPATCH, add_mesh_args, dispatch_from_args,
                                       mesh_from_args, positive_int)
 
@@ -125,8 +125,9 @@ def main(argv=None) -> int:
         progress(args.max_new_tokens, args.max_new_tokens)
     tpot = float(np.median(result["step_s"])) if result["step_s"] else float("nan")
     batch = len(prompts)
-    relayfree = args.dispatch == "relayfree"
-    shards = lay.num_token_shards  # tokens per device = tokens / shards (MoELayer pads up)
+    # what the MoE layers ran, as they decided it (mr.resolve: the one place the choice is made)
+    prefill_run = mr.resolve(model.dispatch, batch * result["prompt_width"], model.cfg.k)
+    decode_run = mr.resolve(model.dispatch, batch, model.cfg.k)
     report = {
         "checkpoint": os.path.relpath(args.checkpoint, ROOT) if args.checkpoint.startswith(ROOT) else args.checkpoint,
         "platform": devices[0].platform, "devices": len(devices), "dispatch": args.dispatch,
@@ -135,11 +136,9 @@ def main(argv=None) -> int:
         "experts": "fp8" if model.cfg.expert_fp8_block else np.dtype(model.compute_dtype).name,
         "batch": batch, "prompt_tokens": result["prompt_width"], "new_tokens": args.max_new_tokens,
         # a baseline has no schedule: it ignores --schedule
-        "prefill_schedule": (mr.select_schedule(-(-batch * result["prompt_width"] // shards),
-                                                args.schedule, args.decode_threshold)
-                             if relayfree else None),
-        "decode_schedule": (mr.select_schedule(-(-batch // shards), args.schedule,
-                                               args.decode_threshold) if relayfree else None),
+        "prefill_schedule": prefill_run.schedule, "decode_schedule": decode_run.schedule,
+        "prefill_path": prefill_run.path, "decode_path": decode_run.path,
+        "decode_transport": decode_run.transport,
         "ttft_ms": 1e3 * result["ttft_s"], "tpot_ms": 1e3 * tpot,
         "decode_tokens_per_s": batch / tpot if tpot == tpot else None,
         "compile_s": result["compile_s"],

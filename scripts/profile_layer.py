@@ -44,7 +44,9 @@ def main(argv=None) -> int:
 
     if a.checkpoint:
         case = dict(checkpoint=a.checkpoint, batch=a.batch)
-        impls = profile.run_step(a.checkpoint, a.batch, list(a.paths), rounds=a.rounds, calls=a.calls)
+        from moe_relayfree_models.tools.bench.profile_step import run_step
+
+        impls = run_step(a.checkpoint, a.batch, list(a.paths), rounds=a.rounds, calls=a.calls)
         stem = f"step_{os.path.basename(os.path.normpath(a.checkpoint))}_B{a.batch}"
     else:
         case = (dict(E=16, f=16, T=4, k=2, d=32) if a.smoke else

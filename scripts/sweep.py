@@ -1,6 +1,6 @@
 """Serving-level sweep: TTFT and TPOT over batch sizes and prompt lengths, per dispatch path,
 and the largest batch that meets a TPOT target (the "feasible scheduling space"); how it is
-measured: ``moe_relayfree.tools.bench.serving``.
+measured: ``moe_relayfree_models.tools.bench.serving``.
 
     python scripts/sweep.py [--quick] [--checkpoint DIR] [--tpot-target-ms X] [--out results/sweep]
     python scripts/sweep.py --mesh data=2,ep=4 [--tensor-axis NAME] [--expert-axis NAME]
@@ -15,7 +15,7 @@ import os
 import sys
 
 from moe_relayfree.tools.bench import env, report
-from moe_relayfree_models.cli import DEFAULT_CHECKPOINT, DISPATCH, add_mesh_args, mesh_from_args
+from moe_relayfree_models.cli import DEFAULT_CHECKPOINT, DROPLESS, add_mesh_args, mesh_from_args
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -41,7 +41,7 @@ def main(argv=None) -> int:
     import jax
     import numpy as np
 
-    from moe_relayfree.tools.bench import serving
+    from moe_relayfree_models.tools.bench import serving
     from moe_relayfree_models import checkpoint, tokenizer
 
     batches = args.batches or ([1, 4, 16] if args.quick else [1, 4, 16, 64, 96, 128, 192, 256, 512])
@@ -54,7 +54,7 @@ def main(argv=None) -> int:
         return 2
     models = {name: checkpoint.load_model(args.checkpoint, mesh=mesh, axis=args.expert_axis,
                                           tensor_axis=args.tensor_axis, implementation=impl)
-              for name, impl in DISPATCH.items()}
+              for name, impl in DROPLESS.items()}
     # Timing does not depend on the text; the byte-level default model gets its BOS.
     bos = [tokenizer.BOS] if next(iter(models.values())).cfg.vocab_size == tokenizer.VOCAB_SIZE else []
     rng = np.random.default_rng(0)

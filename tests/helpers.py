@@ -10,7 +10,7 @@ from flax import nnx
 
 import moe_relayfree as mr
 from moe_relayfree.tools import selfcheck
-from moe_relayfree.tools.bench.env import DEVICE_COUNT_FLAG
+from moe_relayfree.distributed import DEVICE_COUNT_FLAG
 
 
 def script_env(device_count: int | None = None) -> dict:

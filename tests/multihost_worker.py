@@ -12,7 +12,7 @@ import sys
 pid, nproc, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
 timeout = int(sys.argv[5]) if len(sys.argv) > 5 else 60
 os.environ["JAX_PLATFORMS"] = "cpu"
-from moe_relayfree.tools.bench.env import emulate_cpu_devices  # noqa: E402
+from moe_relayfree.distributed import emulate_cpu_devices  # noqa: E402
 
 emulate_cpu_devices(4)  # beside the tests' other flags (helpers.script_env: no device count)
 

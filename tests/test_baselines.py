@@ -10,7 +10,7 @@ from jax.sharding import PartitionSpec as P
 import moe_relayfree as mr
 from helpers import make_mesh, moe_inputs
 from moe_relayfree.baselines import capacity
-from moe_relayfree.experts import swiglu
+from moe_relayfree.ffn import swiglu
 
 
 @pytest.mark.parametrize("implementation", ["ragged_baseline", "capacity_baseline"])

@@ -7,6 +7,8 @@ import sys
 
 from helpers import script_env
 
+from moe_relayfree.paths import PATHS
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -18,8 +20,8 @@ def test_bench_smoke(tmp_path):
     assert (tmp_path / "bench.md").read_text().startswith("# Benchmark (smoke)")
     assert (tmp_path / "scaling_tokens.png").stat().st_size > 1000
     impls = report["main"][0]["impls"]
-    assert set(impls) == {"relayfree", "relayfree_decode", "ragged_baseline", "capacity_baseline"}
-    for name in ("relayfree_decode", "ragged_baseline"):  # exact paths agree with relay-free
+    assert set(impls) == set(PATHS)  # every path of the table
+    for name in ("decode", "ragged_baseline"):  # exact paths agree with relay-free
         assert impls[name]["max_abs_diff_vs_first"] < 1e-4
     assert impls["capacity_baseline"]["dropped_copies"] > 0  # tiny shapes overflow at 1.25
     native = {n: {p: impls[n]["full_size"][p]["native"] for p in ("dispatch", "combine")}
@@ -27,8 +29,8 @@ def test_bench_smoke(tmp_path):
     # relay-free: gather + ragged all-to-all out, ragged all-to-all back (the weighted sum over
     # k gathers [T, d] per choice, no [T, k, d]); the baseline adds the receiver re-sort on
     # dispatch and the receiver un-sort + source un-permute on combine.
-    assert native["relayfree"]["dispatch"]["count"] == 2
-    assert native["relayfree"]["combine"]["count"] == 1
+    assert native["prefill"]["dispatch"]["count"] == 2
+    assert native["prefill"]["combine"]["count"] == 1
     assert native["ragged_baseline"]["dispatch"]["count"] == 3
     assert native["ragged_baseline"]["combine"]["count"] == 3
     for row in impls.values():

@@ -7,7 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moe_relayfree.experts import grouped_swiglu, grouped_swiglu_native, grouped_swiglu_tiled, swiglu
+from moe_relayfree.experts import grouped_swiglu, grouped_swiglu_native
+from moe_relayfree.ffn import swiglu
+from moe_relayfree.tiled import grouped_swiglu_tiled
 
 
 def per_window(x, gs, wg, wu, wd):
@@ -88,7 +90,7 @@ def test_bf16_windows():
 
 
 def test_cpu_tile_rows_follow_the_mean_window():
-    from moe_relayfree.experts import CPU_TILE_ROWS, cpu_tile_rows
+    from moe_relayfree.tiled import CPU_TILE_ROWS, cpu_tile_rows
 
     assert cpu_tile_rows(8192, 8) == CPU_TILE_ROWS  # prefill-sized windows
     assert cpu_tile_rows(128, 8) == 16  # decode-sized windows
@@ -101,7 +103,7 @@ def test_bf16_tiles_have_four_rows():
     """A tile of fewer than 4 rows is a slow dot in bf16 on XLA:CPU (one row: the expert's
     matrices converted to f32 on every call; two: YNNPACK's slower kernel), so bf16 tiles have
     at least 4 rows even where the windows hold one row each; f32 keeps 1-row tiles."""
-    from moe_relayfree.experts import min_tile_rows
+    from moe_relayfree.tiled import min_tile_rows
 
     assert min_tile_rows(jnp.bfloat16) == 4
     assert min_tile_rows(jnp.float32) == 1
@@ -310,7 +312,7 @@ def test_cpu_kernel_reads_only_the_bf16_weights_it_uses(grad):
 def test_dense_dot_pads_a_one_row_bf16_dot_on_the_cpu():
     """A one-row bf16 dot is a matrix-vector product, for which XLA:CPU converts the whole
     matrix to f32 on every call; dense_dot gives each device two rows instead, same values."""
-    from moe_relayfree.experts import dense_dot
+    from moe_relayfree.ffn import dense_dot
 
     d, n = 48, 40
     rng = np.random.default_rng(0)

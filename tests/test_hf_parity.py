@@ -95,16 +95,14 @@ def test_prompt_encoding_matches_transformers(case):
 
 
 @pytest.mark.parametrize("form", ["absorbed", "expanded"])
-def test_mla_both_attention_forms_match_transformers(monkeypatch, form):
+def test_mla_both_attention_forms_match_transformers(form):
     """DeepSeek-V3's attention in each form, forced for every call (the model picks per call by
     the number of queries: decode absorbs, a long prefill expands): logits and greedy tokens."""
-    from moe_relayfree_models import mla
-
-    monkeypatch.setattr(mla, "absorbed", lambda cfg, s: form == "absorbed")
     name = "deepseek_v3-large"
     ref = np.load(os.path.join(FIXTURES, name, "reference.npz"))
     model = checkpoint.load_model(os.path.join(FIXTURES, name), mesh=make_mesh(8),
                                   schedule="decode")
+    model.set_mla_form(form)
     ids = jnp.asarray(ref["input_ids"], jnp.int32)
     cache = init_cache(model.cfg, ids.shape[0], ids.shape[1], jnp.float32)
     logits, _ = forward(model, ids, jnp.zeros((ids.shape[0],), jnp.int32), cache, 0)

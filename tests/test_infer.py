@@ -144,7 +144,7 @@ def test_sweep_script_smoke(tmp_path):
 
 
 def test_sweep_feasibility_is_the_largest_batch_under_each_target():
-    from moe_relayfree.tools.bench.serving import feasibility
+    from moe_relayfree_models.tools.bench.serving import feasibility
 
     tpot = {"relayfree": [(1, 3.0), (8, 4.0), (64, 5.0)],
             "capacity-baseline": [(1, 4.8), (8, 3.9), (64, 6.0)],
@@ -174,7 +174,7 @@ def test_decode_step_updates_the_cache_in_place(mesh):
     token2, cache2 = step_program(graphdef, GREEDY, state, token, pad, cache, jnp.int32(4), key)
     assert cache.k[0].is_deleted() and not cache2.k[0].is_deleted()
     # one token per device, bf16: no weight matrix is widened to f32 (XLA:CPU's one-row dot
-    # did that for every dense matrix on every step; moe_relayfree.experts.dense_dot). Also a
+    # did that for every dense matrix on every step; moe_relayfree.ffn.dense_dot). Also a
     # batch of 4 on a baseline, which pads it to one token per device (relay-free keeps it on
     # every device: 4 rows)
     weights = {",".join(map(str, v.shape)) for v in jax.tree.leaves(state)

@@ -1,4 +1,4 @@
-"""moe_relayfree.tools.bench.profile (scripts/profile_layer.py): self times from a trace's
+"""moe_relayfree.tools.bench.profile and moe_relayfree_models.tools.bench.profile_step (scripts/profile_layer.py): self times from a trace's
 nested events, summed by op class and thread kind; and real profiles of a tiny decode layer and of a model's decode step parse."""
 
 import os
@@ -90,7 +90,9 @@ def test_profile_of_a_tiny_layer_finds_its_kernels():
 
 
 def test_profile_of_a_model_decode_step_finds_the_moe_collectives():
-    out = profile_layer.run_step(os.path.join(ROOT, "models", "default"), 8, ["relayfree"],
+    from moe_relayfree_models.tools.bench.profile_step import run_step
+
+    out = run_step(os.path.join(ROOT, "models", "default"), 8, ["relayfree"],
                                  rounds=1, calls=2)
     per = out["relayfree"]["thread_ms_per_call"]
     assert out["relayfree"]["ms"] > 0

@@ -28,26 +28,28 @@ from jax.sharding import PartitionSpec as P
 from moe_relayfree import decode
 from moe_relayfree.api import expert_parallel_moe
 from moe_relayfree.experts import windows_swiglu
+from moe_relayfree.paths import PATHS, path_settings
 from moe_relayfree.reference import dense_moe_reference
 
 ROUTINGS = ("uniform", "one_expert", "one_rank", "empty_experts", "repeated")
 
-# Variants reached through the public API (``expert_parallel_moe`` keywords), plus the decode
-# schedule with each transport forced (``decode_moe(transport=...)``): on a GPU or TPU "auto"
-# takes the windows transport only at P > k, so small meshes would never run it otherwise.
-API_VARIANTS = {
-    "decode": dict(schedule="decode"),
+# Variants reached through the public API (``expert_parallel_moe`` keywords): every path of
+# the table (moe_relayfree.paths.PATHS), and the relay-free settings that change its program;
+# plus the decode schedule with each transport forced (``decode_moe(transport=...)``): on a GPU
+# or TPU "auto" takes the windows transport only at P > k, so small meshes would never run it.
+# A path that drops copies (the bounded baseline) is checked with rows for every copy.
+API_VARIANTS = {name: dict(path_settings(name), **({"capacity_factor": None} if p.drops else {}))
+                for name, p in PATHS.items()}
+API_VARIANTS.update({
     "decode_one_pass": dict(schedule="decode", decode_overflow="one_pass"),
-    "prefill": dict(schedule="prefill"),
     # receive rows for half the copies: a skewed batch takes extra rounds
     "prefill_rounds": dict(schedule="prefill", capacity_factor=0.5),
-    "ragged_baseline": dict(implementation="ragged_baseline"),
-    "capacity_baseline": dict(implementation="capacity_baseline"),
-}
-TRANSPORT_VARIANTS = ("decode_gather", "decode_windows")
+})
 REPLICATED = "decode_replicated"  # a batch smaller than the devices, on every device
+TRANSPORT_VARIANTS = tuple(f"decode_{t}" for t in PATHS["decode"].transports
+                           if f"decode_{t}" != REPLICATED)
 VARIANTS = tuple(API_VARIANTS) + TRANSPORT_VARIANTS + (REPLICATED,)
-GRAD_VARIANTS = ("decode", "prefill")
+GRAD_VARIANTS = tuple(name for name, p in PATHS.items() if p.gradients)
 
 # Largest |got - want| over largest |want|: f32 runs at "highest" matmul precision (GPUs
 # otherwise use TF32 for f32 dots); bf16 rounds each expert's output and the reference's.
@@ -292,7 +294,8 @@ def _timed_fn(mesh: Mesh, variant: str, num_experts: int, axis: str):
     return jax.jit(variant_fn(mesh, variant, num_experts, axis))
 
 
-TIMED = ("decode", "decode_one_pass", "prefill", "ragged_baseline", "capacity_baseline")
+TIMED = ("decode", "decode_one_pass", "prefill") + tuple(
+    name for name, p in PATHS.items() if p.implementation != "relayfree" and not p.drops)
 
 
 def time_variants(mesh: Mesh, tokens: int, *, axis: str = "ep", shapes: Shapes = Shapes(),

@@ -5,8 +5,8 @@ Shared: :mod:`.env` (emulated devices, the command line, the machine), :mod:`.ti
 :mod:`.inputs` (placed layer inputs), :mod:`.variants` (named layer programs and per-phase
 implementations), :mod:`.report` (JSON and markdown out).
 
-Benchmarks (each behind a thin ``scripts/`` command): :mod:`.layer` (``bench.py``),
-:mod:`.decode` (``bench_decode.py``), :mod:`.profile` (``profile_layer.py``), :mod:`.serving`
-(``sweep.py``), :mod:`.generation` (``bench_generation.py``), :mod:`.loading`
-(``bench_load.py``). Nothing in the core imports this package.
+Layer-level benchmarks (each behind a thin ``scripts/`` command): :mod:`.layer`
+(``bench.py``), :mod:`.decode` (``bench_decode.py``), :mod:`.profile` (``profile_layer.py``).
+The ones that run a whole model live with the models (``moe_relayfree_models.tools.bench``).
+Nothing in the core imports this package, and this package imports no model code.
 """

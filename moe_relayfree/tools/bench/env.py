@@ -7,23 +7,9 @@ import platform
 import sys
 from typing import Sequence
 
-DEVICE_COUNT_FLAG = "xla_force_host_platform_device_count"
+from moe_relayfree.distributed import DEVICE_COUNT_FLAG, emulate_cpu_devices
 
-
-def emulate_cpu_devices(count: int) -> None:
-    """Asks XLA:CPU for ``count`` devices (``XLA_FLAGS``) unless the caller's flags already
-    name a count; other platforms ignore it. Call before the first use of a JAX backend
-    (importing JAX is fine): after it the flag would be silently ignored, so that raises."""
-    flags = os.environ.get("XLA_FLAGS", "")
-    if DEVICE_COUNT_FLAG in flags:
-        return
-    if "jax" in sys.modules:
-        from jax._src import xla_bridge
-
-        if xla_bridge.backends_are_initialized():
-            raise RuntimeError(f"emulate_cpu_devices({count}): JAX backends already started; "
-                               "call it before the first jax.devices() or computation")
-    os.environ["XLA_FLAGS"] = f"{flags} --{DEVICE_COUNT_FLAG}={count}".strip()
+__all__ = ["DEVICE_COUNT_FLAG", "command", "emulate_cpu_devices", "machine"]
 
 
 def command(script: str, argv: Sequence[str] | None = None) -> str:

@@ -43,10 +43,10 @@ def estimated_bytes(name: str, tokens: int, k: int, d: int, num_ranks: int, num_
                     itemsize: int = 4) -> int:
     """Rough size of the big buffers of one layer call over all ranks (for the skip guard)."""
     tk = tokens * k
-    if name == "relayfree":
+    if name in ("prefill", "ragged_baseline_bounded"):
         rows = rows_per_round(tokens, k, num_ranks, RELAYFREE_FACTOR)
         per_rank = 3 * tk + 2 * rows + 2 * num_ranks * min(tk, rows)  # + emulation padding
-    elif name == "relayfree_decode":
+    elif name == "decode":
         # gathered tokens or per-source blocks, worst-case windows (in, expert out, partials)
         worst = num_ranks * tokens * min(k, num_experts // num_ranks)
         per_rank = num_ranks * tokens + 3 * worst + 2 * tk
@@ -141,7 +141,7 @@ def run_case(case, *, repeats, analyse, budget_bytes, names=None, choice_seconds
               f"layer {row['layer_s']*1e3:8.2f} ms", flush=True)
     result["auto"] = auto_choice(layers, (*tokens_in, *weights), tokens,
                                  min_rounds=2 * repeats + 1, seconds=choice_seconds)
-    base = result["impls"].get("relayfree", {})
+    base = result["impls"].get("prefill", {})
     for name, row in result["impls"].items():
         if "skipped" in row or "dispatch_s" not in base:
             continue
@@ -163,7 +163,7 @@ def auto_choice(layers: dict, args: tuple, tokens: int, *, min_rounds: int,
     ratios (the program auto runs is the chosen one's)."""
     choice = selection.select_schedule(tokens, platform=jax.devices()[0].platform)
     row = {"schedule": choice, "threshold": selection.decode_threshold(jax.devices()[0].platform)}
-    fns = {s: layers.get(name) for s, name in (("decode", "relayfree_decode"), ("prefill", "relayfree"))}
+    fns = {s: layers.get(s) for s in ("decode", "prefill")}
     if any(fn is None for fn in fns.values()):
         return row  # one schedule skipped (memory guard): nothing to compare against
     times = interleaved(fns, args, min_rounds=min_rounds, seconds=seconds,
@@ -278,7 +278,7 @@ def run(mode: str, *, repeats: int | None = None, budget_gb: float = 14.0, out: 
         "main": [], "scaling_tokens": [], "scaling_ranks": [], "meshes": [],
     }
     for case in main_cases:
-        names = [n for n in PHASED if n != "relayfree_decode" or case["T"] <= 64]
+        names = [n for n in PHASED if n != "decode" or case["T"] <= 64]
         report["main"].append(run_case(case, repeats=repeats, analyse=True, budget_bytes=budget,
                                        names=names))
     for key, cases in (("scaling_tokens", scaling_t), ("scaling_ranks", scaling_p)):

@@ -83,7 +83,7 @@ def markdown(report) -> str:
             ratio = f"{auto['vs_faster']:.2f}"
         else:  # a schedule was skipped by the memory guard
             cells = ["-"] + [case["impls"].get(n, {}).get("skipped", "-")
-                             for n in ("relayfree", "relayfree_decode")] + ["-"]
+                             for n in ("prefill", "decode")] + ["-"]
             ratio = "-"
         lines.append(f"| {case['T']} | " + " | ".join(cells) + f" | {auto.get('schedule', '-')} "
                      f"(threshold {auto.get('threshold', '-')}) | {ratio} |")

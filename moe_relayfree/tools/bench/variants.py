@@ -1,27 +1,30 @@
-"""The implementations a benchmark compares, by name: whole-layer programs and per-phase parts.
+"""The implementations a benchmark compares, by name: whole-layer programs and per-phase parts,
+both read from the table of paths (:data:`moe_relayfree.paths.PATHS`).
 
 Whole layers (:func:`layer_program`), on a 1-D ``"ep"`` mesh, args ``(x, ids, weights,
 w_gate, w_up, w_down)`` as :func:`..inputs.layer_inputs` makes them:
 
-* ``decode`` / ``prefill`` / ``auto``: ``expert_parallel_moe`` with that schedule;
-* ``ragged_baseline`` / ``capacity_baseline``: the buffer-centric paths that drop nothing;
+* every path by its name (``prefill``, ``decode``, ``ragged_baseline``, ...):
+  ``expert_parallel_moe`` with the config that selects it; ``auto``: the schedule auto picks;
 * ``prefill_one_round``: prefill with one worst-case round (a skewed batch's bytes);
 * ``decode_gather``: the decode schedule's gather transport, called directly;
 * ``decode_exchange`` / ``prefill_exchange``: the schedule called directly with the expert
   compute replaced by a copy of the window rows: its own work (exchange, windows, combine)
   apart from the weight reads both schedules share.
 
-Phases (:func:`phases`): dispatch, experts and combine of each path as per-rank functions, to
+Phases (:func:`phases`): dispatch, experts and combine of every path as per-rank functions, to
 time and analyse apart.
 """
 
 from __future__ import annotations
 
-LAYERS = ("decode", "prefill", "auto", "ragged_baseline", "capacity_baseline")
+from moe_relayfree.paths import PATHS, path_settings
+
+LAYERS = tuple(PATHS) + ("auto",)
 EXCHANGES = ("decode_exchange", "prefill_exchange")
-PHASED = ("relayfree", "relayfree_decode", "ragged_baseline", "capacity_baseline")
+PHASED = tuple(PATHS)
 CAPACITY_FACTOR = 1.25  # GShard's usual training/eval factor for the capacity path; drops counted
-RELAYFREE_FACTOR = 2.0  # relay-free receive rows per round (exact at any factor)
+RELAYFREE_FACTOR = 2.0  # relay-free (and bounded baseline) receive rows per round
 
 
 def schedule_program(mesh, schedule: str, *, transport: str = "auto", gemm: bool = True,
@@ -59,10 +62,9 @@ def layer_program(mesh, name: str):
         return schedule_program(mesh, "decode", transport="gather")
     if name in EXCHANGES:
         return schedule_program(mesh, name.split("_")[0], gemm=False)
-    kw = {"decode": dict(schedule="decode"), "prefill": dict(schedule="prefill"),
-          "auto": dict(schedule="auto"), "ragged_baseline": dict(implementation="ragged_baseline"),
-          "capacity_baseline": dict(implementation="capacity_baseline"),
-          "prefill_one_round": dict(schedule="prefill", capacity_factor=None)}
+    kw = {name: path_settings(name) for name in PATHS}
+    kw.update(auto=dict(schedule="auto"),
+              prefill_one_round=dict(schedule="prefill", capacity_factor=None))
     if name not in kw:
         raise ValueError(f"unknown layer program {name!r}; choose from "
                          f"{sorted(kw) + ['decode_gather', *EXCHANGES]}")
@@ -70,47 +72,31 @@ def layer_program(mesh, name: str):
 
 
 def phases(num_experts: int, tokens: int, k: int, num_ranks: int, axis: str = "ep"):
-    """Per-rank ``{name: {"dispatch", "experts", "combine"[, "layer"]}}`` of :data:`PHASED`
-    (``dispatch(x, ids, w) -> (received, handle)``, ``experts(received, wg, wu, wd)``,
-    ``combine(out, handle) -> y``; ``layer`` where the path's whole layer is not just the three
-    chained), and the sizes used: ``{"relayfree_rows", "capacity"}``."""
-    import jax
+    """Per-rank ``{name: {"dispatch", "experts", "combine", "layer"}}`` of every path
+    (:data:`PHASED`: ``dispatch(x, ids, w) -> (received, handle)``, ``experts(received, wg,
+    wu, wd)``, ``combine(out, handle) -> y``, ``layer(x, ids, w, wg, wu, wd) -> y``), and the
+    sizes used: ``{"relayfree_rows", "capacity"}``. Receive rows per round: relay-free and the
+    bounded baseline ``RELAYFREE_FACTOR * T * k``; the capacity baseline's slots GShard's
+    ``CAPACITY_FACTOR`` (it drops, and says how many)."""
+    import functools
 
-    from moe_relayfree import decode, prefill
-    from moe_relayfree.baselines import capacity, ragged
-    from moe_relayfree.experts import grouped_swiglu, swiglu, windows_swiglu
+    from moe_relayfree.baselines import capacity
+    from moe_relayfree.paths import Call, ExpertWeights
     from moe_relayfree.plan import rows_per_round
 
-    rows = rows_per_round(tokens, k, num_ranks, RELAYFREE_FACTOR)
     cap = capacity.capacity_for(tokens, k, num_experts, CAPACITY_FACTOR)
-    common = dict(num_experts=num_experts, axis_name=axis)
+    impls = {}
+    for name, path in PATHS.items():
+        rows = rows_per_round(tokens, k, num_ranks, RELAYFREE_FACTOR, path.row_floor)
+        call = Call(num_experts=num_experts, axis_name=axis, rows=rows, capacity=cap)
 
-    def rf_disp(x, ids, w):
-        h = prefill.plan_and_pack(x, ids, w, rows_per_round=rows, **common)
-        return prefill.dispatch_round(h, 0), h
+        def experts(received, wg, wu, wd, path=path):
+            return path.experts(received, ExpertWeights(wg, wu, wd))
 
-    def rf_comb(out, h):
-        return prefill.weighted_sum(prefill.combine_round(h, out, 0))
+        def layer(x, ids, w, wg, wu, wd, path=path, call=call):
+            return path.layer(x, ids, w, ExpertWeights(wg, wu, wd), call)
 
-    def rf_layer(x, ids, w, wg, wu, wd):
-        return prefill.prefill_moe(
-            x, ids, w, lambda win: windows_swiglu(win, wg, wu, wd), rows_per_round=rows, **common)
-
-    def decode_layer(x, ids, w, wg, wu, wd):
-        return decode.decode_moe(x, ids, w, lambda win: windows_swiglu(win, wg, wu, wd), **common)
-
-    impls = {
-        "relayfree": dict(dispatch=rf_disp, experts=windows_swiglu, combine=rf_comb, layer=rf_layer),
-        "relayfree_decode": dict(
-            dispatch=lambda x, ids, w: decode.dispatch(x, ids, w, **common),
-            experts=windows_swiglu, combine=decode.combine, layer=decode_layer),
-        "ragged_baseline": dict(
-            dispatch=lambda x, ids, w: ragged.dispatch(x, ids, w, **common),
-            experts=lambda g, wg, wu, wd: grouped_swiglu(g[0], g[1], wg, wu, wd),
-            combine=ragged.combine),
-        "capacity_baseline": dict(
-            dispatch=lambda x, ids, w: capacity.dispatch(x, ids, w, capacity=cap, **common),
-            experts=lambda e, wg, wu, wd: jax.vmap(swiglu)(e, wg, wu, wd),
-            combine=capacity.combine),
-    }
+        impls[name] = dict(dispatch=functools.partial(path.dispatch, call=call),
+                           experts=experts, combine=path.combine, layer=layer)
+    rows = rows_per_round(tokens, k, num_ranks, RELAYFREE_FACTOR)
     return impls, dict(relayfree_rows=rows, capacity=cap)

@@ -13,8 +13,8 @@
   inside the expert kernel) against dequantized to the checkpoint's dtype at load; the decode
   step at each batch ``B`` and a prefill of ``--fp8-prompt`` tokens (batch 8), in one process,
   and the expert bytes per device. Same numbers both ways, so ``same_tokens`` should hold.
-* ``step``: the decode step with dense projections padded to ``DENSE_MIN_ROWS`` rows per device
-  (``moe_relayfree.ffn.dense_dot``) against unpadded (``DENSE_MIN_ROWS = 1``): at one token
+* ``step``: the decode step with dense projections padded to ``Lowering.dense_min_rows`` rows per device
+  (``moe_relayfree.ffn.dense_dot``) against unpadded (``dense_min_rows=1``): at one token
   per device XLA:CPU runs a bf16 one-row dot as a matrix-vector product that widens the whole
   matrix to f32 on every call. Each variant runs ``generate`` in a fresh process, as
   ``scripts/infer.py`` does (median decode step of ``--new-tokens``), see ``child_step``.
@@ -58,10 +58,9 @@ def run_child(folder: str, batch: int, min_rows: int, new_tokens: int) -> None:
     import moe_relayfree as mr
     from moe_relayfree_models import checkpoint
     from moe_relayfree_models.generation import generate
-    from moe_relayfree import ffn
 
-    ffn.DENSE_MIN_ROWS = min_rows  # read by dense_dot while the programs are traced
-    model = checkpoint.load_model(folder, mesh=mr.make_ep_mesh(len(jax.devices())))
+    model = checkpoint.load_model(folder, mesh=mr.make_ep_mesh(len(jax.devices())),
+                                  lowering=mr.Lowering(dense_min_rows=min_rows))
     rng = np.random.default_rng(0)
     prompts = [rng.integers(3, model.cfg.vocab_size, 16).tolist() for _ in range(batch)]
     result = generate(model, prompts, new_tokens)
@@ -85,26 +84,23 @@ def mla_step_ab(model, batch: int, length: int, rounds: int, shape: dict) -> dic
     import jax.numpy as jnp
     from flax import nnx
 
-    from moe_relayfree_models import mla
     from moe_relayfree_models.generation import choose_tokens, GREEDY
     from moe_relayfree_models.transformer import init_cache
 
-    graphdef, state = nnx.split(model)
     cache = init_cache(model.cfg, batch, length, model.compute_dtype)
     token, pad, key = jnp.zeros((batch,), jnp.int32), jnp.zeros((batch,), jnp.int32), jax.random.key(0)
-    chosen = mla.absorbed
 
     def program(form):
+        copy = nnx.merge(*nnx.split(model))
+        copy.set_mla_form(form)
+        graphdef, state = nnx.split(copy)
+
         @jax.jit
         def step(state, token, cache):
             logits, cache = nnx.merge(graphdef, state)(token[:, None], pad, cache, length - 1)
             return choose_tokens(logits[:, -1], key, length, GREEDY), cache
 
-        mla.absorbed = lambda cfg, s: form == "absorbed"
-        try:
-            jax.block_until_ready(step(state, token, cache))  # traced with this form
-        finally:
-            mla.absorbed = chosen
+        jax.block_until_ready(step(state, token, cache))
 
         def call():
             start = time.perf_counter()
@@ -207,7 +203,6 @@ def run(a, command: str) -> dict:
     from moe_relayfree_models import checkpoint
     from moe_relayfree_models.generation import GREEDY, Sampling, generate
     from moe_relayfree_models.transformer import init_cache
-    from moe_relayfree import ffn
 
     SAMPLINGS = (GREEDY, Sampling(0.7), Sampling(0.7, top_k=50), Sampling(0.7, top_k=50, top_p=0.9),
                  Sampling(0.7, top_p=0.9))
@@ -218,7 +213,7 @@ def run(a, command: str) -> dict:
         return jnp.argmax(logits[:, -1], axis=-1), cache
 
     mesh = mr.make_ep_mesh(len(jax.devices()))
-    padded = ffn.DENSE_MIN_ROWS
+    padded = mr.Lowering().dense_min_rows
     rows = []
     for folder in a.checkpoint or [DEFAULT_CHECKPOINT]:
         model = checkpoint.load_model(folder, mesh=mesh)

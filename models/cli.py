@@ -27,6 +27,37 @@ def positive_int(text: str) -> int:
     return value
 
 
+def add_cache_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--no-compile-cache", action="store_true",
+                   help="do not keep compiled programs in JAX's persistent compilation cache "
+                   "(default: $JAX_COMPILATION_CACHE_DIR, else $XDG_CACHE_HOME or ~/.cache, "
+                   "under moe-relayfree/jax: a second run skips most of its compiles)")
+
+
+def compile_cache_dir() -> str:
+    """Where compiled programs persist between runs: ``$JAX_COMPILATION_CACHE_DIR`` if set,
+    else ``moe-relayfree/jax`` in the user's cache folder."""
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return os.environ["JAX_COMPILATION_CACHE_DIR"]
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "moe-relayfree", "jax")
+
+
+def apply_cache_args(args) -> str | None:
+    """Turns JAX's persistent compilation cache on (``--no-compile-cache``: off); returns its
+    folder. Call before the first compile."""
+    if args.no_compile_cache:
+        return None
+    import jax
+
+    path = compile_cache_dir()
+    jax.config.update("jax_compilation_cache_dir", path)
+    # every program: on CPU most compile in under JAX's default 1 s threshold, and together
+    # they were most of a warm run of the main job
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    return path
+
+
 def add_mesh_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--mesh", default=None,
                    help="mesh axes as NAME=SIZE,... in order (default: ep=<all devices>)")

@@ -10,6 +10,40 @@ ARCHITECTURES = ("qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v3")
 MLA_FORMS = ("auto", "absorbed", "expanded")
 
 
+ROPE_TYPES = ("default", "linear", "yarn", "llama3")
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """Hugging Face's ``rope_parameters`` / ``rope_scaling`` past the base RoPE (transformers'
+    ``modeling_rope_utils``): ``kind`` "linear" (positions divided by ``factor``), "yarn"
+    (NTK-by-parts interpolation between ``beta_fast`` and ``beta_slow`` rotations of the
+    ``original_max_position`` context, cos/sin scaled by ``attention_factor``: DeepSeek-V3 and
+    long-context Qwen3) or "llama3" (wavelengths past ``original_max_position /
+    low_freq_factor`` divided by ``factor``, smoothed up to ``/ high_freq_factor``).
+    ``factor`` None (yarn): ``max_position / original_max_position``."""
+
+    kind: str
+    factor: float | None = None
+    original_max_position: int | None = None
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    attention_factor: float | None = None
+    truncate: bool = True
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+
+    def __post_init__(self):
+        if self.kind not in ROPE_TYPES[1:]:
+            raise ValueError(f"rope kind must be one of {ROPE_TYPES[1:]}, got {self.kind!r}")
+        if self.kind != "yarn" and self.factor is None:
+            raise ValueError(f"{self.kind} RoPE needs a factor")
+        if self.kind in ("yarn", "llama3") and self.original_max_position is None:
+            raise ValueError(f"{self.kind} RoPE needs original_max_position_embeddings")
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """A decoder-only MoE transformer. ``moe_layers[i]`` says whether layer i is MoE."""
@@ -30,6 +64,7 @@ class ModelConfig:
     shared_d_ff: int = 0
     shared_gate: bool = False
     rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None  # None: the default RoPE
     rms_eps: float = 1e-6
     qkv_bias: bool = False
     o_bias: bool = False  # bias on the attention output projection (Qwen3/OLMoE attention_bias)

@@ -152,6 +152,20 @@ def _finish(row: list[int], stop_ids) -> tuple[list[int], str]:
     return row, "length"
 
 
+def check_context(cfg, prompt_tokens: int, max_new_tokens: int) -> None:
+    """Refuses a request past the model's positions (``max_position_embeddings``): past them
+    RoPE runs on positions the model never saw and quality degrades with no word, so, as vLLM
+    does, the request is refused, naming the numbers."""
+    if prompt_tokens >= cfg.max_position:
+        raise ValueError(f"the prompt has {prompt_tokens} tokens; this model takes at most "
+                         f"{cfg.max_position} positions (max_position_embeddings), prompt and "
+                         "new tokens together")
+    if prompt_tokens + max_new_tokens > cfg.max_position:
+        raise ValueError(f"{prompt_tokens} prompt tokens + {max_new_tokens} new tokens exceed the "
+                         f"model's {cfg.max_position} positions (max_position_embeddings); "
+                         f"ask for at most {cfg.max_position - prompt_tokens} new tokens")
+
+
 def generate(model, prompts: list[list[int]], max_new_tokens: int, *, sampling: Sampling = GREEDY,
              seed: int = 0, stop_ids=(), progress=None) -> dict:
     """Batched generation from left-padded prompts.
@@ -165,6 +179,7 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, *, sampling: 
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
+    check_context(model.cfg, max(len(p) for p in prompts), max_new_tokens)
     stop_ids = frozenset(int(i) for i in stop_ids)
     stops = np.asarray(sorted(stop_ids), np.int64)
     batch = len(prompts)

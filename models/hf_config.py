@@ -15,7 +15,7 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
-from moe_relayfree_models.config import ARCHITECTURES, ModelConfig
+from moe_relayfree_models.config import ARCHITECTURES, ModelConfig, RopeScaling
 from moe_relayfree_models.hf_defaults import ALIASES, DEFAULTS, ROPE_THETA
 from moe_relayfree_models.quant import parse_quantization
 from moe_relayfree.routing import RouterConfig
@@ -32,6 +32,9 @@ HARMLESS = frozenset({
     # DeepSeek-V3: tensor-parallel slicing of the original training code; the multi-token-
     # prediction layers, which transformers does not build either (next-token logits only).
     "pretraining_tp", "num_nextn_predict_layers",
+    # DeepSeek-V3's released config.json: its training aux-loss terms and the original code's
+    # expert-parallel size (a deployment setting; the mesh here says it)
+    "aux_loss_alpha", "seq_aux", "ep_size",
 })
 
 # Keys outside the transformers classes that checkpoints carry and that change the math:
@@ -90,25 +93,61 @@ class _Keys:
                           f"ignored, as transformers ignores them: {unknown}", stacklevel=3)
 
 
-def _rope_theta(get: _Keys) -> float:
-    """RoPE base from ``rope_parameters`` (transformers 5) or ``rope_theta`` /
-    ``rope_scaling`` (transformers 4); only the default RoPE type is implemented."""
-    params = get("rope_parameters") or get("rope_scaling") or {}
-    kind = params.get("rope_type", params.get("type", "default"))
-    if kind not in ("default", None):
-        raise ValueError(f"config.json rope_type {kind!r} is not supported yet (only default RoPE)")
-    return float(get("rope_theta") or params.get("rope_theta") or ROPE_THETA[get.model_type])
+# rope_parameters keys each rope_type reads (transformers' modeling_rope_utils); others refused
+_ROPE_KEYS = {
+    "default": set(),
+    "linear": {"factor"},
+    "yarn": {"factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale",
+             "mscale_all_dim", "attention_factor", "truncate"},
+    "llama3": {"factor", "original_max_position_embeddings", "low_freq_factor",
+               "high_freq_factor"},
+}
+
+
+def _rope(get: _Keys) -> tuple[float, RopeScaling | None]:
+    """(RoPE base, scaling) from ``rope_parameters`` (transformers 5) or ``rope_theta`` /
+    ``rope_scaling`` (transformers 4): the default RoPE, "linear", "yarn" (DeepSeek-V3,
+    long-context Qwen3) and "llama3"; other types are refused with their name."""
+    params = dict(get("rope_parameters") or get("rope_scaling") or {})
+    kind = params.pop("rope_type", None) or params.pop("type", None) or "default"
+    params.pop("type", None)
+    theta = float(get("rope_theta") or params.pop("rope_theta", None) or ROPE_THETA[get.model_type])
+    params.pop("rope_theta", None)
+    if kind not in _ROPE_KEYS:
+        raise ValueError(f"config.json rope_type {kind!r} is not supported (supported: "
+                         f"{', '.join(_ROPE_KEYS)}; 'dynamic' rescales with the sequence length "
+                         f"at run time)")
+    if params.pop("partial_rotary_factor", 1.0) != 1.0:
+        raise ValueError("config.json partial_rotary_factor != 1 is not supported")
+    unknown = sorted(set(params) - _ROPE_KEYS[kind])
+    if unknown:
+        raise ValueError(f"config.json rope parameters {unknown} are not read by rope_type "
+                         f"{kind!r} here; refusing rather than ignoring them")
+    if kind == "default":
+        return theta, None
+    original = get("original_max_position_embeddings")  # Phi-3 style, takes priority
+    original = original or params.get("original_max_position_embeddings") or \
+        get("max_position_embeddings")
+    return theta, RopeScaling(
+        kind=kind, factor=None if params.get("factor") is None else float(params["factor"]),
+        original_max_position=int(original) if kind in ("yarn", "llama3") else None,
+        beta_fast=float(params.get("beta_fast") or 32), beta_slow=float(params.get("beta_slow") or 1),
+        mscale=params.get("mscale"), mscale_all_dim=params.get("mscale_all_dim"),
+        attention_factor=params.get("attention_factor"), truncate=bool(params.get("truncate", True)),
+        low_freq_factor=float(params.get("low_freq_factor", 1.0)),
+        high_freq_factor=float(params.get("high_freq_factor", 4.0)))
 
 
 def _common(get: _Keys) -> dict:
     get.require("hidden_act", ("silu",), "the experts and MLPs are SwiGLU (silu)")
     n_heads = get("num_attention_heads")
     d_model = get("hidden_size")
+    rope_theta, rope_scaling = _rope(get)
     return dict(
         vocab_size=get("vocab_size"), d_model=d_model, n_layers=get("num_hidden_layers"),
         n_heads=n_heads, n_kv_heads=get("num_key_value_heads", n_heads),
         head_dim=get("head_dim", d_model // n_heads), d_ff=get("intermediate_size", 0),
-        rope_theta=_rope_theta(get), rms_eps=float(get("rms_norm_eps")),
+        rope_theta=rope_theta, rope_scaling=rope_scaling, rms_eps=float(get("rms_norm_eps")),
         tie_embeddings=bool(get("tie_word_embeddings")),
         max_position=int(get("max_position_embeddings")),
     )
@@ -218,6 +257,25 @@ def from_hf_config(cfg: dict) -> ModelConfig:
     return out
 
 
+def _rope_parameters(cfg: ModelConfig) -> dict:
+    """``rope_parameters`` as transformers 5 writes it."""
+    rs = cfg.rope_scaling
+    out = {"rope_type": "default" if rs is None else rs.kind, "rope_theta": cfg.rope_theta}
+    if rs is None:
+        return out
+    fields = {"factor": rs.factor, "original_max_position_embeddings": rs.original_max_position}
+    if rs.kind == "yarn":
+        fields.update(beta_fast=rs.beta_fast, beta_slow=rs.beta_slow, mscale=rs.mscale,
+                      mscale_all_dim=rs.mscale_all_dim, attention_factor=rs.attention_factor,
+                      truncate=rs.truncate)
+    elif rs.kind == "llama3":
+        fields.update(low_freq_factor=rs.low_freq_factor, high_freq_factor=rs.high_freq_factor)
+    else:
+        fields.pop("original_max_position_embeddings")
+    out.update({k: v for k, v in fields.items() if v is not None})
+    return out
+
+
 def to_hf_config(cfg: ModelConfig) -> dict:
     """The Hugging Face ``config.json`` dict for ``cfg`` (keys as transformers writes them)."""
     if cfg.qkv_bias != cfg.o_bias and cfg.arch in ("qwen3_moe", "olmoe"):
@@ -226,7 +284,7 @@ def to_hf_config(cfg: ModelConfig) -> dict:
         model_type=cfg.arch, vocab_size=cfg.vocab_size, hidden_size=cfg.d_model,
         num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
         num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim,
-        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+        rope_parameters=_rope_parameters(cfg),
         rms_norm_eps=cfg.rms_eps, tie_word_embeddings=cfg.tie_embeddings,
         max_position_embeddings=cfg.max_position, num_experts_per_tok=cfg.k,
         hidden_act="silu",

@@ -22,7 +22,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moe_relayfree_models.config import ModelConfig
-from moe_relayfree_models.layers import RMSNorm, attention_mask, rope
+from moe_relayfree_models.layers import (RMSNorm, attention_mask, rope, rope_frequencies,
+                                         yarn_mscale)
 from moe_relayfree.config import Lowering
 from moe_relayfree.ffn import dense_dot
 from moe_relayfree.layer import normal_init
@@ -35,6 +36,22 @@ LATENT_NORM_EPS = 1e-6  # DeepseekV3RMSNorm's default, used for q_a/kv_a norms
 # [B, h, S, chunk] whatever the context (at 8 sequences, 128 heads and 8192 rows unchunked,
 # each f32 copy of the scores was 32 MiB; docs/benchmarks.md, "At scale").
 KEY_CHUNK = 1024
+
+
+def einsum_f32(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
+    """``jnp.einsum(spec, a, b)`` accumulated in float32. XLA:CPU has no bf16 x bf16 -> f32
+    kernel for some batched dots (``DotThunk``: "Unsupported element type", e.g. the latent
+    attention's ``bhsl,blc->bshc``), so there bf16 operands are widened first: a bf16 product
+    is exact in f32, so the result is the same. Other platforms take the bf16 operands."""
+    def native(a, b):
+        return jnp.einsum(spec, a, b, preferred_element_type=_F32)
+
+    def widened(a, b):
+        return native(a.astype(_F32), b.astype(_F32))
+
+    if jnp.bfloat16 not in (a.dtype, b.dtype):
+        return native(a, b)
+    return jax.lax.platform_dependent(a, b, cpu=widened, default=native)
 
 
 def latent_attention(q_latent, q_rope, latent, k_rope, mask, scale: float,
@@ -53,13 +70,12 @@ def latent_attention(q_latent, q_rope, latent, k_rope, mask, scale: float,
     chunk = min(chunk, length)
 
     def scores_of(lat, kr):
-        return (jnp.einsum("bshc,blc->bhsl", q_latent, lat, preferred_element_type=_F32)
-                + jnp.einsum("bshd,bld->bhsl", q_rope, kr, preferred_element_type=_F32)) * scale
+        return (einsum_f32("bshc,blc->bhsl", q_latent, lat)
+                + einsum_f32("bshd,bld->bhsl", q_rope, kr)) * scale
 
     if chunk == length:
         probs = jax.nn.softmax(jnp.where(mask, scores_of(latent, k_rope), -1e30), axis=-1)
-        return jnp.einsum("bhsl,blc->bshc", probs.astype(dt), latent,
-                          preferred_element_type=_F32).astype(dt)
+        return einsum_f32("bhsl,blc->bshc", probs.astype(dt), latent).astype(dt)
 
     def step(i, carry):
         top, total, acc = carry
@@ -76,7 +92,7 @@ def latent_attention(q_latent, q_rope, latent, k_rope, mask, scale: float,
         p = jnp.exp(sc - top_new[..., None])
         scale_old = jnp.exp(top - top_new)
         total = total * scale_old + p.sum(-1)
-        weighted = jnp.einsum("bhsl,blc->bshc", p.astype(dt), lat, preferred_element_type=_F32)
+        weighted = einsum_f32("bhsl,blc->bshc", p.astype(dt), lat)
         acc = acc * scale_old.transpose(0, 2, 1)[..., None] + weighted
         return top_new, total, acc
 
@@ -84,6 +100,18 @@ def latent_attention(q_latent, q_rope, latent, k_rope, mask, scale: float,
             jnp.zeros((b, s, h, c), _F32))
     _, total, acc = jax.lax.fori_loop(0, -(-length // chunk), step, init)
     return (acc / total.transpose(0, 2, 1)[..., None]).astype(dt)
+
+
+def softmax_scale(cfg: ModelConfig) -> float:
+    """``qk_head_dim ** -0.5``, times ``mscale**2`` under a scaled RoPE with ``mscale_all_dim``
+    (DeepSeek-V3's YaRN correction, as its reference code and transformers apply it:
+    ``mscale = 0.1 * mscale_all_dim * ln(factor) + 1``)."""
+    scale = (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim) ** -0.5
+    rs = cfg.rope_scaling
+    if rs is not None and rs.mscale_all_dim:
+        factor = rs.factor or cfg.max_position / rs.original_max_position
+        scale *= yarn_mscale(factor, rs.mscale_all_dim) ** 2
+    return scale
 
 
 def absorbed(cfg: ModelConfig, num_queries: int) -> bool:
@@ -136,8 +164,9 @@ class MLAttention(nnx.Module):
         q_nope, q_rope = q[..., :nope], q[..., nope:]
         kv = mm(x, self.kv_a)
         ckv, k_rope = self.kv_a_norm(kv[..., : cfg.kv_lora_rank]), kv[..., cfg.kv_lora_rank :]
-        q_rope = rope(q_rope, positions, cfg.rope_theta, cfg.rope_interleave)
-        k_rope = rope(k_rope[:, :, None, :], positions, cfg.rope_theta, cfg.rope_interleave)[:, :, 0]
+        inv_freq, factor = rope_frequencies(rdim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position)
+        q_rope = rope(q_rope, positions, inv_freq, cfg.rope_interleave, factor)
+        k_rope = rope(k_rope[:, :, None, :], positions, inv_freq, cfg.rope_interleave, factor)[:, :, 0]
         cache_ckv = jax.lax.dynamic_update_slice_in_dim(cache_ckv, ckv.astype(cache_ckv.dtype), start, 1)
         cache_krope = jax.lax.dynamic_update_slice_in_dim(cache_krope, k_rope.astype(cache_krope.dtype), start, 1)
         form = form or (cfg.mla_form if cfg.mla_form != "auto"
@@ -146,7 +175,7 @@ class MLAttention(nnx.Module):
             raise ValueError(f"form must be 'absorbed' or 'expanded', got {form!r}")
         latent, k_rope_all = cache_ckv.astype(dt), cache_krope.astype(dt)
         mask = attention_mask(start, s, key_valid)[:, None]
-        scale = (nope + rdim) ** -0.5
+        scale = softmax_scale(cfg)
         if form == "absorbed":
             w = self.kv_b[...].astype(dt).reshape(cfg.kv_lora_rank, h, nope + vdim)
             q_latent = jnp.einsum("bshn,chn->bshc", q_nope, w[..., :nope],

@@ -47,7 +47,11 @@ class HFTokenizer:
                 f"{path} needs the 'tokenizers' package: pip install tokenizers "
                 "(or pip install -e '.[hf]')"
             ) from None
-        self.tok = Tokenizer.from_file(path)
+        try:
+            self.tok = Tokenizer.from_file(path)
+        except Exception as e:  # the tokenizers package raises its own Exception type
+            raise ValueError(f"{path} is not a readable tokenizer.json "
+                             f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
 
     def encode(self, text: str) -> list[int]:
         return self.tok.encode(text, add_special_tokens=True).ids

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moe_relayfree_models.config import ModelConfig
-from moe_relayfree_models.layers import RMSNorm, attention_mask, rope
+from moe_relayfree_models.layers import RMSNorm, attention_mask, rope, rope_frequencies
 from moe_relayfree_models.mla import MLAttention
 from moe_relayfree.ffn import dense_dot
 from moe_relayfree.config import DispatchConfig, Lowering, dispatch_config
@@ -98,7 +98,9 @@ class Attention(nnx.Module):
         v = v.reshape(b, s, cfg.n_kv_heads, cfg.head_dim)
         if cfg.qk_norm == "head":
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
+        inv_freq, factor = rope_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling,
+                                            cfg.max_position)
+        q, k = (rope(a, positions, inv_freq, attention_factor=factor) for a in (q, k))
         cache_k = jax.lax.dynamic_update_slice_in_dim(cache_k, k.astype(cache_k.dtype), start, 1)
         cache_v = jax.lax.dynamic_update_slice_in_dim(cache_v, v.astype(cache_v.dtype), start, 1)
         groups = cfg.n_heads // cfg.n_kv_heads

@@ -16,7 +16,7 @@ from moe_relayfree.config import DEFAULT_CAPACITY_FACTOR, DispatchConfig, dispat
 from moe_relayfree.layout import MeshLayout
 from moe_relayfree.paths import PATHS, Call, DispatchPath, ExpertWeights, Resolved, resolve
 from moe_relayfree.quant import BlockQuantized, check_split, is_quantized, shape_of
-from moe_relayfree.routing import RouterConfig, route
+from moe_relayfree.routing import RouterConfig, check_choice_ids, route
 
 __all__ = ["DEFAULT_CAPACITY_FACTOR", "expert_parallel_moe", "replicates_tokens", "route_tokens",
            "run_resolved"]
@@ -34,6 +34,8 @@ def _validate(x, topk_ids, topk_weights, w_gate, w_up, w_down, lay: MeshLayout,
     if len(shape(topk_ids)) != 2 or shape(topk_ids)[0] != n:
         raise ValueError(f"topk_ids must be [N={n}, k], got shape {shape(topk_ids)}")
     k = shape(topk_ids)[1]
+    if k < 1:
+        raise ValueError(f"topk_ids must have at least one choice per token, got k={k}")
     if shape(topk_weights) != (n, k):
         raise ValueError(f"topk_weights must be [N, k]={(n, k)}, got shape {shape(topk_weights)}")
     if not jnp.issubdtype(jnp.result_type(topk_ids), jnp.integer):
@@ -64,27 +66,14 @@ def _validate(x, topk_ids, topk_weights, w_gate, w_up, w_down, lay: MeshLayout,
 
 
 def _check_id_range(topk_ids, num_experts: int) -> None:
-    """Raises on out-of-range ids. Multi-process arrays are checked on this process's shards
-    (every process checks its own, so a bad id anywhere raises somewhere)."""
+    """Raises on ids outside ``[-1, E)`` (``-1``: no expert). Multi-process arrays are checked
+    on this process's shards (every process checks its own, so a bad id anywhere raises
+    somewhere)."""
     if isinstance(topk_ids, jax.Array) and not topk_ids.is_fully_addressable:
-        pieces = [(np.asarray(s.data), s.index[0].start or 0) for s in topk_ids.addressable_shards]
+        for s in topk_ids.addressable_shards:
+            check_choice_ids(s.data, num_experts, s.index[0].start or 0)
     else:
-        pieces = [(np.asarray(topk_ids), 0)]
-    for ids, row0 in pieces:
-        bad = (ids < 0) | (ids >= num_experts)
-        if bad.any():
-            t, j = np.argwhere(bad)[0]
-            raise ValueError(
-                f"topk_ids out of range [0, {num_experts}): topk_ids[{row0 + t}, {j}] = {ids[t, j]} "
-                f"({int(bad.sum())} bad entries)"
-            )
-
-
-def _poison_invalid(topk_ids, topk_weights, num_experts: int):
-    """Inside jit ids cannot raise: an out-of-range id makes its token's output NaN, never 0."""
-    bad = (topk_ids < 0) | (topk_ids >= num_experts)
-    w = jnp.where(bad.any(axis=1, keepdims=True), jnp.nan, topk_weights.astype(jnp.float32))
-    return jnp.clip(topk_ids, 0, num_experts - 1).astype(jnp.int32), w
+        check_choice_ids(topk_ids, num_experts)
 
 
 def _per_rank(x, topk_ids, topk_weights, w_gate, w_up, w_down, *, path: DispatchPath,
@@ -98,7 +87,6 @@ def _per_rank(x, topk_ids, topk_weights, w_gate, w_up, w_down, *, path: Dispatch
     leaves = jax.tree.leaves(args)
     x, topk_ids, topk_weights, *weights = [jax.tree.map(lambda a: vary_like(a, *leaves), a)
                                            for a in args]
-    topk_ids, topk_weights = _poison_invalid(topk_ids, topk_weights, call.num_experts)
     y = path.layer(x, topk_ids, topk_weights, ExpertWeights(*weights), call)
     if tensor_axis is not None:
         # Each tensor rank computed its slice of f: combine is linear in the expert outputs, so
@@ -164,7 +152,8 @@ def expert_parallel_moe(
       x: ``[N, d]`` float tokens; split over the batch axes (N divisible by their total
         size), or, relay-free decode with ``N`` smaller than that size, the same on every
         device (:func:`replicates_tokens`; the output is then replicated too).
-      topk_ids: ``[N, k]`` int global expert ids in ``[0, E)``, split like x. A token may
+      topk_ids: ``[N, k]`` int global expert ids in ``[0, E)``, or ``-1`` for "no expert"
+        (the choice adds nothing: DeepEP's and MaxText's padding), split like x. A token may
         repeat an expert: its choices of one expert add up.
       topk_weights: ``[N, k]`` routing weights, split like x.
       w_gate, w_up: ``[E, d, f]``; w_down: ``[E, f, d]``: split on E over the expert axis (and
@@ -182,14 +171,28 @@ def expert_parallel_moe(
       else split over the batch axes of the mesh (replicated on a mesh with Explicit axes, as
       under jit). Under jit: split over the batch axes (Explicit axes: resharded like x).
       A replicated small batch (:func:`replicates_tokens`) comes back replicated.
-      Concrete out-of-range ids raise ``ValueError``; traced ones (inside jit) turn their
-      token's output into NaN. ``N = 0`` gives ``[0, d]``.
+      Concrete ids outside ``[-1, E)`` raise ``ValueError``; traced ones (inside jit) turn
+      their token's output row into NaN (no other token's row changes). ``N = 0`` gives ``[0, d]``.
     """
     config = dispatch_config(config, **settings)
+    _refuse_vmap(x, topk_ids, topk_weights, w_gate, w_up, w_down)
     n = np.shape(x)[0] if np.ndim(x) == 2 and np.ndim(topk_ids) == 2 else 0
     k = np.shape(topk_ids)[1] if np.ndim(topk_ids) == 2 else 1
     return run_resolved(resolve(config, n, k), config, x, topk_ids, topk_weights,
                         w_gate, w_up, w_down)
+
+
+def _refuse_vmap(*args) -> None:
+    """``jax.vmap`` over the layer is refused with what to do: under jit it ended in a JAX
+    internal error (``ragged_dot`` batching), and there is nothing to batch: every token is
+    routed on its own, so a batch of token sets is one set of all their tokens."""
+    from jax._src.interpreters.batching import BatchTracer
+
+    if any(isinstance(leaf, BatchTracer) for leaf in jax.tree.leaves(args)):
+        raise ValueError(
+            "expert_parallel_moe / MoELayer do not take jax.vmap: routing is per token, so "
+            "flatten the batch instead (x.reshape(-1, d), ids and weights .reshape(-1, k)) and "
+            "reshape the output back; MoELayer already takes x [..., d] of any leading shape")
 
 
 def run_resolved(resolved: Resolved, config: DispatchConfig, x, topk_ids, topk_weights,
@@ -197,6 +200,7 @@ def run_resolved(resolved: Resolved, config: DispatchConfig, x, topk_ids, topk_w
     """:func:`expert_parallel_moe` with its path already chosen (:func:`resolve` of this
     call's ``N`` and ``k``): what :class:`~moe_relayfree.MoELayer` calls, so a layer trace
     decides its schedule once."""
+    _refuse_vmap(x, topk_ids, topk_weights, w_gate, w_up, w_down)
     lay, mesh = config.layout, config.mesh
     n, k, num_experts = _validate(x, topk_ids, topk_weights, w_gate, w_up, w_down, lay,
                                   small_batch_ok=resolved.replicated)

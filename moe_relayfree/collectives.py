@@ -186,10 +186,36 @@ def ragged_all_to_all(
 ) -> jax.Array:
     """Semantics of ``jax.lax.ragged_all_to_all``, on every platform.
 
-    Must be called inside ``shard_map`` over ``axis_name``. ``rows_per_peer`` is a static
-    bound on the rows this rank sends to any one peer, ``typical_rows_per_peer`` the usual
-    amount; they size emulations only (the CPU one takes a small exchange when every rank's
-    sends fit the typical size, and the bound otherwise).
+    Must be called inside ``shard_map`` over ``axis_name``. ``rows_per_peer`` and
+    ``typical_rows_per_peer`` are hints for emulations (the rows this rank usually sends to
+    one peer, at most): the CPU emulation takes an exchange of that size when every rank's
+    sends fit it and one of the operand's rows otherwise, so a hint that is too small costs
+    time, never rows. (The schedules, which can prove their bounds, use
+    :func:`ragged_all_to_all_bounded`.)
+    """
+    hints = [b for b in (rows_per_peer, typical_rows_per_peer) if b is not None]
+    return ragged_all_to_all_bounded(
+        operand, output, input_offsets, send_sizes, output_offsets, recv_sizes,
+        axis_name=axis_name, rows_per_peer=operand.shape[0],
+        typical_rows_per_peer=min(hints) if hints else None)
+
+
+def ragged_all_to_all_bounded(
+    operand: jax.Array,
+    output: jax.Array,
+    input_offsets: jax.Array,
+    send_sizes: jax.Array,
+    output_offsets: jax.Array,
+    recv_sizes: jax.Array,
+    *,
+    axis_name: str,
+    rows_per_peer: int | None = None,
+    typical_rows_per_peer: int | None = None,
+) -> jax.Array:
+    """:func:`ragged_all_to_all` where ``rows_per_peer`` is a PROVEN static bound on the rows
+    this rank sends to any one peer (an emulation sized by it is wrong past it),
+    ``typical_rows_per_peer`` the usual amount; they size emulations only (the CPU one takes
+    a small exchange when every rank's sends fit the typical size, and the bound otherwise).
     """
     if rows_per_peer is None:
         rows_per_peer = operand.shape[0]

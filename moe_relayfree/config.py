@@ -9,6 +9,8 @@ programs' cache.
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from typing import Literal
 
 from jax.sharding import Mesh
@@ -112,11 +114,17 @@ class DispatchConfig:
 
         _one_of(self.implementation, IMPLEMENTATIONS, "implementation")
         _one_of(self.decode_overflow, OVERFLOWS, "decode_overflow")
-        if self.capacity_factor is not None and not self.capacity_factor > 0:
-            raise ValueError(
-                f"capacity_factor must be positive or None, got {self.capacity_factor}")
-        if self.decode_threshold is not None and self.decode_threshold < 0:
-            raise ValueError(f"decode_threshold must be >= 0, got {self.decode_threshold}")
+        factor = self.capacity_factor
+        if factor is not None and (isinstance(factor, bool) or not isinstance(factor, numbers.Real)
+                                   or not 0 < factor < math.inf):
+            raise ValueError(f"capacity_factor must be a positive finite number, or None for the "
+                             f"worst-case buffer, got {factor!r}")
+        threshold = self.decode_threshold
+        if threshold is not None and (isinstance(threshold, bool)
+                                      or not isinstance(threshold, numbers.Integral)
+                                      or threshold < 0):
+            raise ValueError(f"decode_threshold must be an int >= 0 (tokens per device) or None, "
+                             f"got {threshold!r}")
         if not isinstance(self.lowering, Lowering):
             raise ValueError(f"lowering must be a Lowering, got {type(self.lowering).__name__}")
 

@@ -51,10 +51,10 @@ import jax
 from jax import lax
 
 from moe_relayfree import prefill, transports
-from moe_relayfree.config import OVERFLOWS, Overflow
+from moe_relayfree.config import OVERFLOWS, Lowering, Overflow
 from moe_relayfree.plan import MIN_ROWS
 from moe_relayfree.prefill import PrefillHandle
-from moe_relayfree.routing import merge_repeated_choices
+from moe_relayfree.routing import merge_repeated_choices, screen_choices
 from moe_relayfree.transports import GatherHandle
 from moe_relayfree.windows import ExpertWindows
 
@@ -125,19 +125,21 @@ def dispatch(
 ) -> tuple[ExpertWindows, DecodeHandle]:
     """x ``[T, d]``, topk_ids ``[T, k] int32``, topk_weights ``[T, k]`` -> expert windows of
     the worst-case ``P*T*min(k, El)`` rows (group sizes ``[El]``) and the handle.
-    ``transport="replicated"``: the same ``N`` tokens on every rank, ``N*min(k, El)`` rows."""
+    ``transport="replicated"``: the same ``N`` tokens on every rank, ``N*min(k, El)`` rows.
+    Ids in ``[0, E)`` or ``-1`` (no expert); any other id makes its token's output NaN."""
     num_ranks = lax.axis_size(axis_name)
     t, k = topk_ids.shape
     local = num_experts // num_ranks
     chosen = choose_transport(num_ranks, k, transport)
     replicated = chosen == "replicated"
     _, rows = window_rows(chosen, num_ranks, t, k, local)
-    ids, w = merge_repeated_choices(topk_ids, topk_weights, num_experts)
+    ids, w, invalid = screen_choices(topk_ids, topk_weights, num_experts)
+    ids, w = merge_repeated_choices(ids, w, num_experts)
     if chosen in ("gather", "replicated"):
-        plan = transports.gather_plan(x, ids, w, num_experts, axis_name, replicated)
+        plan = transports.gather_plan(x, ids, w, invalid, num_experts, axis_name, replicated)
         return transports.gather_windows(plan, rows, k, x.dtype, axis_name,
                                          replicated=replicated)
-    handle = prefill.plan_and_pack(x, ids, w, num_experts=num_experts, axis_name=axis_name,
+    handle = prefill.pack(x, ids, w, invalid, num_experts=num_experts, axis_name=axis_name,
                                    rows_per_round=rows, exchange="all_to_all", max_rows=rows)
     return prefill.dispatch_round(handle, 0), handle
 
@@ -147,7 +149,7 @@ def combine(expert_out: jax.Array, handle: DecodeHandle) -> jax.Array:
     if isinstance(handle, GatherHandle):
         partial = transports.gather_partial(expert_out, handle)
         return transports.gather_combine(partial, handle.axis_name, handle.out_dtype,
-                                         handle.replicated)
+                                         handle.replicated, handle.invalid)
     return prefill.weighted_sum(prefill.combine_round(handle, expert_out, 0)).astype(
         expert_out.dtype)
 
@@ -167,8 +169,12 @@ def decode_moe(
     axis_name: str,
     transport: Transport = "auto",
     overflow: Overflow = "branch",
+    first_round_inline: tuple[str, ...] = Lowering().first_round_inline,
 ) -> jax.Array:
     """The whole decode schedule; ``expert_fn(windows) -> [B, d]``. Returns ``[T, d]``.
+    Ids in ``[0, E)`` or ``-1`` (no expert); any other id makes its token's output NaN.
+    ``first_round_inline``: the windows transport's rounds
+    (:class:`~moe_relayfree.config.Lowering`).
 
     ``overflow="branch"``: ``expert_fn`` runs on :func:`typical_rows` window rows at a time,
     further passes only where a rank received more (the work follows the rows received, the
@@ -191,20 +197,23 @@ def decode_moe(
     k = topk_ids.shape[1]
     chosen = choose_transport(num_ranks, k, transport)
     check_overflow(overflow)
+    topk_ids, w, invalid = screen_choices(topk_ids, topk_weights, num_experts)
     # repeats fold into one copy: the windows' bounds count distinct experts per token
-    topk_ids, w = merge_repeated_choices(topk_ids, topk_weights, num_experts)
+    topk_ids, w = merge_repeated_choices(topk_ids, w, num_experts)
     run = functools.partial(_decode_moe, expert_fn=expert_fn, num_experts=num_experts,
-                            axis_name=axis_name, one_pass=overflow == "one_pass")
+                            axis_name=axis_name, one_pass=overflow == "one_pass",
+                            first_round_inline=first_round_inline)
     if transport == "auto" and chosen == "windows":
         return lax.platform_dependent(
-            x, topk_ids, w,
+            x, topk_ids, w, invalid,
             cpu=functools.partial(run, transport="gather"),
             default=functools.partial(run, transport="windows"),
         )
-    return run(x, topk_ids, w, transport=chosen)
+    return run(x, topk_ids, w, invalid, transport=chosen)
 
 
-def _decode_moe(x, topk_ids, w, *, expert_fn, num_experts, axis_name, transport, one_pass):
+def _decode_moe(x, topk_ids, w, invalid, *, expert_fn, num_experts, axis_name, transport,
+                one_pass, first_round_inline):
     num_ranks = lax.axis_size(axis_name)
     t, k = topk_ids.shape
     local = num_experts // num_ranks
@@ -212,11 +221,12 @@ def _decode_moe(x, topk_ids, w, *, expert_fn, num_experts, axis_name, transport,
     typical, worst = window_rows(transport, num_ranks, t, k, local)
     rows = worst if one_pass else typical
     if transport == "windows":
-        return prefill.prefill_moe(x, topk_ids, w, expert_fn, num_experts=num_experts,
-                                   axis_name=axis_name, rows_per_round=rows,
-                                   exchange="all_to_all", max_rows=worst)
+        handle = prefill.pack(x, topk_ids, w, invalid, num_experts=num_experts,
+                              axis_name=axis_name, rows_per_round=rows, exchange="all_to_all",
+                              max_rows=worst)
+        return prefill.run_rounds(handle, expert_fn, first_round_inline)
 
-    plan = transports.gather_plan(x, topk_ids, w, num_experts, axis_name, replicated)
+    plan = transports.gather_plan(x, topk_ids, w, invalid, num_experts, axis_name, replicated)
     total = plan.total
 
     def partial(into, start):
@@ -236,4 +246,4 @@ def _decode_moe(x, topk_ids, w, *, expert_fn, num_experts, axis_name, transport,
             return lax.fori_loop(1, passes, step, out)
 
         out = lax.cond(total > rows, more, lambda o: o, out)
-    return transports.gather_combine(out, axis_name, x.dtype, replicated)
+    return transports.gather_combine(out, axis_name, x.dtype, replicated, invalid)

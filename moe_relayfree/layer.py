@@ -16,6 +16,7 @@ from moe_relayfree.balance import (
 )
 from moe_relayfree.config import DispatchConfig, Lowering, dispatch_config
 from moe_relayfree.ffn import dense_dot
+from moe_relayfree.layout import auto_mesh
 from moe_relayfree.paths import Resolved, resolve
 from moe_relayfree.quant import BlockQuantized, check_split, quantize
 from moe_relayfree.routing import RouterConfig, route
@@ -37,6 +38,18 @@ def quantize_stack(w: jax.Array, block: tuple[int, int], mesh, spec) -> BlockQua
     return jax.jit(local)(w)
 
 
+def replicated_param(value: jax.Array, mesh=None, kind=nnx.Param):
+    """A ``kind`` variable holding ``value``, replicated on every device of ``mesh`` (where the
+    jitted forward wants it: a parameter left on one device came back from the first call
+    placed on the mesh, and the second call compiled again)."""
+    # Only on an all-Auto mesh: on an Explicit one a replicated value carries an explicit
+    # sharding type, which a user's own unplaced arrays then fail to combine with
+    # (layer.router_bias[...] = ...); there they start where JAX puts them, as before.
+    if mesh is None or auto_mesh(mesh) is not mesh:
+        return kind(value)
+    return kind(value, out_sharding=(None,) * value.ndim, mesh=mesh)
+
+
 def normal_init(rngs: nnx.Rngs, shape, std: float, dtype) -> jax.Array:
     """``N(0, std^2)`` parameters drawn in float32, stored in ``dtype``."""
     return (jax.random.normal(rngs.params(), shape, jnp.float32) * std).astype(dtype)
@@ -47,14 +60,17 @@ class SwiGLUMLP(nnx.Module):
     scaled by ``sigmoid(x @ gate)`` (Qwen2-MoE's ``shared_expert_gate``)."""
 
     def __init__(self, d_model: int, d_ff: int, *, gated: bool = False, param_dtype,
-                 rngs: nnx.Rngs, lowering: Lowering = Lowering()):
+                 rngs: nnx.Rngs, lowering: Lowering = Lowering(), mesh=None):
+        """``mesh``: the parameters start replicated on it (else on the default device)."""
         self.min_rows = lowering.dense_min_rows
-        self.w_gate = nnx.Param(normal_init(rngs, (d_model, d_ff), d_model**-0.5, param_dtype))
-        self.w_up = nnx.Param(normal_init(rngs, (d_model, d_ff), d_model**-0.5, param_dtype))
-        self.w_down = nnx.Param(normal_init(rngs, (d_ff, d_model), d_ff**-0.5, param_dtype))
-        self.gate = (
-            nnx.Param(normal_init(rngs, (d_model, 1), d_model**-0.5, param_dtype)) if gated else None
-        )
+
+        def param(shape, std):
+            return replicated_param(normal_init(rngs, shape, std, param_dtype), mesh)
+
+        self.w_gate = param((d_model, d_ff), d_model**-0.5)
+        self.w_up = param((d_model, d_ff), d_model**-0.5)
+        self.w_down = param((d_ff, d_model), d_ff**-0.5)
+        self.gate = param((d_model, 1), d_model**-0.5) if gated else None
 
     def __call__(self, x: jax.Array, *, rows_per_device: int | None = None) -> jax.Array:
         """x ``[..., d]`` -> ``[..., d]``; rows_per_device as in
@@ -137,9 +153,13 @@ class MoELayer(nnx.Module):
         self.router_config = router
         self.router_stats = router_stats
         self.load_balancing_weight, self.z_loss_weight = load_balancing_weight, z_loss_weight
-        self.router = nnx.Param(normal_init(rngs, (d_model, num_experts), d_model**-0.5, param_dtype))
+        # replicated on the mesh from the start: otherwise a jitted call returns them placed
+        # there, and the next call (arguments on other devices) compiles again
+        self.router = replicated_param(
+            normal_init(rngs, (d_model, num_experts), d_model**-0.5, param_dtype), mesh)
         self.router_bias = (
-            RouterBias(jnp.zeros((num_experts,), jnp.float32)) if router.score_bias else None
+            replicated_param(jnp.zeros((num_experts,), jnp.float32), mesh, RouterBias)
+            if router.score_bias else None
         )
         shape_in, shape_out = (num_experts, d_model, d_ff), (num_experts, d_ff, d_model)
         self.w_gate = nnx.Param(normal_init(rngs, shape_in, d_model**-0.5, param_dtype),
@@ -150,7 +170,7 @@ class MoELayer(nnx.Module):
                                 out_sharding=tuple(lay.w_out), mesh=mesh)
         self.shared = (
             SwiGLUMLP(d_model, shared_d_ff, gated=shared_gate, param_dtype=param_dtype, rngs=rngs,
-                      lowering=config.lowering)
+                      lowering=config.lowering, mesh=mesh)
             if shared_d_ff
             else None
         )
@@ -245,6 +265,9 @@ class MoELayer(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         lead, d = x.shape[:-1], x.shape[-1]
+        if d != self.router.shape[0]:
+            raise ValueError(f"x's last axis must be d_model={self.router.shape[0]}, got shape "
+                             f"{tuple(x.shape)}")
         tokens = x.reshape(-1, d)
         n = tokens.shape[0]
         # A relay-free decode batch smaller than the token shards stays on every device (one

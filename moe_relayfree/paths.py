@@ -122,7 +122,8 @@ def _prefill_combine(out, handle):
 def _decode_layer(x, ids, weights, w: ExpertWeights, call: Call):
     return decode.decode_moe(x, ids, weights, lambda win: _window_experts(win, w),
                              num_experts=call.num_experts, axis_name=call.axis_name,
-                             transport=call.transport, overflow=call.overflow)
+                             transport=call.transport, overflow=call.overflow,
+                             first_round_inline=call.first_round_inline)
 
 
 def _decode_dispatch(x, ids, weights, call: Call):

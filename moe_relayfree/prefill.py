@@ -28,9 +28,10 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from moe_relayfree.collectives import ensure_varying, peer_rows, ragged_all_to_all
+from moe_relayfree.collectives import ensure_varying, peer_rows, ragged_all_to_all_bounded
 from moe_relayfree.config import Lowering
 from moe_relayfree.plan import Exchange, Plan, make_plan, round_segments
+from moe_relayfree.routing import poison_rows, screen_choices
 from moe_relayfree.windows import ExpertWindows, take_rows, weighted_row_sum
 
 _F32 = jnp.float32
@@ -44,13 +45,15 @@ class PrefillHandle:
     x ``[T, d]`` (each round gathers its send rows from it: a ``[T*k, d]`` send buffer kept
     for every round would be live through the expert compute), weights ``[T, k] float32``,
     returned ``[T*k, d]`` zeros, which :func:`combine_round` fills with one round's results in
-    send order (each round starts from the zeros: rows of other rounds read 0).
+    send order (each round starts from the zeros: rows of other rounds read 0); invalid
+    ``[T] bool`` tokens whose ids were out of range (their output is NaN).
     """
 
     plan: Plan
     x: jax.Array
     weights: jax.Array
     returned: jax.Array
+    invalid: jax.Array
     axis_name: str = dataclasses.field(metadata=dict(static=True))
 
     @property
@@ -69,15 +72,27 @@ def plan_and_pack(
     exchange: Exchange = "all_gather",
     max_rows: int | None = None,
 ) -> PrefillHandle:
-    """Step 1. x ``[T, d]``, topk_ids ``[T, k] int32``, topk_weights ``[T, k]``;
+    """Step 1. x ``[T, d]``, topk_ids ``[T, k] int32`` in ``[0, E)`` or ``-1`` (no expert:
+    the choice adds nothing; any other id makes that token's output NaN,
+    :func:`~moe_relayfree.routing.screen_choices`), topk_weights ``[T, k]``;
     ``exchange``, ``max_rows``: see :func:`moe_relayfree.plan.make_plan`."""
-    plan = make_plan(topk_ids, num_experts, axis_name, rows_per_round, exchange, max_rows)
+    ids, w, invalid = screen_choices(topk_ids, topk_weights, num_experts)
+    return pack(x, ids, w, invalid, num_experts=num_experts, axis_name=axis_name,
+                rows_per_round=rows_per_round, exchange=exchange, max_rows=max_rows)
+
+
+def pack(x, ids, weights, invalid, *, num_experts: int, axis_name: str, rows_per_round: int,
+         exchange: Exchange = "all_gather", max_rows: int | None = None) -> PrefillHandle:
+    """:func:`plan_and_pack` of screened choices: ids ``[T, k] int32`` in ``[0, E]`` (``E``:
+    no copy), weights ``[T, k] f32``, invalid ``[T] bool``."""
+    plan = make_plan(ids, num_experts, axis_name, rows_per_round, exchange, max_rows)
     returned = jnp.zeros((plan.order.shape[0], x.shape[1]), x.dtype)
     return PrefillHandle(
         plan=plan,
         x=x,
-        weights=topk_weights.astype(_F32),
+        weights=weights.astype(_F32),
         returned=ensure_varying(returned, axis_name, x),
+        invalid=invalid,
         axis_name=axis_name,
     )
 
@@ -104,7 +119,7 @@ def dispatch_round(handle: PrefillHandle, round_index: jax.Array | int = 0) -> E
     # starts the gather early, next to the metadata collectives, and holds it longer.
     x, seg = lax.optimization_barrier((handle.x, seg))
     send = take_rows(x, handle.plan.order // k)
-    rows = ragged_all_to_all(
+    rows = ragged_all_to_all_bounded(
         send,
         round_buffer(handle),
         seg.send_offsets.reshape(-1),
@@ -123,7 +138,7 @@ def combine_round(
 ) -> PrefillHandle:
     """Step 5: the mirrored segments write results into the sources' returned buffers."""
     seg = round_segments(handle.plan, round_index)
-    returned = ragged_all_to_all(
+    returned = ragged_all_to_all_bounded(
         expert_out,
         handle.returned,
         seg.recv_offsets.reshape(-1),
@@ -138,9 +153,11 @@ def combine_round(
 
 def weighted_sum(handle: PrefillHandle, into: jax.Array | None = None) -> jax.Array:
     """Step 6: ``y[t] = into[t] + sum_j w[t, j] * returned[slot[t, j]]`` -> ``[T, d]``
-    float32; a copy that was not sent (id ``E``), or not returned yet, reads a 0 row."""
+    float32; a copy that was not sent (id ``E``), or not returned yet, reads a 0 row; an
+    invalid token's row is NaN."""
     index = handle.plan.slot.reshape(handle.weights.shape)
-    return weighted_row_sum(handle.returned, index, handle.weights, into=into)
+    y = weighted_row_sum(handle.returned, index, handle.weights, into=into)
+    return poison_rows(y, handle.invalid)
 
 
 ExpertFn = Callable[[ExpertWindows], jax.Array]
@@ -160,6 +177,7 @@ def prefill_moe(
     first_round_inline: tuple[str, ...] = Lowering().first_round_inline,
 ) -> jax.Array:
     """The whole prefill schedule; ``expert_fn(windows) -> [R, d]``. Returns ``[T, d]``.
+    Ids as :func:`plan_and_pack` takes them.
 
     Rounds past the first run only when the plan says so (every rank sees the same
     ``num_rounds``); each round's results are summed into ``y`` when they return.
@@ -176,6 +194,13 @@ def prefill_moe(
         x, topk_ids, topk_weights, num_experts=num_experts, axis_name=axis_name,
         rows_per_round=rows_per_round, exchange=exchange, max_rows=max_rows,
     )
+    return run_rounds(handle, expert_fn, first_round_inline)
+
+
+def run_rounds(handle: PrefillHandle, expert_fn: ExpertFn,
+               first_round_inline: tuple[str, ...] = Lowering().first_round_inline) -> jax.Array:
+    """Steps 2-6 of every round of ``handle``'s plan, summed -> ``[T, d]`` in x's dtype."""
+    x, axis_name = handle.x, handle.axis_name
 
     def round_sum(j, into):
         h = combine_round(handle, expert_fn(dispatch_round(handle, j)), j)

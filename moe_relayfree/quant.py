@@ -123,9 +123,38 @@ def is_quantized(w) -> bool:
     return isinstance(w, BlockQuantized)
 
 
+INFERENCE_ONLY = ("FP8 experts (BlockQuantized weights) are inference only: no gradient flows "
+                  "through them. Train with float expert weights (MoELayer without "
+                  "expert_block) and quantize afterwards (MoELayer.quantize_experts).")
+
+
+@jax.custom_vjp
+def inference_only(tree):
+    """``tree`` unchanged; differentiating through it raises ``ValueError``
+    (:data:`INFERENCE_ONLY`) instead of an error from deep inside the FP8 kernels."""
+    return tree
+
+
+def _refuse(_, cotangent):
+    raise ValueError(INFERENCE_ONLY)
+
+
+inference_only.defvjp(lambda tree: (tree, None), _refuse)
+
+
+def inference_only_call(fn, *args):
+    """``fn(*args)``, with reverse-mode differentiation refused (:data:`INFERENCE_ONLY`): the
+    FP8 kernels' loops have no derivative, and inside a custom VJP they are never
+    differentiated (a gradient used to fail there with a message about while loops)."""
+    call = jax.custom_vjp(fn)
+    call.defvjp(lambda *a: (fn(*a), None), _refuse)
+    return call(*args)
+
+
 def as_dtype(w, dtype) -> jax.Array:
-    """A weight in ``dtype``: a :class:`BlockQuantized` one dequantized, an array cast."""
-    return w.dequantize(dtype) if is_quantized(w) else w.astype(dtype)
+    """A weight in ``dtype``: a :class:`BlockQuantized` one dequantized (inference only), an
+    array cast."""
+    return inference_only(w).dequantize(dtype) if is_quantized(w) else w.astype(dtype)
 
 
 def shape_of(w) -> tuple[int, ...]:

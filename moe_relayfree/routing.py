@@ -74,13 +74,63 @@ def sigmoid_grouped_topk(
     return ids.astype(jnp.int32), weights * routed_scaling_factor
 
 
+#: A choice id meaning "no expert": the choice contributes nothing (DeepEP's and MaxText's
+#: padding convention). Every other id outside ``[0, E)`` is an error.
+NO_EXPERT = -1
+
+
+def screen_choices(
+    topk_ids: jax.Array, topk_weights: jax.Array, num_experts: int
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The one rule for choice ids, applied where user ids enter a schedule or a baseline.
+
+    topk_ids ``[T, k] int``, topk_weights ``[T, k]`` -> (ids ``[T, k] int32`` where a
+    :data:`NO_EXPERT` choice or an invalid id is ``num_experts``, the schedules' "no copy"
+    (never sent, reads a 0 row); weights ``[T, k] float32`` with those choices' weights 0;
+    invalid ``[T] bool``: tokens with an id outside ``[-1, E)``, whose output
+    :func:`poison_rows` makes NaN: under jit an error cannot be raised, and a NaN in that
+    token's row (never another token's, never zeros) is what says so. Eager callers
+    raise first (:func:`check_choice_ids`).
+    """
+    ids = topk_ids.astype(jnp.int32)
+    none = ids == NO_EXPERT
+    bad = ((ids < NO_EXPERT) | (ids >= num_experts))
+    skip = none | bad
+    return (jnp.where(skip, num_experts, ids), jnp.where(skip, 0.0, topk_weights.astype(_F32)),
+            bad.any(axis=-1))
+
+
+def poison_rows(y: jax.Array, invalid: jax.Array) -> jax.Array:
+    """y ``[T, d]`` with the rows of ``invalid`` ``[T] bool`` tokens NaN (see
+    :func:`screen_choices`)."""
+    return jnp.where(invalid[:, None], jnp.nan, y)
+
+
+def check_choice_ids(topk_ids, num_experts: int, row0: int = 0) -> None:
+    """Raises ``ValueError`` naming the first id outside ``[-1, E)`` of concrete ``topk_ids``
+    (``-1`` is :data:`NO_EXPERT`); traced ids are left to :func:`screen_choices`. ``row0``:
+    the global row of ``topk_ids[0]``, for the message."""
+    import numpy as np
+
+    if isinstance(topk_ids, jax.core.Tracer):
+        return
+    ids = np.asarray(topk_ids)
+    bad = (ids < NO_EXPERT) | (ids >= num_experts)
+    if bad.any():
+        t, j = np.argwhere(bad)[0]
+        raise ValueError(
+            f"topk_ids out of range [0, {num_experts}) (or -1 for no expert): "
+            f"topk_ids[{row0 + t}, {j}] = {ids[t, j]} ({int(bad.sum())} bad entries)")
+
+
 def merge_repeated_choices(
     topk_ids: jax.Array, topk_weights: jax.Array, num_experts: int
 ) -> tuple[jax.Array, jax.Array]:
     """Folds a token's repeated expert choices into the first one: exact, since
     ``w1 * e(x) + w2 * e(x) = (w1 + w2) * e(x)``.
 
-    topk_ids ``[T, k] int`` in ``[0, E)``, topk_weights ``[T, k]`` -> (ids ``[T, k] int32``
+    topk_ids ``[T, k] int`` in ``[0, E]`` (``E``: no copy, as :func:`screen_choices` leaves
+    it), topk_weights ``[T, k]`` -> (ids ``[T, k] int32``
     where a choice repeating an earlier one of its row is ``num_experts``, meaning "no copy";
     weights ``[T, k] float32``: a first occurrence carries the sum of its repeats' weights,
     a repeat 0). Rows without repeats come back unchanged. Schedules whose buffers are sized

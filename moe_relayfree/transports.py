@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from moe_relayfree.collectives import bitcast_as, ensure_varying
+from moe_relayfree.routing import poison_rows
 from moe_relayfree.windows import (
     ExpertWindows,
     local_expert_order,
@@ -104,13 +105,15 @@ class GatherHandle:
 
     position ``[P*T, k] int32`` the expert-major window row of each gathered copy (``>= total``:
     not this rank's); weights ``[P*T, k] f32``; total ``[] int32`` copies this rank holds;
-    start ``[] int32`` the first window row of the range.
+    start ``[] int32`` the first window row of the range; invalid ``[T] bool`` this rank's
+    tokens with out-of-range ids (replicated: all ``N``), whose output is NaN.
     """
 
     position: jax.Array
     weights: jax.Array
     total: jax.Array
     start: jax.Array
+    invalid: jax.Array
     out_dtype: jnp.dtype = dataclasses.field(metadata=dict(static=True))
     axis_name: str = dataclasses.field(metadata=dict(static=True))
     replicated: bool = dataclasses.field(default=False, metadata=dict(static=True))
@@ -123,7 +126,8 @@ class GatherPlan:
 
     tokens ``[P*T, d]`` the gathered rows; weights ``[P*T, k] f32``; order ``[P*T*k] int32``
     the expert-major order of the copies (this rank's first); sizes ``[El] int32`` its window
-    sizes; position ``[P*T, k] int32`` each copy's row in that order (the inverse of order).
+    sizes; position ``[P*T, k] int32`` each copy's row in that order (the inverse of order);
+    invalid ``[T] bool`` this rank's tokens with out-of-range ids (replicated: all ``N``).
     """
 
     tokens: jax.Array
@@ -131,6 +135,7 @@ class GatherPlan:
     order: jax.Array
     sizes: jax.Array
     position: jax.Array
+    invalid: jax.Array
 
     @property
     def total(self) -> jax.Array:
@@ -138,9 +143,12 @@ class GatherPlan:
         return self.sizes.sum()
 
 
-def gather_plan(x, ids, w, num_experts, axis_name, replicated: bool = False) -> GatherPlan:
+def gather_plan(x, ids, w, invalid, num_experts, axis_name,
+                replicated: bool = False) -> GatherPlan:
     """Steps 1-2: gather the tokens with their routing, key the copies by local expert (``El``
     = not mine), sort the keys (the scatter that inverts the order writes distinct indices).
+    ids ``[T, k] int32`` in ``[0, E]`` (``E``: no copy); invalid ``[T] bool`` (see
+    :func:`~moe_relayfree.routing.screen_choices`).
 
     ``replicated``: x ``[N, d]`` (and ids, w) are already the same N tokens on every rank; they
     are used as the gathered rows (``P*T`` reads ``N`` above and below), nothing is gathered."""
@@ -157,7 +165,7 @@ def gather_plan(x, ids, w, num_experts, axis_name, replicated: bool = False) -> 
     order, sizes = local_expert_order(keys, local)
     position = jnp.zeros_like(order).at[order].set(
         jnp.arange(order.shape[0], dtype=_I32), unique_indices=True)
-    return GatherPlan(xs, w_all, order, sizes, position.reshape(ids_all.shape))
+    return GatherPlan(xs, w_all, order, sizes, position.reshape(ids_all.shape), invalid)
 
 
 def gather_windows(plan: GatherPlan, rows: int, k: int, out_dtype, axis_name: str,
@@ -170,8 +178,8 @@ def gather_windows(plan: GatherPlan, rows: int, k: int, out_dtype, axis_name: st
     start = jnp.asarray(start, jnp.int32)
     copy = lax.dynamic_slice_in_dim(padded, start, rows)
     handle = GatherHandle(position=plan.position, weights=plan.weights, total=plan.total,
-                          start=start, out_dtype=out_dtype, axis_name=axis_name,
-                          replicated=replicated)
+                          start=start, invalid=plan.invalid, out_dtype=out_dtype,
+                          axis_name=axis_name, replicated=replicated)
     # the mean copies per rank: T*k (tokens holds P*T of them), or N*k/P replicated
     expected = -(-plan.tokens.shape[0] * k // lax.axis_size(axis_name))
     windows = ExpertWindows(rows=take_rows(plan.tokens, copy // k),
@@ -193,11 +201,18 @@ def gather_partial(expert_out: jax.Array, h: GatherHandle,
     return weighted_row_sum(expert_out, jnp.where(valid, local, 0), h.weights, valid, into)
 
 
-def gather_combine(partial: jax.Array, axis_name: str, out_dtype,
-                   replicated: bool = False) -> jax.Array:
+def gather_combine(partial: jax.Array, axis_name: str, out_dtype, replicated: bool = False,
+                   invalid: jax.Array | None = None) -> jax.Array:
     """Step 5: ``[P*T, d]`` partial sums -> this rank's ``[T, d]``, summed over ranks
-    (``replicated``: ``[N, d]`` -> every token's ``[N, d]`` on every rank, one ``psum``)."""
+    (``replicated``: ``[N, d]`` -> every token's ``[N, d]`` on every rank, one ``psum``);
+    the rows of ``invalid`` tokens NaN."""
     if replicated:
+        # poisoned before the sum: every rank holds every token, and the sum is what the
+        # output's replication is known from
+        if invalid is not None:
+            partial = poison_rows(partial, invalid)
         return lax.psum(partial, axis_name).astype(out_dtype)
     y = lax.psum_scatter(partial, axis_name, scatter_dimension=0, tiled=True)
+    if invalid is not None:
+        y = poison_rows(y, invalid)
     return y.astype(out_dtype)

@@ -22,8 +22,9 @@ import os
 import sys
 
 from moe_relayfree.distributed import emulate_cpu_devices
-from moe_relayfree_models.cli import (DEFAULT_CHECKPOINT, DISPATCH, add_mesh_args, dispatch_from_args,
-                                      mesh_from_args, positive_int)
+from moe_relayfree_models.cli import (DEFAULT_CHECKPOINT, DISPATCH, add_cache_args, add_mesh_args,
+                                      apply_cache_args, dispatch_from_args, mesh_from_args,
+                                      positive_int)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_PROMPTS = ["Return the number of ", "This function ", "Raise ValueError if "]
@@ -35,6 +36,7 @@ def parse_args(argv=None):
     p.add_argument("--devices", type=positive_int, default=8,
                    help="emulated CPU devices (CPU only; default 8)")
     add_mesh_args(p)
+    add_cache_args(p)
     p.add_argument("--prompt", action="append", help="repeatable; default: three short prompts")
     p.add_argument("--batch", type=positive_int, default=None,
                    help="sequences: the prompts repeated (or cut) to this many (default: one per prompt)")
@@ -79,6 +81,7 @@ def main(argv=None) -> int:
 
     if args.coordinator:
         mr.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    apply_cache_args(args)
 
     try:
         sampling = generation.Sampling(args.temperature, args.top_k, args.top_p)
@@ -100,22 +103,37 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"dispatch settings: {e}", file=sys.stderr)
         return 2
+    # Everything that can be refused from the files is checked before the weights load:
+    # the config, the tokenizer, the prompts' length against the model's positions.
+    try:
+        cfg = checkpoint.read_config(args.checkpoint)
+        # Prompts are encoded as the checkpoint's tokenizer says (config.json's bos_token_id
+        # is not a promise that the tokenizer adds it; Qwen's and OLMoE's do not).
+        tok = tokenizer.load_tokenizer(args.checkpoint, cfg.vocab_size)
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        print(f"{args.checkpoint}: {e}", file=sys.stderr)
+        return 2
+    texts = args.prompt or DEFAULT_PROMPTS
+    if args.batch is not None:
+        texts = [texts[i % len(texts)] for i in range(args.batch)]
+    prompts = [tok.encode(t) for t in texts]
+    try:
+        generation.check_context(cfg, max(len(p) for p in prompts), args.max_new_tokens)
+    except ValueError as e:
+        print(f"--prompt/--max-new-tokens: {e}", file=sys.stderr)
+        return 2
     try:
         model = checkpoint.load_model(args.checkpoint, dispatch, dtype=args.dtype,
                                       fp8_experts=args.fp8_experts)
     except ValueError as e:  # e.g. experts not divisible by --devices
         print(f"{args.checkpoint}: {e}", file=sys.stderr)
         return 2
-    # Prompts are encoded as the checkpoint's tokenizer says (config.json's bos_token_id
-    # is not a promise that the tokenizer adds it; Qwen's and OLMoE's do not).
-    tok = tokenizer.load_tokenizer(args.checkpoint, model.cfg.vocab_size)
-    texts = args.prompt or DEFAULT_PROMPTS
-    if args.batch is not None:
-        texts = [texts[i % len(texts)] for i in range(args.batch)]
-    prompts = [tok.encode(t) for t in texts]
+
+    # progress only where a person watches: a redirected log gets no carriage returns
+    show = not args.quiet and jax.process_index() == 0 and sys.stderr.isatty()
 
     def progress(done, total):
-        if not args.quiet and jax.process_index() == 0:
+        if show:
             print(f"\rdecode {done}/{total}", end="" if done < total else "\n", file=sys.stderr, flush=True)
 
     stop_ids = () if args.ignore_eos else generation.stop_token_ids(args.checkpoint, tok)

@@ -7,7 +7,9 @@ environment (CPU torch 2.13.0 is on this machine's local disk):
     .venv-hf/bin/pip install torch==2.13.0 transformers==5.23.0 safetensors numpy
     .venv-hf/bin/python scripts/make_hf_fixtures.py       # writes tests/fixtures/hf/ and models/hf_defaults.py
     .venv-hf/bin/python scripts/make_hf_fixtures.py --defaults   # only some parts: --defaults,
-                                                       # --tokenizers, --models, --variants
+                                                       # --tokenizers, --models, --variants,
+                                                       # --official (DeepSeek-V3's RoPE)
+    .venv-hf/bin/python scripts/make_hf_fixtures.py qwen3_moe-yarn   # named variants only
 
 Per architecture and init scale ("default": the architecture's own init, "large": std 0.3 and
 random norm weights, so logits differ visibly between tokens), the folder holds the model as
@@ -66,6 +68,20 @@ VARIANTS = {
     "qwen2_moe-window": ("qwen2_moe", "large",  # layer 0 sliding, layer 1 full
                          dict(use_sliding_window=True, sliding_window=4, max_window_layers=1)),
     "olmoe-clip-bias": ("olmoe", "large", dict(clip_qkv=0.8, attention_bias=True)),
+    # scaled RoPE, with positions past original_max_position_embeddings (the 12-token input,
+    # 5 + 8 generated): YaRN as DeepSeek-V3 (with its softmax-scale correction, mscale and
+    # mscale_all_dim different here so both terms count) and long-context Qwen3 use it;
+    # linear and llama3 on two other families
+    "deepseek_v3-yarn": ("deepseek_v3", "large", dict(rope_parameters=dict(
+        rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=8,
+        beta_fast=32, beta_slow=1, mscale=0.8, mscale_all_dim=0.9))),
+    "qwen3_moe-yarn": ("qwen3_moe", "large", dict(rope_parameters=dict(
+        rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=8))),
+    "qwen2_moe-linear": ("qwen2_moe", "large", dict(rope_parameters=dict(
+        rope_type="linear", rope_theta=10000.0, factor=2.0))),
+    "mixtral-llama3": ("mixtral", "large", dict(rope_parameters=dict(
+        rope_type="llama3", rope_theta=10000.0, factor=8.0, low_freq_factor=1.0,
+        high_freq_factor=4.0, original_max_position_embeddings=8))),
 }
 
 
@@ -223,6 +239,25 @@ INPUT_IDS = np.random.default_rng(0).integers(0, 256, size=(2, 12)).astype(np.in
 PROMPT = np.array([[256, 100, 101, 102, 32]], np.int64)
 
 
+def official_rope(folder: str) -> None:
+    """``rope.json`` beside the official DeepSeek-V3 ``config.json`` in ``folder`` (no weights):
+    transformers' rope parameters, inverse frequencies, attention factor and softmax scale."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import yarn_apply_mscale
+
+    with open(os.path.join(folder, "config.json")) as fh:
+        cfg = json.load(fh)
+    cfg.pop("auto_map", None)
+    config = transformers.DeepseekV3Config(**cfg)
+    config.standardize_rope_params()
+    params = config.rope_parameters
+    inv_freq, factor = ROPE_INIT_FUNCTIONS[params["rope_type"]](config, None)
+    scale = yarn_apply_mscale(params, (config.qk_nope_head_dim + config.qk_rope_head_dim) ** -0.5)
+    with open(os.path.join(folder, "rope.json"), "w") as fh:
+        json.dump(dict(rope_parameters=params, inv_freq=inv_freq.tolist(),
+                       attention_factor=factor, softmax_scale=scale), fh, indent=1)
+
+
 def save_reference(model, folder: str) -> None:
     """``save_pretrained`` plus ``reference.npz`` (logits of one forward, greedy tokens)."""
     model.save_pretrained(folder, safe_serialization=True)
@@ -240,9 +275,14 @@ def save_reference(model, folder: str) -> None:
 
 
 def main() -> int:
-    parts = set(sys.argv[1:]) or {"--defaults", "--tokenizers", "--models", "--variants"}
+    names = [a for a in sys.argv[1:] if not a.startswith("--")]  # variants to (re)make alone
+    parts = {a for a in sys.argv[1:] if a.startswith("--")} or (
+        {"--variants"} if names else {"--defaults", "--tokenizers", "--models", "--variants",
+                                      "--official"})
     if "--defaults" in parts:
         config_defaults(os.path.join(ROOT, "models", "hf_defaults.py"))
+    if "--official" in parts:
+        official_rope(os.path.join(OUT, "deepseek_v3-official"))
     if "--tokenizers" in parts:
         byte_tokenizer(os.path.join(OUT, "tokenizer"))
         tokenizer_cases(os.path.join(OUT, "tokenizers"))
@@ -260,11 +300,12 @@ def main() -> int:
                 save_reference(model, os.path.join(OUT, f"{arch}-{scale}"))
                 manifest["models"].append(f"{arch}-{scale}")
     if "--variants" in parts:
-        manifest["variants"] = []
         for j, (name, (arch, scale, overrides)) in enumerate(VARIANTS.items()):
+            if names and name not in names:
+                continue
             model = build(arch, scale, seed=100 + j, **overrides)
             save_reference(model, os.path.join(OUT, name))
-            manifest["variants"].append(name)
+        manifest["variants"] = [n for n in VARIANTS if os.path.isdir(os.path.join(OUT, n))]
     with open(manifest_path, "w") as fh:
         json.dump(manifest, fh, indent=1)
     return 0

@@ -1,5 +1,6 @@
-"""Writes a randomly initialised Qwen3-MoE checkpoint folder (``config.json`` +
-``model.safetensors``, bf16) of a chosen shape, e.g. for a serving sweep on a model whose MoE
+"""Writes a randomly initialised MoE checkpoint folder of any supported family (``--arch``:
+Qwen3-MoE, Qwen2-MoE, Mixtral, OLMoE, DeepSeek-V3; ``config.json`` + ``model.safetensors``, bf16)
+of a chosen shape, e.g. for a serving sweep on a model whose MoE
 layers carry most of the step (the built-in default model is trained but MoE-light: E=8, k=2,
 d=128). Nothing is downloaded; routing is that of an untrained router (near uniform).
 
@@ -14,6 +15,7 @@ import json
 import os
 import sys
 
+from moe_relayfree_models.config import ARCHITECTURES
 
 
 def main(argv=None) -> int:
@@ -22,13 +24,16 @@ def main(argv=None) -> int:
     p.add_argument("--k", type=int, default=8)
     p.add_argument("--d-model", type=int, default=256)
     p.add_argument("--d-ff-expert", type=int, default=256)
-    p.add_argument("--layers", type=int, default=4, help="the first is dense, the rest MoE")
+    p.add_argument("--layers", type=int, default=4,
+                   help="the first dense, the rest MoE (mixtral, olmoe: all MoE)")
     p.add_argument("--vocab", type=int, default=None,
                    help="vocabulary size (default: the byte-level 259, which infer.py can "
                    "tokenize; others run in sweep.py and profile_layer.py, which make their "
                    "own token ids)")
-    p.add_argument("--arch", choices=["qwen3_moe", "deepseek_v3"], default="qwen3_moe",
-                   help="deepseek_v3: MLA attention (latent d/4, heads of 64+32) and DeepSeek routing")
+    p.add_argument("--arch", choices=list(ARCHITECTURES), default="qwen3_moe",
+                   help="the family's attention and routing: deepseek_v3 MLA (latent d/4, heads "
+                   "of 64+32) with DeepSeek routing; qwen2_moe a gated shared expert and qkv "
+                   "bias; mixtral and olmoe every layer MoE (olmoe with its q/k norms)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
@@ -61,8 +66,16 @@ def main(argv=None) -> int:
                           router=RouterConfig(method="sigmoid_grouped", n_group=4, topk_group=2,
                                               routed_scaling_factor=2.5, score_bias=True))
     else:
-        cfg = ModelConfig(arch="qwen3_moe", **common, n_kv_heads=max(1, args.d_model // 128),
-                          head_dim=64, qk_norm="head", max_position=1024)
+        gqa = dict(n_kv_heads=max(1, args.d_model // 128), head_dim=64, max_position=1024)
+        every = dict(moe_layers=(True,) * args.layers)  # Mixtral and OLMoE have no dense layer
+        family = {
+            "qwen3_moe": dict(qk_norm="head"),
+            "qwen2_moe": dict(qkv_bias=True, shared_d_ff=args.d_ff_expert, shared_gate=True,
+                              router=RouterConfig(renormalize=False)),
+            "mixtral": dict(every, router=RouterConfig(renormalize=True)),
+            "olmoe": dict(every, qk_norm="full", router=RouterConfig(renormalize=False)),
+        }[args.arch]
+        cfg = ModelConfig(arch=args.arch, **dict(common, **gqa, **family))
     model = MoETransformer(cfg, mesh=make_ep_mesh(1), rngs=nnx.Rngs(args.seed))
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "config.json"), "w") as fh:

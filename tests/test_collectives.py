@@ -90,26 +90,30 @@ def test_emulation_matches_documented_semantics(num, m, seed):
     assert send.sum() > 0 and (num * m == 1 or (send == 0).any())
 
 
-def test_tight_rows_per_peer_is_exact_and_too_tight_is_not():
-    """The bound sizes the emulation: exact at the true maximum, visibly wrong below it."""
+def test_a_too_small_rows_per_peer_costs_time_not_rows():
+    """The public op takes rows_per_peer as a hint: exact at the true maximum and below it (it
+    used to return wrong rows below it, where the native op is right). The schedules' bounded
+    form, which trusts a proven bound, is exact at the bound and visibly wrong below it."""
     rng = np.random.default_rng(3)
     num, m = 4, 2
     operands, outputs, in_off, send, out_off, recv = random_case(rng, num, m, 48, 40)
     expected = np.stack(numpy_ragged_all_to_all(operands, outputs, in_off, send, out_off, recv))
     per_peer = send.reshape(num, num, m).sum(-1).max()
 
-    def body(bound, op, out, io, ss, oo, rs):
-        return collectives.ragged_all_to_all(
-            op, out, io, ss, oo, rs, axis_name="ep", rows_per_peer=bound
-        )
+    def body(fn, bound, op, out, io, ss, oo, rs):
+        return fn(op, out, io, ss, oo, rs, axis_name="ep", rows_per_peer=bound)
 
-    for bound, exact in [(per_peer, True), (per_peer - 1, False)]:
+    for fn, bound, exact in [
+            (collectives.ragged_all_to_all, per_peer, True),
+            (collectives.ragged_all_to_all, 1, True),
+            (collectives.ragged_all_to_all_bounded, per_peer, True),
+            (collectives.ragged_all_to_all_bounded, per_peer - 1, False)]:
         f, args = run_sharded(
-            num, functools.partial(body, int(bound)), operands, outputs,
+            num, functools.partial(body, fn, int(bound)), operands, outputs,
             list(in_off), list(send), list(out_off), list(recv),
         )
         got = np.asarray(f(*args)).reshape(expected.shape)
-        assert np.array_equal(got, expected) == exact
+        assert np.array_equal(got, expected) == exact, (fn.__name__, bound)
 
 
 def test_cuda_lowering_keeps_native_op_and_cpu_lowering_emulates():

@@ -19,8 +19,11 @@ DEFAULT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
     (dict(schedule="fast"), "schedule must be one of"),
     (dict(implementation="dense"), "implementation must be one of"),
     (dict(decode_overflow="drop"), "decode_overflow must be one of"),
-    (dict(capacity_factor=0.0), "capacity_factor must be positive"),
-    (dict(decode_threshold=-1), "decode_threshold must be >= 0"),
+    (dict(capacity_factor=0.0), "capacity_factor must be a positive finite number"),
+    (dict(capacity_factor=float("inf")), "capacity_factor must be a positive finite number"),
+    (dict(decode_threshold=-1), "decode_threshold must be an int >= 0"),
+    (dict(decode_threshold="8"), "decode_threshold must be an int >= 0"),
+    (dict(decode_threshold=8.5), "decode_threshold must be an int >= 0"),
     (dict(axis="experts"), "mesh has no axis 'experts'"),
 ])
 def test_bad_settings_are_refused_when_the_config_is_made(change, message):

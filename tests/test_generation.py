@@ -110,3 +110,38 @@ def test_stop_ids_as_transformers_finds_them(tmp_path):
         eos_id = 7
 
     assert stop_token_ids(str(tmp_path), Tok()) == (151645, 151643, 7)
+
+
+FIXTURES = __import__("os").path.join(__import__("os").path.dirname(__file__), "fixtures", "hf")
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "qwen2_moe", "mixtral", "olmoe", "deepseek_v3"])
+def test_every_family_decodes_in_bf16_on_cpu(arch):
+    """Each family's prefill and decode steps in bf16 (a checkpoint's usual dtype) on XLA:CPU:
+    DeepSeek-V3's latent attention failed there ("Unsupported element type for
+    DotThunk::Execute: BF16 x BF16 = F32"). Tokens within the vocabulary, one per step."""
+    import os
+
+    import moe_relayfree as mr
+    from moe_relayfree_models import checkpoint
+
+    model = checkpoint.load_model(os.path.join(FIXTURES, f"{arch}-large"),
+                                  mesh=mr.make_ep_mesh(8), dtype="bfloat16")
+    assert model.compute_dtype == jnp.bfloat16
+    out = generation.generate(model, [[5, 6, 7, 8], [9, 10]], 3)
+    assert [len(t) for t in out["tokens"]] == [3, 3]
+    assert all(0 <= t < model.cfg.vocab_size for row in out["tokens"] for t in row)
+
+
+def test_requests_past_the_model_positions_are_refused():
+    """A prompt, or prompt + new tokens, past max_position_embeddings: refused with the numbers
+    (it ran on with no word and degraded)."""
+    from types import SimpleNamespace
+
+    cfg = SimpleNamespace(max_position=16)
+    generation.check_context(cfg, 10, 6)  # exactly the positions there are
+    with pytest.raises(ValueError, match="10 prompt tokens \\+ 7 new tokens exceed the model's 16 "
+                                         "positions.*at most 6 new tokens"):
+        generation.check_context(cfg, 10, 7)
+    with pytest.raises(ValueError, match="the prompt has 16 tokens; this model takes at most 16"):
+        generation.check_context(cfg, 16, 1)

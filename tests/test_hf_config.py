@@ -3,6 +3,7 @@
 import json
 import os
 
+import numpy as np
 import pytest
 
 from moe_relayfree_models import checkpoint
@@ -76,7 +77,10 @@ def test_every_transformers_key_is_read_or_harmless():
     ("deepseek_v3", "scoring_func", "softmax", "scoring_func"),
     ("mixtral", "quantization_config", {"quant_method": "gptq"}, "quant_method=.gptq. is not supported"),
     ("mixtral", "quantization_config", {"quant_method": "fp8"}, "weight_block_size must be"),
-    ("qwen3_moe", "rope_parameters", {"rope_type": "yarn", "factor": 4.0}, "rope_type 'yarn'"),
+    ("qwen3_moe", "rope_parameters", {"rope_type": "dynamic", "factor": 4.0}, "rope_type 'dynamic'"),
+    ("qwen3_moe", "rope_parameters", {"rope_type": "yarn", "factor": 4.0, "short_factor": [1]},
+     r"rope parameters \['short_factor'\]"),
+    ("mixtral", "rope_parameters", {"rope_type": "linear"}, "linear RoPE needs a factor"),
     ("qwen2_moe", "layer_types", ["sliding_attention"] * 3, "layer_types must list"),
 ])
 def test_math_changing_values_it_cannot_run_are_refused(model_type, key, value, match):
@@ -102,6 +106,34 @@ def test_sliding_window_and_clip_resolve_like_transformers():
     assert from_hf_config(minimal("olmoe", clip_qkv=2)).clip_qkv == 2.0
     for cfg in (q3, q2, from_hf_config(minimal("olmoe", clip_qkv=2.0, attention_bias=True))):
         assert from_hf_config(to_hf_config(cfg)) == cfg
+
+
+def test_the_official_deepseek_v3_config_loads_with_its_yarn_rope():
+    """The released config.json (YaRN factor 40 over 4096 positions, mscale 1/1), with no
+    warning: its RoPE frequencies, attention factor and softmax scale are transformers' own
+    (``rope.json``, written by scripts/make_hf_fixtures.py --official)."""
+    import warnings
+
+    from moe_relayfree_models.layers import rope_frequencies
+    from moe_relayfree_models.mla import softmax_scale
+
+    folder = os.path.join(os.path.dirname(__file__), "fixtures", "hf", "deepseek_v3-official")
+    with open(os.path.join(folder, "config.json")) as fh:
+        official = json.load(fh)
+    with open(os.path.join(folder, "rope.json")) as fh:
+        ref = json.load(fh)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cfg = from_hf_config(official)
+    rs = cfg.rope_scaling
+    assert (rs.kind, rs.factor, rs.original_max_position) == ("yarn", 40.0, 4096)
+    inv_freq, factor = rope_frequencies(cfg.qk_rope_head_dim, cfg.rope_theta, rs, cfg.max_position)
+    np.testing.assert_allclose(inv_freq, ref["inv_freq"], rtol=1e-6)
+    assert factor == pytest.approx(ref["attention_factor"])
+    assert softmax_scale(cfg) == pytest.approx(ref["softmax_scale"], rel=1e-12)
+    assert softmax_scale(cfg) != pytest.approx((128 + 64) ** -0.5)  # the correction counts
+    # round trip through transformers 5's rope_parameters
+    assert from_hf_config(to_hf_config(cfg)).rope_scaling == rs
 
 
 def test_missing_model_type_and_unsupported_family():

@@ -14,7 +14,8 @@ from moe_relayfree_models import checkpoint, init_cache
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "hf")
 MANIFEST = json.load(open(os.path.join(FIXTURES, "manifest.json")))
 NAMES = MANIFEST["models"]
-# sliding windows (Mixtral, Qwen3, Qwen2 per layer), clip_qkv and attention biases
+# sliding windows (Mixtral, Qwen3, Qwen2 per layer), clip_qkv and attention biases; scaled RoPE
+# (YaRN for DeepSeek-V3 and Qwen3, linear, llama3)
 VARIANTS = MANIFEST["variants"]
 
 
@@ -51,6 +52,23 @@ def test_logits_and_greedy_tokens_match_transformers(name, num_ranks, schedule):
     scale = max(1.0, float(np.abs(ref["logits"]).max()))
     np.testing.assert_allclose(np.asarray(logits), ref["logits"], atol=1e-5 * scale, rtol=1e-4)
     np.testing.assert_array_equal(greedy(model, ref["prompt"], ref["greedy"].shape[1]), ref["greedy"])
+
+
+@pytest.mark.parametrize("name", [n for n in VARIANTS if n.endswith(("-yarn", "-linear", "-llama3"))])
+def test_scaled_rope_fixtures_need_their_scaling(name):
+    """The scaled-RoPE fixtures' positions reach past original_max_position_embeddings: with
+    the scaling taken out, the logits leave transformers' (so the parity above tests it)."""
+    import dataclasses
+
+    ref = np.load(os.path.join(FIXTURES, name, "reference.npz"))
+    model = checkpoint.load_model(os.path.join(FIXTURES, name), mesh=make_mesh(8))
+    plain = dataclasses.replace(model.cfg, rope_scaling=None)
+    for layer in model.layers:
+        layer.attn.cfg = plain
+    ids = jnp.asarray(ref["input_ids"], jnp.int32)
+    cache = init_cache(model.cfg, ids.shape[0], ids.shape[1], jnp.float32)
+    logits, _ = forward(model, ids, jnp.zeros((ids.shape[0],), jnp.int32), cache, 0)
+    assert np.abs(np.asarray(logits) - ref["logits"]).max() > 1e-2
 
 
 def test_byte_tokenizer_matches_its_hugging_face_form():

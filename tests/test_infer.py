@@ -191,6 +191,49 @@ def test_decode_step_updates_the_cache_in_place(mesh):
         assert not widened, (batch, widened)
 
 
+@pytest.mark.parametrize("arch", ["qwen2_moe", "mixtral", "olmoe", "deepseek_v3"])
+def test_random_checkpoints_of_every_family_load(tmp_path, arch):
+    """scripts/make_random_checkpoint.py --arch: every family the loader takes (it offered 2)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "make_random_checkpoint", os.path.join(ROOT, "scripts", "make_random_checkpoint.py"))
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    script.main(["--arch", arch, "--experts", "16", "--k", "2", "--d-model", "64",
+                 "--d-ff-expert", "32", "--layers", "2", "--out", str(tmp_path)])
+    cfg = checkpoint.load_model(str(tmp_path), mesh=make_mesh(8)).cfg
+    assert (cfg.arch, cfg.num_experts, cfg.k, cfg.d_model) == (arch, 16, 2, 64)
+
+
+@pytest.mark.parametrize("case,message", [
+    ("no tokenizer", "has no tokenizer.json and its vocabulary"),
+    ("broken tokenizer", "tokenizer.json is not a readable tokenizer.json"),
+    ("too long", "prompt tokens + 2000 new tokens exceed the model's"),
+])
+def test_bad_checkpoint_files_and_requests_are_one_line_errors_before_loading(tmp_path, case,
+                                                                              message):
+    """A missing or broken tokenizer.json, or a request past the model's positions: one line
+    naming it, exit 2, before the weights load (the tokenizer failed after the whole model had
+    loaded, and a too-long request ran on with no word)."""
+    import shutil
+
+    folder = tmp_path / "ckpt"
+    shutil.copytree(DEFAULT, folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    if case == "no tokenizer":  # a vocabulary the byte-level scheme cannot stand in for
+        cfg["vocab_size"] = 300
+        (folder / "config.json").write_text(json.dumps(cfg))
+    elif case == "broken tokenizer":
+        (folder / "tokenizer.json").write_text("{not json")
+    argv = ["--checkpoint", str(folder), "--max-new-tokens", "2000" if case == "too long" else "2"]
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "infer.py"), *argv],
+                         capture_output=True, text=True, cwd=ROOT, env=script_env(8), timeout=300)
+    assert out.returncode == 2, out.stderr[-800:]
+    assert message in out.stderr.strip().splitlines()[-1] and "Traceback" not in out.stderr
+    assert cfg["max_position_embeddings"] < 2000  # the too-long case is too long
+
+
 def test_random_checkpoint_script_writes_a_loadable_model(tmp_path):
     """scripts/make_random_checkpoint.py: a checkpoint of the requested shape that the loader
     reads on 8 ranks and that runs (a sweep on an MoE-heavy model uses it)."""

@@ -70,6 +70,36 @@ def test_layer_bf16_activations_and_errors():
         mr.MoELayer(D, F, 12, 2, mesh=mesh, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="no axis"):
         mr.MoELayer(D, F, E, 2, mesh=mesh, axis="expert", rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=f"x's last axis must be d_model={D}"):
+        layer(x[..., :-4])
+    with pytest.raises(ValueError, match="do not take jax.vmap.*flatten the batch"):
+        jax.vmap(layer)(x)
+
+
+def test_a_jitted_call_compiles_once():
+    """The README's ``nnx.jit(lambda m, x: m(x))(layer, x)``: the router, its bias and the
+    shared expert start replicated on the mesh, so the second call reuses the first program
+    (they were on one device and came back placed on the mesh: a second compile)."""
+    compiles = []
+
+    def listen(name, _, **kw):
+        if name == "/jax/core/compile/backend_compile_duration":
+            compiles.append(name)
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        layer = mr.MoELayer(D, F, E, 2, mesh=mr.make_ep_mesh(8), shared_d_ff=F, shared_gate=True,
+                            router=mr.RouterConfig(method="sigmoid_grouped", score_bias=True),
+                            rngs=nnx.Rngs(0))
+        forward = nnx.jit(lambda m, x: m(x))
+        x = jnp.ones((16, D))
+        forward(layer, x)
+        first = len(compiles)
+        forward(layer, x)
+        forward(layer, x)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+    assert first > 0 and len(compiles) == first
 
 
 def test_decode_overflow_reaches_the_schedule():

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from moe_relayfree.routing import merge_repeated_choices
+from moe_relayfree.routing import merge_repeated_choices, poison_rows, screen_choices
 from moe_relayfree.windows import take_rows, weighted_row_sum
 
 _F32 = jnp.float32
@@ -53,6 +53,7 @@ class CapacityHandle:
     weights: jax.Array
     kept: jax.Array
     dropped: jax.Array
+    invalid: jax.Array
     axis_name: str = dataclasses.field(metadata=dict(static=True))
 
 
@@ -65,13 +66,15 @@ def dispatch(
     axis_name: str,
     capacity: int | None = None,
 ) -> tuple[jax.Array, CapacityHandle]:
-    """Steps 1-3. Returns (expert input ``[El, P*C, d]``, handle)."""
+    """Steps 1-3. Returns (expert input ``[El, P*C, d]``, handle). Ids in ``[0, E)`` or ``-1``
+    (no expert); any other id makes its token's output NaN."""
     num_ranks = lax.axis_size(axis_name)
     local = num_experts // num_ranks
     t, k = topk_ids.shape
     d = x.shape[1]
     cap = t if capacity is None else capacity
-    ids, weights = merge_repeated_choices(topk_ids, topk_weights, num_experts)
+    ids, weights, invalid = screen_choices(topk_ids, topk_weights, num_experts)
+    ids, weights = merge_repeated_choices(ids, weights, num_experts)
     real = ids < num_experts
     # one_hot of the "no copy" id num_experts is all zeros: a repeat takes no slot
     one_hot = jax.nn.one_hot(ids.T.reshape(-1), num_experts, dtype=jnp.int32)  # [k*T, E]
@@ -88,7 +91,7 @@ def dispatch(
     expert_in = recv.transpose(1, 0, 2, 3).reshape(local, num_ranks * cap, d)
     dropped = jnp.sum(real & ~kept).astype(jnp.int32)
     return expert_in, CapacityHandle(jnp.minimum(slot, num_experts * cap - 1), weights, kept,
-                                     dropped, axis_name)
+                                     dropped, invalid, axis_name)
 
 
 def combine(expert_out: jax.Array, handle: CapacityHandle) -> jax.Array:
@@ -100,4 +103,4 @@ def combine(expert_out: jax.Array, handle: CapacityHandle) -> jax.Array:
     back = lax.all_to_all(back, handle.axis_name, 0, 0, tiled=True)  # [P_dst, El, C, d]
     back = back.reshape(num_ranks * local * cap, d)
     y = weighted_row_sum(back, handle.slot, handle.weights, handle.kept)
-    return y.astype(expert_out.dtype)
+    return poison_rows(y, handle.invalid).astype(expert_out.dtype)

@@ -28,8 +28,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from moe_relayfree.collectives import ensure_varying, peer_rows, ragged_all_to_all
+from moe_relayfree.collectives import ensure_varying, peer_rows, ragged_all_to_all_bounded
 from moe_relayfree.plan import sort_and_count
+from moe_relayfree.routing import poison_rows, screen_choices
 from moe_relayfree.windows import take_rows
 
 _F32 = jnp.float32
@@ -40,7 +41,8 @@ _F32 = jnp.float32
 class RaggedHandle:
     """order ``[T*k]``; per-peer sizes and offsets ``[P]``;
     local_order ``[R]`` (the receiver's sort); weights ``[T, k] f32``; dropped ``[]`` int32
-    copies of this rank's tokens a bounded receive buffer had no room for."""
+    copies of this rank's tokens a bounded receive buffer had no room for; invalid ``[T]
+    bool`` tokens with out-of-range ids (output NaN)."""
 
     order: jax.Array
     send_sizes: jax.Array
@@ -52,6 +54,7 @@ class RaggedHandle:
     local_order: jax.Array
     weights: jax.Array
     dropped: jax.Array
+    invalid: jax.Array
     num_copies: int = dataclasses.field(metadata=dict(static=True))
     axis_name: str = dataclasses.field(metadata=dict(static=True))
 
@@ -65,9 +68,11 @@ def dispatch(
     axis_name: str,
     recv_rows: int | None = None,
 ) -> tuple[tuple[jax.Array, jax.Array], RaggedHandle]:
-    """Steps 1-3. Returns ((rows ``[R, d]`` sorted by local expert, group_sizes ``[El]``), handle)."""
+    """Steps 1-3. Returns ((rows ``[R, d]`` sorted by local expert, group_sizes ``[El]``), handle).
+    Ids in ``[0, E)`` or ``-1`` (no expert); any other id makes its token's output NaN."""
     num_ranks = lax.axis_size(axis_name)
     local = num_experts // num_ranks
+    topk_ids, topk_weights, invalid = screen_choices(topk_ids, topk_weights, num_experts)
     t, k = topk_ids.shape
     n = t * k
     rows_bound = num_ranks * n if recv_rows is None else recv_rows
@@ -92,7 +97,7 @@ def dispatch(
     # where each source's block for me sits in that source's sorted send buffer
     return_offsets = (jnp.cumsum(wanted, axis=1) - wanted)[:, me]
     buf = ensure_varying(jnp.zeros((rows_bound, x.shape[1]), x.dtype), axis_name, x)
-    received = ragged_all_to_all(  # step 2: source-major
+    received = ragged_all_to_all_bounded(  # step 2: source-major
         permuted, buf, send_offsets, send_sizes, dest_offsets, recv_sizes,
         axis_name=axis_name, **peer_rows(n, rows_bound, num_ranks),
     )
@@ -115,7 +120,8 @@ def dispatch(
         order=order, send_sizes=send_sizes, send_offsets=send_offsets,
         dest_offsets=dest_offsets, recv_sizes=recv_sizes, recv_offsets=recv_offsets,
         return_offsets=return_offsets, local_order=local_order,
-        weights=topk_weights.astype(_F32), dropped=dropped, num_copies=n, axis_name=axis_name,
+        weights=topk_weights.astype(_F32), dropped=dropped, invalid=invalid, num_copies=n,
+        axis_name=axis_name,
     )
     return (grouped, group_sizes), handle
 
@@ -127,7 +133,7 @@ def combine(expert_out: jax.Array, handle: RaggedHandle) -> jax.Array:
         jnp.zeros((handle.num_copies, expert_out.shape[1]), expert_out.dtype), handle.axis_name,
         expert_out,
     )
-    returned = ragged_all_to_all(  # step 6: lands in the source's sorted order
+    returned = ragged_all_to_all_bounded(  # step 6: lands in the source's sorted order
         unsorted, back, handle.recv_offsets, handle.recv_sizes, handle.return_offsets,
         handle.send_sizes, axis_name=handle.axis_name,
         **peer_rows(handle.num_copies, expert_out.shape[0], handle.send_sizes.shape[0]),
@@ -135,7 +141,7 @@ def combine(expert_out: jax.Array, handle: RaggedHandle) -> jax.Array:
     unpermuted = jnp.zeros_like(returned).at[handle.order].set(returned)  # step 7
     t, k = handle.weights.shape
     y = jnp.einsum("tk,tkd->td", handle.weights, unpermuted.reshape(t, k, -1).astype(_F32))
-    return y.astype(expert_out.dtype)
+    return poison_rows(y, handle.invalid).astype(expert_out.dtype)
 
 
 def dropped_copies(topk_ids, num_experts: int, num_ranks: int, recv_rows: int) -> np.ndarray:

@@ -54,7 +54,8 @@ def apply_cache_args(args) -> str | None:
     jax.config.update("jax_compilation_cache_dir", path)
     # every program: on CPU most compile in under JAX's default 1 s threshold, and together
     # they were most of a warm run of the main job
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     return path
 
 

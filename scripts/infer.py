@@ -81,7 +81,7 @@ def main(argv=None) -> int:
 
     if args.coordinator:
         mr.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
-    apply_cache_args(args)
+    cache_dir = apply_cache_args(args)
 
     try:
         sampling = generation.Sampling(args.temperature, args.top_k, args.top_p)
@@ -159,7 +159,7 @@ def main(argv=None) -> int:
         "decode_transport": decode_run.transport,
         "ttft_ms": 1e3 * result["ttft_s"], "tpot_ms": 1e3 * tpot,
         "decode_tokens_per_s": batch / tpot if tpot == tpot else None,
-        "compile_s": result["compile_s"],
+        "compile_s": result["compile_s"], "compile_cache": cache_dir,
         "sampling": dataclasses.asdict(sampling), "seed": args.seed, "stop_ids": list(stop_ids),
         "decode_steps": len(result["step_s"]),
         "outputs": [{"prompt": t, "completion": tok.decode(g), "new_tokens": len(g), "finish_reason": why}

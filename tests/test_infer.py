@@ -91,11 +91,15 @@ def test_infer_script_json(tmp_path):
     quant.quantize_checkpoint(os.path.join(ROOT, "models", "default"), str(tmp_path))
     env = script_env(8)
     out = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "infer.py"), "--json",
-                          "--quiet", "--max-new-tokens", "6", "--batch", "4",
+                          "--max-new-tokens", "6", "--batch", "4",
                           "--mesh", "data=2,ep=4", "--temperature", "0.8", "--top-p", "0.9",
                           "--checkpoint", str(tmp_path), "--fp8-experts"],
                          check=True, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     report = json.loads(out.stdout)
+    assert "\r" not in out.stderr  # progress only on a terminal, not in a redirected log
+    # JAX's persistent compilation cache: the one in the environment (the tests' own), filled
+    assert report["compile_cache"] == env["JAX_COMPILATION_CACHE_DIR"]
+    assert os.listdir(report["compile_cache"])
     assert report["experts"] == "fp8"
     assert report["devices"] == 8 and report["batch"] == 4
     assert report["mesh"] == {"data": 2, "ep": 4} and report["batch_axes"] == ["data", "ep"]

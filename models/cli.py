@@ -27,6 +27,79 @@ def positive_int(text: str) -> int:
     return value
 
 
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """The flags every command that runs a model takes (``scripts/infer.py``,
+    ``scripts/serve.py``): the checkpoint, devices and mesh, the dispatch path and its
+    settings, dtypes, the compilation cache, several processes."""
+    p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="Hugging Face folder")
+    p.add_argument("--devices", type=positive_int, default=8,
+                   help="emulated CPU devices (CPU only; default 8)")
+    add_mesh_args(p)
+    add_cache_args(p)
+    p.add_argument("--dispatch", choices=sorted(DISPATCH), default="relayfree")
+    p.add_argument("--schedule", choices=["auto", "prefill", "decode"], default="auto")
+    p.add_argument("--decode-threshold", type=int, default=None,
+                   help="tokens per device at or below which auto picks decode (default: the platform's)")
+    p.add_argument("--capacity-factor", type=float, default=2.0,
+                   help="prefill receive rows per round, times T*k (skew takes more rounds; default 2)")
+    p.add_argument("--decode-overflow", choices=["branch", "one_pass"], default="branch",
+                   help="decode rows past 2*T*k: a conditional pass, or all worst-case rows in one")
+    p.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
+                   help="parameter dtype, which the activations and KV cache follow "
+                   "(default: the checkpoint's)")
+    p.add_argument("--fp8-experts", action="store_true",
+                   help="an FP8 checkpoint's routed experts stay FP8 on the devices (half the "
+                   "bytes; dequantized where the experts run) instead of dequantized at load")
+    p.add_argument("--coordinator", help="HOST:PORT of process 0, to run over several processes")
+    p.add_argument("--num-processes", type=int, default=1)
+    p.add_argument("--process-id", type=int, default=0)
+
+
+class SetupError(Exception):
+    """A one-line reason a command cannot run (a command prints it and exits 2)."""
+
+
+def prepare(args):
+    """(model config, tokenizer, dispatch config) from the model flags: everything that can be
+    refused before the weights load is checked here (the mesh, the dispatch settings, the
+    config.json, the tokenizer). Raises :class:`SetupError`."""
+    import jax
+
+    from moe_relayfree_models import checkpoint, tokenizer
+
+    if not os.path.exists(os.path.join(args.checkpoint, "config.json")):
+        raise SetupError(f"no checkpoint at {args.checkpoint}; train the default one with "
+                         "`python scripts/train_default.py` or pass --checkpoint DIR")
+    try:
+        mesh, _ = mesh_from_args(args, len(jax.devices()))
+    except ValueError as e:
+        raise SetupError(f"--mesh: {e}") from None
+    try:
+        dispatch = dispatch_from_args(args, mesh)
+    except ValueError as e:
+        raise SetupError(f"dispatch settings: {e}") from None
+    try:
+        cfg = checkpoint.read_config(args.checkpoint)
+        # Prompts are encoded as the checkpoint's tokenizer says (config.json's bos_token_id
+        # is not a promise that the tokenizer adds it; Qwen's and OLMoE's do not).
+        tok = tokenizer.load_tokenizer(args.checkpoint, cfg.vocab_size)
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        raise SetupError(f"{args.checkpoint}: {e}") from None
+    return cfg, tok, dispatch
+
+
+def load(args, dispatch):
+    """The model, loaded onto the devices; :class:`SetupError` for what the loader refuses
+    (e.g. experts not divisible by the devices)."""
+    from moe_relayfree_models import checkpoint
+
+    try:
+        return checkpoint.load_model(args.checkpoint, dispatch, dtype=args.dtype,
+                                     fp8_experts=args.fp8_experts)
+    except ValueError as e:
+        raise SetupError(f"{args.checkpoint}: {e}") from None
+
+
 def add_cache_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-compile-cache", action="store_true",
                    help="do not keep compiled programs in JAX's persistent compilation cache "

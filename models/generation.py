@@ -88,6 +88,40 @@ def choose_tokens(logits: jax.Array, key: jax.Array, position, sampling: Samplin
     return jax.random.categorical(key, filtered_logits(logits, sampling), axis=-1).astype(jnp.int32)
 
 
+def choose_tokens_per_row(logits: jax.Array, temperature: jax.Array, top_k: jax.Array,
+                          top_p: jax.Array, seed: jax.Array, position: jax.Array) -> jax.Array:
+    """:func:`choose_tokens` with each row's own settings, as a serving batch mixes requests:
+    logits ``[S, V]``; temperature ``[S] f32`` (0: greedy), top_k ``[S] int32`` (0: off),
+    top_p ``[S] f32`` (1: off), seed ``[S] uint32``, position ``[S] int32`` -> ``[S] int32``.
+    Row ``s``'s draw uses ``fold_in(key(seed[s]), position[s])`` only, so a request's tokens
+    do not depend on what else is in the batch. The same warpers as :func:`filtered_logits`
+    (temperature, then top-k keeping ties, then top-p over what top-k kept)."""
+    x = logits.astype(jnp.float32)
+    vocab = x.shape[-1]
+    greedy = jnp.argmax(x, axis=-1).astype(jnp.int32)
+    sampled = temperature > 0
+    x = x / jnp.where(sampled, temperature, 1.0)[:, None]
+    desc = -jnp.sort(-x, axis=-1)
+    k = jnp.where((top_k > 0) & (top_k < vocab), top_k, vocab)
+    kth = jnp.take_along_axis(desc, (k - 1)[:, None], axis=-1)
+    x = jnp.where(x < kth, -jnp.inf, x)
+    rank = jnp.arange(vocab)[None, :]
+    in_k = rank < k[:, None]
+    desc = jnp.where(in_k, desc, -jnp.inf)
+    probs = jnp.exp(desc - jax.nn.logsumexp(desc, axis=-1, keepdims=True))
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    kept = (mass_before < top_p[:, None]) & in_k
+    smallest_kept = jnp.min(jnp.where(kept, desc, jnp.inf), axis=-1, keepdims=True)
+    x = jnp.where((top_p[:, None] < 1) & (x < smallest_kept), -jnp.inf, x)
+
+    def draw(seed, position, row):
+        key = jax.random.fold_in(jax.random.key(seed), position)
+        return jax.random.categorical(key, row)
+
+    drawn = jax.vmap(draw)(seed, position, x).astype(jnp.int32)
+    return jnp.where(sampled, drawn, greedy)
+
+
 @functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=5)
 def prefill_program(graphdef, sampling: Sampling, state, tokens, pad, cache, key):
     """Whole prompts ``[B, S]`` -> (first new token ``[B] int32``, filled cache); logits only

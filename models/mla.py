@@ -150,14 +150,27 @@ class MLAttention(nnx.Module):
         """x ``[B, S, d]``; cache_ckv ``[B, L, kv_lora]``, cache_krope ``[B, L, rope]``; rows:
         x's rows per device, if known (``dense_dot``); form: "absorbed" or "expanded" (default
         ``cfg.mla_form``, where "auto" is :func:`absorbed`'s choice)."""
+        q_nope, q_rope, ckv, k_rope = self.project(x, positions, rows)
+        cache_ckv = jax.lax.dynamic_update_slice_in_dim(cache_ckv, ckv.astype(cache_ckv.dtype), start, 1)
+        cache_krope = jax.lax.dynamic_update_slice_in_dim(cache_krope, k_rope.astype(cache_krope.dtype), start, 1)
+        mask = attention_mask(start, x.shape[1], key_valid)
+        return (self.attend(q_nope, q_rope, cache_ckv, cache_krope, mask, rows, form),
+                cache_ckv, cache_krope)
+
+    def _mm(self, a, w, rows):
+        return dense_dot(a, w[...].astype(a.dtype), rows_per_device=rows,
+                         min_rows=self.min_rows).astype(a.dtype)
+
+    def project(self, x, positions, rows=None):
+        """x ``[B, S, d]``, positions ``[B, S]`` -> (q_nope ``[B, S, h, nope]``, q_rope ``[B, S,
+        h, rope]``, latent ``[B, S, kv_lora]`` (normed), k_rope ``[B, S, rope]``), RoPE
+        applied, in x's dtype: what the latent cache stores and what attends over it."""
         cfg = self.cfg
         b, s, _ = x.shape
-        dt = x.dtype
-        h, nope, rdim, vdim = cfg.n_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+        h, nope, rdim = cfg.n_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim
 
-        def mm(a, w, rows=rows):
-            return dense_dot(a, w[...].astype(dt), rows_per_device=rows,
-                             min_rows=self.min_rows).astype(dt)
+        def mm(a, w):
+            return self._mm(a, w, rows)
 
         q = mm(self.q_a_norm(mm(x, self.q_a)), self.q_b) if self.wq is None else mm(x, self.wq)
         q = q.reshape(b, s, h, nope + rdim)
@@ -167,14 +180,26 @@ class MLAttention(nnx.Module):
         inv_freq, factor = rope_frequencies(rdim, cfg.rope_theta, cfg.rope_scaling, cfg.max_position)
         q_rope = rope(q_rope, positions, inv_freq, cfg.rope_interleave, factor)
         k_rope = rope(k_rope[:, :, None, :], positions, inv_freq, cfg.rope_interleave, factor)[:, :, 0]
-        cache_ckv = jax.lax.dynamic_update_slice_in_dim(cache_ckv, ckv.astype(cache_ckv.dtype), start, 1)
-        cache_krope = jax.lax.dynamic_update_slice_in_dim(cache_krope, k_rope.astype(cache_krope.dtype), start, 1)
+        return q_nope, q_rope, ckv, k_rope
+
+    def attend(self, q_nope, q_rope, cache_ckv, cache_krope, mask, rows=None,
+               form: str | None = None):
+        """The queries over a latent cache ``[B, L, kv_lora]`` and rope keys ``[B, L, rope]``
+        where mask ``[B, S, L]`` -> ``[B, S, d]`` (output projection applied)."""
+        cfg = self.cfg
+        b, s = q_nope.shape[:2]
+        dt = q_nope.dtype
+        h, nope, vdim = cfg.n_heads, cfg.qk_nope_head_dim, cfg.v_head_dim
+
+        def mm(a, w, rows=rows):
+            return self._mm(a, w, rows)
+
         form = form or (cfg.mla_form if cfg.mla_form != "auto"
                         else "absorbed" if absorbed(cfg, s) else "expanded")
         if form not in ("absorbed", "expanded"):
             raise ValueError(f"form must be 'absorbed' or 'expanded', got {form!r}")
         latent, k_rope_all = cache_ckv.astype(dt), cache_krope.astype(dt)
-        mask = attention_mask(start, s, key_valid)[:, None]
+        mask = mask[:, None]
         scale = softmax_scale(cfg)
         if form == "absorbed":
             w = self.kv_b[...].astype(dt).reshape(cfg.kv_lora_rank, h, nope + vdim)
@@ -198,4 +223,4 @@ class MLAttention(nnx.Module):
             probs = softmax(jnp.einsum("bshd,blhd->bhsl", q_nope, k_nope,
                                        preferred_element_type=_F32))
             out = jnp.einsum("bhsl,blhd->bshd", probs, v, preferred_element_type=_F32).astype(dt)
-        return mm(out.reshape(b, s, h * vdim), self.wo), cache_ckv, cache_krope
+        return mm(out.reshape(b, s, h * vdim), self.wo)

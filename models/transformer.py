@@ -78,6 +78,15 @@ class Attention(nnx.Module):
         cache ``[B, L, kv, hd]``; ``start`` (static) is where this chunk goes in the cache;
         rows: x's rows per device, if known (``dense_dot``).
         Returns (out ``[B, S, d]``, new cache_k, new cache_v)."""
+        q, k, v = self.project(x, positions, rows)
+        cache_k = jax.lax.dynamic_update_slice_in_dim(cache_k, k.astype(cache_k.dtype), start, 1)
+        cache_v = jax.lax.dynamic_update_slice_in_dim(cache_v, v.astype(cache_v.dtype), start, 1)
+        mask = attention_mask(start, x.shape[1], key_valid, self.window)  # [B, S, L]
+        return self.attend(q, cache_k, cache_v, mask, rows), cache_k, cache_v
+
+    def project(self, x, positions, rows: int | None = None):
+        """x ``[B, S, d]``, positions ``[B, S]`` -> q ``[B, S, h, hd]``, k and v ``[B, S, kv,
+        hd]`` in x's dtype, RoPE applied (norms, biases and clipping as the family has them)."""
         cfg = self.cfg
         b, s, _ = x.shape
         dt = x.dtype
@@ -101,21 +110,26 @@ class Attention(nnx.Module):
         inv_freq, factor = rope_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling,
                                             cfg.max_position)
         q, k = (rope(a, positions, inv_freq, attention_factor=factor) for a in (q, k))
-        cache_k = jax.lax.dynamic_update_slice_in_dim(cache_k, k.astype(cache_k.dtype), start, 1)
-        cache_v = jax.lax.dynamic_update_slice_in_dim(cache_v, v.astype(cache_v.dtype), start, 1)
+        return q, k, v
+
+    def attend(self, q, keys, values, mask, rows: int | None = None):
+        """q ``[B, S, h, hd]`` over keys, values ``[B, L, kv, hd]`` where mask ``[B, S, L]``
+        -> ``[B, S, d]`` (the output projection applied), in q's dtype."""
+        cfg = self.cfg
+        b, s = q.shape[:2]
+        dt = q.dtype
         groups = cfg.n_heads // cfg.n_kv_heads
         qg = q.reshape(b, s, cfg.n_kv_heads, groups, cfg.head_dim)
-        scores = jnp.einsum("bsngh,blnh->bngsl", qg, cache_k.astype(dt),
+        scores = jnp.einsum("bsngh,blnh->bngsl", qg, keys.astype(dt),
                             preferred_element_type=_F32) * cfg.head_dim**-0.5
-        mask = attention_mask(start, s, key_valid, self.window)  # [B, S, L]
         scores = jnp.where(mask[:, None, None], scores, -1e30)
         probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-        out = jnp.einsum("bngsl,blnh->bsngh", probs, cache_v.astype(dt), preferred_element_type=_F32)
+        out = jnp.einsum("bngsl,blnh->bsngh", probs, values.astype(dt), preferred_element_type=_F32)
         out = out.reshape(b, s, cfg.n_heads * cfg.head_dim).astype(dt)
         y = dense_dot(out, self.wo[...].astype(dt), rows_per_device=rows, min_rows=self.min_rows)
         if self.bo is not None:
             y = y + self.bo[...].astype(_F32)
-        return y.astype(dt), cache_k, cache_v
+        return y.astype(dt)
 
 
 class DecoderLayer(nnx.Module):

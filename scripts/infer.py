@@ -22,9 +22,8 @@ import os
 import sys
 
 from moe_relayfree.distributed import emulate_cpu_devices
-from moe_relayfree_models.cli import (DEFAULT_CHECKPOINT, DISPATCH, add_cache_args, add_mesh_args,
-                                      apply_cache_args, dispatch_from_args, mesh_from_args,
-                                      positive_int)
+from moe_relayfree_models.cli import (SetupError, add_model_args, apply_cache_args, load,
+                                      positive_int, prepare)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_PROMPTS = ["Return the number of ", "This function ", "Raise ValueError if "]
@@ -32,11 +31,7 @@ DEFAULT_PROMPTS = ["Return the number of ", "This function ", "Raise ValueError 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT, help="Hugging Face folder")
-    p.add_argument("--devices", type=positive_int, default=8,
-                   help="emulated CPU devices (CPU only; default 8)")
-    add_mesh_args(p)
-    add_cache_args(p)
+    add_model_args(p)
     p.add_argument("--prompt", action="append", help="repeatable; default: three short prompts")
     p.add_argument("--batch", type=positive_int, default=None,
                    help="sequences: the prompts repeated (or cut) to this many (default: one per prompt)")
@@ -48,25 +43,8 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--ignore-eos", action="store_true",
                    help="always generate --max-new-tokens (no stop at the checkpoint's EOS ids)")
-    p.add_argument("--dispatch", choices=sorted(DISPATCH), default="relayfree")
-    p.add_argument("--schedule", choices=["auto", "prefill", "decode"], default="auto")
-    p.add_argument("--decode-threshold", type=int, default=None,
-                   help="tokens per device at or below which auto picks decode (default: the platform's)")
-    p.add_argument("--capacity-factor", type=float, default=2.0,
-                   help="prefill receive rows per round, times T*k (skew takes more rounds; default 2)")
-    p.add_argument("--decode-overflow", choices=["branch", "one_pass"], default="branch",
-                   help="decode rows past 2*T*k: a conditional pass, or all worst-case rows in one")
-    p.add_argument("--dtype", choices=["bfloat16", "float32"], default=None,
-                   help="parameter dtype, which the activations and KV cache follow "
-                   "(default: the checkpoint's)")
-    p.add_argument("--fp8-experts", action="store_true",
-                   help="an FP8 checkpoint's routed experts stay FP8 on the devices (half the "
-                   "bytes; dequantized where the experts run) instead of dequantized at load")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
-    p.add_argument("--coordinator", help="HOST:PORT of process 0, to run over several processes")
-    p.add_argument("--num-processes", type=int, default=1)
-    p.add_argument("--process-id", type=int, default=0)
     return p.parse_args(argv)
 
 
@@ -88,31 +66,13 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"sampling: {e}", file=sys.stderr)
         return 2
-    if not os.path.exists(os.path.join(args.checkpoint, "config.json")):
-        print(f"no checkpoint at {args.checkpoint}; train the default one with "
-              "`python scripts/train_default.py` or pass --checkpoint DIR", file=sys.stderr)
-        return 2
     devices = jax.devices()
     try:
-        mesh, lay = mesh_from_args(args, len(devices))
-    except ValueError as e:
-        print(f"--mesh: {e}", file=sys.stderr)
+        cfg, tok, dispatch = prepare(args)
+    except SetupError as e:
+        print(e, file=sys.stderr)
         return 2
-    try:
-        dispatch = dispatch_from_args(args, mesh)
-    except ValueError as e:
-        print(f"dispatch settings: {e}", file=sys.stderr)
-        return 2
-    # Everything that can be refused from the files is checked before the weights load:
-    # the config, the tokenizer, the prompts' length against the model's positions.
-    try:
-        cfg = checkpoint.read_config(args.checkpoint)
-        # Prompts are encoded as the checkpoint's tokenizer says (config.json's bos_token_id
-        # is not a promise that the tokenizer adds it; Qwen's and OLMoE's do not).
-        tok = tokenizer.load_tokenizer(args.checkpoint, cfg.vocab_size)
-    except (ValueError, FileNotFoundError, ImportError) as e:
-        print(f"{args.checkpoint}: {e}", file=sys.stderr)
-        return 2
+    mesh, lay = dispatch.mesh, dispatch.layout
     texts = args.prompt or DEFAULT_PROMPTS
     if args.batch is not None:
         texts = [texts[i % len(texts)] for i in range(args.batch)]
@@ -123,10 +83,9 @@ def main(argv=None) -> int:
         print(f"--prompt/--max-new-tokens: {e}", file=sys.stderr)
         return 2
     try:
-        model = checkpoint.load_model(args.checkpoint, dispatch, dtype=args.dtype,
-                                      fp8_experts=args.fp8_experts)
-    except ValueError as e:  # e.g. experts not divisible by --devices
-        print(f"{args.checkpoint}: {e}", file=sys.stderr)
+        model = load(args, dispatch)
+    except SetupError as e:
+        print(e, file=sys.stderr)
         return 2
 
     # progress only where a person watches: a redirected log gets no carriage returns

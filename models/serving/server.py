@@ -1,0 +1,322 @@
+"""OpenAI-compatible HTTP serving on FastAPI (uvicorn runs it: ``scripts/serve.py``).
+
+Routes: ``POST /v1/completions`` and ``POST /v1/chat/completions`` (``stream: true`` as
+server-sent events, ``data: [DONE]`` last), ``GET /v1/models``, ``GET /health``, ``GET
+/metrics`` (Prometheus text). This layer only translates: OpenAI bodies to engine requests,
+engine tokens to text; the engine runs in a thread of its own (:meth:`Engine.run_forever`).
+
+Errors are OpenAI-shaped (``{"error": {"message", "type", "param", "code"}}``): 400 for a bad
+body (malformed JSON, bad sampling values, a prompt past the model's positions), 404 for an
+unknown model, 429 with ``Retry-After`` when the waiting queue is full, 503 while shutting down.
+Every accepted request ends with its tokens or an error; a client that goes away cancels its
+request, whose pages are freed at the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import threading
+import time
+import uuid
+
+from fastapi import FastAPI, Request as HttpRequest
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+
+from moe_relayfree_models.serving.engine import Engine
+from moe_relayfree_models.serving.scheduler import QueueFull, SamplingParams
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None,
+                 kind: str = "invalid_request_error", code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.kind, self.code = status, message, param, kind, code
+
+    def response(self, headers=None) -> JSONResponse:
+        return JSONResponse({"error": {"message": self.message, "type": self.kind,
+                                       "param": self.param, "code": self.code}},
+                            status_code=self.status, headers=headers)
+
+
+UNSUPPORTED = ("logprobs", "echo", "best_of", "suffix", "logit_bias", "tools", "functions",
+               "response_format", "top_logprobs")
+
+
+def _number(body: dict, name: str, default, kind, low=None, high=None, low_open=False):
+    value = body.get(name, default)
+    if value is None:
+        value = default
+    if isinstance(value, bool) or not isinstance(value, kind):
+        raise ApiError(400, f"{name} must be a {'integer' if kind is int else 'number'}", name)
+    if low is not None and (value <= low if low_open else value < low):
+        raise ApiError(400, f"{name} must be {'>' if low_open else '>='} {low}, got {value}", name)
+    if high is not None and value > high:
+        raise ApiError(400, f"{name} must be <= {high}, got {value}", name)
+    return value
+
+
+class Server:
+    """The HTTP side of one served model: ``app`` is the FastAPI application."""
+
+    def __init__(self, engine: Engine, tokenizer, *, model_name: str, stop_ids=(),
+                 chat_template: str | None = None, special_tokens: dict | None = None):
+        self.engine, self.tok, self.model_name = engine, tokenizer, model_name
+        self.stop_ids = frozenset(stop_ids)
+        self.chat_template = chat_template
+        self.special_tokens = special_tokens or {}
+        self.draining = False
+        self.thread: threading.Thread | None = None
+        self.app = self._app()
+
+    # --- requests -> engine -----------------------------------------------------------------
+
+    def _sampling(self, body: dict) -> tuple[SamplingParams, int | None]:
+        temperature = _number(body, "temperature", 1.0, (int, float), 0, 2)
+        top_p = _number(body, "top_p", 1.0, (int, float), 0, 1, low_open=True)
+        top_k = _number(body, "top_k", 0, int, 0)
+        seed = body.get("seed")
+        if seed is not None:
+            seed = _number(body, "seed", None, int, 0, 2**32 - 1)
+        max_tokens = body.get("max_tokens", body.get("max_completion_tokens"))
+        if max_tokens is not None:
+            max_tokens = _number(body, "max_tokens" if "max_tokens" in body else
+                                 "max_completion_tokens", None, int, 1)
+        if _number(body, "n", 1, int, 1) != 1:
+            raise ApiError(400, "n must be 1 (one completion per request)", "n")
+        for name in UNSUPPORTED:
+            if body.get(name) not in (None, False, 0, [], {}):
+                raise ApiError(400, f"{name} is not supported by this server", name)
+        return SamplingParams(float(temperature), top_k, float(top_p), seed), max_tokens
+
+    def _stops(self, body: dict) -> tuple[frozenset, list[str]]:
+        ids = set() if body.get("ignore_eos") else set(self.stop_ids)
+        extra = body.get("stop_token_ids") or []
+        if not isinstance(extra, list) or not all(isinstance(i, int) for i in extra):
+            raise ApiError(400, "stop_token_ids must be a list of token ids", "stop_token_ids")
+        stop = body.get("stop") or []
+        stop = [stop] if isinstance(stop, str) else stop
+        if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop) or len(stop) > 4:
+            raise ApiError(400, "stop must be a string or a list of up to 4 strings", "stop")
+        return frozenset(ids | set(extra)), stop
+
+    def _check_model(self, body: dict) -> None:
+        name = body.get("model")
+        if name is not None and name != self.model_name:
+            raise ApiError(404, f"The model '{name}' does not exist; this server serves "
+                                f"'{self.model_name}'", "model", code="model_not_found")
+
+    def _prompt_ids(self, prompt) -> list[int]:
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+            prompt = prompt[0]
+        if isinstance(prompt, str):
+            return self.tok.encode(prompt)
+        if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool)
+                                                        for t in prompt):
+            return list(prompt)
+        raise ApiError(400, "prompt must be a string or a list of token ids (one prompt)", "prompt")
+
+    def render_chat(self, messages) -> list[int]:
+        if self.chat_template is None:
+            raise ApiError(400, f"the model '{self.model_name}' ships no chat template; use "
+                                "/v1/completions", "messages")
+        if not isinstance(messages, list) or not messages or not all(
+                isinstance(m, dict) and isinstance(m.get("role"), str)
+                and isinstance(m.get("content"), str) for m in messages):
+            raise ApiError(400, "messages must be a non-empty list of {role, content} objects",
+                           "messages")
+        import jinja2
+
+        env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
+        text = env.from_string(self.chat_template).render(
+            messages=messages, add_generation_prompt=True, **self.special_tokens)
+        return self.tok.encode(text)
+
+    def _submit(self, prompt: list[int], max_tokens: int, sampling, stop_ids, loop, queue):
+        def listener(request, tokens, reason):
+            loop.call_soon_threadsafe(queue.put_nowait, (list(tokens), reason))
+
+        positions = self.engine.max_positions
+        if len(prompt) >= positions:
+            raise ApiError(400, f"the prompt has {len(prompt)} tokens; this model takes at most "
+                                f"{positions} positions, prompt and completion together", "prompt",
+                           code="context_length_exceeded")
+        if len(prompt) + max_tokens > positions:
+            raise ApiError(400, f"{len(prompt)} prompt tokens + max_tokens {max_tokens} exceed the "
+                                f"model's {positions} positions", "max_tokens",
+                           code="context_length_exceeded")
+        if self.draining:
+            raise ApiError(503, "the server is shutting down", kind="service_unavailable")
+        try:
+            return self.engine.submit(prompt, max_tokens, sampling, stop_ids, listener)
+        except QueueFull as e:
+            raise ApiError(429, f"the server is at capacity ({e}); retry later",
+                           kind="rate_limit_error") from None
+        except ValueError as e:
+            raise ApiError(400, str(e)) from None
+
+    # --- engine -> responses ----------------------------------------------------------------
+
+    async def _events(self, request, queue, stop_strings: list[str]):
+        """(text delta, finish reason or None) as the engine hands tokens over; text is decoded
+        from all tokens so far (a character split across tokens waits for its last byte)."""
+        ids, sent = [], ""
+        while True:
+            tokens, reason = await queue.get()
+            ids += tokens
+            text = self.tok.decode(ids)
+            if reason is None and text.endswith("\ufffd"):
+                continue
+            for s in stop_strings:
+                at = text.find(s)
+                if at >= 0:
+                    self.engine.cancel(request)
+                    yield text[len(sent):at], "stop", len(ids)
+                    return
+            delta, sent = text[len(sent):], text
+            if reason is not None:
+                yield delta, ("length" if reason == "length" else "stop" if reason == "stop"
+                              else reason), len(ids)
+                return
+            if delta:
+                yield delta, None, len(ids)
+
+    def _app(self) -> FastAPI:
+        @contextlib.asynccontextmanager
+        async def lifespan(app):
+            self.thread = threading.Thread(target=self.engine.run_forever, name="engine", daemon=True)
+            self.thread.start()
+            yield
+            self.draining = True  # uvicorn stopped accepting; requests in flight finish
+            self.engine.stop(drain=True)
+            await asyncio.get_running_loop().run_in_executor(None, self.thread.join, 60)
+
+        app = FastAPI(title="moe-relayfree", lifespan=lifespan)
+
+        @app.exception_handler(ApiError)
+        async def api_error(_, exc: ApiError):
+            headers = {"Retry-After": "1"} if exc.status == 429 else None
+            return exc.response(headers)
+
+        @app.get("/health")
+        async def health():
+            if self.draining:
+                return JSONResponse({"status": "draining"}, status_code=503)
+            error = getattr(self.engine, "last_error", None)
+            return {"status": "ok", **({"last_error": error} if error else {})}
+
+        @app.get("/v1/models")
+        async def models():
+            return {"object": "list", "data": [{"id": self.model_name, "object": "model",
+                                                "created": 0, "owned_by": "moe-relayfree"}]}
+
+        @app.get("/metrics")
+        async def metrics():
+            return PlainTextResponse(self.metrics_text(), media_type="text/plain; version=0.0.4")
+
+        async def body_of(http: HttpRequest) -> dict:
+            try:
+                body = json.loads(await http.body())
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise ApiError(400, f"the body is not valid JSON ({e})") from None
+            if not isinstance(body, dict):
+                raise ApiError(400, "the body must be a JSON object")
+            return body
+
+        async def complete(http: HttpRequest, chat: bool):
+            body = await body_of(http)
+            self._check_model(body)
+            sampling, max_tokens = self._sampling(body)
+            stop_ids, stop_strings = self._stops(body)
+            prompt = (self.render_chat(body.get("messages")) if chat
+                      else self._prompt_ids(body.get("prompt")))
+            if max_tokens is None:  # OpenAI: 16 for completions, the rest of the context for chat
+                max_tokens = 16 if not chat else max(1, self.engine.max_positions - len(prompt))
+            loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+            request = self._submit(prompt, max_tokens, sampling, stop_ids, loop, queue)
+            rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+            created = int(time.time())
+            events = self._events(request, queue, stop_strings)
+            if body.get("stream"):
+                return StreamingResponse(self._stream(rid, created, chat, events, request),
+                                         media_type="text/event-stream")
+            text, reason, count = "", None, 0
+            try:
+                async for delta, reason, count in events:
+                    text += delta
+                    if await http.is_disconnected():
+                        self.engine.cancel(request)
+            except asyncio.CancelledError:
+                self.engine.cancel(request)
+                raise
+            if reason == "error":
+                raise ApiError(500, "the engine failed on this request", kind="server_error")
+            usage = {"prompt_tokens": len(prompt), "completion_tokens": count,
+                     "total_tokens": len(prompt) + count}
+            choice = ({"index": 0, "message": {"role": "assistant", "content": text},
+                       "finish_reason": reason} if chat else
+                      {"index": 0, "text": text, "finish_reason": reason, "logprobs": None})
+            return {"id": rid, "object": "chat.completion" if chat else "text_completion",
+                    "created": created, "model": self.model_name, "choices": [choice],
+                    "usage": usage}
+
+        @app.post("/v1/completions")
+        async def completions(http: HttpRequest):
+            return await complete(http, chat=False)
+
+        @app.post("/v1/chat/completions")
+        async def chat_completions(http: HttpRequest):
+            return await complete(http, chat=True)
+
+        return app
+
+    async def _stream(self, rid, created, chat, events, request):
+        kind = "chat.completion.chunk" if chat else "text_completion"
+
+        def chunk(delta, reason):
+            choice = ({"index": 0, "delta": {"content": delta} if delta else {},
+                       "finish_reason": reason} if chat else
+                      {"index": 0, "text": delta, "finish_reason": reason, "logprobs": None})
+            return f"data: {json.dumps({'id': rid, 'object': kind, 'created': created, 'model': self.model_name, 'choices': [choice]})}\n\n"
+
+        done = False
+        try:
+            if chat:
+                yield chunk(None, None).replace('"delta": {}', '"delta": {"role": "assistant"}')
+            async for delta, reason, _ in events:
+                yield chunk(delta, reason)
+            done = True
+            yield "data: [DONE]\n\n"
+        finally:
+            if not done:  # the client went away mid-stream: its pages go back at the next step
+                self.engine.cancel(request)
+
+    def metrics_text(self) -> str:
+        e, m = self.engine, self.engine.metrics
+        s = e.scheduler
+        lines = []
+
+        def metric(name, kind, help_, samples):
+            lines.append(f"# HELP moe_relayfree_{name} {help_}")
+            lines.append(f"# TYPE moe_relayfree_{name} {kind}")
+            for labels, value in samples:
+                lines.append(f"moe_relayfree_{name}{labels} {value}")
+
+        metric("requests_running", "gauge", "Requests holding a sequence slot.", [("", len(s.running))])
+        metric("requests_waiting", "gauge", "Requests in the waiting queue.", [("", len(s.waiting))])
+        metric("kv_pages_in_use", "gauge", "KV cache pages held by requests.", [("", e.pool.in_use)])
+        metric("kv_pages_total", "gauge", "KV cache pages in the pool (scratch excluded).",
+               [("", e.pool.num_pages - 1)])
+        metric("steps_total", "counter", "Engine steps by the MoE layers' schedule.",
+               [(f'{{schedule="{k}"}}', v) for k, v in m.steps.items()])
+        metric("step_seconds_total", "counter", "Time spent in engine steps.", [("", m.step_seconds)])
+        metric("prompt_tokens_total", "counter", "Prompt tokens prefilled.", [("", m.prompt_tokens)])
+        metric("generation_tokens_total", "counter", "Tokens generated.", [("", m.generated_tokens)])
+        elapsed = max(time.monotonic() - m.started, 1e-9)
+        metric("generation_tokens_per_second", "gauge", "Tokens generated per second since start.",
+               [("", m.generated_tokens / elapsed)])
+        return "\n".join(lines) + "\n"
+
+
+__all__ = ["ApiError", "Server"]

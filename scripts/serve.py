@@ -1,0 +1,105 @@
+"""OpenAI-compatible serving of an MoE model: continuous batching over a paged KV cache
+(``moe_relayfree_models.serving``), on FastAPI + uvicorn.
+
+    python scripts/serve.py                                   # built-in default model, 8 CPU devices
+    python scripts/serve.py --checkpoint DIR --port 8000 --dispatch ragged-baseline
+    curl localhost:8000/v1/completions -H 'Content-Type: application/json' \\
+         -d '{"prompt": "Return the number of ", "max_tokens": 32, "temperature": 0}'
+
+Takes the same model, mesh, dtype and dispatch flags as ``scripts/infer.py``, plus
+``--host`` / ``--port`` and the engine's sizes. SIGTERM (or Ctrl-C) stops accepting, lets the
+requests in flight finish, and exits 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from moe_relayfree.distributed import emulate_cpu_devices
+from moe_relayfree_models.cli import SetupError, add_model_args, apply_cache_args, load, positive_int, prepare
+
+
+def GracefulServer(config):
+    """uvicorn's server, ending with exit status 0 after a SIGTERM/SIGINT shutdown: uvicorn
+    stops accepting, lets the requests in flight finish (the app drains the engine), then
+    re-raises the signal, which would end the process with it instead."""
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            super().handle_exit(sig, frame)
+            self._captured_signals.clear()
+
+    return Server(config)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--served-model-name", default=None,
+                   help="the model's name in the API (default: the checkpoint folder's name)")
+    p.add_argument("--max-seqs", type=positive_int, default=16, help="sequences per step")
+    p.add_argument("--max-step-tokens", type=positive_int, default=256,
+                   help="tokens per step: decode tokens first, then prefill chunks")
+    p.add_argument("--chunk", type=positive_int, default=64, help="largest prefill chunk per request")
+    p.add_argument("--page-size", type=positive_int, default=16, help="KV cache rows per page")
+    p.add_argument("--num-pages", type=positive_int, default=None,
+                   help="KV pages in the pool (default: every sequence at full length)")
+    p.add_argument("--max-waiting", type=positive_int, default=256,
+                   help="waiting requests past which the server answers 429")
+    p.add_argument("--warm-up", action="store_true",
+                   help="compile every step shape before serving (else on first use)")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    emulate_cpu_devices(args.devices)
+    import uvicorn
+
+    import moe_relayfree as mr
+    from moe_relayfree_models import generation
+    from moe_relayfree_models.serving.engine import Engine, EngineConfig
+    from moe_relayfree_models.serving.server import Server
+
+    if args.coordinator:
+        mr.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
+    apply_cache_args(args)
+    try:
+        cfg, tok, dispatch = prepare(args)
+        engine_config = EngineConfig(args.max_seqs, args.max_step_tokens, args.chunk,
+                                     args.page_size, args.num_pages, args.max_waiting)
+        model = load(args, dispatch)
+        engine = Engine(model, engine_config)
+    except SetupError as e:
+        print(e, file=sys.stderr)
+        return 2
+    except ValueError as e:
+        print(f"engine settings: {e}", file=sys.stderr)
+        return 2
+    if args.warm_up:
+        print(f"warm-up: {engine.warm_up()} step shapes compiled", file=sys.stderr, flush=True)
+    template, special = None, {}
+    path = os.path.join(args.checkpoint, "tokenizer_config.json")
+    if os.path.exists(path):
+        with open(path) as fh:
+            tc = json.load(fh)
+        template = tc.get("chat_template")
+        special = {k: tc[k] for k in ("bos_token", "eos_token") if isinstance(tc.get(k), str)}
+    name = args.served_model_name or os.path.basename(os.path.normpath(args.checkpoint))
+    server = Server(engine, tok, model_name=name,
+                    stop_ids=generation.stop_token_ids(args.checkpoint, tok),
+                    chat_template=template, special_tokens=special)
+    http = GracefulServer(uvicorn.Config(server.app, host=args.host, port=args.port,
+                                         log_level="warning", timeout_graceful_shutdown=60))
+    http.run()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,207 @@
+"""The OpenAI-compatible server (scripts/serve.py) as a client sees it: the official ``openai``
+client against a server started on a free local port and stopped by its own process id.
+Concurrent greedy requests equal generate() of each prompt alone; streaming; bad input and
+overload answers (the server healthy after); a client leaving mid-stream frees its pages;
+SIGTERM lets the stream in flight finish and exits 0. Every loop here is bounded."""
+
+import concurrent.futures
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import openai
+import pytest
+
+from helpers import script_env
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT = os.path.join(ROOT, "models", "default")
+PROMPTS = ["Return the number of ", "def f(x):\n    ", "Raise ValueError if ", "This function "]
+LONGEST = 12
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def server():
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "scripts", "serve.py"), "--port", str(port),
+         "--max-seqs", "4", "--max-step-tokens", "32", "--chunk", "16", "--page-size", "32",
+         "--max-waiting", "8"],
+        env=script_env(8), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"the server exited: {proc.stdout.read()[-2000:]}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        pytest.fail("the server did not come up in 240 s")
+    yield url, proc
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture(scope="module")
+def references():
+    """Greedy tokens of each prompt alone (generate(), the checkpoint's dtype, no stop ids)."""
+    import moe_relayfree as mr
+    from moe_relayfree_models import checkpoint, generation, tokenizer
+
+    model = checkpoint.load_model(DEFAULT, mesh=mr.make_ep_mesh(8))
+    tok = tokenizer.load_tokenizer(DEFAULT, model.cfg.vocab_size)
+    out = {}
+    for p in PROMPTS:
+        ids = generation.generate(model, [tok.encode(p)], LONGEST)["tokens"][0]
+        out[p] = [tok.decode(ids[:n]) for n in range(LONGEST + 1)]  # greedy: prefixes agree
+    return out
+
+
+def check_concurrent_requests_through_the_openai_client(server, references):
+    """16 concurrent greedy requests of different prompts and max_tokens (4 run at a time, 8
+    wait, the rest get 429 with Retry-After, which the client honours and retries): each text
+    is generate()'s for its prompt alone; streaming gives the same text in pieces."""
+    url, _ = server
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=30)
+    cases = [(PROMPTS[i % 4], 3 + (5 * i) % (LONGEST - 2)) for i in range(16)]
+
+    def complete(case):
+        prompt, n = case
+        r = client.completions.create(model="default", prompt=prompt, max_tokens=n,
+                                      temperature=0, extra_body={"ignore_eos": True})
+        return r.choices[0].text, r.choices[0].finish_reason, r.usage.completion_tokens
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(complete, cases))
+    for (prompt, n), (text, reason, count) in zip(cases, results):
+        assert (text, reason, count) == (references[prompt][n], "length", n), (prompt, n)
+    assert [m.id for m in client.models.list().data] == ["default"]
+
+    stream = client.completions.create(model="default", prompt=PROMPTS[0], max_tokens=LONGEST,
+                                       temperature=0, stream=True,
+                                       extra_body={"ignore_eos": True})
+    pieces = [c.choices[0].text for c in stream]
+    assert len(pieces) > 2 and "".join(pieces) == references[PROMPTS[0]][LONGEST]
+    metrics = httpx.get(f"{url}/metrics").text
+    assert 'moe_relayfree_steps_total{schedule="decode"}' in metrics
+    assert "moe_relayfree_kv_pages_in_use 0" in metrics
+
+
+BAD = [
+    ({"prompt": "x", "temperature": -1}, 400, "temperature"),
+    ({"prompt": "x", "top_p": 0}, 400, "top_p"),
+    ({"prompt": "x", "max_tokens": 0}, 400, "max_tokens"),
+    ({"prompt": "x" * 1100}, 400, "prompt"),  # past the model's 1024 positions
+    ({"prompt": "x", "max_tokens": 1024}, 400, "max_tokens"),
+    ({"prompt": "x", "model": "gpt-4"}, 404, "model"),
+    ({"prompt": "x", "n": 2}, 400, "n"),
+    ({"prompt": 5}, 400, "prompt"),
+    ({"messages": [{"role": "user", "content": "hi"}]}, 400, "messages"),  # no chat template
+]
+
+
+def check_bad_requests_get_openai_errors_and_the_server_keeps_serving(server):
+    url, _ = server
+    for body, status, param in BAD:
+        route = "chat/completions" if "messages" in body else "completions"
+        r = httpx.post(f"{url}/v1/{route}", json=body, timeout=30)
+        assert r.status_code == status, (body, r.text)
+        err = r.json()["error"]
+        assert err["param"] == param and err["message"] and err["type"], body
+        assert httpx.get(f"{url}/health").json()["status"] == "ok"
+
+
+def check_malformed_json_and_the_client_error_types(server):
+    url, _ = server
+    r = httpx.post(f"{url}/v1/completions", content=b"{not json",
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0)
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="default", prompt="x", temperature=5)
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="nope", prompt="x")
+
+
+def check_overload_is_429_with_retry_after(server):
+    """20 requests at once on 4 slots and a queue of 8: some are refused at once with 429 and
+    Retry-After, none hangs, and every accepted one completes."""
+    url, _ = server
+
+    def post(_):
+        return httpx.post(f"{url}/v1/completions", json={"prompt": "Return ", "max_tokens": 10,
+                                                          "temperature": 0}, timeout=120)
+
+    with concurrent.futures.ThreadPoolExecutor(20) as pool:
+        answers = list(pool.map(post, range(20)))
+    codes = [a.status_code for a in answers]
+    assert set(codes) <= {200, 429} and codes.count(429) >= 1 and codes.count(200) >= 4, codes
+    refused = next(a for a in answers if a.status_code == 429)
+    assert refused.headers["retry-after"] == "1"
+    assert refused.json()["error"]["type"] == "rate_limit_error"
+
+
+def check_a_client_leaving_mid_stream_frees_its_pages(server):
+    url, _ = server
+    with httpx.stream("POST", f"{url}/v1/completions", timeout=60,
+                      json={"prompt": "Return ", "max_tokens": 200, "temperature": 0,
+                            "stream": True, "ignore_eos": True}) as r:
+        lines = r.iter_lines()
+        got = [next(lines) for _ in range(3)]
+        assert any(line.startswith("data: {") for line in got)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        text = httpx.get(f"{url}/metrics").text
+        if "moe_relayfree_kv_pages_in_use 0" in text and "moe_relayfree_requests_running 0" in text:
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail("the abandoned request still holds pages after 60 s")
+
+
+def check_sigterm_finishes_the_stream_in_flight_and_exits_0(server):
+    """Stops the server: a stream started before SIGTERM gets all its tokens and [DONE]; the
+    process exits 0."""
+    url, proc = server
+    received = []
+    with httpx.stream("POST", f"{url}/v1/completions", timeout=120,
+                      json={"prompt": "Return ", "max_tokens": 40, "temperature": 0,
+                            "stream": True, "ignore_eos": True}) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                received.append(line[6:])
+            if len(received) == 2:
+                proc.send_signal(signal.SIGTERM)
+    assert received[-1] == "[DONE]"
+    chunks = [json.loads(c) for c in received[:-1]]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert proc.wait(timeout=120) == 0
+
+
+def test_the_server_as_an_openai_client_sees_it(server, references):
+    """One server, one test (the checks share it, and the last one stops it)."""
+    check_concurrent_requests_through_the_openai_client(server, references)
+    check_bad_requests_get_openai_errors_and_the_server_keeps_serving(server)
+    check_malformed_json_and_the_client_error_types(server)
+    check_overload_is_429_with_retry_after(server)
+    check_a_client_leaving_mid_stream_frees_its_pages(server)
+    check_sigterm_finishes_the_stream_in_flight_and_exits_0(server)

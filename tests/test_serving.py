@@ -1,0 +1,124 @@
+"""The serving engine (models/serving): the scheduler and page pool on their own, and the engine's
+greedy tokens for concurrent requests of different lengths against generate() of each prompt
+alone, for relay-free and the baseline dispatch paths, in float32 and bf16."""
+
+import numpy as np
+import pytest
+
+import moe_relayfree as mr
+from moe_relayfree_models.serving.scheduler import (PagePool, QueueFull, Request, SamplingParams,
+                                                    Scheduler)
+
+
+def scheduler(pages=9, page=4, **kw):
+    opts = dict(max_seqs=2, max_step_tokens=8, chunk=4, max_positions=64)
+    opts.update(kw)
+    return Scheduler(PagePool(pages, page), **opts)
+
+
+def test_pages_are_promised_at_admission_and_held_as_the_request_grows():
+    s = scheduler()
+    a = s.add(Request([1] * 6, max_tokens=2))  # 8 positions: 2 pages promised
+    b = s.add(Request([2] * 3, max_tokens=22))  # 25 positions: 7 pages; 8 free in all
+    work = s.schedule()
+    assert s.running == [a] and list(s.waiting) == [b]  # b waits: 2 + 7 > 8 pages
+    assert [(w.request, w.start, w.count) for w in work] == [(a, 0, 4)]  # one chunk of 4
+    assert len(a.pages) == 1 and s.pool.promised == 1  # pages follow the tokens fed
+    s.advance(work, [0])
+    work = s.schedule()
+    assert [(w.start, w.count, w.samples) for w in work] == [(4, 2, True)]
+    s.advance(work, [7])
+    assert a.output == [7] and len(a.pages) == 2
+    work = s.schedule()  # decode: the last token fed, one new one
+    assert [(w.start, w.count) for w in work] == [(6, 1)]
+    s.advance(work, [9])
+    assert a.finish_reason == "length" and a.output == [7, 9]
+    assert s.pool.in_use == 0 and s.pool.promised == 0  # every page back at once
+    s.schedule()
+    assert s.running == [b]
+
+
+def test_decode_first_then_prefill_chunks_under_the_budget_and_stops():
+    s = scheduler(pages=40, max_seqs=3, max_step_tokens=6, chunk=4)
+    done = []
+    a = s.add(Request([1, 2], max_tokens=5, stop_ids=frozenset({99}),
+                      listener=lambda r, t, why: done.append(why) if why else None))
+    s.advance(s.schedule(), [5])  # a prefilled: decoding from now on
+    b = s.add(Request([3] * 9, max_tokens=1))
+    c = s.add(Request([4] * 2, max_tokens=1))
+    work = s.schedule()
+    assert [(w.request, w.count) for w in work] == [(a, 1), (b, 4), (c, 1)]  # budget 6
+    s.advance(work, [99, 0, 0])  # a stops: the stop id is not kept
+    assert a.finish_reason == "stop" and a.output == [5] and done == ["stop"]
+
+
+def test_cancel_frees_pages_and_the_queue_is_bounded():
+    s = scheduler(max_waiting=1, max_seqs=1)
+    a = s.add(Request([1] * 5, max_tokens=3))
+    s.schedule()
+    s.add(Request([1], max_tokens=1))
+    with pytest.raises(QueueFull):
+        s.add(Request([1], max_tokens=1))
+    a.cancelled = True
+    s.schedule()
+    assert a.finish_reason == "abort" and a not in s.running and len(s.running) == 1
+    with pytest.raises(ValueError, match="more KV pages than the pool has"):
+        s.add(Request([1] * 40, max_tokens=20))
+    with pytest.raises(ValueError, match="top_p must be in"):
+        SamplingParams(top_p=0)
+
+
+DEFAULT = __import__("os").path.join(__import__("os").path.dirname(__import__("os").path.dirname(
+    __file__)), "models", "default")
+PROMPT_LENGTHS = [3, 17, 40, 5, 70, 9]
+MAX_TOKENS = [5, 9, 3, 12, 6, 20]
+
+
+def _prompts():
+    rng = np.random.default_rng(0)
+    return [rng.integers(3, 250, n).tolist() for n in PROMPT_LENGTHS]
+
+
+def _model(dtype, dispatch="relayfree"):
+    from moe_relayfree_models import checkpoint
+
+    return checkpoint.load_model(DEFAULT, mesh=mr.make_ep_mesh(8), dtype=dtype,
+                                 implementation=dispatch)
+
+
+def _engine_tokens(model):
+    from moe_relayfree_models.serving.engine import Engine, EngineConfig
+
+    engine = Engine(model, EngineConfig(max_seqs=4, max_step_tokens=32, chunk=16, page_size=32))
+    requests = [engine.submit(p, m) for p, m in zip(_prompts(), MAX_TOKENS)]
+    while engine.scheduler.has_work():
+        engine.step()
+    assert engine.pool.in_use == 0
+    return [r.output for r in requests], engine
+
+
+def test_engine_tokens_equal_generate_of_each_prompt_alone():
+    """6 requests of 3-70 tokens and 3-20 new tokens through 4 sequence slots: admitted as slots
+    free, prompts in chunks of 16 beside other requests' decode tokens; each request's greedy
+    tokens are generate()'s for its prompt alone (the default model, float32, 8 devices), for
+    relay-free and the dropless baselines (one test: the references are made once)."""
+    from moe_relayfree_models import generation
+    from moe_relayfree_models.cli import DROPLESS
+
+    model = _model("float32")
+    want = [generation.generate(model, [p], m)["tokens"][0] for p, m in zip(_prompts(), MAX_TOKENS)]
+    for dispatch in DROPLESS.values():
+        got, engine = _engine_tokens(model if dispatch == "relayfree" else _model("float32", dispatch))
+        assert got == want, dispatch
+        steps = engine.metrics.steps
+        assert sum(steps.values()) > 0 and (steps["none"] == 0) == (dispatch == "relayfree")
+
+
+def test_engine_tokens_equal_generate_in_bf16():
+    """The same in bf16, the default model's own dtype."""
+    from moe_relayfree_models import generation
+
+    model = _model("bfloat16")
+    got, _ = _engine_tokens(model)
+    for p, m, tokens in zip(_prompts(), MAX_TOKENS, got):
+        assert tokens == generation.generate(model, [p], m)["tokens"][0]

@@ -1,0 +1,170 @@
+"""The serving engine against static-batch ``generate``, in one process, as ratios:
+
+* ``step``: a decode-only engine step (``B`` requests decoding, each ~``context`` tokens into
+  its sequence) against ``generate``'s decode step at the same batch and a cache of
+  ``context + new`` rows (what it preallocates), timed in interleaved rounds (medians);
+* ``throughput``: output tokens per second with ``2B`` requests of ``new`` tokens through
+  ``B`` slots (saturated), against ``generate`` of a batch of ``B`` (its tokens / its time);
+* ``ttft``: time to first token of a short request arriving while ``B - 1`` others decode,
+  when those others asked for few or for many tokens (the engine's step does not grow with
+  them; a static batch's cache and every step of it did).
+
+Every program is compiled before anything is timed; the command: ``scripts/bench_engine.py``.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from moe_relayfree.tools.bench.report import table, write
+from moe_relayfree.tools.bench.timing import interleaved, ratio_summary
+
+
+def _engine(model, batch: int, context: int, new: int):
+    from moe_relayfree_models.serving.engine import Engine, EngineConfig
+
+    return Engine(model, EngineConfig(max_seqs=batch, max_step_tokens=max(256, batch),
+                                      chunk=64, page_size=16))
+
+
+def _prompts(batch: int, length: int, vocab: int, seed: int = 0) -> list[list[int]]:
+    rng = np.random.default_rng(seed)
+    return [rng.integers(3, min(vocab, 250), length).tolist() for _ in range(batch)]
+
+
+def step_ab(model, batch: int, context: int, new: int, rounds: int) -> dict:
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from moe_relayfree_models.generation import GREEDY, step_program
+    from moe_relayfree_models.transformer import init_cache
+
+    engine = _engine(model, batch, context, new)
+    steps = 4 * rounds + 16  # every step the timing takes (a warm call before each timed one)
+    if context + steps > model.cfg.max_position:
+        raise ValueError(f"context {context} + {steps} steps exceed the model's positions")
+    for p in _prompts(batch, context, model.cfg.vocab_size):
+        engine.submit(p, steps)
+    while any(r.prefilling for r in engine.scheduler.running) or engine.scheduler.waiting:
+        engine.step()
+    graphdef, state = nnx.split(model)
+    cache = [init_cache(model.cfg, batch, context + new, model.compute_dtype)]
+    token = jnp.zeros((batch,), jnp.int32)
+    pad = jnp.zeros((batch,), jnp.int32)
+    key = jax.random.key(0)
+
+    def static():
+        out, cache[0] = step_program(graphdef, GREEDY, state, token, pad, cache[0],
+                                     jnp.int32(context), key)
+        return np.asarray(out)  # generate copies each step's tokens to the host
+
+    times = interleaved({"engine": engine.step, "static": static}, min_rounds=rounds)
+    ratio = times["engine"] / times["static"]
+    return dict(batch=batch, context=context, new=new, rounds=len(ratio),
+                engine_ms=1e3 * float(np.median(times["engine"])),
+                static_ms=1e3 * float(np.median(times["static"])),
+                engine_vs_static=ratio_summary(ratio))
+
+
+def throughput_ab(model, batch: int, prompt: int, new: int) -> dict:
+    from moe_relayfree_models.generation import generate
+
+    prompts = _prompts(2 * batch, prompt, model.cfg.vocab_size, seed=1)
+    engine = _engine(model, batch, prompt, new)
+    for p in prompts[:batch]:  # compile every shape the run takes, on a first run
+        engine.submit(p, new)
+    while engine.scheduler.has_work():
+        engine.step()
+    start = time.perf_counter()
+    for p in prompts:
+        engine.submit(p, new)
+    while engine.scheduler.has_work():
+        engine.step()
+    engine_s = time.perf_counter() - start
+    engine_tps = 2 * batch * new / engine_s
+    generate(model, prompts[:batch], new)  # compiled
+    result = generate(model, prompts[:batch], new)
+    static_s = result["ttft_s"] + sum(result["step_s"])
+    static_tps = batch * new / static_s
+    return dict(batch=batch, prompt=prompt, new=new, requests=2 * batch,
+                engine_tokens_per_s=engine_tps, static_tokens_per_s=static_tps,
+                engine_vs_static=engine_tps / static_tps)
+
+
+def ttft_ab(model, batch: int, prompt: int, others_new: tuple[int, ...], repeats: int) -> dict:
+    """TTFT of a short request with ``batch - 1`` others decoding that asked for each of
+    ``others_new`` tokens (medians over ``repeats``)."""
+    row = dict(batch=batch, prompt=prompt)
+    for n in others_new:
+        engine = _engine(model, batch, prompt, n)
+        waits = []
+        for rep in range(repeats + 1):
+            for p in _prompts(batch - 1, prompt, model.cfg.vocab_size, seed=10 + rep):
+                engine.submit(p, n)
+            while any(r.prefilling for r in engine.scheduler.running) or engine.scheduler.waiting:
+                engine.step()
+            first = []
+            start = time.perf_counter()
+            engine.submit(_prompts(1, prompt, model.cfg.vocab_size, seed=99)[0], 1,
+                          listener=lambda r, t, why: first.append(time.perf_counter()) if t else None)
+            while not first:
+                engine.step()
+            if rep:  # the first round compiles
+                waits.append(first[0] - start)
+            for r in list(engine.scheduler.running):
+                engine.cancel(r)
+            while engine.scheduler.has_work():
+                engine.step()
+        row[f"ttft_ms_others_{n}"] = 1e3 * float(np.median(waits))
+    row["ttft_ratio_many_vs_few"] = (row[f"ttft_ms_others_{others_new[-1]}"]
+                                     / row[f"ttft_ms_others_{others_new[0]}"])
+    return row
+
+
+def run(a, command: str) -> dict:
+    import jax
+
+    import moe_relayfree as mr
+    from moe_relayfree_models import checkpoint
+
+    model = checkpoint.load_model(a.checkpoint, mesh=mr.make_ep_mesh(len(jax.devices())))
+    report = dict(command=command, checkpoint=a.checkpoint, devices=len(jax.devices()),
+                  dtype=str(model.compute_dtype), step=[], throughput=[], ttft=[])
+    for b in a.batches:
+        report["step"].append(step_ab(model, b, a.context, a.new, a.rounds))
+        print("step", report["step"][-1], flush=True)
+        report["throughput"].append(throughput_ab(model, b, a.prompt, a.new))
+        print("throughput", report["throughput"][-1], flush=True)
+    report["ttft"].append(ttft_ab(model, a.batches[0], a.prompt, tuple(a.others_new), a.repeats))
+    print("ttft", report["ttft"][-1], flush=True)
+    write(a.out, "engine", report, markdown(report))
+    return report
+
+
+def markdown(report: dict) -> str:
+    lines = [f"# Serving engine vs static generate ({report['checkpoint']}, "
+             f"{report['devices']} devices, {report['dtype']})", "",
+             f"Command: `{report['command']}`", "", "## Decode step", ""]
+    lines += table(["batch", "context", "rounds", "engine ms", "static ms", "engine / static [95% CI]"],
+                   [(r["batch"], r["context"], r["rounds"], f"{r['engine_ms']:.2f}",
+                     f"{r['static_ms']:.2f}",
+                     f"{r['engine_vs_static']['median']:.2f} [{r['engine_vs_static']['ci95'][0]:.2f}, "
+                     f"{r['engine_vs_static']['ci95'][1]:.2f}]") for r in report["step"]])
+    lines += ["", "## Throughput at saturation", ""]
+    lines += table(["batch", "requests", "prompt", "new", "engine tok/s", "static tok/s", "engine / static"],
+                   [(r["batch"], r["requests"], r["prompt"], r["new"],
+                     f"{r['engine_tokens_per_s']:.1f}", f"{r['static_tokens_per_s']:.1f}",
+                     f"{r['engine_vs_static']:.2f}") for r in report["throughput"]])
+    lines += ["", "## Time to first token of a short request beside decoding ones", ""]
+    for r in report["ttft"]:
+        lines += [f"- batch {r['batch']}, prompt {r['prompt']}: "
+                  + ", ".join(f"{k.removeprefix('ttft_ms_others_')} tokens asked by the others: "
+                              f"{v:.1f} ms" for k, v in r.items() if k.startswith("ttft_ms"))
+                  + f"; ratio {r['ttft_ratio_many_vs_few']:.2f}"]
+    return "\n".join(lines)
+
+
+__all__ = ["run", "step_ab", "throughput_ab", "ttft_ab"]

@@ -60,23 +60,34 @@ def init_pages(cfg: ModelConfig, num_pages: int, page_size: int, dtype) -> Paged
                    [jnp.zeros(shapes[1], dtype) for _ in range(cfg.n_layers)])
 
 
+def _as_bits(a: jax.Array) -> jax.Array:
+    """bf16 as uint16 (the same bits): XLA:CPU widens a bf16 scatter or gather to f32, which
+    converted every layer's whole page pool twice per step (12x the static step's bytes)."""
+    return jax.lax.bitcast_convert_type(a, jnp.uint16) if a.dtype == jnp.bfloat16 else a
+
+
+def _from_bits(a: jax.Array, dtype) -> jax.Array:
+    return jax.lax.bitcast_convert_type(a, dtype) if dtype == jnp.bfloat16 else a
+
+
 def write_pages(pool: jax.Array, rows: jax.Array, positions: jax.Array, valid: jax.Array,
                 page_table: jax.Array) -> jax.Array:
     """Writes ``rows [S, Q, ...]`` (the grid's new keys) at their positions ``[S, Q]`` into
     ``pool [N, page, ...]``; invalid cells (``valid [S, Q]`` False) go to the scratch page 0."""
     page = pool.shape[1]
     slot = jnp.minimum(positions // page, page_table.shape[1] - 1)
-    pages = jnp.take_along_axis(page_table, slot, axis=1)
-    pages = jnp.where(valid, pages, 0)
+    pages = jnp.where(valid, jnp.take_along_axis(page_table, slot, axis=1), 0)
     within = jnp.where(valid, positions % page, 0)
-    return pool.at[pages, within].set(rows.astype(pool.dtype), mode="promise_in_bounds")
+    bits, rows = _as_bits(pool), _as_bits(rows.astype(pool.dtype))
+    bits = bits.at[pages, within].set(rows, mode="promise_in_bounds")
+    return _from_bits(bits, pool.dtype)
 
 
 def read_pages(pool: jax.Array, page_table: jax.Array) -> jax.Array:
     """The rows of each slot's pages in position order: ``[S, P * page, ...]``."""
     s, p = page_table.shape
-    got = pool[page_table]  # [S, P, page, ...]
-    return got.reshape((s, p * pool.shape[1]) + pool.shape[2:])
+    got = _as_bits(pool)[page_table]  # [S, P, page, ...]
+    return _from_bits(got.reshape((s, p * pool.shape[1]) + pool.shape[2:]), pool.dtype)
 
 
 def paged_mask(positions: jax.Array, valid: jax.Array, length: int,

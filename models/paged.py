@@ -36,7 +36,8 @@ _I32 = jnp.int32
 @dataclasses.dataclass(frozen=True)
 class PagedKV:
     """Per layer, the page pools: GQA keys ``k[i] [N, page, kv, hd]`` and values ``v[i]``; MLA
-    the latent ``k[i] [N, page, kv_lora]`` and the rope key ``v[i] [N, page, rope]``."""
+    the latent ``k[i] [N, page, kv_lora]`` and the rope key ``v[i] [N, page, rope]``. bf16
+    pools are kept as their uint16 bits (:func:`storage_dtype`)."""
 
     k: list
     v: list
@@ -50,8 +51,18 @@ class PagedKV:
         return self.k[0].shape[1]
 
 
+def storage_dtype(dtype):
+    """What a page pool of ``dtype`` values is stored as: bf16 as its uint16 bits. XLA:CPU
+    widens a bf16 scatter or gather to f32 (the whole pool, every layer, every step), and a
+    bitcast of the pool to uint16 at each step was a full copy too; rows are converted as they
+    are written and read (a bf16 <-> uint16 bitcast: the same bits)."""
+    return jnp.dtype(jnp.uint16) if jnp.dtype(dtype) == jnp.bfloat16 else jnp.dtype(dtype)
+
+
 def init_pages(cfg: ModelConfig, num_pages: int, page_size: int, dtype) -> PagedKV:
-    """Zeroed page pools for every layer (page 0 included: the scratch page)."""
+    """Zeroed page pools for every layer (page 0 included: the scratch page), stored as
+    :func:`storage_dtype` of ``dtype``."""
+    dtype = storage_dtype(dtype)
     if cfg.is_mla:
         shapes = ((num_pages, page_size, cfg.kv_lora_rank), (num_pages, page_size, cfg.qk_rope_head_dim))
     else:
@@ -60,14 +71,16 @@ def init_pages(cfg: ModelConfig, num_pages: int, page_size: int, dtype) -> Paged
                    [jnp.zeros(shapes[1], dtype) for _ in range(cfg.n_layers)])
 
 
-def _as_bits(a: jax.Array) -> jax.Array:
-    """bf16 as uint16 (the same bits): XLA:CPU widens a bf16 scatter or gather to f32, which
-    converted every layer's whole page pool twice per step (12x the static step's bytes)."""
-    return jax.lax.bitcast_convert_type(a, jnp.uint16) if a.dtype == jnp.bfloat16 else a
+def _to_storage(rows: jax.Array, pool_dtype) -> jax.Array:
+    if pool_dtype == jnp.uint16:
+        return jax.lax.bitcast_convert_type(rows.astype(jnp.bfloat16), jnp.uint16)
+    return rows.astype(pool_dtype)
 
 
-def _from_bits(a: jax.Array, dtype) -> jax.Array:
-    return jax.lax.bitcast_convert_type(a, dtype) if dtype == jnp.bfloat16 else a
+def _from_storage(rows: jax.Array, dtype) -> jax.Array:
+    if rows.dtype == jnp.uint16:
+        return jax.lax.bitcast_convert_type(rows, jnp.bfloat16).astype(dtype)
+    return rows.astype(dtype)
 
 
 def write_pages(pool: jax.Array, rows: jax.Array, positions: jax.Array, valid: jax.Array,
@@ -78,16 +91,15 @@ def write_pages(pool: jax.Array, rows: jax.Array, positions: jax.Array, valid: j
     slot = jnp.minimum(positions // page, page_table.shape[1] - 1)
     pages = jnp.where(valid, jnp.take_along_axis(page_table, slot, axis=1), 0)
     within = jnp.where(valid, positions % page, 0)
-    bits, rows = _as_bits(pool), _as_bits(rows.astype(pool.dtype))
-    bits = bits.at[pages, within].set(rows, mode="promise_in_bounds")
-    return _from_bits(bits, pool.dtype)
+    rows = _to_storage(rows, pool.dtype)
+    return pool.at[pages, within].set(rows, mode="promise_in_bounds")
 
 
-def read_pages(pool: jax.Array, page_table: jax.Array) -> jax.Array:
-    """The rows of each slot's pages in position order: ``[S, P * page, ...]``."""
+def read_pages(pool: jax.Array, page_table: jax.Array, dtype) -> jax.Array:
+    """The rows of each slot's pages in position order: ``[S, P * page, ...]`` in ``dtype``."""
     s, p = page_table.shape
-    got = _as_bits(pool)[page_table]  # [S, P, page, ...]
-    return _from_bits(got.reshape((s, p * pool.shape[1]) + pool.shape[2:]), pool.dtype)
+    got = pool[page_table]  # [S, P, page, ...]
+    return _from_storage(got.reshape((s, p * pool.shape[1]) + pool.shape[2:]), dtype)
 
 
 def paged_mask(positions: jax.Array, valid: jax.Array, length: int,
@@ -118,13 +130,25 @@ class StepBatch:
     last: jax.Array
 
 
+def slots_split(a: jax.Array, layer) -> jax.Array:
+    """``a [S, ...]`` split over the token shards of the model's mesh by slot (when ``S``
+    divides): each device attends for its own sequences, reading their pages from its copy of
+    the pools, instead of every device attending for all of them."""
+    mlp = getattr(layer, "mlp", None)
+    lay = getattr(mlp, "layout", None) or getattr(layer, "layout", None)
+    if lay is None or a.shape[0] % lay.num_token_shards:
+        return a
+    spec = jax.sharding.PartitionSpec(lay.batch_axes)
+    return jax.lax.with_sharding_constraint(a, jax.sharding.NamedSharding(lay.mesh, spec))
+
+
 def _attention(layer, h_flat, batch: StepBatch, k_pool, v_pool, dtype):
     """One layer's attention over the pages: ``[T, d]`` -> (``[T, d]``, pools)."""
     attn, cfg = layer.attn, layer.attn.cfg
     t, d = h_flat.shape
     s, q = batch.grid_index.shape
     padded = jnp.concatenate([h_flat, jnp.zeros((1, d), h_flat.dtype)])
-    grid = padded[batch.grid_index]  # [S, Q, d]
+    grid = slots_split(padded[batch.grid_index], layer)  # [S, Q, d]
     valid = batch.grid_index < t
     positions = jnp.concatenate([batch.positions, jnp.zeros((1,), _I32)])[batch.grid_index]
     length = batch.page_table.shape[1] * k_pool.shape[1]
@@ -133,15 +157,15 @@ def _attention(layer, h_flat, batch: StepBatch, k_pool, v_pool, dtype):
         k_pool = write_pages(k_pool, latent, positions, valid, batch.page_table)
         v_pool = write_pages(v_pool, k_rope, positions, valid, batch.page_table)
         mask = paged_mask(positions, valid, length)
-        out = attn.attend(q_nope, q_rope, read_pages(k_pool, batch.page_table).astype(dtype),
-                          read_pages(v_pool, batch.page_table).astype(dtype), mask)
+        out = attn.attend(q_nope, q_rope, read_pages(k_pool, batch.page_table, dtype),
+                          read_pages(v_pool, batch.page_table, dtype), mask)
     else:
         qs, ks, vs = attn.project(grid, positions)
         k_pool = write_pages(k_pool, ks, positions, valid, batch.page_table)
         v_pool = write_pages(v_pool, vs, positions, valid, batch.page_table)
         mask = paged_mask(positions, valid, length, attn.window)
-        out = attn.attend(qs, read_pages(k_pool, batch.page_table),
-                          read_pages(v_pool, batch.page_table), mask)
+        out = attn.attend(qs, read_pages(k_pool, batch.page_table, dtype),
+                          read_pages(v_pool, batch.page_table, dtype), mask)
     return out.reshape(s * q, d)[batch.flat_cell], k_pool, v_pool
 
 

@@ -131,7 +131,11 @@ def run(a, command: str) -> dict:
     from moe_relayfree_models import checkpoint
 
     model = checkpoint.load_model(a.checkpoint, mesh=mr.make_ep_mesh(len(jax.devices())))
-    report = dict(command=command, checkpoint=a.checkpoint, devices=len(jax.devices()),
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    name = os.path.relpath(a.checkpoint, root) if os.path.abspath(a.checkpoint).startswith(root) else a.checkpoint
+    report = dict(command=command, checkpoint=name, devices=len(jax.devices()),
                   dtype=str(model.compute_dtype), step=[], throughput=[], ttft=[])
     for b in a.batches:
         report["step"].append(step_ab(model, b, a.context, a.new, a.rounds))

@@ -55,6 +55,18 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--process-id", type=int, default=0)
 
 
+def start_process(args) -> str | None:
+    """What a command that runs a model does first, before any JAX backend starts: the
+    emulated CPU devices (``--devices``), the multi-process job (``--coordinator``), the
+    compilation cache; returns the cache's folder (None: off)."""
+    from moe_relayfree.distributed import emulate_cpu_devices, initialize
+
+    emulate_cpu_devices(args.devices)
+    if args.coordinator:
+        initialize(args.coordinator, args.num_processes, args.process_id)
+    return apply_cache_args(args)
+
+
 class SetupError(Exception):
     """A one-line reason a command cannot run (a command prints it and exits 2)."""
 

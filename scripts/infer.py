@@ -21,9 +21,8 @@ import json
 import os
 import sys
 
-from moe_relayfree.distributed import emulate_cpu_devices
-from moe_relayfree_models.cli import (SetupError, add_model_args, apply_cache_args, load,
-                                      positive_int, prepare)
+from moe_relayfree_models.cli import (SetupError, add_model_args, load, positive_int, prepare,
+                                      start_process)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_PROMPTS = ["Return the number of ", "This function ", "Raise ValueError if "]
@@ -50,16 +49,12 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    emulate_cpu_devices(args.devices)
+    cache_dir = start_process(args)
     import jax
     import numpy as np
 
     import moe_relayfree as mr
-    from moe_relayfree_models import checkpoint, generation, tokenizer
-
-    if args.coordinator:
-        mr.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
-    cache_dir = apply_cache_args(args)
+    from moe_relayfree_models import generation
 
     try:
         sampling = generation.Sampling(args.temperature, args.top_k, args.top_p)

@@ -18,8 +18,7 @@ import json
 import os
 import sys
 
-from moe_relayfree.distributed import emulate_cpu_devices
-from moe_relayfree_models.cli import SetupError, add_model_args, apply_cache_args, load, positive_int, prepare
+from moe_relayfree_models.cli import SetupError, add_model_args, load, positive_int, prepare, start_process
 
 
 def GracefulServer(config):
@@ -59,17 +58,12 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    emulate_cpu_devices(args.devices)
+    start_process(args)
     import uvicorn
 
-    import moe_relayfree as mr
     from moe_relayfree_models import generation
     from moe_relayfree_models.serving.engine import Engine, EngineConfig
     from moe_relayfree_models.serving.server import Server
-
-    if args.coordinator:
-        mr.distributed.initialize(args.coordinator, args.num_processes, args.process_id)
-    apply_cache_args(args)
     try:
         cfg, tok, dispatch = prepare(args)
         engine_config = EngineConfig(args.max_seqs, args.max_step_tokens, args.chunk,

@@ -26,7 +26,7 @@ from typing import Any, Callable, NamedTuple
 import jax
 
 from moe_relayfree import decode, prefill
-from moe_relayfree.baselines import capacity, ragged
+from moe_relayfree.baselines import allgather, capacity, ragged
 from moe_relayfree.config import DispatchConfig, Lowering
 from moe_relayfree.experts import grouped_swiglu, windows_swiglu
 from moe_relayfree.ffn import swiglu
@@ -169,6 +169,16 @@ def _capacity_layer(x, ids, weights, w: ExpertWeights, call: Call):
     return capacity.combine(_capacity_experts(expert_in, w), handle)
 
 
+def _allgather_dispatch(x, ids, weights, call: Call):
+    return allgather.dispatch(x, ids, weights, num_experts=call.num_experts,
+                              axis_name=call.axis_name)
+
+
+def _allgather_layer(x, ids, weights, w: ExpertWeights, call: Call):
+    windows, handle = _allgather_dispatch(x, ids, weights, call)
+    return allgather.combine(_window_experts(windows, w), handle)
+
+
 _RAGGED = dict(experts=_ragged_experts, combine=ragged.combine)
 
 PATHS: dict[str, DispatchPath] = {p.name: p for p in (
@@ -199,6 +209,11 @@ PATHS: dict[str, DispatchPath] = {p.name: p for p in (
         "capacity_baseline", "capacity_baseline", None, _capacity_layer, _capacity_dispatch,
         _capacity_experts, capacity.combine, settings=frozenset(), drops=False,
         summary="GShard-style [E, C, d] buffers with C = T, dense all_to_all"),
+    DispatchPath(
+        "allgather_baseline", "allgather_baseline", None, _allgather_layer, _allgather_dispatch,
+        _window_experts, allgather.combine, settings=frozenset(), drops=False,
+        summary="tpu-inference / sglang-jax EP: all-gather the tokens, local experts on a "
+                "P*T*k-row buffer, psum_scatter the partial sums back"),
 )}
 
 #: The values of ``DispatchConfig.implementation``, in table order.

@@ -52,6 +52,8 @@ def estimated_bytes(name: str, tokens: int, k: int, d: int, num_ranks: int, num_
         per_rank = num_ranks * tokens + 3 * worst + 2 * tk
     elif name == "ragged_baseline":
         per_rank = 3 * tk + 5 * num_ranks * tk + 2 * num_ranks * tk
+    elif name == "allgather_baseline":  # gathered tokens, worst-case windows in and out, partials
+        per_rank = num_ranks * tokens + 3 * num_ranks * tk + num_ranks * tokens
     else:
         cap = capacity.capacity_for(tokens, k, num_experts, CAPACITY_FACTOR)
         per_rank = 5 * num_experts * cap + tokens * num_experts * cap // max(d, 1) * 2

@@ -49,6 +49,9 @@ def parse_args(argv=None):
     p.add_argument("--page-size", type=positive_int, default=16, help="KV cache rows per page")
     p.add_argument("--num-pages", type=positive_int, default=None,
                    help="KV pages in the pool (default: every sequence at full length)")
+    p.add_argument("--max-model-len", type=positive_int, default=None,
+                   help="the longest request served, prompt and completion (default: the "
+                   "model's max_position_embeddings)")
     p.add_argument("--max-waiting", type=positive_int, default=256,
                    help="waiting requests past which the server answers 429")
     p.add_argument("--warm-up", action="store_true",
@@ -67,7 +70,8 @@ def main(argv=None) -> int:
     try:
         cfg, tok, dispatch = prepare(args)
         engine_config = EngineConfig(args.max_seqs, args.max_step_tokens, args.chunk,
-                                     args.page_size, args.num_pages, args.max_waiting)
+                                     args.page_size, args.num_pages, args.max_waiting,
+                                     args.max_model_len)
         model = load(args, dispatch)
         engine = Engine(model, engine_config)
     except SetupError as e:

@@ -68,6 +68,21 @@ def test_cancel_frees_pages_and_the_queue_is_bounded():
         SamplingParams(top_p=0)
 
 
+def test_max_model_len_caps_requests_and_the_pool():
+    """--max-model-len: the pool is sized for it and longer requests are refused with the
+    numbers (a long-context model's default pool would hold every slot at full length)."""
+    from moe_relayfree_models.serving.engine import Engine, EngineConfig
+
+    model = _model("float32")
+    engine = Engine(model, EngineConfig(max_seqs=2, max_step_tokens=16, chunk=8, page_size=16,
+                                        max_model_len=64))
+    assert engine.pool.num_pages == 2 * 4 + 1 and engine.max_positions == 64
+    with pytest.raises(ValueError, match="exceed the model's 64 positions"):
+        engine.submit([5] * 40, 30)
+    with pytest.raises(ValueError, match="max_model_len must be in"):
+        Engine(model, EngineConfig(max_model_len=10**6))
+
+
 DEFAULT = __import__("os").path.join(__import__("os").path.dirname(__import__("os").path.dirname(
     __file__)), "models", "default")
 PROMPT_LENGTHS = [3, 17, 40, 5, 70, 9]

@@ -41,8 +41,10 @@ def _pow2(n: int, floor: int = 1) -> int:
 class EngineConfig:
     """max_seqs: sequence slots per step; max_step_tokens: the step's token budget; chunk:
     the largest prefill chunk of one request in a step; page_size: KV rows per page;
-    num_pages: the pool (default: every slot at the model's full length, plus the scratch
-    page); max_waiting: the waiting queue's bound."""
+    num_pages: the pool (default: every slot at full length, plus the scratch page);
+    max_waiting: the waiting queue's bound; max_model_len: the longest request served, prompt
+    and completion (default: the model's ``max_position_embeddings``; a long-context model's
+    163,840 positions would size the default pool for every slot at that length)."""
 
     max_seqs: int = 16
     max_step_tokens: int = 256
@@ -50,6 +52,7 @@ class EngineConfig:
     page_size: int = 16
     num_pages: int | None = None
     max_waiting: int = 256
+    max_model_len: int | None = None
 
 
 @functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(3,))
@@ -77,13 +80,17 @@ class Engine:
     def __init__(self, model, config: EngineConfig = EngineConfig()):
         self.model, self.config = model, config
         cfg = model.cfg
-        self.max_positions = cfg.max_position
-        self.max_pages = -(-cfg.max_position // config.page_size)
+        limit = config.max_model_len or cfg.max_position
+        if not 1 <= limit <= cfg.max_position:
+            raise ValueError(f"max_model_len must be in [1, {cfg.max_position}] (the model's "
+                             f"positions), got {limit}")
+        self.max_positions = limit
+        self.max_pages = -(-limit // config.page_size)
         num_pages = config.num_pages or config.max_seqs * self.max_pages + 1
         self.pool = PagePool(num_pages, config.page_size)
         self.scheduler = Scheduler(self.pool, max_seqs=config.max_seqs,
                                    max_step_tokens=config.max_step_tokens, chunk=config.chunk,
-                                   max_positions=cfg.max_position, max_waiting=config.max_waiting)
+                                   max_positions=limit, max_waiting=config.max_waiting)
         self.pages = jax.device_put(init_pages(cfg, num_pages, config.page_size, model.compute_dtype),
                                     NamedSharding(model.dispatch.mesh, PartitionSpec()))
         self.graphdef, self.state = nnx.split(model)
@@ -105,7 +112,8 @@ class Engine:
             raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")
         if any(not 0 <= t < self.model.cfg.vocab_size for t in prompt):
             raise ValueError(f"prompt token ids must be in [0, {self.model.cfg.vocab_size})")
-        check_context(self.model.cfg, len(prompt), max_tokens)
+        check_context(dataclasses.replace(self.model.cfg, max_position=self.max_positions),
+                      len(prompt), max_tokens)
         if sampling.seed is None:
             sampling = dataclasses.replace(sampling, seed=next(self._seeds) % 2**32)
         request = Request(list(prompt), max_tokens, sampling, frozenset(stop_ids), listener,

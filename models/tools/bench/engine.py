@@ -22,6 +22,25 @@ from moe_relayfree.tools.bench.report import table, write
 from moe_relayfree.tools.bench.timing import interleaved, ratio_summary
 
 
+class CompileCounter:
+    """Counts XLA backend compiles while active (JAX's monitoring events)."""
+
+    EVENT = "/jax/core/compile/backend_compile_duration"
+
+    def __enter__(self):
+        import jax
+
+        self.count = 0
+        self._listener = lambda name, *_, **__: setattr(self, "count", self.count + (name == self.EVENT))
+        jax.monitoring.register_event_duration_secs_listener(self._listener)
+        return self
+
+    def __exit__(self, *exc):
+        import jax
+
+        jax.monitoring.unregister_event_duration_listener(self._listener)
+
+
 def _engine(model, batch: int, context: int, new: int):
     from moe_relayfree_models.serving.engine import Engine, EngineConfig
 
@@ -78,18 +97,20 @@ def throughput_ab(model, batch: int, prompt: int, new: int) -> dict:
         engine.submit(p, new)
     while engine.scheduler.has_work():
         engine.step()
-    start = time.perf_counter()
-    for p in prompts:
-        engine.submit(p, new)
-    while engine.scheduler.has_work():
-        engine.step()
-    engine_s = time.perf_counter() - start
+    with CompileCounter() as compiles:  # the same mix again: every shape compiled above
+        start = time.perf_counter()
+        for p in prompts:
+            engine.submit(p, new)
+        while engine.scheduler.has_work():
+            engine.step()
+        engine_s = time.perf_counter() - start
     engine_tps = 2 * batch * new / engine_s
     generate(model, prompts[:batch], new)  # compiled
     result = generate(model, prompts[:batch], new)
     static_s = result["ttft_s"] + sum(result["step_s"])
     static_tps = batch * new / static_s
     return dict(batch=batch, prompt=prompt, new=new, requests=2 * batch,
+                engine_steps=engine.metrics.steps, compiles_in_timed_run=compiles.count,
                 engine_tokens_per_s=engine_tps, static_tokens_per_s=static_tps,
                 engine_vs_static=engine_tps / static_tps)
 
@@ -158,10 +179,12 @@ def markdown(report: dict) -> str:
                      f"{r['engine_vs_static']['median']:.2f} [{r['engine_vs_static']['ci95'][0]:.2f}, "
                      f"{r['engine_vs_static']['ci95'][1]:.2f}]") for r in report["step"]])
     lines += ["", "## Throughput at saturation", ""]
-    lines += table(["batch", "requests", "prompt", "new", "engine tok/s", "static tok/s", "engine / static"],
+    lines += table(["batch", "requests", "prompt", "new", "engine tok/s", "static tok/s",
+                    "engine / static", "compiles in the timed run"],
                    [(r["batch"], r["requests"], r["prompt"], r["new"],
                      f"{r['engine_tokens_per_s']:.1f}", f"{r['static_tokens_per_s']:.1f}",
-                     f"{r['engine_vs_static']:.2f}") for r in report["throughput"]])
+                     f"{r['engine_vs_static']:.2f}", r["compiles_in_timed_run"])
+                    for r in report["throughput"]])
     lines += ["", "## Time to first token of a short request beside decoding ones", ""]
     for r in report["ttft"]:
         lines += [f"- batch {r['batch']}, prompt {r['prompt']}: "

@@ -147,10 +147,17 @@ def _attention(layer, h_flat, batch: StepBatch, k_pool, v_pool, dtype):
     attn, cfg = layer.attn, layer.attn.cfg
     t, d = h_flat.shape
     s, q = batch.grid_index.shape
-    padded = jnp.concatenate([h_flat, jnp.zeros((1, d), h_flat.dtype)])
-    grid = slots_split(padded[batch.grid_index], layer)  # [S, Q, d]
+    # A decode step laid out one token per slot (T == S, token i in slot i): the grid is the
+    # flat tokens themselves, split alike, so no gather (and no collective) goes between them.
+    aligned = q == 1 and t == s
     valid = batch.grid_index < t
-    positions = jnp.concatenate([batch.positions, jnp.zeros((1,), _I32)])[batch.grid_index]
+    if aligned:
+        grid = h_flat[:, None, :]
+        positions = batch.positions[:, None]
+    else:
+        padded = jnp.concatenate([h_flat, jnp.zeros((1, d), h_flat.dtype)])
+        grid = slots_split(padded[batch.grid_index], layer)  # [S, Q, d]
+        positions = jnp.concatenate([batch.positions, jnp.zeros((1,), _I32)])[batch.grid_index]
     length = batch.page_table.shape[1] * k_pool.shape[1]
     if cfg.is_mla:
         q_nope, q_rope, latent, k_rope = attn.project(grid, positions)
@@ -166,7 +173,8 @@ def _attention(layer, h_flat, batch: StepBatch, k_pool, v_pool, dtype):
         mask = paged_mask(positions, valid, length, attn.window)
         out = attn.attend(qs, read_pages(k_pool, batch.page_table, dtype),
                           read_pages(v_pool, batch.page_table, dtype), mask)
-    return out.reshape(s * q, d)[batch.flat_cell], k_pool, v_pool
+    flat = out.reshape(s, d) if aligned else out.reshape(s * q, d)[batch.flat_cell]
+    return flat, k_pool, v_pool
 
 
 def paged_forward(model, batch: StepBatch, pages: PagedKV, dtype=None):

@@ -95,6 +95,8 @@ class Engine:
                                     NamedSharding(model.dispatch.mesh, PartitionSpec()))
         self.graphdef, self.state = nnx.split(model)
         self._replicated = NamedSharding(model.dispatch.mesh, PartitionSpec())
+        # decode-only steps: T == S slots, a power of two covering max_seqs
+        self._decode_slots = _pow2(config.max_seqs, 8)
         self.metrics = Metrics()
         self._seeds = itertools.count(1)
         self._wake = threading.Condition()
@@ -131,14 +133,19 @@ class Engine:
 
     # --- steps ----------------------------------------------------------------------------
 
-    def _shape(self, work: list[Work]) -> tuple[int, int, int]:
+    def _shape(self, work: list[Work]) -> tuple[int, int, int, int]:
+        """(tokens T, slots S, query rows Q, pages P) of the step's program. A decode-only
+        step takes one token per slot (``T == S``, a power of two: the grid is the flat
+        tokens, see :mod:`moe_relayfree_models.paged`); a step with prefill chunks takes
+        ``max_seqs`` slots of ``chunk`` rows."""
         tokens = sum(w.count for w in work)
-        q = 1 if all(w.count == 1 for w in work) else self.config.chunk
-        pages = max(len(w.request.pages) for w in work)
-        return _pow2(tokens, 8), q, min(_pow2(pages), self.max_pages)
+        pages = min(_pow2(max(len(w.request.pages) for w in work)), self.max_pages)
+        if all(w.count == 1 for w in work):
+            t = min(_pow2(tokens, 8), self._decode_slots)
+            return t, t, 1, pages
+        return _pow2(tokens, 8), self.config.max_seqs, self.config.chunk, pages
 
-    def _layout(self, work: list[Work], t: int, q: int, p: int):
-        s = self.config.max_seqs
+    def _layout(self, work: list[Work], t: int, s: int, q: int, p: int):
         tokens = np.zeros(t, np.int32)
         positions = np.zeros(t, np.int32)
         grid = np.full((s, q), t, np.int32)
@@ -202,20 +209,14 @@ class Engine:
     def warm_up(self) -> int:
         """Compiles every step shape (tokens, query rows, pages buckets) before serving;
         returns how many. Runs them on scratch pages only (page 0)."""
-        shapes = set()
-        t_max = _pow2(self.config.max_step_tokens, 8)
-        for q in (1, self.config.chunk):
-            t = _pow2(1, 8)
-            while t <= t_max:
-                p = 1
-                while p <= self.max_pages:
-                    shapes.add((t, q, p))
-                    p *= 2
-                p = self.max_pages
-                shapes.add((t, q, p))
-                t *= 2
-        for t, q, p in sorted(shapes):
-            batch, sampling = self._layout([], t, q, p)
+        pages = {self.max_pages} | {1 << i for i in range(self.max_pages.bit_length())
+                                    if 1 << i <= self.max_pages}
+        decode = {(t, t, 1) for t in (8 << i for i in range(8)) if t <= self._decode_slots}
+        mixed = {(t, self.config.max_seqs, self.config.chunk) for t in (8 << i for i in range(16))
+                 if t <= _pow2(self.config.max_step_tokens, 8)}
+        shapes = {(t, s, q, p) for t, s, q in decode | mixed for p in pages}
+        for shape in sorted(shapes):
+            batch, sampling = self._layout([], *shape)
             out, self.pages = _step_program(self.graphdef, self.state, batch, self.pages, *sampling)
             jax.block_until_ready(out)
         return len(shapes)

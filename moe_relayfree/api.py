@@ -175,7 +175,6 @@ def expert_parallel_moe(
       their token's output row into NaN (no other token's row changes). ``N = 0`` gives ``[0, d]``.
     """
     config = dispatch_config(config, **settings)
-    _refuse_vmap(x, topk_ids, topk_weights, w_gate, w_up, w_down)
     n = np.shape(x)[0] if np.ndim(x) == 2 and np.ndim(topk_ids) == 2 else 0
     k = np.shape(topk_ids)[1] if np.ndim(topk_ids) == 2 else 1
     return run_resolved(resolve(config, n, k), config, x, topk_ids, topk_weights,

@@ -134,22 +134,28 @@ def _decode_dispatch(x, ids, weights, call: Call):
 # --- baselines --------------------------------------------------------------------------------
 
 
-def _ragged_dispatch(x, ids, weights, call: Call, bounded: bool = False):
+def _chained(dispatch, experts, combine):
+    """The layer of a path whose whole run is its one round: dispatch, experts, combine."""
+    def layer(x, ids, weights, w: ExpertWeights, call: Call):
+        received, handle = dispatch(x, ids, weights, call)
+        return combine(experts(received, w), handle)
+
+    return layer
+
+
+def _ragged_dispatch(x, ids, weights, call: Call):
     return ragged.dispatch(x, ids, weights, num_experts=call.num_experts,
-                           axis_name=call.axis_name, recv_rows=call.rows if bounded else None)
+                           axis_name=call.axis_name)
+
+
+def _ragged_bounded_dispatch(x, ids, weights, call: Call):
+    return ragged.dispatch(x, ids, weights, num_experts=call.num_experts,
+                           axis_name=call.axis_name, recv_rows=call.rows)
 
 
 def _ragged_experts(received, w: ExpertWeights):
     rows, sizes = received
     return grouped_swiglu(rows, sizes, *w)
-
-
-def _ragged_layer(bounded: bool):
-    def layer(x, ids, weights, w: ExpertWeights, call: Call):
-        received, handle = _ragged_dispatch(x, ids, weights, call, bounded)
-        return ragged.combine(_ragged_experts(received, w), handle)
-
-    return layer
 
 
 def _capacity_dispatch(x, ids, weights, call: Call):
@@ -164,22 +170,16 @@ def _capacity_experts(expert_in, w: ExpertWeights):
     return jax.vmap(swiglu)(expert_in, *dense)
 
 
-def _capacity_layer(x, ids, weights, w: ExpertWeights, call: Call):
-    expert_in, handle = _capacity_dispatch(x, ids, weights, call)
-    return capacity.combine(_capacity_experts(expert_in, w), handle)
-
-
 def _allgather_dispatch(x, ids, weights, call: Call):
     return allgather.dispatch(x, ids, weights, num_experts=call.num_experts,
                               axis_name=call.axis_name)
 
 
-def _allgather_layer(x, ids, weights, w: ExpertWeights, call: Call):
-    windows, handle = _allgather_dispatch(x, ids, weights, call)
-    return allgather.combine(_window_experts(windows, w), handle)
-
-
-_RAGGED = dict(experts=_ragged_experts, combine=ragged.combine)
+def _baseline(name: str, dispatch, experts, combine, **fields) -> DispatchPath:
+    """A baseline's entry: its implementation is its name, it has one form (no schedule), and
+    its layer is its one round."""
+    return DispatchPath(name, name, None, _chained(dispatch, experts, combine), dispatch,
+                        experts, combine, **fields)
 
 PATHS: dict[str, DispatchPath] = {p.name: p for p in (
     DispatchPath(
@@ -194,24 +194,23 @@ PATHS: dict[str, DispatchPath] = {p.name: p for p in (
         frozenset({"schedule", "decode_threshold", "decode_overflow"}), drops=False,
         transports=("gather", "windows", "replicated"),
         summary="relay-free decode: 2*T*k window rows, bounded passes under skew"),
-    DispatchPath(
-        "ragged_baseline", "ragged_baseline", None, _ragged_layer(False), _ragged_dispatch,
-        **_RAGGED, settings=frozenset(), drops=False,
+    _baseline(
+        "ragged_baseline", _ragged_dispatch, _ragged_experts, ragged.combine,
+        settings=frozenset(), drops=False,
         summary="MaxText-style: sort, one segment per peer, receiver re-sort, worst-case "
                 "P*T*k receive buffer"),
-    DispatchPath(
-        "ragged_baseline_bounded", "ragged_baseline_bounded", None, _ragged_layer(True),
-        lambda x, ids, weights, call: _ragged_dispatch(x, ids, weights, call, True),
-        **_RAGGED, settings=frozenset({"capacity_factor"}), drops=True, row_floor=1,
+    _baseline(
+        "ragged_baseline_bounded", _ragged_bounded_dispatch, _ragged_experts, ragged.combine,
+        settings=frozenset({"capacity_factor"}), drops=True, row_floor=1,
         summary="MaxText-style with a capacity_factor*T*k receive buffer: copies past it "
                 "are dropped (counted)"),
-    DispatchPath(
-        "capacity_baseline", "capacity_baseline", None, _capacity_layer, _capacity_dispatch,
-        _capacity_experts, capacity.combine, settings=frozenset(), drops=False,
+    _baseline(
+        "capacity_baseline", _capacity_dispatch, _capacity_experts, capacity.combine,
+        settings=frozenset(), drops=False,
         summary="GShard-style [E, C, d] buffers with C = T, dense all_to_all"),
-    DispatchPath(
-        "allgather_baseline", "allgather_baseline", None, _allgather_layer, _allgather_dispatch,
-        _window_experts, allgather.combine, settings=frozenset(), drops=False,
+    _baseline(
+        "allgather_baseline", _allgather_dispatch, _window_experts, allgather.combine,
+        settings=frozenset(), drops=False,
         summary="tpu-inference / sglang-jax EP: all-gather the tokens, local experts on a "
                 "P*T*k-row buffer, psum_scatter the partial sums back"),
 )}

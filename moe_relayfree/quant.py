@@ -128,18 +128,8 @@ INFERENCE_ONLY = ("FP8 experts (BlockQuantized weights) are inference only: no g
                   "expert_block) and quantize afterwards (MoELayer.quantize_experts).")
 
 
-@jax.custom_vjp
-def inference_only(tree):
-    """``tree`` unchanged; differentiating through it raises ``ValueError``
-    (:data:`INFERENCE_ONLY`) instead of an error from deep inside the FP8 kernels."""
-    return tree
-
-
 def _refuse(_, cotangent):
     raise ValueError(INFERENCE_ONLY)
-
-
-inference_only.defvjp(lambda tree: (tree, None), _refuse)
 
 
 def inference_only_call(fn, *args):
@@ -154,7 +144,9 @@ def inference_only_call(fn, *args):
 def as_dtype(w, dtype) -> jax.Array:
     """A weight in ``dtype``: a :class:`BlockQuantized` one dequantized (inference only), an
     array cast."""
-    return inference_only(w).dequantize(dtype) if is_quantized(w) else w.astype(dtype)
+    if is_quantized(w):
+        return inference_only_call(lambda q: q.dequantize(dtype), w)
+    return w.astype(dtype)
 
 
 def shape_of(w) -> tuple[int, ...]:

@@ -96,11 +96,26 @@ def choose_tokens_per_row(logits: jax.Array, temperature: jax.Array, top_k: jax.
     Row ``s``'s draw uses ``fold_in(key(seed[s]), position[s])`` only, so a request's tokens
     do not depend on what else is in the batch. The same warpers as :func:`filtered_logits`
     (temperature, then top-k keeping ties, then top-p over what top-k kept)."""
+    sampled = temperature > 0
+    x = filtered_logits_per_row(logits, temperature, top_k, top_p)
+
+    def draw(seed, position, row):
+        key = jax.random.fold_in(jax.random.key(seed), position)
+        return jax.random.categorical(key, row)
+
+    drawn = jax.vmap(draw)(seed, position, x).astype(jnp.int32)
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return jnp.where(sampled, drawn, greedy)
+
+
+def filtered_logits_per_row(logits: jax.Array, temperature: jax.Array, top_k: jax.Array,
+                            top_p: jax.Array) -> jax.Array:
+    """:func:`filtered_logits` with each row's own settings (``[S]`` arrays; a temperature of
+    0 reads as 1 here: greedy rows take the argmax of the raw logits). A full sort per row,
+    where :func:`filtered_logits` takes ``lax.top_k`` of one static ``k``."""
     x = logits.astype(jnp.float32)
     vocab = x.shape[-1]
-    greedy = jnp.argmax(x, axis=-1).astype(jnp.int32)
-    sampled = temperature > 0
-    x = x / jnp.where(sampled, temperature, 1.0)[:, None]
+    x = x / jnp.where(temperature > 0, temperature, 1.0)[:, None]
     desc = -jnp.sort(-x, axis=-1)
     k = jnp.where((top_k > 0) & (top_k < vocab), top_k, vocab)
     kth = jnp.take_along_axis(desc, (k - 1)[:, None], axis=-1)
@@ -112,14 +127,7 @@ def choose_tokens_per_row(logits: jax.Array, temperature: jax.Array, top_k: jax.
     mass_before = jnp.cumsum(probs, axis=-1) - probs
     kept = (mass_before < top_p[:, None]) & in_k
     smallest_kept = jnp.min(jnp.where(kept, desc, jnp.inf), axis=-1, keepdims=True)
-    x = jnp.where((top_p[:, None] < 1) & (x < smallest_kept), -jnp.inf, x)
-
-    def draw(seed, position, row):
-        key = jax.random.fold_in(jax.random.key(seed), position)
-        return jax.random.categorical(key, row)
-
-    drawn = jax.vmap(draw)(seed, position, x).astype(jnp.int32)
-    return jnp.where(sampled, drawn, greedy)
+    return jnp.where((top_p[:, None] < 1) & (x < smallest_kept), -jnp.inf, x)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=5)
@@ -186,18 +194,29 @@ def _finish(row: list[int], stop_ids) -> tuple[list[int], str]:
     return row, "length"
 
 
+class ContextLengthError(ValueError):
+    """A request past the model's positions; ``param`` names what is too long ("prompt" or
+    "max_tokens")."""
+
+    def __init__(self, message: str, param: str):
+        super().__init__(message)
+        self.param = param
+
+
 def check_context(cfg, prompt_tokens: int, max_new_tokens: int) -> None:
     """Refuses a request past the model's positions (``max_position_embeddings``): past them
     RoPE runs on positions the model never saw and quality degrades with no word, so, as vLLM
-    does, the request is refused, naming the numbers."""
+    does, the request is refused (:class:`ContextLengthError`), naming the numbers."""
     if prompt_tokens >= cfg.max_position:
-        raise ValueError(f"the prompt has {prompt_tokens} tokens; this model takes at most "
-                         f"{cfg.max_position} positions (max_position_embeddings), prompt and "
-                         "new tokens together")
+        raise ContextLengthError(
+            f"the prompt has {prompt_tokens} tokens; this model takes at most "
+            f"{cfg.max_position} positions (max_position_embeddings), prompt and new tokens "
+            "together", "prompt")
     if prompt_tokens + max_new_tokens > cfg.max_position:
-        raise ValueError(f"{prompt_tokens} prompt tokens + {max_new_tokens} new tokens exceed the "
-                         f"model's {cfg.max_position} positions (max_position_embeddings); "
-                         f"ask for at most {cfg.max_position - prompt_tokens} new tokens")
+        raise ContextLengthError(
+            f"{prompt_tokens} prompt tokens + {max_new_tokens} new tokens exceed the model's "
+            f"{cfg.max_position} positions (max_position_embeddings); ask for at most "
+            f"{cfg.max_position - prompt_tokens} new tokens", "max_tokens")
 
 
 def generate(model, prompts: list[list[int]], max_new_tokens: int, *, sampling: Sampling = GREEDY,

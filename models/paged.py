@@ -130,19 +130,18 @@ class StepBatch:
     last: jax.Array
 
 
-def slots_split(a: jax.Array, layer) -> jax.Array:
-    """``a [S, ...]`` split over the token shards of the model's mesh by slot (when ``S``
-    divides): each device attends for its own sequences, reading their pages from its copy of
-    the pools, instead of every device attending for all of them."""
-    mlp = getattr(layer, "mlp", None)
-    lay = getattr(mlp, "layout", None) or getattr(layer, "layout", None)
-    if lay is None or a.shape[0] % lay.num_token_shards:
+def slots_split(a: jax.Array, lay) -> jax.Array:
+    """``a [S, ...]`` split by slot over the token shards of ``lay`` (the model's
+    :class:`~moe_relayfree.MeshLayout`; when ``S`` divides): each device attends for its own
+    sequences, reading their pages from its copy of the pools, instead of every device
+    attending for all of them."""
+    if a.shape[0] % lay.num_token_shards:
         return a
     spec = jax.sharding.PartitionSpec(lay.batch_axes)
     return jax.lax.with_sharding_constraint(a, jax.sharding.NamedSharding(lay.mesh, spec))
 
 
-def _attention(layer, h_flat, batch: StepBatch, k_pool, v_pool, dtype):
+def _attention(layer, lay, h_flat, batch: StepBatch, k_pool, v_pool, dtype):
     """One layer's attention over the pages: ``[T, d]`` -> (``[T, d]``, pools)."""
     attn, cfg = layer.attn, layer.attn.cfg
     t, d = h_flat.shape
@@ -156,7 +155,7 @@ def _attention(layer, h_flat, batch: StepBatch, k_pool, v_pool, dtype):
         positions = batch.positions[:, None]
     else:
         padded = jnp.concatenate([h_flat, jnp.zeros((1, d), h_flat.dtype)])
-        grid = slots_split(padded[batch.grid_index], layer)  # [S, Q, d]
+        grid = slots_split(padded[batch.grid_index], lay)  # [S, Q, d]
         positions = jnp.concatenate([batch.positions, jnp.zeros((1,), _I32)])[batch.grid_index]
     length = batch.page_table.shape[1] * k_pool.shape[1]
     if cfg.is_mla:
@@ -186,7 +185,8 @@ def paged_forward(model, batch: StepBatch, pages: PagedKV, dtype=None):
     x = jnp.take(model.embed[...], batch.tokens, axis=0).astype(dtype)  # [T, d]
     new_k, new_v = [], []
     for layer, kp, vp in zip(model.layers, pages.k, pages.v):
-        h, kp, vp = _attention(layer, layer.attn_norm(x), batch, kp, vp, dtype)
+        h, kp, vp = _attention(layer, model.dispatch.layout, layer.attn_norm(x), batch, kp, vp,
+                               dtype)
         x = x + h
         x = x + layer.mlp(layer.mlp_norm(x))  # MoE: the schedule from this step's T tokens
         new_k.append(kp)

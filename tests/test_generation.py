@@ -48,6 +48,34 @@ def test_filtered_logits_keep_what_hf_keeps(s):
         assert (kept.sum(-1) == 1).all() and (kept.argmax(-1) == logits.argmax(-1)).all()
 
 
+def test_per_row_settings_keep_what_hf_keeps_and_draw_per_request():
+    """The serving engine's warpers (each row its own settings, one batch mixing every case
+    above) keep what Hugging Face's keep; greedy rows are the argmax; a row's draw depends on
+    its own seed and position only, not on the other rows of the batch."""
+    logits = np.random.default_rng(1).normal(0, 2, (len(CASES) + 1, 40)).astype(np.float32)
+    settings = CASES + [Sampling()]
+    arrays = [jnp.asarray([getattr(s, f) for s in settings], dtype)
+              for f, dtype in (("temperature", jnp.float32), ("top_k", jnp.int32),
+                               ("top_p", jnp.float32))]
+    got = np.asarray(generation.filtered_logits_per_row(jnp.asarray(logits), *arrays))
+    for row, s in enumerate(CASES):
+        want = hf_warped(logits[row:row + 1], s)[0]
+        np.testing.assert_array_equal(np.isfinite(got[row]), np.isfinite(want), err_msg=str(s))
+        kept = np.isfinite(want)
+        np.testing.assert_allclose(got[row][kept], want[kept], rtol=1e-6, err_msg=str(s))
+    seed = jnp.arange(len(settings), dtype=jnp.uint32) + 7
+    position = jnp.full((len(settings),), 5, jnp.int32)
+    tokens = np.asarray(generation.choose_tokens_per_row(jnp.asarray(logits), *arrays, seed,
+                                                         position))
+    assert tokens[-1] == logits[-1].argmax()
+    assert all(np.isfinite(got[r, t]) for r, t in enumerate(tokens[:-1]))  # drawn from the kept
+    alone = [int(generation.choose_tokens_per_row(jnp.asarray(logits[r:r + 1]),
+                                                  *(a[r:r + 1] for a in arrays), seed[r:r + 1],
+                                                  position[r:r + 1])[0])
+             for r in range(len(settings))]
+    assert tokens.tolist() == alone
+
+
 def test_top_k_keeps_ties_with_the_kth_logit():
     logits = jnp.asarray([[3.0, 1.0, 2.0, 2.0, 0.0]])
     kept = np.isfinite(np.asarray(filtered_logits(logits, Sampling(1.0, top_k=2))))

@@ -70,7 +70,6 @@ class Metrics:
         self.step_seconds = 0.0
         self.prompt_tokens = 0
         self.generated_tokens = 0
-        self.finished = {}
         self.started = time.monotonic()
 
 
@@ -101,6 +100,7 @@ class Engine:
         self._seeds = itertools.count(1)
         self._wake = threading.Condition()
         self._stop = False
+        self.last_error: str | None = None  # the last step that failed, for /health
 
     # --- requests -------------------------------------------------------------------------
 
@@ -234,16 +234,8 @@ class Engine:
             try:
                 self.step()
             except Exception as e:  # every request gets an answer, and the loop goes on
-                self._fail_all(f"{type(e).__name__}: {e}")
-
-    def _fail_all(self, message: str) -> None:
-        s = self.scheduler
-        with s.lock:
-            for r in list(s.running):
-                s.finish(r, "error")
-            while s.waiting:
-                s._notify(s.waiting.popleft(), [], "error")
-        self.last_error = message
+                self.scheduler.fail_all()
+                self.last_error = f"{type(e).__name__}: {e}"
 
     def stop(self, drain: bool = True) -> None:
         """Ends :meth:`run_forever`: after the requests in flight finish (``drain``), or at

@@ -199,6 +199,14 @@ class Scheduler:
             self.pool.grow(w.request, w.start + w.count)
         return work
 
+    def fail_all(self) -> None:
+        """Ends every request, running and waiting, with "error" (a step failed)."""
+        with self.lock:
+            for r in list(self.running):
+                self.finish(r, "error")
+            while self.waiting:
+                self._notify(self.waiting.popleft(), [], "error")
+
     def _notify(self, r: Request, tokens: list, reason: str | None) -> None:
         if r.listener is not None:
             r.listener(r, tokens, reason)

@@ -24,6 +24,7 @@ import uuid
 from fastapi import FastAPI, Request as HttpRequest
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
+from moe_relayfree_models.generation import ContextLengthError
 from moe_relayfree_models.serving.engine import Engine
 from moe_relayfree_models.serving.scheduler import QueueFull, SamplingParams
 
@@ -137,19 +138,12 @@ class Server:
         def listener(request, tokens, reason):
             loop.call_soon_threadsafe(queue.put_nowait, (list(tokens), reason))
 
-        positions = self.engine.max_positions
-        if len(prompt) >= positions:
-            raise ApiError(400, f"the prompt has {len(prompt)} tokens; this model takes at most "
-                                f"{positions} positions, prompt and completion together", "prompt",
-                           code="context_length_exceeded")
-        if len(prompt) + max_tokens > positions:
-            raise ApiError(400, f"{len(prompt)} prompt tokens + max_tokens {max_tokens} exceed the "
-                                f"model's {positions} positions", "max_tokens",
-                           code="context_length_exceeded")
         if self.draining:
             raise ApiError(503, "the server is shutting down", kind="service_unavailable")
         try:
             return self.engine.submit(prompt, max_tokens, sampling, stop_ids, listener)
+        except ContextLengthError as e:
+            raise ApiError(400, str(e), e.param, code="context_length_exceeded") from None
         except QueueFull as e:
             raise ApiError(429, f"the server is at capacity ({e}); retry later",
                            kind="rate_limit_error") from None
@@ -176,8 +170,7 @@ class Server:
                     return
             delta, sent = text[len(sent):], text
             if reason is not None:
-                yield delta, ("length" if reason == "length" else "stop" if reason == "stop"
-                              else reason), len(ids)
+                yield delta, reason, len(ids)
                 return
             if delta:
                 yield delta, None, len(ids)
@@ -203,7 +196,7 @@ class Server:
         async def health():
             if self.draining:
                 return JSONResponse({"status": "draining"}, status_code=503)
-            error = getattr(self.engine, "last_error", None)
+            error = self.engine.last_error
             return {"status": "ok", **({"last_error": error} if error else {})}
 
         @app.get("/v1/models")
@@ -274,16 +267,18 @@ class Server:
     async def _stream(self, rid, created, chat, events, request):
         kind = "chat.completion.chunk" if chat else "text_completion"
 
-        def chunk(delta, reason):
-            choice = ({"index": 0, "delta": {"content": delta} if delta else {},
-                       "finish_reason": reason} if chat else
+        def chunk(delta, reason, role=None):
+            message = {"role": role} if role else {"content": delta} if delta else {}
+            choice = ({"index": 0, "delta": message, "finish_reason": reason} if chat else
                       {"index": 0, "text": delta, "finish_reason": reason, "logprobs": None})
-            return f"data: {json.dumps({'id': rid, 'object': kind, 'created': created, 'model': self.model_name, 'choices': [choice]})}\n\n"
+            body = {"id": rid, "object": kind, "created": created, "model": self.model_name,
+                    "choices": [choice]}
+            return f"data: {json.dumps(body)}\n\n"
 
         done = False
         try:
-            if chat:
-                yield chunk(None, None).replace('"delta": {}', '"delta": {"role": "assistant"}')
+            if chat:  # OpenAI's first chat chunk carries the role alone
+                yield chunk(None, None, role="assistant")
             async for delta, reason, _ in events:
                 yield chunk(delta, reason)
             done = True

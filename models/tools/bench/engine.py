@@ -41,7 +41,7 @@ class CompileCounter:
         jax.monitoring.unregister_event_duration_listener(self._listener)
 
 
-def _engine(model, batch: int, context: int, new: int):
+def _engine(model, batch: int):
     from moe_relayfree_models.serving.engine import Engine, EngineConfig
 
     return Engine(model, EngineConfig(max_seqs=batch, max_step_tokens=max(256, batch),
@@ -61,7 +61,7 @@ def step_ab(model, batch: int, context: int, new: int, rounds: int) -> dict:
     from moe_relayfree_models.generation import GREEDY, step_program
     from moe_relayfree_models.transformer import init_cache
 
-    engine = _engine(model, batch, context, new)
+    engine = _engine(model, batch)
     steps = 4 * rounds + 16  # every step the timing takes (a warm call before each timed one)
     if context + steps > model.cfg.max_position:
         raise ValueError(f"context {context} + {steps} steps exceed the model's positions")
@@ -92,7 +92,7 @@ def throughput_ab(model, batch: int, prompt: int, new: int) -> dict:
     from moe_relayfree_models.generation import generate
 
     prompts = _prompts(2 * batch, prompt, model.cfg.vocab_size, seed=1)
-    engine = _engine(model, batch, prompt, new)
+    engine = _engine(model, batch)
     for p in prompts[:batch]:  # compile every shape the run takes, on a first run
         engine.submit(p, new)
     while engine.scheduler.has_work():
@@ -120,7 +120,7 @@ def ttft_ab(model, batch: int, prompt: int, others_new: tuple[int, ...], repeats
     ``others_new`` tokens (medians over ``repeats``)."""
     row = dict(batch=batch, prompt=prompt)
     for n in others_new:
-        engine = _engine(model, batch, prompt, n)
+        engine = _engine(model, batch)
         waits = []
         for rep in range(repeats + 1):
             for p in _prompts(batch - 1, prompt, model.cfg.vocab_size, seed=10 + rep):

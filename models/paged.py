@@ -3,15 +3,25 @@ tokens of running requests with prefill chunks of new ones (the serving engine's
 
 Layout of one step (shapes bucketed by the engine, so a few programs serve every step):
 
-* ``T`` flat tokens (``tokens``, ``positions``): everything but attention runs on them (the
-  embedding, norms, dense MLPs and the MoE layers, which choose their schedule from ``T``);
-* a grid of ``S`` sequence slots x ``Q`` query rows for attention (``grid_index [S, Q]``: the
-  flat token in each cell, ``T`` for padding; ``flat_cell [T]``: each token's cell);
+* ``T = n R`` flat rows (``tokens``, ``positions``, ``valid``), ``R`` on each of the mesh's
+  ``n`` token shards: everything but attention runs on them (the embedding, norms, dense MLPs
+  and the MoE layers, which choose their schedule from ``T``);
+* a shard's ``R = D + C Q`` rows are, in place, its ``D`` decode slots (one row each: a running
+  request's next token) and then its ``C`` chunk slots of ``Q`` rows (a prefill chunk each);
+  attention views them as ``[n D, 1]`` and ``[n C, Q]`` grids, so no row leaves its device;
 * the cache: per layer a pool of ``N`` pages of ``page_size`` rows (GQA: keys and values ``[N,
   page, kv, hd]``; MLA: the latent ``[N, page, kv_lora]`` and its rope key ``[N, page, rope]``),
-  and ``page_table [S, P]``: the pages each slot holds, in position order (position ``p`` of
-  slot ``s`` is row ``p % page`` of page ``page_table[s, p // page]``). Page 0 is scratch: the
-  padding cells write there and padding table entries read it, always behind the mask.
+  split over the shards (shard ``j`` holds pages ``[j N/n, (j+1) N/n)``), and per slot a page
+  table row of local page ids in position order (position ``p`` is row ``p % page`` of page
+  ``table[s, p // page]``). Local page 0 is scratch: padding rows write there and padding
+  table entries read it, always behind the mask.
+
+A request lives on one shard (the engine's
+:class:`~moe_relayfree_models.serving.scheduler.PagePool`), its slot in that shard's block, so
+writing and reading its pages is local to that device (:func:`sharded_pages`): a replicated
+pool needed every layer's new rows gathered to every device (two collectives per layer, most
+of a small decode step), and a grid gathered from the flat tokens moved them across devices
+twice per layer.
 
 Attention reads only the pages a sequence holds (``P`` bucketed to the step's longest
 sequence), so a request of 100 tokens costs ``ceil(100 / page)`` pages whatever the longest
@@ -117,85 +127,115 @@ def paged_mask(positions: jax.Array, valid: jax.Array, length: int,
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class StepBatch:
-    """One engine step's token layout (see the module docstring). tokens, positions ``[T]
-    int32``; grid_index ``[S, Q] int32`` (``T``: padding); flat_cell ``[T] int32``; page_table
-    ``[S, P] int32``; last ``[S] int32`` the flat index of each slot's last token this step
-    (its logits are the ones computed)."""
+    """One engine step's layout (see the module docstring), over ``n`` token shards, each with
+    ``D`` decode slots and ``C`` chunk slots of ``Q`` rows (``R = D + C Q`` rows per shard,
+    ``T = n R``): tokens, positions ``[T] int32``; valid ``[T] bool`` (False: padding);
+    decode_table ``[n D, P] int32`` and chunk_table ``[n C, P] int32`` (local page ids);
+    last ``[n (D + C)] int32``: the row, within its shard's ``R``, whose logits each slot
+    takes (a decode slot's own row, a chunk's last fed token)."""
 
     tokens: jax.Array
     positions: jax.Array
-    grid_index: jax.Array
-    flat_cell: jax.Array
-    page_table: jax.Array
+    valid: jax.Array
+    decode_table: jax.Array
+    chunk_table: jax.Array
     last: jax.Array
 
 
-def slots_split(a: jax.Array, lay) -> jax.Array:
-    """``a [S, ...]`` split by slot over the token shards of ``lay`` (the model's
-    :class:`~moe_relayfree.MeshLayout`; when ``S`` divides): each device attends for its own
-    sequences, reading their pages from its copy of the pools, instead of every device
-    attending for all of them."""
-    if a.shape[0] % lay.num_token_shards:
-        return a
-    spec = jax.sharding.PartitionSpec(lay.batch_axes)
-    return jax.lax.with_sharding_constraint(a, jax.sharding.NamedSharding(lay.mesh, spec))
+def sharded_pages(lay, fn, *args):
+    """``fn(*args)`` on each device's own shard of every argument (split on dim 0 over the
+    token shards of ``lay``: page pools ``[N, ...]``, ``[S, ...]`` slot arrays and ``[T, ...]``
+    rows alike), its result split the same way: page writes and reads stay on the device that
+    holds the pages."""
+    spec = lay.tokens
+    return jax.shard_map(fn, mesh=lay.mesh, in_specs=(spec,) * len(args), out_specs=spec)(*args)
 
 
-def _attention(layer, lay, h_flat, batch: StepBatch, k_pool, v_pool, dtype):
-    """One layer's attention over the pages: ``[T, d]`` -> (``[T, d]``, pools)."""
-    attn, cfg = layer.attn, layer.attn.cfg
-    t, d = h_flat.shape
-    s, q = batch.grid_index.shape
-    # A decode step laid out one token per slot (T == S, token i in slot i): the grid is the
-    # flat tokens themselves, split alike, so no gather (and no collective) goes between them.
-    aligned = q == 1 and t == s
-    valid = batch.grid_index < t
-    if aligned:
-        grid = h_flat[:, None, :]
-        positions = batch.positions[:, None]
-    else:
-        padded = jnp.concatenate([h_flat, jnp.zeros((1, d), h_flat.dtype)])
-        grid = slots_split(padded[batch.grid_index], lay)  # [S, Q, d]
-        positions = jnp.concatenate([batch.positions, jnp.zeros((1,), _I32)])[batch.grid_index]
-    length = batch.page_table.shape[1] * k_pool.shape[1]
-    if cfg.is_mla:
-        q_nope, q_rope, latent, k_rope = attn.project(grid, positions)
-        k_pool = write_pages(k_pool, latent, positions, valid, batch.page_table)
-        v_pool = write_pages(v_pool, k_rope, positions, valid, batch.page_table)
+def _split(a: jax.Array, lay) -> jax.Array:
+    """``a`` split on dim 0 over the token shards (what each device holds)."""
+    return jax.lax.with_sharding_constraint(a, jax.sharding.NamedSharding(lay.mesh, lay.tokens))
+
+
+def _attend_slots(attn, lay, rows, positions, valid, table, k_pool, v_pool, dtype):
+    """Attention for ``S'`` slots of ``Q'`` rows (``rows [S', Q', d]``, split by slot):
+    their keys written into their pages, then their pages read -> (``[S', Q', d]``, pools)."""
+    length = table.shape[1] * k_pool.shape[1]
+
+    def write(pool, new):
+        return sharded_pages(lay, write_pages, pool, new, positions, valid, table)
+
+    def read(pool):
+        return sharded_pages(lay, lambda p, t: read_pages(p, t, dtype), pool, table)
+
+    if attn.cfg.is_mla:
+        q_nope, q_rope, latent, k_rope = attn.project(rows, positions)
+        k_pool, v_pool = write(k_pool, latent), write(v_pool, k_rope)
         mask = paged_mask(positions, valid, length)
-        out = attn.attend(q_nope, q_rope, read_pages(k_pool, batch.page_table, dtype),
-                          read_pages(v_pool, batch.page_table, dtype), mask)
+        out = attn.attend(q_nope, q_rope, read(k_pool), read(v_pool), mask)
     else:
-        qs, ks, vs = attn.project(grid, positions)
-        k_pool = write_pages(k_pool, ks, positions, valid, batch.page_table)
-        v_pool = write_pages(v_pool, vs, positions, valid, batch.page_table)
+        qs, ks, vs = attn.project(rows, positions)
+        k_pool, v_pool = write(k_pool, ks), write(v_pool, vs)
         mask = paged_mask(positions, valid, length, attn.window)
-        out = attn.attend(qs, read_pages(k_pool, batch.page_table, dtype),
-                          read_pages(v_pool, batch.page_table, dtype), mask)
-    flat = out.reshape(s, d) if aligned else out.reshape(s * q, d)[batch.flat_cell]
-    return flat, k_pool, v_pool
+        out = attn.attend(qs, read(k_pool), read(v_pool), mask)
+    return out, k_pool, v_pool
+
+
+def _attention(layer, lay, h, batch: StepBatch, k_pool, v_pool, dtype):
+    """One layer's attention over the pages: ``[T, d]`` -> (``[T, d]``, pools). Each shard's
+    rows are viewed in place as its decode slots and its chunk slots: no row leaves its
+    device."""
+    n = lay.num_token_shards
+    t, d = h.shape
+    r = t // n
+    nd, nc = batch.decode_table.shape[0], batch.chunk_table.shape[0]
+    dn = nd // n
+    q = (r - dn) // (nc // n) if nc else 0
+    rows = _split(h.reshape(n, r, d), lay)
+    pos = batch.positions.reshape(n, r)
+    valid = batch.valid.reshape(n, r)
+    parts = []
+    if nd:
+        out, k_pool, v_pool = _attend_slots(
+            layer.attn, lay, _split(rows[:, :dn].reshape(nd, 1, d), lay),
+            pos[:, :dn].reshape(nd, 1), valid[:, :dn].reshape(nd, 1), batch.decode_table,
+            k_pool, v_pool, dtype)
+        parts.append(out.reshape(n, dn, d))
+    if nc:
+        out, k_pool, v_pool = _attend_slots(
+            layer.attn, lay, _split(rows[:, dn:].reshape(nc, q, d), lay),
+            pos[:, dn:].reshape(nc, q), valid[:, dn:].reshape(nc, q), batch.chunk_table,
+            k_pool, v_pool, dtype)
+        parts.append(out.reshape(n, r - dn, d))
+    out = parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
+    return _split(out, lay).reshape(t, d), k_pool, v_pool
 
 
 def paged_forward(model, batch: StepBatch, pages: PagedKV, dtype=None):
-    """The model over one step's flat tokens -> (logits ``[S, V] float32`` at each slot's last
-    token, the updated pages)."""
+    """The model over one step's flat tokens -> (logits ``[n (D + C), V] float32``, one row per
+    slot, the updated pages; pools, slots and rows split over the token shards, see the module
+    docstring)."""
     from moe_relayfree.ffn import dense_dot
 
+    lay = model.dispatch.layout
+    n = lay.num_token_shards
+    if batch.tokens.shape[0] % n or pages.num_pages % n:
+        raise ValueError(f"rows ({batch.tokens.shape[0]}) and pages ({pages.num_pages}) must "
+                         f"split evenly over the {n} token shards")
     dtype = model.compute_dtype if dtype is None else dtype
     x = jnp.take(model.embed[...], batch.tokens, axis=0).astype(dtype)  # [T, d]
     new_k, new_v = [], []
     for layer, kp, vp in zip(model.layers, pages.k, pages.v):
-        h, kp, vp = _attention(layer, model.dispatch.layout, layer.attn_norm(x), batch, kp, vp,
-                               dtype)
+        h, kp, vp = _attention(layer, lay, layer.attn_norm(x), batch, kp, vp, dtype)
         x = x + h
         x = x + layer.mlp(layer.mlp_norm(x))  # MoE: the schedule from this step's T tokens
         new_k.append(kp)
         new_v.append(vp)
-    x = model.norm(x[batch.last])  # [S, d]
+    # each slot's row, taken where it lives (a global gather would gather x over devices)
+    x = model.norm(sharded_pages(lay, lambda rows, i: rows[i], x, batch.last))  # [n (D + C), d]
     head = model.embed[...].T if model.lm_head is None else model.lm_head[...]
     logits = dense_dot(x, head.astype(dtype), min_rows=model.dispatch.lowering.dense_min_rows)
     return logits, PagedKV(new_k, new_v)
 
 
 __all__ = ["PagedKV", "StepBatch", "init_pages", "paged_forward", "paged_mask", "read_pages",
-           "write_pages"]
+           "sharded_pages", "write_pages"]

@@ -23,7 +23,7 @@ def test_pages_are_promised_at_admission_and_held_as_the_request_grows():
     work = s.schedule()
     assert s.running == [a] and list(s.waiting) == [b]  # b waits: 2 + 7 > 8 pages
     assert [(w.request, w.start, w.count) for w in work] == [(a, 0, 4)]  # one chunk of 4
-    assert len(a.pages) == 1 and s.pool.promised == 1  # pages follow the tokens fed
+    assert len(a.pages) == 1 and s.pool.total_promised == 1  # pages follow the tokens fed
     s.advance(work, [0])
     work = s.schedule()
     assert [(w.start, w.count, w.samples) for w in work] == [(4, 2, True)]
@@ -33,7 +33,7 @@ def test_pages_are_promised_at_admission_and_held_as_the_request_grows():
     assert [(w.start, w.count) for w in work] == [(6, 1)]
     s.advance(work, [9])
     assert a.finish_reason == "length" and a.output == [7, 9]
-    assert s.pool.in_use == 0 and s.pool.promised == 0  # every page back at once
+    assert s.pool.in_use == 0 and s.pool.total_promised == 0  # every page back at once
     s.schedule()
     assert s.running == [b]
 
@@ -68,6 +68,28 @@ def test_cancel_frees_pages_and_the_queue_is_bounded():
         SamplingParams(top_p=0)
 
 
+def test_requests_spread_over_pool_shards_with_local_pages():
+    """A pool split over 2 shards (devices): each request lives on one, chosen at admission
+    (fewest running, then most free pages), holds local page ids of that shard only, and
+    gives them back there; a shard takes at most ceil(max_seqs / shards) requests."""
+    s = Scheduler(PagePool(10, 4, shards=2), max_seqs=3, max_step_tokens=16, chunk=4,
+                  max_positions=64)
+    assert (s.pool.per_shard, s.pool.capacity, s.slots_per_shard) == (5, 8, 2)
+    a, b, c = (s.add(Request([1] * 4, max_tokens=4)) for _ in range(3))  # 2 pages each
+    s.schedule()
+    assert [r.shard for r in (a, b, c)] == [0, 1, 0]
+    assert all(1 <= p < 5 for r in (a, b, c) for p in r.pages)  # local ids, page 0 is scratch
+    assert s.pool.free == [[4, 3], [4, 3, 2]] and s.pool.promised == [2, 1]
+    d = s.add(Request([1] * 4, max_tokens=4))
+    s.schedule()
+    assert d in s.waiting  # shard 1 has the pages but shard 0 and the step are full (3 seqs)
+    a.cancelled = True
+    s.schedule()
+    assert d.shard == 0 and s.pool.in_use == 3  # a's pages went back to shard 0, d took one
+    with pytest.raises(ValueError, match=r"\(4 of 4 per shard\)"):
+        s.add(Request([1] * 17, max_tokens=4))  # 21 positions: 6 pages, more than a shard has
+
+
 def test_max_model_len_caps_requests_and_the_pool():
     """--max-model-len: the pool is sized for it and longer requests are refused with the
     numbers (a long-context model's default pool would hold every slot at full length)."""
@@ -76,11 +98,54 @@ def test_max_model_len_caps_requests_and_the_pool():
     model = _model("float32")
     engine = Engine(model, EngineConfig(max_seqs=2, max_step_tokens=16, chunk=8, page_size=16,
                                         max_model_len=64))
-    assert engine.pool.num_pages == 2 * 4 + 1 and engine.max_positions == 64
+    assert engine.pool.num_pages == 8 * (1 * 4 + 1) and engine.max_positions == 64
     with pytest.raises(ValueError, match="exceed the model's 64 positions"):
         engine.submit([5] * 40, 30)
     with pytest.raises(ValueError, match="max_model_len must be in"):
         Engine(model, EngineConfig(max_model_len=10**6))
+
+
+def _collectives(hlo: str) -> dict:
+    import collections
+    import re
+
+    return dict(collections.Counter(re.findall(
+        r"= \S+ (all-gather|all-reduce|all-to-all|collective-permute|reduce-scatter|"
+        r"ragged-all-to-all)(?:-start)?\(", hlo)))
+
+
+def test_decode_step_moves_nothing_but_the_moe_layers_tokens():
+    """Pools and slots split alike over the devices: a decode step's compiled program has the
+    collectives of generate()'s decode step (the MoE layers') and no more: no page row, step
+    input or logit row crosses devices (a replicated pool gathered every layer's new rows to
+    every device: 19 all-gathers against 3)."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from moe_relayfree_models import generation
+    from moe_relayfree_models.serving import engine as serving
+    from moe_relayfree_models.transformer import init_cache
+
+    model = _model("float32")
+    engine = serving.Engine(model, serving.EngineConfig(max_seqs=16, page_size=16,
+                                                        max_model_len=128))
+    requests = [engine.submit([5, 6, 7], 8) for _ in range(16)]
+    while any(r.prefilling for r in requests):
+        engine.step()
+    work = engine.scheduler.schedule()
+    shape = engine._shape(work)
+    assert shape[1] == 0 and {r.shard for r in requests} == set(range(8))  # 2 per device
+    packed, _ = engine._layout(work, *shape)
+    got = _collectives(serving._step_program.lower(engine.graphdef, shape, engine.state, packed,
+                                                   engine.pages).compile().as_text())
+    graphdef, state = nnx.split(model)
+    b = 2 * 8
+    want = _collectives(generation.step_program.lower(
+        graphdef, generation.GREEDY, state, jnp.zeros((b,), jnp.int32), jnp.zeros((b,), jnp.int32),
+        init_cache(model.cfg, b, 128, model.compute_dtype), jnp.int32(3),
+        jax.random.key(0)).compile().as_text())
+    assert got == want and sum(want.values()) > 0
 
 
 DEFAULT = __import__("os").path.join(__import__("os").path.dirname(__import__("os").path.dirname(

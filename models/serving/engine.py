@@ -4,9 +4,13 @@ Each :meth:`Engine.step` asks the :class:`~.scheduler.Scheduler` for this step's
 tokens out (:class:`~moe_relayfree_models.paged.StepBatch`), runs ONE jitted forward over the
 flat batch (decode tokens of running requests and prefill chunks of new ones together), picks
 each request's next token with its own sampling settings, and hands the tokens back. Shapes
-come from buckets (tokens ``T`` and pages per sequence ``P`` rounded up to powers of two; ``S``
-sequence slots fixed; ``Q`` query rows 1 for a decode-only step, ``chunk`` otherwise), all
-compiled by :meth:`Engine.warm_up`, so serving compiles nothing.
+come from buckets (tokens ``T`` and pages per sequence ``P`` rounded up to powers of two; ``Q``
+query rows 1 for a decode-only step, ``chunk`` otherwise), all compiled by
+:meth:`Engine.warm_up`, so serving compiles nothing.
+
+Slots come in one block per token shard of the mesh (``S = D * slots per shard``): a request's
+slot is in the block of the pool shard holding its pages, so each device attends for its own
+requests from its own pages (:mod:`moe_relayfree_models.paged`).
 
 Each step's MoE layers choose their schedule from that step's tokens per rank
 (:func:`moe_relayfree.resolve`); :attr:`Engine.metrics` counts the steps of each.
@@ -41,7 +45,8 @@ def _pow2(n: int, floor: int = 1) -> int:
 class EngineConfig:
     """max_seqs: sequence slots per step; max_step_tokens: the step's token budget; chunk:
     the largest prefill chunk of one request in a step; page_size: KV rows per page;
-    num_pages: the pool (default: every slot at full length, plus the scratch page);
+    num_pages: the pool, over all devices (default: every slot at full length, plus one
+    scratch page per token shard);
     max_waiting: the waiting queue's bound; max_model_len: the longest request served, prompt
     and completion (default: the model's ``max_position_embeddings``; a long-context model's
     163,840 positions would size the default pool for every slot at that length)."""
@@ -55,11 +60,46 @@ class EngineConfig:
     max_model_len: int | None = None
 
 
-@functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(3,))
-def _step_program(graphdef, state, batch: StepBatch, pages, temperature, top_k, top_p, seed,
-                  position):
-    logits, pages = paged_forward(nnx.merge(graphdef, state), batch, pages)
-    return choose_tokens_per_row(logits, temperature, top_k, top_p, seed, position), pages
+def _pack_sizes(n: int, shape: tuple[int, int, int, int]) -> list[int]:
+    """Lengths of the packed step inputs (:func:`_unpack`) for ``n`` token shards and ``shape
+    = (D, C, Q, P)``, in order: tokens, positions, valid (``T`` each), decode_table,
+    chunk_table, last, then per slot temperature, top_k, top_p, seed and the position being
+    chosen."""
+    d, c, q, p = shape
+    t, slots = n * (d + c * q), n * (d + c)
+    return [t, t, t, n * d * p, n * c * p, slots] + [slots] * 5
+
+
+def _unpack(packed: jax.Array, n: int, shape: tuple[int, int, int, int]):
+    """``packed [sum(_pack_sizes)] int32`` -> (StepBatch, sampling arrays): the step's inputs
+    travel to the devices as ONE array (eleven small ``device_put`` calls to every device cost
+    more than a small decode step's attention)."""
+    d, c, q, p = shape
+    parts = jnp.split(packed, np.cumsum(_pack_sizes(n, shape))[:-1])
+    tokens, positions, valid, decode_table, chunk_table, last = parts[:6]
+    temperature, top_k, top_p, seed, position = parts[6:]
+    as_f32 = lambda a: jax.lax.bitcast_convert_type(a, jnp.float32)
+    batch = StepBatch(tokens, positions, valid.astype(bool), decode_table.reshape(n * d, p),
+                      chunk_table.reshape(n * c, p), last)
+    seed = jax.lax.bitcast_convert_type(seed, jnp.uint32)
+    return batch, (as_f32(temperature), top_k, as_f32(top_p), seed, position)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(4,))
+def _step_program(graphdef, shape, state, packed, pages):
+    model = nnx.merge(graphdef, state)
+    # every part kept whole on every device: left to the partitioner, the slices were split at
+    # their odd offsets with dozens of collective-permutes
+    whole = NamedSharding(model.dispatch.mesh, PartitionSpec())
+    batch, (temperature, top_k, top_p, seed, position) = jax.lax.with_sharding_constraint(
+        _unpack(packed, model.dispatch.layout.num_token_shards, shape), whole)
+    logits, pages = paged_forward(model, batch, pages)
+    # the per-row warpers sort every row: only when some request samples
+    tokens = jax.lax.cond(jnp.any(temperature > 0),
+                          lambda: choose_tokens_per_row(logits, temperature, top_k, top_p, seed,
+                                                        position),
+                          lambda: jnp.argmax(logits, axis=-1).astype(jnp.int32))
+    return tokens, pages
 
 
 class Metrics:
@@ -85,17 +125,20 @@ class Engine:
                              f"positions), got {limit}")
         self.max_positions = limit
         self.max_pages = -(-limit // config.page_size)
-        num_pages = config.num_pages or config.max_seqs * self.max_pages + 1
-        self.pool = PagePool(num_pages, config.page_size)
+        lay = model.dispatch.layout
+        self.shards = lay.num_token_shards
+        self.slots_per_shard = -(-config.max_seqs // self.shards)
+        num_pages = config.num_pages or self.shards * (self.slots_per_shard * self.max_pages + 1)
+        self.pool = PagePool(num_pages, config.page_size, self.shards)
         self.scheduler = Scheduler(self.pool, max_seqs=config.max_seqs,
                                    max_step_tokens=config.max_step_tokens, chunk=config.chunk,
                                    max_positions=limit, max_waiting=config.max_waiting)
-        self.pages = jax.device_put(init_pages(cfg, num_pages, config.page_size, model.compute_dtype),
-                                    NamedSharding(model.dispatch.mesh, PartitionSpec()))
+        # each device holds its shard's pages only (made there, not copied from one device)
+        self.pages = jax.jit(lambda: init_pages(cfg, self.pool.num_pages, config.page_size,
+                                                model.compute_dtype),
+                             out_shardings=NamedSharding(lay.mesh, lay.tokens))()
         self.graphdef, self.state = nnx.split(model)
-        self._replicated = NamedSharding(model.dispatch.mesh, PartitionSpec())
-        # decode-only steps: T == S slots, a power of two covering max_seqs
-        self._decode_slots = _pow2(config.max_seqs, 8)
+        self._replicated = NamedSharding(lay.mesh, PartitionSpec())
         self.metrics = Metrics()
         self._seeds = itertools.count(1)
         self._wake = threading.Condition()
@@ -134,54 +177,73 @@ class Engine:
     # --- steps ----------------------------------------------------------------------------
 
     def _shape(self, work: list[Work]) -> tuple[int, int, int, int]:
-        """(tokens T, slots S, query rows Q, pages P) of the step's program. A decode-only
-        step takes one token per slot (``T == S``, a power of two: the grid is the flat
-        tokens, see :mod:`moe_relayfree_models.paged`); a step with prefill chunks takes
-        ``max_seqs`` slots of ``chunk`` rows."""
-        tokens = sum(w.count for w in work)
+        """(D decode slots and C chunk slots per shard, Q rows per chunk slot, P pages) of the
+        step's program (:class:`~moe_relayfree_models.paged.StepBatch`). A decode-only step
+        has no chunk slots and the busiest shard's decode tokens (rounded up to a power of
+        two) as ``D``; a step with prefill chunks has a decode slot for every sequence slot,
+        and ``C`` the busiest shard's chunks rounded up."""
         pages = min(_pow2(max(len(w.request.pages) for w in work)), self.max_pages)
-        if all(w.count == 1 for w in work):
-            t = min(_pow2(tokens, 8), self._decode_slots)
-            return t, t, 1, pages
-        return _pow2(tokens, 8), self.config.max_seqs, self.config.chunk, pages
+        decode = np.zeros(self.shards, np.int64)
+        chunks = np.zeros(self.shards, np.int64)
+        for w in work:
+            (chunks if w.request.prefilling else decode)[w.request.shard] += 1
+        if not chunks.any():
+            return _pow2(int(decode.max())), 0, 0, pages
+        return _pow2(self.slots_per_shard), _pow2(int(chunks.max())), self.config.chunk, pages
 
-    def _layout(self, work: list[Work], t: int, s: int, q: int, p: int):
+    def _layout(self, work: list[Work], d: int, c: int, q: int, p: int):
+        """The step's packed inputs on the mesh, and each work item's slot (its row of the
+        step's logits)."""
+        n = self.shards
+        r = d + c * q
+        t, slots = n * r, n * (d + c)
         tokens = np.zeros(t, np.int32)
         positions = np.zeros(t, np.int32)
-        grid = np.full((s, q), t, np.int32)
-        cell = np.zeros(t, np.int32)
-        table = np.zeros((s, p), np.int32)
-        last = np.zeros(s, np.int32)
-        temperature = np.zeros(s, np.float32)
-        top_k = np.zeros(s, np.int32)
-        top_p = np.ones(s, np.float32)
-        seed = np.zeros(s, np.uint32)
-        position = np.zeros(s, np.int32)
-        i = 0
-        for slot, w in enumerate(work):
-            r = w.request
-            ids = r.tokens[w.start:w.start + w.count]
-            tokens[i:i + w.count] = ids
-            positions[i:i + w.count] = np.arange(w.start, w.start + w.count)
-            grid[slot, :w.count] = np.arange(i, i + w.count)
-            cell[i:i + w.count] = slot * q + np.arange(w.count)
-            table[slot, :len(r.pages)] = r.pages[:p]
-            last[slot] = i + w.count - 1
-            sp = r.sampling
+        valid = np.zeros(t, np.int32)
+        decode_table = np.zeros((n * d, p), np.int32)
+        chunk_table = np.zeros((n * c, p), np.int32)
+        last = np.zeros(slots, np.int32)
+        temperature = np.zeros(slots, np.float32)
+        top_k = np.zeros(slots, np.int32)
+        top_p = np.ones(slots, np.float32)
+        seed = np.zeros(slots, np.uint32)
+        position = np.zeros(slots, np.int32)
+        used_d, used_c = [0] * n, [0] * n
+        where = np.zeros(len(work), np.int64)
+        for i, w in enumerate(work):
+            req, shard = w.request, w.request.shard
+            if req.prefilling:  # chunk slot b of its shard: rows d + b q ..
+                b = used_c[shard]
+                used_c[shard] += 1
+                row, slot = d + b * q, shard * (d + c) + d + b
+                chunk_table[shard * c + b, :len(req.pages)] = req.pages[:p]
+            else:  # decode slot a of its shard: row a
+                a = used_d[shard]
+                used_d[shard] += 1
+                row, slot = a, shard * (d + c) + a
+                decode_table[shard * d + a, :len(req.pages)] = req.pages[:p]
+            flat = shard * r + row
+            tokens[flat:flat + w.count] = req.tokens[w.start:w.start + w.count]
+            positions[flat:flat + w.count] = np.arange(w.start, w.start + w.count)
+            valid[flat:flat + w.count] = 1
+            last[slot] = row + w.count - 1
+            sp = req.sampling
             temperature[slot], top_k[slot], top_p[slot] = sp.temperature, sp.top_k, sp.top_p
             seed[slot] = sp.seed
             position[slot] = w.start + w.count  # the position of the token being chosen
-            i += w.count
+            where[i] = slot
+        packed = np.concatenate([tokens, positions, valid, decode_table.ravel(),
+                                 chunk_table.ravel(), last, temperature.view(np.int32), top_k,
+                                 top_p.view(np.int32), seed.view(np.int32), position])
         # placed on the whole mesh, as the parameters and pages are: host arrays committed to
         # one device made every step move them first (a decode step took 2.5x as long)
-        batch = StepBatch(tokens, positions, grid, cell, table, last)
-        sampling = (temperature, top_k, top_p, seed, position)
-        return jax.device_put((batch, sampling), self._replicated)
+        return jax.device_put(packed, self._replicated), where
 
     def _run(self, work: list[Work], shape) -> np.ndarray:
-        batch, sampling = self._layout(work, *shape)
-        out, self.pages = _step_program(self.graphdef, self.state, batch, self.pages, *sampling)
-        return np.asarray(out)
+        """Runs the step; each work item's sampled token ``[len(work)] int32``."""
+        packed, slots = self._layout(work, *shape)
+        out, self.pages = _step_program(self.graphdef, shape, self.state, packed, self.pages)
+        return np.asarray(out)[slots]
 
     def step(self) -> int:
         """One step; returns the number of tokens it fed (0: nothing to do)."""
@@ -194,11 +256,12 @@ class Engine:
         m = self.metrics
         m.step_seconds += time.perf_counter() - start
         fed = sum(w.count for w in work)
-        schedule = self.moe_schedule(shape[0])
+        d, c, q, _ = shape
+        schedule = self.moe_schedule(self.shards * (d + c * q))
         m.steps[schedule or "none"] += 1
         m.prompt_tokens += sum(w.count for w in work if w.request.prefilling)
         m.generated_tokens += sum(1 for w in work if w.samples)
-        self.scheduler.advance(work, [int(t) for t in sampled[:len(work)]])
+        self.scheduler.advance(work, [int(t) for t in sampled])
         return fed
 
     def moe_schedule(self, tokens: int) -> str | None:
@@ -207,17 +270,17 @@ class Engine:
         return mr.resolve(self.model.dispatch, tokens, self.model.cfg.k).schedule
 
     def warm_up(self) -> int:
-        """Compiles every step shape (tokens, query rows, pages buckets) before serving;
-        returns how many. Runs them on scratch pages only (page 0)."""
+        """Compiles every step shape (decode slots, chunk slots, pages buckets: see
+        :meth:`_shape`) before serving; returns how many. Runs them on scratch pages only."""
         pages = {self.max_pages} | {1 << i for i in range(self.max_pages.bit_length())
                                     if 1 << i <= self.max_pages}
-        decode = {(t, t, 1) for t in (8 << i for i in range(8)) if t <= self._decode_slots}
-        mixed = {(t, self.config.max_seqs, self.config.chunk) for t in (8 << i for i in range(16))
-                 if t <= _pow2(self.config.max_step_tokens, 8)}
-        shapes = {(t, s, q, p) for t, s, q in decode | mixed for p in pages}
+        per_shard = [1 << i for i in range(_pow2(self.slots_per_shard).bit_length())]
+        decode = {(d, 0, 0) for d in per_shard}
+        mixed = {(_pow2(self.slots_per_shard), c, self.config.chunk) for c in per_shard}
+        shapes = {(d, c, q, p) for d, c, q in decode | mixed for p in pages}
         for shape in sorted(shapes):
-            batch, sampling = self._layout([], *shape)
-            out, self.pages = _step_program(self.graphdef, self.state, batch, self.pages, *sampling)
+            packed, _ = self._layout([], *shape)
+            out, self.pages = _step_program(self.graphdef, shape, self.state, packed, self.pages)
             jax.block_until_ready(out)
         return len(shapes)
 

@@ -7,6 +7,11 @@ positions); it then holds only the pages its tokens fill, allocated as it grows,
 of 100 tokens holds ``ceil(100 / page)`` pages, and growth never fails (no preemption). Its
 pages go back the moment it finishes or is cancelled.
 
+The pool is split into ``shards`` (one per token shard of the mesh: each device keeps and
+writes only its own sequences' pages), and a request lives on one shard, chosen at admission:
+the one with the fewest running requests that can promise its pages. Page ids are local to the
+shard.
+
 Each step has a token budget (chunked prefill, Sarathi-Serve / vLLM v1 style): first one token
 for every decoding request, then prefill chunks (at most ``chunk`` tokens each) of the
 requests still in their prompt, oldest first, until the budget is spent. Decode latency stays
@@ -68,6 +73,7 @@ class Request:
     computed: int = 0  # positions in the cache
     pages: list[int] = dataclasses.field(default_factory=list)
     promised: int = 0  # pages the pool keeps for it
+    shard: int = 0  # the pool shard (device) holding its pages
     finish_reason: str | None = None
     cancelled: bool = False
     arrival: float = 0.0
@@ -82,43 +88,56 @@ class Request:
 
 
 class PagePool:
-    """Pages ``1 .. num_pages - 1`` (page 0 is the step's scratch page), handed out one at a time
-    against promises made at admission."""
+    """``shards`` equal ranges of ``num_pages // shards`` pages (shard ``j``'s local page ``i``
+    is pool page ``j * per_shard + i``); in each, pages ``1 .. per_shard - 1`` are handed out one
+    at a time against promises made at admission (local page 0 is that shard's scratch page)."""
 
-    def __init__(self, num_pages: int, page_size: int):
-        if num_pages < 2 or page_size < 1:
-            raise ValueError("the pool needs at least 2 pages (one is scratch) of >= 1 rows")
-        self.page_size = page_size
-        self.num_pages = num_pages
-        self.free = list(range(num_pages - 1, 0, -1))
-        self.promised = 0  # pages promised and not yet handed out
+    def __init__(self, num_pages: int, page_size: int, shards: int = 1):
+        per_shard = num_pages // max(shards, 1)
+        if shards < 1 or per_shard < 2 or page_size < 1:
+            raise ValueError(f"the pool needs at least 2 pages per shard (one is scratch) of >= 1 "
+                             f"rows; got {num_pages} pages of {page_size} over {shards} shards")
+        self.page_size, self.shards, self.per_shard = page_size, shards, per_shard
+        self.num_pages = per_shard * shards
+        self.free = [list(range(per_shard - 1, 0, -1)) for _ in range(shards)]
+        self.promised = [0] * shards  # pages promised and not yet handed out, per shard
 
     @property
     def in_use(self) -> int:
-        return self.num_pages - 1 - len(self.free)
+        return sum(self.per_shard - 1 - len(f) for f in self.free)
+
+    @property
+    def capacity(self) -> int:
+        """Pages requests can hold, over all shards (scratch pages not counted)."""
+        return self.shards * (self.per_shard - 1)
+
+    @property
+    def total_promised(self) -> int:
+        return sum(self.promised)
 
     def pages_for(self, positions: int) -> int:
         return -(-positions // self.page_size)
 
-    def can_promise(self, pages: int) -> bool:
-        return self.promised + pages <= len(self.free)
+    def can_promise(self, pages: int, shard: int = 0) -> bool:
+        return self.promised[shard] + pages <= len(self.free[shard])
 
-    def admit(self, request: Request, positions: int) -> None:
+    def admit(self, request: Request, positions: int, shard: int = 0) -> None:
+        request.shard = shard
         request.promised = self.pages_for(positions)
-        self.promised += request.promised
+        self.promised[shard] += request.promised
 
     def grow(self, request: Request, positions: int) -> None:
         """Hands ``request`` the pages its first ``positions`` positions need."""
         while len(request.pages) < self.pages_for(positions):
             if request.promised <= 0:
                 raise RuntimeError("internal: a request grew past the pages promised to it")
-            request.pages.append(self.free.pop())
+            request.pages.append(self.free[request.shard].pop())
             request.promised -= 1
-            self.promised -= 1
+            self.promised[request.shard] -= 1
 
     def release(self, request: Request) -> None:
-        self.free.extend(reversed(request.pages))
-        self.promised -= request.promised
+        self.free[request.shard].extend(reversed(request.pages))
+        self.promised[request.shard] -= request.promised
         request.pages, request.promised = [], 0
 
 
@@ -138,7 +157,8 @@ class Work:
 
 class Scheduler:
     """The waiting queue (bounded: :class:`QueueFull` past ``max_waiting``) and the running
-    requests (at most ``max_seqs``), and each step's :class:`Work` under ``max_step_tokens``."""
+    requests (at most ``max_seqs``, and ``ceil(max_seqs / shards)`` per pool shard), and each
+    step's :class:`Work` under ``max_step_tokens``."""
 
     def __init__(self, pool: PagePool, *, max_seqs: int, max_step_tokens: int, chunk: int,
                  max_positions: int, max_waiting: int = 256):
@@ -147,6 +167,7 @@ class Scheduler:
         self.pool = pool
         self.max_seqs, self.max_step_tokens, self.chunk = max_seqs, max_step_tokens, chunk
         self.max_positions, self.max_waiting = max_positions, max_waiting
+        self.slots_per_shard = -(-max_seqs // pool.shards)
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []
         self._ids = itertools.count()
@@ -155,9 +176,10 @@ class Scheduler:
     def add(self, request: Request) -> Request:
         """Queues ``request`` (its length already checked against the model's positions)."""
         length = min(len(request.prompt) + request.max_tokens, self.max_positions)
-        if self.pool.pages_for(length) > self.pool.num_pages - 1:
+        if self.pool.pages_for(length) > self.pool.per_shard - 1:
             raise ValueError(f"a request of {length} positions needs more KV pages than the "
-                             f"pool has ({self.pool.num_pages - 1} of {self.pool.page_size})")
+                             f"pool has ({self.pool.per_shard - 1} of {self.pool.page_size} per "
+                             f"shard)")
         with self.lock:
             if len(self.waiting) >= self.max_waiting:
                 raise QueueFull(f"{len(self.waiting)} requests are waiting")
@@ -179,10 +201,11 @@ class Scheduler:
             while self.waiting and len(self.running) < self.max_seqs:
                 r = self.waiting[0]
                 length = min(len(r.prompt) + r.max_tokens, self.max_positions)
-                if not self.pool.can_promise(self.pool.pages_for(length)):
+                shard = self._shard_for(self.pool.pages_for(length))
+                if shard is None:  # first come, first served: the head waits for pages
                     break
                 self.waiting.popleft()
-                self.pool.admit(r, length)
+                self.pool.admit(r, length, shard)
                 self.running.append(r)
         budget = self.max_step_tokens
         work = []
@@ -198,6 +221,16 @@ class Scheduler:
         for w in work:
             self.pool.grow(w.request, w.start + w.count)
         return work
+
+    def _shard_for(self, pages: int) -> int | None:
+        """The shard a new request of ``pages`` pages goes to: a free slot and the pages, the
+        fewest running requests (then the most free pages) first; None if none can take it."""
+        running = [0] * self.pool.shards
+        for r in self.running:
+            running[r.shard] += 1
+        fits = [j for j in range(self.pool.shards)
+                if running[j] < self.slots_per_shard and self.pool.can_promise(pages, j)]
+        return min(fits, key=lambda j: (running[j], -len(self.pool.free[j])), default=None)
 
     def fail_all(self) -> None:
         """Ends every request, running and waiting, with "error" (a step failed)."""

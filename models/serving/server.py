@@ -302,7 +302,7 @@ class Server:
         metric("requests_waiting", "gauge", "Requests in the waiting queue.", [("", len(s.waiting))])
         metric("kv_pages_in_use", "gauge", "KV cache pages held by requests.", [("", e.pool.in_use)])
         metric("kv_pages_total", "gauge", "KV cache pages in the pool (scratch excluded).",
-               [("", e.pool.num_pages - 1)])
+               [("", e.pool.capacity)])
         metric("steps_total", "counter", "Engine steps by the MoE layers' schedule.",
                [(f'{{schedule="{k}"}}', v) for k, v in m.steps.items()])
         metric("step_seconds_total", "counter", "Time spent in engine steps.", [("", m.step_seconds)])

@@ -4,7 +4,9 @@
   its sequence) against ``generate``'s decode step at the same batch and a cache of
   ``context + new`` rows (what it preallocates), timed in interleaved rounds (medians);
 * ``throughput``: output tokens per second with ``2B`` requests of ``new`` tokens through
-  ``B`` slots (saturated), against ``generate`` of a batch of ``B`` (its tokens / its time);
+  ``B`` slots (saturated; a step budget of 1024 tokens, every step shape compiled by
+  :meth:`Engine.warm_up` first, compiles counted while timed), against two ``generate``
+  calls of ``B`` prompts each, in interleaved rounds (the median ratio);
 * ``ttft``: time to first token of a short request arriving while ``B - 1`` others decode,
   when those others asked for few or for many tokens (the engine's step does not grow with
   them; a static batch's cache and every step of it did).
@@ -19,7 +21,7 @@ import time
 import numpy as np
 
 from moe_relayfree.tools.bench.report import table, write
-from moe_relayfree.tools.bench.timing import interleaved, ratio_summary
+from moe_relayfree.tools.bench.timing import interleaved, interleaved_calls, ratio_summary
 
 
 class CompileCounter:
@@ -44,7 +46,7 @@ class CompileCounter:
 def _engine(model, batch: int):
     from moe_relayfree_models.serving.engine import Engine, EngineConfig
 
-    return Engine(model, EngineConfig(max_seqs=batch, max_step_tokens=max(256, batch),
+    return Engine(model, EngineConfig(max_seqs=batch, max_step_tokens=max(1024, batch),
                                       chunk=64, page_size=16))
 
 
@@ -88,31 +90,47 @@ def step_ab(model, batch: int, context: int, new: int, rounds: int) -> dict:
                 engine_vs_static=ratio_summary(ratio))
 
 
-def throughput_ab(model, batch: int, prompt: int, new: int) -> dict:
+def throughput_ab(model, batch: int, prompt: int, new: int, rounds: int = 3) -> dict:
+    """Output tokens per second of ``2 batch`` requests through ``batch`` slots (the engine,
+    after :meth:`Engine.warm_up`) against two ``generate`` calls of ``batch`` each, in
+    ``rounds`` interleaved rounds; the median of the per-round ratios."""
     from moe_relayfree_models.generation import generate
 
     prompts = _prompts(2 * batch, prompt, model.cfg.vocab_size, seed=1)
     engine = _engine(model, batch)
-    for p in prompts[:batch]:  # compile every shape the run takes, on a first run
-        engine.submit(p, new)
-    while engine.scheduler.has_work():
-        engine.step()
-    with CompileCounter() as compiles:  # the same mix again: every shape compiled above
-        start = time.perf_counter()
-        for p in prompts:
-            engine.submit(p, new)
-        while engine.scheduler.has_work():
-            engine.step()
-        engine_s = time.perf_counter() - start
-    engine_tps = 2 * batch * new / engine_s
+    start = time.perf_counter()
+    shapes = engine.warm_up()  # every step shape, as a server does before it listens
+    warm_s = time.perf_counter() - start
     generate(model, prompts[:batch], new)  # compiled
-    result = generate(model, prompts[:batch], new)
-    static_s = result["ttft_s"] + sum(result["step_s"])
-    static_tps = batch * new / static_s
-    return dict(batch=batch, prompt=prompt, new=new, requests=2 * batch,
-                engine_steps=engine.metrics.steps, compiles_in_timed_run=compiles.count,
-                engine_tokens_per_s=engine_tps, static_tokens_per_s=static_tps,
-                engine_vs_static=engine_tps / static_tps)
+    compiles = []
+
+    def engine_run():
+        with CompileCounter() as counter:  # none expected: every shape compiled above
+            start = time.perf_counter()
+            for p in prompts:
+                engine.submit(p, new)
+            while engine.scheduler.has_work():
+                engine.step()
+            seconds = time.perf_counter() - start
+        compiles.append(counter.count)
+        return None, seconds
+
+    def static_run():
+        seconds = 0.0
+        for half in (prompts[:batch], prompts[batch:]):
+            result = generate(model, half, new)
+            seconds += result["ttft_s"] + sum(result["step_s"])
+        return None, seconds
+
+    times, _ = interleaved_calls({"engine": engine_run, "static": static_run}, rounds)
+    tokens = 2 * batch * new
+    return dict(batch=batch, prompt=prompt, new=new, requests=2 * batch, rounds=rounds,
+                max_step_tokens=engine.config.max_step_tokens,
+                engine_steps=engine.metrics.steps, compiles_in_timed_runs=sum(compiles),
+                warm_up_shapes=shapes, warm_up_s=warm_s,
+                engine_tokens_per_s=tokens / float(np.median(times["engine"])),
+                static_tokens_per_s=tokens / float(np.median(times["static"])),
+                engine_vs_static=ratio_summary(times["static"] / times["engine"]))
 
 
 def ttft_ab(model, batch: int, prompt: int, others_new: tuple[int, ...], repeats: int) -> dict:
@@ -161,7 +179,7 @@ def run(a, command: str) -> dict:
     for b in a.batches:
         report["step"].append(step_ab(model, b, a.context, a.new, a.rounds))
         print("step", report["step"][-1], flush=True)
-        report["throughput"].append(throughput_ab(model, b, a.prompt, a.new))
+        report["throughput"].append(throughput_ab(model, b, a.prompt, a.new, a.repeats))
         print("throughput", report["throughput"][-1], flush=True)
     report["ttft"].append(ttft_ab(model, a.batches[0], a.prompt, tuple(a.others_new), a.repeats))
     print("ttft", report["ttft"][-1], flush=True)
@@ -179,11 +197,13 @@ def markdown(report: dict) -> str:
                      f"{r['engine_vs_static']['median']:.2f} [{r['engine_vs_static']['ci95'][0]:.2f}, "
                      f"{r['engine_vs_static']['ci95'][1]:.2f}]") for r in report["step"]])
     lines += ["", "## Throughput at saturation", ""]
-    lines += table(["batch", "requests", "prompt", "new", "engine tok/s", "static tok/s",
-                    "engine / static", "compiles in the timed run"],
-                   [(r["batch"], r["requests"], r["prompt"], r["new"],
+    lines += table(["batch", "requests", "prompt", "new", "rounds", "engine tok/s", "static tok/s",
+                    "engine / static [95% CI]", "compiles in the timed runs", "warm-up"],
+                   [(r["batch"], r["requests"], r["prompt"], r["new"], r["rounds"],
                      f"{r['engine_tokens_per_s']:.1f}", f"{r['static_tokens_per_s']:.1f}",
-                     f"{r['engine_vs_static']:.2f}", r["compiles_in_timed_run"])
+                     f"{r['engine_vs_static']['median']:.2f} [{r['engine_vs_static']['ci95'][0]:.2f}, "
+                     f"{r['engine_vs_static']['ci95'][1]:.2f}]", r["compiles_in_timed_runs"],
+                     f"{r['warm_up_shapes']} shapes, {r['warm_up_s']:.0f} s")
                     for r in report["throughput"]])
     lines += ["", "## Time to first token of a short request beside decoding ones", ""]
     for r in report["ttft"]:

@@ -27,6 +27,9 @@ def main(argv=None) -> int:
     p.add_argument("--others-new", type=int, nargs=2, default=[16, 512],
                    help="TTFT: the tokens the other requests asked for, few and many")
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--load-minutes", type=float, default=0,
+                   help="then a load run this long (Poisson arrivals, compiles counted)")
+    p.add_argument("--load-rate", type=float, default=20, help="requests per second in the load run")
     p.add_argument("--out", default="results/engine")
     a = p.parse_args(argv)
     env.emulate_cpu_devices(a.devices)

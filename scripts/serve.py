@@ -9,6 +9,10 @@
 Takes the same model, mesh, dtype and dispatch flags as ``scripts/infer.py``, plus
 ``--host`` / ``--port`` and the engine's sizes. SIGTERM (or Ctrl-C) stops accepting, lets the
 requests in flight finish, and exits 0.
+
+Several processes (``--coordinator HOST:PORT --num-processes N --process-id I`` on each, as
+for ``infer.py``): process 0 serves HTTP and schedules; the others run the steps it sends and
+exit when it stops.
 """
 
 from __future__ import annotations
@@ -80,6 +84,11 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"engine settings: {e}", file=sys.stderr)
         return 2
+    import jax
+
+    if jax.process_index() != 0:  # process 0 decides every step; this one runs them
+        engine.follow()
+        return 0
     if args.warm_up:
         print(f"warm-up: {engine.warm_up()} step shapes compiled", file=sys.stderr, flush=True)
     template, special = None, {}

@@ -205,3 +205,56 @@ def test_the_server_as_an_openai_client_sees_it(server, references):
     check_overload_is_429_with_retry_after(server)
     check_a_client_leaving_mid_stream_frees_its_pages(server)
     check_sigterm_finishes_the_stream_in_flight_and_exits_0(server)
+
+
+def test_two_processes_serve_as_one(references):
+    """2 processes x 4 CPU devices (jax.distributed over 127.0.0.1): process 0 serves HTTP and
+    schedules, process 1 runs the steps it sends. Concurrent greedy requests through the
+    openai client (plain and streamed) equal generate() of each prompt alone on one process;
+    SIGTERM to process 0 drains it, and both exit 0."""
+    from test_multihost import free_port as free_pair
+
+    coordinator, port = free_pair(), free_port()
+    procs = [subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "scripts", "serve.py"), "--devices", "4",
+         "--coordinator", f"127.0.0.1:{coordinator}", "--num-processes", "2", "--process-id",
+         str(i), "--port", str(port), "--max-seqs", "4", "--max-step-tokens", "32", "--chunk",
+         "16", "--page-size", "32"],
+        env=dict(script_env(), JAX_PLATFORMS="cpu"), cwd=ROOT, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            for p in procs:
+                if p.poll() is not None:
+                    pytest.fail(f"a process exited: {p.stdout.read()[-2000:]}")
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        else:
+            pytest.fail("the server did not come up in 240 s")
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=5)
+        cases = [(PROMPTS[i % 4], 4 + 2 * i) for i in range(4)]
+
+        def complete(case):
+            prompt, n = case
+            return client.completions.create(model="default", prompt=prompt, max_tokens=n,
+                                             temperature=0,
+                                             extra_body={"ignore_eos": True}).choices[0].text
+
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            texts = list(pool.map(complete, cases))
+        assert texts == [references[p][n] for p, n in cases]
+        stream = client.completions.create(model="default", prompt=PROMPTS[1], max_tokens=LONGEST,
+                                           temperature=0, stream=True,
+                                           extra_body={"ignore_eos": True})
+        assert "".join(c.choices[0].text for c in stream) == references[PROMPTS[1]][LONGEST]
+        procs[0].send_signal(signal.SIGTERM)
+        assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()

@@ -33,6 +33,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 import moe_relayfree as mr
 from moe_relayfree_models.generation import check_context, choose_tokens_per_row
 from moe_relayfree_models.paged import StepBatch, init_pages, paged_forward
+from moe_relayfree_models.serving.plan import STEP, STOP, Plan, PlanChannel
 from moe_relayfree_models.serving.scheduler import (PagePool, QueueFull, Request, SamplingParams,
                                                     Scheduler, Work)
 
@@ -85,8 +86,8 @@ def _unpack(packed: jax.Array, n: int, shape: tuple[int, int, int, int]):
     return batch, (as_f32(temperature), top_k, as_f32(top_p), seed, position)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(4,))
-def _step_program(graphdef, shape, state, packed, pages):
+@functools.partial(jax.jit, static_argnums=(0, 1, 5), donate_argnums=(4,))
+def _step_program(graphdef, shape, state, packed, pages, whole_tokens: bool = False):
     model = nnx.merge(graphdef, state)
     # every part kept whole on every device: left to the partitioner, the slices were split at
     # their odd offsets with dozens of collective-permutes
@@ -99,6 +100,8 @@ def _step_program(graphdef, shape, state, packed, pages):
                           lambda: choose_tokens_per_row(logits, temperature, top_k, top_p, seed,
                                                         position),
                           lambda: jnp.argmax(logits, axis=-1).astype(jnp.int32))
+    if whole_tokens:  # several processes: every process can read them (process 0 does)
+        tokens = jax.lax.with_sharding_constraint(tokens, whole)
     return tokens, pages
 
 
@@ -139,6 +142,11 @@ class Engine:
                              out_shardings=NamedSharding(lay.mesh, lay.tokens))()
         self.graphdef, self.state = nnx.split(model)
         self._replicated = NamedSharding(lay.mesh, PartitionSpec())
+        # several processes: process 0 schedules and sends each step's plan; the others follow
+        self.processes = jax.process_count()
+        self._plans = None
+        if self.processes > 1:
+            self._plans = PlanChannel()
         self.metrics = Metrics()
         self._seeds = itertools.count(1)
         self._wake = threading.Condition()
@@ -235,18 +243,43 @@ class Engine:
         packed = np.concatenate([tokens, positions, valid, decode_table.ravel(),
                                  chunk_table.ravel(), last, temperature.view(np.int32), top_k,
                                  top_p.view(np.int32), seed.view(np.int32), position])
+        return packed, where
+
+    def _execute(self, shape, packed: np.ndarray):
+        """Runs the step program of ``shape`` on ``packed`` inputs (on every process alike);
+        its tokens ``[slots] int32`` (a device array)."""
         # placed on the whole mesh, as the parameters and pages are: host arrays committed to
         # one device made every step move them first (a decode step took 2.5x as long)
-        return jax.device_put(packed, self._replicated), where
+        if self.processes == 1:
+            packed = jax.device_put(packed, self._replicated)
+        else:
+            packed = jax.make_array_from_callback(packed.shape, self._replicated,
+                                                  lambda index: packed[index])
+        out, self.pages = _step_program(self.graphdef, shape, self.state, packed, self.pages,
+                                        self.processes > 1)
+        return out
 
     def _run(self, work: list[Work], shape) -> np.ndarray:
-        """Runs the step; each work item's sampled token ``[len(work)] int32``."""
+        """Runs the step (sending its plan to the other processes first); each work item's
+        sampled token ``[len(work)] int32``."""
         packed, slots = self._layout(work, *shape)
-        out, self.pages = _step_program(self.graphdef, shape, self.state, packed, self.pages)
-        return np.asarray(out)[slots]
+        if self._plans is not None:
+            self._plans.send(Plan(STEP, shape, packed))
+        return np.asarray(self._execute(shape, packed))[slots]
+
+    def follow(self) -> None:
+        """A process other than 0: runs the steps process 0 sends, until it sends stop."""
+        if self._plans is None or jax.process_index() == 0:
+            raise RuntimeError("follow() is for the processes other than 0 of a multi-process job")
+        while True:
+            plan = self._plans.receive()
+            if plan.kind == STOP:
+                return
+            jax.block_until_ready(self._execute(plan.shape, plan.packed))
 
     def step(self) -> int:
-        """One step; returns the number of tokens it fed (0: nothing to do)."""
+        """One step; returns the number of tokens it fed (0: nothing to do). Process 0 only,
+        in a multi-process job (the others :meth:`follow`)."""
         work = self.scheduler.schedule()
         if not work:
             return 0
@@ -270,29 +303,39 @@ class Engine:
         return mr.resolve(self.model.dispatch, tokens, self.model.cfg.k).schedule
 
     def warm_up(self) -> int:
-        """Compiles every step shape (decode slots, chunk slots, pages buckets: see
-        :meth:`_shape`) before serving; returns how many. Runs them on scratch pages only."""
+        """Compiles every step shape (:meth:`step_shapes`) before serving; returns how many.
+        Runs them on scratch pages only (the other processes with it)."""
+        shapes = sorted(self.step_shapes())
+        for shape in shapes:
+            packed, _ = self._layout([], *shape)
+            if self._plans is not None:
+                self._plans.send(Plan(STEP, shape, packed))
+            jax.block_until_ready(self._execute(shape, packed))
+        return len(shapes)
+
+    def step_shapes(self) -> set[tuple[int, int, int, int]]:
+        """Every ``(D, C, Q, P)`` a step can take (:meth:`_shape`): decode slots and chunk
+        slots per shard in powers of two up to the slots per shard, pages in powers of two up
+        to the longest request's."""
         pages = {self.max_pages} | {1 << i for i in range(self.max_pages.bit_length())
                                     if 1 << i <= self.max_pages}
         per_shard = [1 << i for i in range(_pow2(self.slots_per_shard).bit_length())]
         decode = {(d, 0, 0) for d in per_shard}
         mixed = {(_pow2(self.slots_per_shard), c, self.config.chunk) for c in per_shard}
-        shapes = {(d, c, q, p) for d, c, q in decode | mixed for p in pages}
-        for shape in sorted(shapes):
-            packed, _ = self._layout([], *shape)
-            out, self.pages = _step_program(self.graphdef, shape, self.state, packed, self.pages)
-            jax.block_until_ready(out)
-        return len(shapes)
+        return {(d, c, q, p) for d, c, q in decode | mixed for p in pages}
 
     # --- the loop a server runs -----------------------------------------------------------
 
     def run_forever(self) -> None:
-        """Steps while there is work, waits otherwise, until :meth:`stop`."""
+        """Steps while there is work, waits otherwise, until :meth:`stop` (then tells the other
+        processes, if any, to stop following)."""
         while True:
             with self._wake:
                 while not self._stop and not self.scheduler.has_work():
                     self._wake.wait()
                 if self._stop and not self.scheduler.has_work():
+                    if self._plans is not None:
+                        self._plans.send(Plan(STOP))
                     return
             try:
                 self.step()

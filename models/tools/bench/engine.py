@@ -163,6 +163,55 @@ def ttft_ab(model, batch: int, prompt: int, others_new: tuple[int, ...], repeats
     return row
 
 
+def load_run(model, batch: int, minutes: float, rate: float, seed: int = 0) -> dict:
+    """A load of ``minutes``: requests arrive as a Poisson process of ``rate`` per second
+    (prompts of 4-200 tokens, 1-128 new tokens, a third of them sampled with temperature,
+    top-k and top-p), through ``batch`` slots, after :meth:`Engine.warm_up`; counts the backend
+    compiles while it runs (the goal: none) and every request's end."""
+    import threading
+
+    from moe_relayfree_models.serving.engine import SamplingParams
+
+    rng = np.random.default_rng(seed)
+    engine = _engine(model, batch)
+    start = time.perf_counter()
+    shapes = engine.warm_up()
+    warm_s = time.perf_counter() - start
+    ends = []
+    lock = threading.Lock()
+
+    def listener(request, tokens, reason):
+        if reason is not None:
+            with lock:
+                ends.append(reason)
+
+    submitted = refused = 0
+    with CompileCounter() as compiles:
+        start = time.perf_counter()
+        next_at = start
+        while time.perf_counter() - start < 60 * minutes:
+            while time.perf_counter() >= next_at:
+                next_at += rng.exponential(1 / rate)
+                sampling = (SamplingParams(temperature=0.8, top_k=40, top_p=0.9)
+                            if rng.random() < 1 / 3 else SamplingParams())
+                prompt = rng.integers(3, min(model.cfg.vocab_size, 250),
+                                      int(rng.integers(4, 201))).tolist()
+                try:
+                    engine.submit(prompt, int(rng.integers(1, 129)), sampling, listener=listener)
+                    submitted += 1
+                except Exception:  # QueueFull: the server would answer 429
+                    refused += 1
+            if not engine.step():
+                time.sleep(0.001)
+        while engine.scheduler.has_work():  # the requests in flight end too
+            engine.step()
+        seconds = time.perf_counter() - start
+    return dict(batch=batch, minutes=minutes, rate=rate, warm_up_shapes=shapes,
+                warm_up_s=warm_s, seconds=seconds, submitted=submitted, refused=refused,
+                ended={r: ends.count(r) for r in sorted(set(ends))},
+                steps=dict(engine.metrics.steps), compiles_after_warm_up=compiles.count)
+
+
 def run(a, command: str) -> dict:
     import jax
 
@@ -183,6 +232,9 @@ def run(a, command: str) -> dict:
         print("throughput", report["throughput"][-1], flush=True)
     report["ttft"].append(ttft_ab(model, a.batches[0], a.prompt, tuple(a.others_new), a.repeats))
     print("ttft", report["ttft"][-1], flush=True)
+    if a.load_minutes:
+        report["load"] = load_run(model, a.batches[0], a.load_minutes, a.load_rate)
+        print("load", report["load"], flush=True)
     write(a.out, "engine", report, markdown(report))
     return report
 
@@ -205,6 +257,13 @@ def markdown(report: dict) -> str:
                      f"{r['engine_vs_static']['ci95'][1]:.2f}]", r["compiles_in_timed_runs"],
                      f"{r['warm_up_shapes']} shapes, {r['warm_up_s']:.0f} s")
                     for r in report["throughput"]])
+    if "load" in report:
+        r = report["load"]
+        lines += ["", "## A load run", "",
+                  f"- {r['minutes']} min of Poisson arrivals at {r['rate']}/s through {r['batch']} "
+                  f"slots: {r['submitted']} requests ({r['refused']} refused at the queue), ended "
+                  f"{r['ended']}, steps {r['steps']}; {r['compiles_after_warm_up']} compiles "
+                  f"after warm-up ({r['warm_up_shapes']} shapes in {r['warm_up_s']:.0f} s)"]
     lines += ["", "## Time to first token of a short request beside decoding ones", ""]
     for r in report["ttft"]:
         lines += [f"- batch {r['batch']}, prompt {r['prompt']}: "

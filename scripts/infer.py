@@ -1,4 +1,5 @@
-"""End-to-end MoE inference with relay-free expert parallelism: batched prefill, then decode.
+"""End-to-end MoE inference with relay-free expert parallelism, on the serving engine
+(continuous batching over a paged KV cache: the path ``scripts/serve.py`` serves with).
 
     python scripts/infer.py                                  # built-in default model, 8 CPU devices
     python scripts/infer.py --checkpoint DIR --prompt "def " --max-new-tokens 64
@@ -7,19 +8,21 @@
     python scripts/infer.py --mesh data=2,ep=2,tp=2 --tensor-axis tp
     python scripts/infer.py --devices 4 --coordinator HOST:PORT --num-processes 2 --process-id I
 
-Greedy by default (``--temperature``, ``--top-k``, ``--top-p``, ``--seed`` sample); a row stops
-at the checkpoint's EOS ids (``--ignore-eos``: always ``--max-new-tokens``). Reports time to
-first token (prefill + first token), time per output token (median decode step), tokens/s and
-the schedule each phase used. Compilation is done (and timed) before.
+Greedy by default (``--temperature``, ``--top-k``, ``--top-p``, ``--seed`` sample; request
+``i`` draws with seed ``--seed + i``); a request stops at the checkpoint's EOS ids
+(``--ignore-eos``: always ``--max-new-tokens``). Every prompt is submitted at once; the engine
+prefills them (whole, one chunk each) and decodes. Reports time to first token (median over
+the requests), time per output token (median decode step), tokens/s, and the engine's steps
+per MoE schedule. Every step shape is compiled (and timed) before.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys
+import time
 
 from moe_relayfree_models.cli import (SetupError, add_model_args, load, positive_int, prepare,
                                       start_process)
@@ -55,9 +58,12 @@ def main(argv=None) -> int:
 
     import moe_relayfree as mr
     from moe_relayfree_models import generation
+    from moe_relayfree_models.serving.engine import Engine, EngineConfig
+    from moe_relayfree_models.serving.offline import complete
+    from moe_relayfree_models.serving.scheduler import SamplingParams
 
     try:
-        sampling = generation.Sampling(args.temperature, args.top_k, args.top_p)
+        sampling = SamplingParams(args.temperature, args.top_k, args.top_p, args.seed)
     except ValueError as e:
         print(f"sampling: {e}", file=sys.stderr)
         return 2
@@ -82,6 +88,18 @@ def main(argv=None) -> int:
     except SetupError as e:
         print(e, file=sys.stderr)
         return 2
+    longest = max(len(p) for p in prompts)
+    # sized for this batch: a slot per prompt, each prompt prefilled whole in one step
+    chunk = 1 << (longest - 1).bit_length()
+    engine = Engine(model, EngineConfig(
+        max_seqs=len(prompts), max_step_tokens=max(chunk, len(prompts) * longest), chunk=chunk,
+        page_size=32, max_model_len=min(cfg.max_position, longest + args.max_new_tokens)))
+    if jax.process_index() != 0:  # process 0 schedules every step; this one runs them
+        engine.follow()
+        return 0
+    start = time.perf_counter()
+    engine.warm_up()
+    compile_s = time.perf_counter() - start
 
     # progress only where a person watches: a redirected log gets no carriage returns
     show = not args.quiet and jax.process_index() == 0 and sys.stderr.isatty()
@@ -91,37 +109,39 @@ def main(argv=None) -> int:
             print(f"\rdecode {done}/{total}", end="" if done < total else "\n", file=sys.stderr, flush=True)
 
     stop_ids = () if args.ignore_eos else generation.stop_token_ids(args.checkpoint, tok)
-    result = generation.generate(model, prompts, args.max_new_tokens, sampling=sampling,
-                                 seed=args.seed, stop_ids=stop_ids, progress=progress)
-    if len(result["step_s"]) < args.max_new_tokens - 1:  # every row stopped early
+    try:
+        result = complete(engine, prompts, args.max_new_tokens, sampling, stop_ids, progress)
+    finally:
+        engine.close()
+    if max(len(t) for t in result["tokens"]) < args.max_new_tokens:  # every row stopped early
         progress(args.max_new_tokens, args.max_new_tokens)
-    tpot = float(np.median(result["step_s"])) if result["step_s"] else float("nan")
+    steps = result["decode_step_s"]
+    tpot = float(np.median(steps)) if steps else float("nan")
     batch = len(prompts)
     # what the MoE layers ran, as they decided it (mr.resolve: the one place the choice is made)
-    prefill_run = mr.resolve(model.dispatch, batch * result["prompt_width"], model.cfg.k)
-    decode_run = mr.resolve(model.dispatch, batch, model.cfg.k)
+    prefill_run = mr.resolve(model.dispatch, result["prefill_rows"], model.cfg.k)
+    decode_run = mr.resolve(model.dispatch, result["decode_rows"] or batch, model.cfg.k)
     report = {
         "checkpoint": os.path.relpath(args.checkpoint, ROOT) if args.checkpoint.startswith(ROOT) else args.checkpoint,
         "platform": devices[0].platform, "devices": len(devices), "dispatch": args.dispatch,
         "mesh": dict(mesh.shape), "expert_axis": lay.axis, "batch_axes": list(lay.batch_axes),
         "tensor_axis": lay.tensor_axis, "dtype": np.dtype(model.compute_dtype).name,
         "experts": "fp8" if model.cfg.expert_fp8_block else np.dtype(model.compute_dtype).name,
-        "batch": batch, "prompt_tokens": result["prompt_width"], "new_tokens": args.max_new_tokens,
+        "batch": batch, "prompt_tokens": longest, "new_tokens": args.max_new_tokens,
         # a baseline has no schedule: it ignores --schedule
         "prefill_schedule": prefill_run.schedule, "decode_schedule": decode_run.schedule,
         "prefill_path": prefill_run.path, "decode_path": decode_run.path,
         "decode_transport": decode_run.transport,
-        "ttft_ms": 1e3 * result["ttft_s"], "tpot_ms": 1e3 * tpot,
+        "ttft_ms": 1e3 * float(np.median(result["ttft_s"])), "tpot_ms": 1e3 * tpot,
         "decode_tokens_per_s": batch / tpot if tpot == tpot else None,
-        "compile_s": result["compile_s"], "compile_cache": cache_dir,
-        "sampling": dataclasses.asdict(sampling), "seed": args.seed, "stop_ids": list(stop_ids),
-        "decode_steps": len(result["step_s"]),
+        "compile_s": compile_s, "compile_cache": cache_dir,
+        "sampling": {k: getattr(sampling, k) for k in ("temperature", "top_k", "top_p")},
+        "seed": args.seed, "stop_ids": list(stop_ids),
+        "decode_steps": len(steps), "engine_steps": result["steps"],
         "outputs": [{"prompt": t, "completion": tok.decode(g), "new_tokens": len(g), "finish_reason": why}
                     for t, g, why in zip(texts, result["tokens"], result["finish_reasons"])],
     }
     report["processes"] = jax.process_count()
-    if jax.process_index() != 0:  # every process computes the same tokens; one reports
-        return 0
     if args.json:
         print(json.dumps(report, indent=2))
         return 0

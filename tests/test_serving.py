@@ -159,11 +159,11 @@ def _prompts():
     return [rng.integers(3, 250, n).tolist() for n in PROMPT_LENGTHS]
 
 
-def _model(dtype, dispatch="relayfree"):
+def _model(dtype, dispatch="relayfree", **settings):
     from moe_relayfree_models import checkpoint
 
     return checkpoint.load_model(DEFAULT, mesh=mr.make_ep_mesh(8), dtype=dtype,
-                                 implementation=dispatch)
+                                 implementation=dispatch, **settings)
 
 
 def _engine_tokens(model):
@@ -181,17 +181,24 @@ def test_engine_tokens_equal_generate_of_each_prompt_alone():
     """6 requests of 3-70 tokens and 3-20 new tokens through 4 sequence slots: admitted as slots
     free, prompts in chunks of 16 beside other requests' decode tokens; each request's greedy
     tokens are generate()'s for its prompt alone (the default model, float32, 8 devices), for
-    relay-free and the dropless baselines (one test: the references are made once)."""
+    relay-free and the dropless baselines (one test: the references are made once). Relay-free
+    runs with a decode threshold of 8 tokens per device: each step's MoE layers choose their
+    schedule from that step's rows, so the steps carrying prefill chunks (17 rows per device)
+    take the prefill schedule and the decode-only ones (1 per device) the decode schedule."""
     from moe_relayfree_models import generation
     from moe_relayfree_models.cli import DROPLESS
 
     model = _model("float32")
     want = [generation.generate(model, [p], m)["tokens"][0] for p, m in zip(_prompts(), MAX_TOKENS)]
     for dispatch in DROPLESS.values():
-        got, engine = _engine_tokens(model if dispatch == "relayfree" else _model("float32", dispatch))
+        got, engine = _engine_tokens(_model("float32", dispatch, decode_threshold=8)
+                                     if dispatch == "relayfree" else _model("float32", dispatch))
         assert got == want, dispatch
         steps = engine.metrics.steps
-        assert sum(steps.values()) > 0 and (steps["none"] == 0) == (dispatch == "relayfree")
+        if dispatch == "relayfree":
+            assert steps["prefill"] > 0 and steps["decode"] > 0 and steps["none"] == 0
+        else:
+            assert steps["none"] > 0 and steps["prefill"] == steps["decode"] == 0
 
 
 def test_engine_tokens_equal_generate_in_bf16():
@@ -202,3 +209,25 @@ def test_engine_tokens_equal_generate_in_bf16():
     got, _ = _engine_tokens(model)
     for p, m, tokens in zip(_prompts(), MAX_TOKENS, got):
         assert tokens == generation.generate(model, [p], m)["tokens"][0]
+
+
+@pytest.mark.parametrize("fixture", ["deepseek_v3-default", "mixtral-window"])
+def test_engine_tokens_equal_generate_for_mla_and_sliding_windows(fixture):
+    """DeepSeek-V3's latent MLA cache over pages (absorbed decode, chunked prefill) and a
+    sliding window of 4 over pages: the engine's greedy tokens are generate()'s for each prompt
+    alone (float32, random-init Hugging Face fixtures)."""
+    import os
+
+    from moe_relayfree_models import checkpoint, generation
+    from moe_relayfree_models.serving.engine import Engine, EngineConfig
+
+    folder = os.path.join(os.path.dirname(__file__), "fixtures", "hf", fixture)
+    model = checkpoint.load_model(folder, mesh=mr.make_ep_mesh(8), dtype="float32")
+    prompts = [p[:40] for p in _prompts()]
+    budget = [min(m, 128 - len(p)) for p, m in zip(prompts, MAX_TOKENS)]
+    engine = Engine(model, EngineConfig(max_seqs=4, max_step_tokens=32, chunk=16, page_size=8))
+    requests = [engine.submit(p, m) for p, m in zip(prompts, budget)]
+    while engine.scheduler.has_work():
+        engine.step()
+    for p, m, r in zip(prompts, budget, requests):
+        assert r.output == generation.generate(model, [p], m)["tokens"][0], fixture

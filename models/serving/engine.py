@@ -144,7 +144,7 @@ class Engine:
         self._replicated = NamedSharding(lay.mesh, PartitionSpec())
         # several processes: process 0 schedules and sends each step's plan; the others follow
         self.processes = jax.process_count()
-        self._plans = None
+        self._plans, self._closed = None, False
         if self.processes > 1:
             self._plans = PlanChannel()
         self.metrics = Metrics()
@@ -152,6 +152,7 @@ class Engine:
         self._wake = threading.Condition()
         self._stop = False
         self.last_error: str | None = None  # the last step that failed, for /health
+        self.last_step_tokens = 0  # rows of the last step (padding included)
 
     # --- requests -------------------------------------------------------------------------
 
@@ -290,7 +291,8 @@ class Engine:
         m.step_seconds += time.perf_counter() - start
         fed = sum(w.count for w in work)
         d, c, q, _ = shape
-        schedule = self.moe_schedule(self.shards * (d + c * q))
+        self.last_step_tokens = self.shards * (d + c * q)  # what the MoE layers saw
+        schedule = self.moe_schedule(self.last_step_tokens)
         m.steps[schedule or "none"] += 1
         m.prompt_tokens += sum(w.count for w in work if w.request.prefilling)
         m.generated_tokens += sum(1 for w in work if w.samples)
@@ -334,14 +336,19 @@ class Engine:
                 while not self._stop and not self.scheduler.has_work():
                     self._wake.wait()
                 if self._stop and not self.scheduler.has_work():
-                    if self._plans is not None:
-                        self._plans.send(Plan(STOP))
+                    self.close()
                     return
             try:
                 self.step()
             except Exception as e:  # every request gets an answer, and the loop goes on
                 self.scheduler.fail_all()
                 self.last_error = f"{type(e).__name__}: {e}"
+
+    def close(self) -> None:
+        """Process 0 of a job: tells the other processes to stop following (once)."""
+        if self._plans is not None and not self._closed:
+            self._closed = True
+            self._plans.send(Plan(STOP))
 
     def stop(self, drain: bool = True) -> None:
         """Ends :meth:`run_forever`: after the requests in flight finish (``drain``), or at

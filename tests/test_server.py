@@ -197,9 +197,33 @@ def check_sigterm_finishes_the_stream_in_flight_and_exits_0(server):
     assert proc.wait(timeout=120) == 0
 
 
-def test_the_server_as_an_openai_client_sees_it(server, references):
+def check_the_serving_benchmark_drives_it(server, tmp_path):
+    """scripts/bench_serve.py against the server: 6 requests at once, every one streamed to its
+    max_tokens (counted from the stream's usage chunk), the report's numbers consistent with
+    each other, its JSON, markdown and plot written."""
+    url, _ = server
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    import bench_serve
+
+    out = tmp_path / "serve"
+    assert bench_serve.main(["--base-url", url, "--num-prompts", "6", "--input-len", "8",
+                             "--output-len", "6", "--goodput", "ttft:100000", "tpot:100000",
+                             "--out", str(out)]) == 0
+    run = json.loads((out / "serve.json").read_text())["run"]
+    from moe_relayfree_models.serving.loadgen import Workload
+
+    want = sum(m for _, m in Workload(num_prompts=6, input_len=8, output_len=6).requests())
+    assert (run["completed"], run["failed"]) == (6, 0) and run["good_requests"] == 6
+    assert run["output_throughput"] * run["duration_s"] == pytest.approx(want)
+    assert 0 < run["ttft_ms"]["median"] <= run["e2el_ms"]["median"]
+    assert run["tpot_ms"]["p99"] > 0 and run["itl_ms"]["p50"] > 0
+    assert "| ttft |" in (out / "serve.md").read_text() and (out / "serve.png").stat().st_size > 1000
+
+
+def test_the_server_as_an_openai_client_sees_it(server, references, tmp_path):
     """One server, one test (the checks share it, and the last one stops it)."""
     check_concurrent_requests_through_the_openai_client(server, references)
+    check_the_serving_benchmark_drives_it(server, tmp_path)
     check_bad_requests_get_openai_errors_and_the_server_keeps_serving(server)
     check_malformed_json_and_the_client_error_types(server)
     check_overload_is_429_with_retry_after(server)

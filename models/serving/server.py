@@ -232,7 +232,10 @@ class Server:
             created = int(time.time())
             events = self._events(request, queue, stop_strings)
             if body.get("stream"):
-                return StreamingResponse(self._stream(rid, created, chat, events, request),
+                options = body.get("stream_options") or {}
+                usage_of = (len(prompt) if isinstance(options, dict) and options.get("include_usage")
+                            else None)
+                return StreamingResponse(self._stream(rid, created, chat, events, request, usage_of),
                                          media_type="text/event-stream")
             text, reason, count = "", None, 0
             try:
@@ -264,7 +267,9 @@ class Server:
 
         return app
 
-    async def _stream(self, rid, created, chat, events, request):
+    async def _stream(self, rid, created, chat, events, request, prompt_tokens=None):
+        """The SSE stream; with ``prompt_tokens`` (``stream_options.include_usage``), OpenAI's
+        last chunk: no choices, the usage."""
         kind = "chat.completion.chunk" if chat else "text_completion"
 
         def chunk(delta, reason, role=None):
@@ -279,8 +284,15 @@ class Server:
         try:
             if chat:  # OpenAI's first chat chunk carries the role alone
                 yield chunk(None, None, role="assistant")
-            async for delta, reason, _ in events:
+            count = 0
+            async for delta, reason, count in events:
                 yield chunk(delta, reason)
+            if prompt_tokens is not None:
+                usage = {"prompt_tokens": prompt_tokens, "completion_tokens": count,
+                         "total_tokens": prompt_tokens + count}
+                yield "data: " + json.dumps({"id": rid, "object": kind, "created": created,
+                                             "model": self.model_name, "choices": [],
+                                             "usage": usage}) + "\n\n"
             done = True
             yield "data: [DONE]\n\n"
         finally:

@@ -11,9 +11,11 @@ from moe_relayfree.paths import IMPLEMENTATIONS, PATHS
 DEFAULT_CHECKPOINT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default")
 # --dispatch names -> DispatchConfig.implementation: every implementation of the table of paths
 DISPATCH = {impl.replace("_", "-"): impl for impl in IMPLEMENTATIONS}
-# the ones that never drop a copy (what a comparison of generated tokens can take)
+# the ones that never drop a copy and run compiled wherever XLA does (what a comparison of
+# generated tokens can take; the Pallas TPU path runs only interpreted off a TPU)
 DROPLESS = {name: impl for name, impl in DISPATCH.items()
-            if not any(p.drops for p in PATHS.values() if p.implementation == impl)}
+            if not any(p.drops or p.platforms is not None
+                       for p in PATHS.values() if p.implementation == impl)}
 
 
 def positive_int(text: str) -> int:

@@ -25,7 +25,7 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 
-from moe_relayfree import decode, prefill
+from moe_relayfree import decode, pallas_remote, prefill
 from moe_relayfree.baselines import allgather, capacity, ragged
 from moe_relayfree.config import DispatchConfig, Lowering
 from moe_relayfree.experts import grouped_swiglu, windows_swiglu
@@ -75,7 +75,9 @@ class DispatchPath:
     drops: whether a copy can be lost (a bounded buffer with no further rounds);
     gradients / multi_axis / fp8: reverse-mode derivatives, meshes with data and tensor axes
     besides the expert axis, block-quantized expert stacks;
-    transports: the decode transports it runs; row_floor: least receive rows per round.
+    transports: the decode transports it runs; row_floor: least receive rows per round;
+    platforms: where it runs compiled (None: everywhere XLA runs; the Pallas TPU path also runs
+    interpreted on CPU, for its tests, not for serving).
     """
 
     name: str
@@ -92,7 +94,12 @@ class DispatchPath:
     fp8: bool = True
     transports: tuple[str, ...] = ()
     row_floor: int = MIN_ROWS
+    platforms: tuple[str, ...] | None = None
     summary: str = ""
+
+    def native(self, platform: str) -> bool:
+        """Whether it runs compiled on ``platform``."""
+        return self.platforms is None or platform in self.platforms
 
 
 # --- relay-free -------------------------------------------------------------------------------
@@ -129,6 +136,23 @@ def _decode_layer(x, ids, weights, w: ExpertWeights, call: Call):
 def _decode_dispatch(x, ids, weights, call: Call):
     return decode.dispatch(x, ids, weights, num_experts=call.num_experts,
                            axis_name=call.axis_name, transport=call.transport)
+
+
+def _remote_layer(x, ids, weights, w: ExpertWeights, call: Call):
+    return pallas_remote.pallas_prefill_moe(x, ids, weights, lambda win: _window_experts(win, w),
+                                            num_experts=call.num_experts,
+                                            axis_name=call.axis_name, rows_per_round=call.rows)
+
+
+def _remote_dispatch(x, ids, weights, call: Call):
+    handle = pallas_remote.plan_copies(x, ids, weights, num_experts=call.num_experts,
+                                       axis_name=call.axis_name, rows_per_round=call.rows)
+    return pallas_remote.dispatch(handle), handle
+
+
+def _remote_combine(out, handle):
+    y, _ = pallas_remote.combine(out, handle)
+    return pallas_remote.poison_rows(y, handle.invalid).astype(out.dtype)
 
 
 # --- baselines --------------------------------------------------------------------------------
@@ -194,6 +218,12 @@ PATHS: dict[str, DispatchPath] = {p.name: p for p in (
         frozenset({"schedule", "decode_threshold", "decode_overflow"}), drops=False,
         transports=("gather", "windows", "replicated"),
         summary="relay-free decode: 2*T*k window rows, bounded passes under skew"),
+    DispatchPath(
+        "relayfree_pallas", "relayfree_pallas", None, _remote_layer, _remote_dispatch,
+        _window_experts, _remote_combine, frozenset({"capacity_factor"}), drops=False,
+        gradients=False, multi_axis=False, platforms=("tpu",),
+        summary="relay-free prefill as TPU remote writes (Pallas): one DMA per copy from its "
+                "token row into the expert window, no send buffer; extra rounds under skew"),
     _baseline(
         "ragged_baseline", _ragged_dispatch, _ragged_experts, ragged.combine,
         settings=frozenset(), drops=False,

@@ -29,7 +29,8 @@ def parse_args(argv=None):
     p.add_argument("--devices", type=int, default=8, help="emulated CPU devices (CPU only)")
     p.add_argument("--quick", action="store_true", help="f32 only, uniform and one_rank routing")
     p.add_argument("--variants", nargs="+", default=None, metavar="NAME",
-                   help="only these variants (default: all of moe_relayfree.tools.selfcheck.VARIANTS)")
+                   help="only these variants (default: those of moe_relayfree.tools.selfcheck.VARIANTS "
+                   "that run compiled on the devices present)")
     p.add_argument("--time", type=int, nargs="*", default=[], metavar="TOKENS",
                    help="also time the layer at these tokens per device")
     p.add_argument("--local", type=int, default=8, help="timing: experts per device")
@@ -85,7 +86,7 @@ def main(argv=None) -> int:
     devices = jax.devices()
     mesh = make_ep_mesh(len(devices))
     kw = dict(dtypes=(jnp.float32,), routings=("uniform", "one_rank")) if args.quick else {}
-    variants = tuple(args.variants or selfcheck.VARIANTS)
+    variants = tuple(args.variants or selfcheck.variants_for(devices[0].platform))
     unknown = set(variants) - set(selfcheck.VARIANTS)
     if unknown:
         raise SystemExit(f"unknown variants {sorted(unknown)}; choose from {selfcheck.VARIANTS}")

@@ -51,6 +51,12 @@ TRANSPORT_VARIANTS = tuple(f"decode_{t}" for t in PATHS["decode"].transports
 VARIANTS = tuple(API_VARIANTS) + TRANSPORT_VARIANTS + (REPLICATED,)
 GRAD_VARIANTS = tuple(name for name, p in PATHS.items() if p.gradients)
 
+
+def variants_for(platform: str) -> tuple[str, ...]:
+    """:data:`VARIANTS` that run compiled on ``platform`` (a path made for one platform, the
+    Pallas TPU path, is left out elsewhere: it runs there only interpreted, for the tests)."""
+    return tuple(v for v in VARIANTS if v not in PATHS or PATHS[v].native(platform))
+
 # Largest |got - want| over largest |want|: f32 runs at "highest" matmul precision (GPUs
 # otherwise use TF32 for f32 dots); bf16 rounds each expert's output and the reference's.
 TOLERANCE = {"float32": 1e-4, "bfloat16": 3e-2}

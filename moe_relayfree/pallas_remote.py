@@ -1,0 +1,299 @@
+"""Relay-free dispatch and combine as TPU remote writes (Pallas): the paper's mechanism itself.
+
+The XLA form (:mod:`moe_relayfree.prefill`) moves copies with ``ragged_all_to_all``, which
+wants one contiguous send buffer: every round gathers ``x[order // k]`` into ``[T*k, d]`` first
+(a relay), and its results land in a zero-filled buffer. Here no copy is staged:
+
+1. **plan** (plain JAX, ints only, :func:`moe_relayfree.plan.make_plan`): counts exchanged,
+   every copy's virtual row in its receiver's expert-major buffer (windows in local-expert
+   order, sources in rank order inside a window, copies in (token, choice) order inside a
+   source), rounds of ``R`` rows under skew.
+2. **dispatch kernel**: one remote DMA per copy, from the token's row ``x[t]`` in HBM straight
+   into row ``row[j]`` of the receiver's window buffer (the same buffer on every chip: TPU's
+   symmetric memory). A barrier semaphore first (every chip has entered the kernel, so its
+   window buffer exists), then the copies, then the only synchronisation: the sender waits
+   until its copies' bytes have left, the receiver until the bytes of the rows it expects
+   (from the counts) have arrived. DMA semaphores count bytes, so one wait covers many rows.
+3. **experts** on the windows (grouped GEMM with the windows' sizes), as the XLA path.
+4. **combine kernel**: each receiver pushes each (source, local expert) segment of its results
+   (contiguous in its window) into the source's returned buffer at the rows the copies hold in
+   the source's expert order: ``P * El`` DMAs (the per-row alternative pushes ``T*k`` rows and
+   needs a ``(source, row)`` table per received row, shipped by the dispatch: three times the
+   descriptors, measured in ``docs/design.md``). Then the weighted sum over ``k``, reading only
+   this round's rows (no buffer is zero-filled: rows no copy wrote are masked, not read).
+
+Why it is exact: a row is written by exactly one DMA (virtual rows are a bijection onto the
+copies, clipped per round), a kernel returns only after every byte it expects has arrived
+(the counts say how many), and the next kernel that touches a buffer starts after this one
+returned on every chip (its own barrier).
+
+Where it runs: compiled by Mosaic for TPU; on CPU it runs in Pallas's TPU interpret mode
+(``pltpu.InterpretParams``), which executes the DMAs and semaphores over emulated devices, so
+the tests check it bit for bit; elsewhere it is refused. The interpreter adds a global barrier
+at every kernel's end, so a missing entry barrier cannot be caught on CPU. Call inside
+``shard_map`` over a 1-D expert mesh (a chip is addressed by its index on that axis).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+
+from moe_relayfree.collectives import ensure_varying
+from moe_relayfree.plan import Plan, make_plan, round_segments
+from moe_relayfree.routing import poison_rows, screen_choices
+from moe_relayfree.windows import ExpertWindows, take_rows
+
+_I32 = jnp.int32
+_F32 = jnp.float32
+_MESH = pl.DeviceIdType.MESH
+
+
+def interpret_params():
+    """How the kernels run here: None (compiled) on TPU, Pallas's TPU interpreter on CPU."""
+    platform = jax.default_backend()
+    if platform == "tpu":
+        return None
+    if platform == "cpu":
+        return pltpu.InterpretParams()
+    raise NotImplementedError(f"the Pallas remote-write path runs on TPU (and interpreted on "
+                              f"CPU), not on {platform}")
+
+
+def row_layout(d: int, dtype) -> tuple[int, int]:
+    """How a ``d``-wide row is laid out for Mosaic's DMAs: ``(sublanes, lanes)`` with rows on
+    a leading untiled dim (a DMA of one row of a tiled ``[n, d]`` buffer is refused), 32 bits
+    per sublane (bf16 ``[n, 2, d/2]``: ``[n, 1, d]`` compiles but pads each row to 2 sublanes)."""
+    pack = 4 // jnp.dtype(dtype).itemsize
+    if pack > 1 and d % (128 * pack) == 0:
+        return pack, d // pack
+    return 1, d
+
+
+def copy_targets(plan: Plan, ids: jax.Array, num_experts: int, round_index) -> tuple:
+    """Per copy ``j = t*k + c``: its receiver ``dst [T*k] int32`` and its row in the
+    receiver's window buffer this round ``row [T*k] int32`` (-1: not in this round, or no
+    expert). ``ids [T, k]`` screened (``E``: no copy)."""
+    flat = ids.reshape(-1).astype(_I32)
+    local = num_experts // plan.num_ranks
+    sent = flat < num_experts
+    e = jnp.where(sent, flat, 0)
+    virtual = plan.out_virtual_start[e] + plan.slot - plan.out_send_start[e]
+    row = virtual - jnp.asarray(round_index, _I32) * plan.rows_per_round
+    inside = sent & (row >= 0) & (row < plan.rows_per_round)
+    return e // local, jnp.where(inside, row, -1)
+
+
+def _barrier(num_ranks: int) -> None:
+    """Every chip of the axis has entered this kernel (so its output buffer exists)."""
+    sem = pltpu.get_barrier_semaphore()
+    for p in range(num_ranks):
+        pl.semaphore_signal(sem, 1, device_id=(p,), device_id_type=_MESH)
+    pl.semaphore_wait(sem, num_ranks)
+
+
+def _wait_rows(ref, count, rows: int, send_sem, recv_sem, axis_name: str, *, send: bool) -> None:
+    """Waits for ``count`` rows' bytes of DMAs into (``send``: out of) this chip, by
+    descriptors over at most ``rows`` rows of ``ref`` (a zero-row wait is skipped: the
+    interpreter's race detector trips on it)."""
+    me = lax.axis_index(axis_name)
+
+    def wait(i, carry):
+        m = jnp.minimum(rows, count - i * rows)
+
+        @pl.when(m > 0)
+        def _():
+            d = pltpu.make_async_remote_copy(ref.at[pl.ds(0, m)], ref.at[pl.ds(0, m)], send_sem,
+                                             recv_sem, device_id=(me,), device_id_type=_MESH)
+            d.wait_send() if send else d.wait_recv()
+        return carry
+
+    lax.fori_loop(0, pl.cdiv(count, rows), wait, 0)
+
+
+def _dispatch_kernel(dst_ref, row_ref, n_ref, x_ref, *refs, k: int, num_ranks: int,
+                     axis_name: str):
+    win_ref, send_sem, recv_sem = refs[-3:]
+    _barrier(num_ranks)
+
+    def issue(j, carry):
+        r = row_ref[j]
+
+        @pl.when(r >= 0)
+        def _():
+            pltpu.make_async_remote_copy(x_ref.at[pl.ds(j // k, 1)], win_ref.at[pl.ds(r, 1)],
+                                         send_sem, recv_sem, device_id=(dst_ref[j],),
+                                         device_id_type=_MESH).start()
+        return carry
+
+    lax.fori_loop(0, dst_ref.shape[0], issue, 0)
+    rows = win_ref.shape[0]
+    _wait_rows(win_ref, n_ref[0], rows, send_sem, recv_sem, axis_name, send=True)
+    _wait_rows(win_ref, n_ref[1], rows, send_sem, recv_sem, axis_name, send=False)
+
+
+def _combine_kernel(src_ref, size_ref, dst_off_ref, n_ref, out_ref, *refs, local: int,
+                    num_ranks: int, axis_name: str):
+    returned_ref, send_sem, recv_sem = refs[-3:]
+    _barrier(num_ranks)
+
+    def issue(g, carry):
+        m = size_ref[g]
+
+        @pl.when(m > 0)
+        def _():
+            pltpu.make_async_remote_copy(out_ref.at[pl.ds(src_ref[g], m)],
+                                         returned_ref.at[pl.ds(dst_off_ref[g], m)], send_sem,
+                                         recv_sem, device_id=(g // local,),
+                                         device_id_type=_MESH).start()
+        return carry
+
+    lax.fori_loop(0, size_ref.shape[0], issue, 0)
+    _wait_rows(out_ref, n_ref[0], out_ref.shape[0], send_sem, recv_sem, axis_name, send=True)
+    _wait_rows(returned_ref, n_ref[1], out_ref.shape[0], send_sem, recv_sem, axis_name,
+               send=False)
+
+
+def _call(kernel, prefetch: tuple, operand, out_like, alias, collective_id: int):
+    """A kernel over HBM refs: ``prefetch`` int32 tables in SMEM, ``operand`` the source rows,
+    ``out_like`` the output's shape (``alias``: that array, updated in place). The output
+    varies over the axes the operand does (under ``shard_map``'s ``check_vma``)."""
+    any_spec = pl.BlockSpec(memory_space=pl.ANY)
+    inputs = (*prefetch, operand) + ((alias,) if alias is not None else ())
+    varying = frozenset(getattr(jax.typeof(operand), "vma", frozenset()))
+    return pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct(
+            out_like.shape, out_like.dtype,
+            manual_axis_type=jax.sharding.ManualAxisType(varying=varying)),
+        grid_spec=pltpu.PrefetchScalarGridSpec(
+            num_scalar_prefetch=len(prefetch), grid=(1,),
+            in_specs=[any_spec] * (len(inputs) - len(prefetch)), out_specs=any_spec,
+            scratch_shapes=[pltpu.SemaphoreType.DMA, pltpu.SemaphoreType.DMA]),
+        input_output_aliases={len(inputs) - 1: 0} if alias is not None else {},
+        compiler_params=pltpu.CompilerParams(collective_id=collective_id),
+        interpret=interpret_params(),
+    )(*inputs)
+
+
+def dispatch_round(x_rows: jax.Array, plan: Plan, ids: jax.Array, num_experts: int, k: int,
+                   round_index, axis_name: str,
+                   window: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """One round's copies written into the receivers' windows. x_rows ``[T, s, d/s]`` (the
+    tokens in :func:`row_layout`), window ``[R, s, d/s]`` (None: a fresh, unfilled buffer;
+    else the previous round's, reused in place) -> (window, group_sizes ``[El]``)."""
+    seg = round_segments(plan, round_index)
+    dst, row = copy_targets(plan, ids, num_experts, round_index)
+    counts = jnp.stack([seg.send_sizes.sum(), seg.recv_sizes.sum()]).astype(_I32)
+    kernel = functools.partial(_dispatch_kernel, k=k, num_ranks=plan.num_ranks,
+                               axis_name=axis_name)
+    shape = (plan.rows_per_round,) + x_rows.shape[1:]
+    like = window if window is not None else jax.ShapeDtypeStruct(shape, x_rows.dtype)
+    window = _call(kernel, (dst, row, counts), x_rows, like, window, collective_id=0)
+    return window, seg.group_sizes
+
+
+def combine_round(out_rows: jax.Array, plan: Plan, round_index, axis_name: str,
+                  returned: jax.Array | None = None) -> jax.Array:
+    """One round's results pushed back, one DMA per (source, local expert) segment, into each
+    source's returned buffer ``[T*k, s, d/s]`` (in its expert order; None: a fresh, unfilled
+    one; else the previous round's, updated in place)."""
+    seg = round_segments(plan, round_index)
+    counts = jnp.stack([seg.recv_sizes.sum(), seg.send_sizes.sum()]).astype(_I32)
+    local = plan.window_size.shape[0]
+    kernel = functools.partial(_combine_kernel, local=local, num_ranks=plan.num_ranks,
+                               axis_name=axis_name)
+    shape = (plan.order.shape[0],) + out_rows.shape[1:]
+    like = returned if returned is not None else jax.ShapeDtypeStruct(shape, out_rows.dtype)
+    return _call(kernel, (seg.recv_offsets, seg.recv_sizes, seg.source_offsets, counts),
+                 out_rows, like, returned, collective_id=1)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class RemoteHandle:
+    """What a round's combine needs: the plan, the screened ids ``[T, k]`` (``E``: no copy),
+    weights ``[T, k] f32``, invalid ``[T] bool`` tokens (NaN rows), x ``[T, d]``."""
+
+    plan: Plan
+    ids: jax.Array
+    weights: jax.Array
+    invalid: jax.Array
+    x: jax.Array
+    num_experts: int = dataclasses.field(metadata=dict(static=True))
+    axis_name: str = dataclasses.field(metadata=dict(static=True))
+
+
+def plan_copies(x, topk_ids, topk_weights, *, num_experts: int, axis_name: str,
+                rows_per_round: int) -> RemoteHandle:
+    """Step 1: topk_ids ``[T, k] int32`` in ``[0, E)`` or -1 (no expert; any other id: NaN in
+    that token's row, :func:`~moe_relayfree.routing.screen_choices`)."""
+    ids, weights, invalid = screen_choices(topk_ids, topk_weights, num_experts)
+    plan = make_plan(ids, num_experts, axis_name, rows_per_round)
+    return RemoteHandle(plan, ids, weights.astype(_F32), invalid, x, num_experts, axis_name)
+
+
+def dispatch(h: RemoteHandle, round_index=0, window=None) -> ExpertWindows:
+    """Step 2 of round ``round_index``: the windows ``[R, d]`` and their sizes."""
+    t, d = h.x.shape
+    sub, lanes = row_layout(d, h.x.dtype)
+    window, sizes = dispatch_round(h.x.reshape(t, sub, lanes), h.plan, h.ids, h.num_experts,
+                                   h.ids.shape[1], round_index, h.axis_name, window)
+    return ExpertWindows(window.reshape(-1, d), sizes, h.ids.size)
+
+
+def combine(out: jax.Array, h: RemoteHandle, round_index=0, returned=None, into=None):
+    """Step 4 of round ``round_index``: ``out [R, d]`` pushed back, then this round's copies
+    weighted and summed -> (``[T, d]`` f32 added to ``into``, the returned buffer)."""
+    t, d = h.x.shape
+    k = h.ids.shape[1]
+    sub, lanes = row_layout(d, h.x.dtype)
+    returned = combine_round(out.astype(h.x.dtype).reshape(-1, sub, lanes), h.plan, round_index,
+                             h.axis_name, returned)
+    # this round's copies only: the rest of the returned buffer holds other rounds' rows or
+    # nothing at all (it is never zero-filled)
+    _, row = copy_targets(h.plan, h.ids, h.num_experts, round_index)
+    mine = (row >= 0).reshape(t, k)
+    slot = h.plan.slot.reshape(t, k)
+    y = ensure_varying(jnp.zeros((t, d), _F32), h.axis_name, h.x) if into is None else into
+    for c in range(k):
+        got = take_rows(returned.reshape(-1, d), slot[:, c]).astype(_F32)
+        y = y + jnp.where(mine[:, c, None], got * h.weights[:, c, None], 0.0)
+    return y, returned
+
+
+def pallas_prefill_moe(x: jax.Array, topk_ids: jax.Array, topk_weights: jax.Array, expert_fn,
+                       *, num_experts: int, axis_name: str, rows_per_round: int) -> jax.Array:
+    """The prefill schedule with remote writes: x ``[T, d]``, topk_ids ``[T, k] int32`` in
+    ``[0, E)`` or -1, topk_weights ``[T, k]``, ``expert_fn(ExpertWindows) -> [R, d]`` ->
+    ``[T, d]`` in x's dtype. Call inside ``shard_map`` over the 1-D expert axis
+    ``axis_name``."""
+    h = plan_copies(x, topk_ids, topk_weights, num_experts=num_experts, axis_name=axis_name,
+                    rows_per_round=rows_per_round)
+
+    def one_round(j, carry):
+        window, returned, y = carry
+        windows = dispatch(h, j, window)
+        y, returned = combine(expert_fn(windows), h, j, returned, y)
+        return windows.rows.reshape((-1,) + row_layout(*x.shape[1:], x.dtype)), returned, y
+
+    # round 0 makes the window and returned buffers; later rounds (only under skew: every
+    # chip sees the same num_rounds) reuse them in place
+    carry = one_round(0, (None, None, None))
+    if h.plan.max_rounds > 1:
+        carry = lax.fori_loop(
+            1, h.plan.max_rounds,
+            lambda j, c: lax.cond(j < h.plan.num_rounds, lambda c: one_round(j, c),
+                                  lambda c: c, c), carry)
+    return poison_rows(carry[2], h.invalid).astype(x.dtype)
+
+
+__all__ = ["RemoteHandle", "combine", "combine_round", "copy_targets", "dispatch",
+           "dispatch_round", "interpret_params", "pallas_prefill_moe", "plan_copies",
+           "row_layout"]

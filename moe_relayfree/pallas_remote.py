@@ -55,9 +55,10 @@ _F32 = jnp.float32
 _MESH = pl.DeviceIdType.MESH
 
 
-def interpret_params():
-    """How the kernels run here: None (compiled) on TPU, Pallas's TPU interpreter on CPU."""
-    platform = jax.default_backend()
+def interpret_params(platform: str | None = None):
+    """How the kernels run on ``platform`` (default: JAX's default backend): None (compiled)
+    on TPU, Pallas's TPU interpreter on CPU."""
+    platform = platform or jax.default_backend()
     if platform == "tpu":
         return None
     if platform == "cpu":
@@ -160,7 +161,8 @@ def _combine_kernel(src_ref, size_ref, dst_off_ref, n_ref, out_ref, *refs, local
                send=False)
 
 
-def _call(kernel, prefetch: tuple, operand, out_like, alias, collective_id: int):
+def _call(kernel, prefetch: tuple, operand, out_like, alias, collective_id: int,
+          platform: str | None):
     """A kernel over HBM refs: ``prefetch`` int32 tables in SMEM, ``operand`` the source rows,
     ``out_like`` the output's shape (``alias``: that array, updated in place). The output
     varies over the axes the operand does (under ``shard_map``'s ``check_vma``)."""
@@ -178,13 +180,13 @@ def _call(kernel, prefetch: tuple, operand, out_like, alias, collective_id: int)
             scratch_shapes=[pltpu.SemaphoreType.DMA, pltpu.SemaphoreType.DMA]),
         input_output_aliases={len(inputs) - 1: 0} if alias is not None else {},
         compiler_params=pltpu.CompilerParams(collective_id=collective_id),
-        interpret=interpret_params(),
+        interpret=interpret_params(platform),
     )(*inputs)
 
 
 def dispatch_round(x_rows: jax.Array, plan: Plan, ids: jax.Array, num_experts: int, k: int,
-                   round_index, axis_name: str,
-                   window: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+                   round_index, axis_name: str, window: jax.Array | None = None,
+                   platform: str | None = None) -> tuple[jax.Array, jax.Array]:
     """One round's copies written into the receivers' windows. x_rows ``[T, s, d/s]`` (the
     tokens in :func:`row_layout`), window ``[R, s, d/s]`` (None: a fresh, unfilled buffer;
     else the previous round's, reused in place) -> (window, group_sizes ``[El]``)."""
@@ -195,12 +197,12 @@ def dispatch_round(x_rows: jax.Array, plan: Plan, ids: jax.Array, num_experts: i
                                axis_name=axis_name)
     shape = (plan.rows_per_round,) + x_rows.shape[1:]
     like = window if window is not None else jax.ShapeDtypeStruct(shape, x_rows.dtype)
-    window = _call(kernel, (dst, row, counts), x_rows, like, window, collective_id=0)
+    window = _call(kernel, (dst, row, counts), x_rows, like, window, 0, platform)
     return window, seg.group_sizes
 
 
 def combine_round(out_rows: jax.Array, plan: Plan, round_index, axis_name: str,
-                  returned: jax.Array | None = None) -> jax.Array:
+                  returned: jax.Array | None = None, platform: str | None = None) -> jax.Array:
     """One round's results pushed back, one DMA per (source, local expert) segment, into each
     source's returned buffer ``[T*k, s, d/s]`` (in its expert order; None: a fresh, unfilled
     one; else the previous round's, updated in place)."""
@@ -212,7 +214,7 @@ def combine_round(out_rows: jax.Array, plan: Plan, round_index, axis_name: str,
     shape = (plan.order.shape[0],) + out_rows.shape[1:]
     like = returned if returned is not None else jax.ShapeDtypeStruct(shape, out_rows.dtype)
     return _call(kernel, (seg.recv_offsets, seg.recv_sizes, seg.source_offsets, counts),
-                 out_rows, like, returned, collective_id=1)
+                 out_rows, like, returned, 1, platform)
 
 
 @jax.tree_util.register_dataclass
@@ -228,15 +230,18 @@ class RemoteHandle:
     x: jax.Array
     num_experts: int = dataclasses.field(metadata=dict(static=True))
     axis_name: str = dataclasses.field(metadata=dict(static=True))
+    platform: str | None = dataclasses.field(default=None, metadata=dict(static=True))
 
 
 def plan_copies(x, topk_ids, topk_weights, *, num_experts: int, axis_name: str,
-                rows_per_round: int) -> RemoteHandle:
+                rows_per_round: int, platform: str | None = None) -> RemoteHandle:
     """Step 1: topk_ids ``[T, k] int32`` in ``[0, E)`` or -1 (no expert; any other id: NaN in
-    that token's row, :func:`~moe_relayfree.routing.screen_choices`)."""
+    that token's row, :func:`~moe_relayfree.routing.screen_choices`); ``platform``: what the
+    kernels are lowered for (:func:`interpret_params`)."""
     ids, weights, invalid = screen_choices(topk_ids, topk_weights, num_experts)
     plan = make_plan(ids, num_experts, axis_name, rows_per_round)
-    return RemoteHandle(plan, ids, weights.astype(_F32), invalid, x, num_experts, axis_name)
+    return RemoteHandle(plan, ids, weights.astype(_F32), invalid, x, num_experts, axis_name,
+                        platform)
 
 
 def dispatch(h: RemoteHandle, round_index=0, window=None) -> ExpertWindows:
@@ -244,7 +249,8 @@ def dispatch(h: RemoteHandle, round_index=0, window=None) -> ExpertWindows:
     t, d = h.x.shape
     sub, lanes = row_layout(d, h.x.dtype)
     window, sizes = dispatch_round(h.x.reshape(t, sub, lanes), h.plan, h.ids, h.num_experts,
-                                   h.ids.shape[1], round_index, h.axis_name, window)
+                                   h.ids.shape[1], round_index, h.axis_name, window,
+                                   h.platform)
     return ExpertWindows(window.reshape(-1, d), sizes, h.ids.size)
 
 
@@ -255,7 +261,7 @@ def combine(out: jax.Array, h: RemoteHandle, round_index=0, returned=None, into=
     k = h.ids.shape[1]
     sub, lanes = row_layout(d, h.x.dtype)
     returned = combine_round(out.astype(h.x.dtype).reshape(-1, sub, lanes), h.plan, round_index,
-                             h.axis_name, returned)
+                             h.axis_name, returned, h.platform)
     # this round's copies only: the rest of the returned buffer holds other rounds' rows or
     # nothing at all (it is never zero-filled)
     _, row = copy_targets(h.plan, h.ids, h.num_experts, round_index)
@@ -269,13 +275,14 @@ def combine(out: jax.Array, h: RemoteHandle, round_index=0, returned=None, into=
 
 
 def pallas_prefill_moe(x: jax.Array, topk_ids: jax.Array, topk_weights: jax.Array, expert_fn,
-                       *, num_experts: int, axis_name: str, rows_per_round: int) -> jax.Array:
+                       *, num_experts: int, axis_name: str, rows_per_round: int,
+                       platform: str | None = None) -> jax.Array:
     """The prefill schedule with remote writes: x ``[T, d]``, topk_ids ``[T, k] int32`` in
     ``[0, E)`` or -1, topk_weights ``[T, k]``, ``expert_fn(ExpertWindows) -> [R, d]`` ->
     ``[T, d]`` in x's dtype. Call inside ``shard_map`` over the 1-D expert axis
     ``axis_name``."""
     h = plan_copies(x, topk_ids, topk_weights, num_experts=num_experts, axis_name=axis_name,
-                    rows_per_round=rows_per_round)
+                    rows_per_round=rows_per_round, platform=platform)
 
     def one_round(j, carry):
         window, returned, y = carry

@@ -53,7 +53,9 @@ class Call:
     overflow: the decode schedule's rows past the usual ``2*T*k`` ("branch", "one_pass");
     first_round_inline: platforms running prefill's round 0 before the rounds' loop;
     capacity: the capacity baseline's slots per expert per source (None: ``T``, never drops;
-    what the API runs; the benchmarks set GShard's usual factor).
+    what the API runs; the benchmarks set GShard's usual factor);
+    platform: the mesh's platform, for a path that lowers differently on one (None: JAX's
+    default backend).
     """
 
     num_experts: int
@@ -63,6 +65,7 @@ class Call:
     overflow: str = "branch"
     first_round_inline: tuple[str, ...] = Lowering().first_round_inline
     capacity: int | None = None
+    platform: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,12 +144,14 @@ def _decode_dispatch(x, ids, weights, call: Call):
 def _remote_layer(x, ids, weights, w: ExpertWeights, call: Call):
     return pallas_remote.pallas_prefill_moe(x, ids, weights, lambda win: _window_experts(win, w),
                                             num_experts=call.num_experts,
-                                            axis_name=call.axis_name, rows_per_round=call.rows)
+                                            axis_name=call.axis_name, rows_per_round=call.rows,
+                                            platform=call.platform)
 
 
 def _remote_dispatch(x, ids, weights, call: Call):
     handle = pallas_remote.plan_copies(x, ids, weights, num_experts=call.num_experts,
-                                       axis_name=call.axis_name, rows_per_round=call.rows)
+                                       axis_name=call.axis_name, rows_per_round=call.rows,
+                                       platform=call.platform)
     return pallas_remote.dispatch(handle), handle
 
 
@@ -278,7 +283,8 @@ class Resolved:
         return Call(num_experts=num_experts, axis_name=config.axis, rows=self.rows,
                     transport="replicated" if self.replicated else "auto",
                     overflow=config.decode_overflow if self.schedule == "decode" else "branch",
-                    first_round_inline=config.lowering.first_round_inline)
+                    first_round_inline=config.lowering.first_round_inline,
+                    platform=config.layout.platform)
 
 
 def resolve(config: DispatchConfig, num_tokens: int, k: int) -> Resolved:

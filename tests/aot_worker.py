@@ -17,7 +17,8 @@ def main() -> None:
             ("decode", "relayfree", "auto", 8, None),
             ("bounded", "ragged_baseline_bounded", "auto", 8, None),
             ("prefill", "relayfree", "prefill", 8, None),
-            ("decode_fp8", "relayfree", "auto", 8, aot.FP8_BLOCK)]:
+            ("decode_fp8", "relayfree", "auto", 8, aot.FP8_BLOCK),
+            ("pallas", "relayfree_pallas", "auto", 8, None)]:
         config = mr.DispatchConfig(mesh, schedule=schedule, implementation=impl)
         report = aot.layer_report(config, SHAPES, tokens, block)
         report["hlo_ops"] = sorted({c["op"] for c in report["collectives"]})

@@ -74,3 +74,16 @@ def test_fp8_experts_halve_the_weights_and_never_write_them_dequantized():
     assert fp8["temp"] - bf16["temp"] < local_stacks, (bf16, fp8)
     assert not r["decode_fp8"]["ragged_dot"]
     assert r["decode_fp8"]["resolved_schedule"] == "decode"
+
+
+def test_remote_writes_compile_for_tpu_with_no_send_buffer():
+    """The Pallas remote-write path compiles for 64 chips (Mosaic kernels in the program), with
+    no ragged all-to-all and no gather of the tokens into a [T*k, d] send buffer (the XLA
+    relay-free prefill program has both), and temporaries no larger than that program's."""
+    r = reports()
+    pallas, xla = r["pallas"], r["prefill"]
+    assert "tpu_custom_call" in pallas["custom_calls"], pallas["custom_calls"]
+    assert "ragged_all_to_all" not in {c["op"] for c in pallas["collectives"]}
+    assert "ragged_all_to_all" in {c["op"] for c in xla["collectives"]}
+    assert pallas["send_gathers"] == 0 < xla["send_gathers"]
+    assert pallas["memory"]["temp"] <= xla["memory"]["temp"], (pallas["memory"], xla["memory"])

@@ -51,7 +51,7 @@ def test_goodput_limits_parse_or_are_refused():
             parse_goodput(bad)
 
 
-def test_the_feasible_rate_is_the_highest_before_goodput_falls_short():
-    points = [dict(rate=r, goodput=g) for r, g in ((2, 1.9), (4, 3.7), (8, 6.0), (16, 15.0))]
+def test_the_feasible_rate_is_the_highest_before_attainment_falls_short():
+    points = [dict(rate=r, attainment=a) for r, a in ((2, 1.0), (4, 0.92), (8, 0.6), (16, 0.95))]
     assert highest_rate(points, 0.9) == 4  # 8 falls short; 16 after it does not count
-    assert highest_rate(points, 0.99) == 0
+    assert highest_rate(points, 0.99) == 2 and highest_rate(points[1:], 0.99) == 0

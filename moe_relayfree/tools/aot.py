@@ -212,10 +212,17 @@ def layer_report(config: DispatchConfig, shapes: LayerShapes, tokens_per_device:
     overflow = None if recv is None else overflow_probability(
         tokens_per_device * lay.num_ranks, shapes.num_experts, lay.num_ranks, shapes.k,
         recv)._asdict()
+    import re
+
     return {
         **head, "resolved_schedule": resolved, "memory": memory(compiled),
         "collectives": collectives, "recv_rows": recv, "overflow": overflow,
         "ragged_dot": "ragged-dot" in text or "ragged_dot" in text,
+        # Mosaic kernels (the Pallas path's) and XLA's own custom calls
+        "custom_calls": sorted(set(re.findall(r'custom_call_target="([^"]+)"', text))),
+        # instructions gathering the tokens into [T*k, ...] rows: the XLA path's send buffer
+        "send_gathers": sum(1 for line in text.splitlines()
+                            if re.search(rf"= \w+\[{copies},", line) and "gather" in line),
         "compile_s": round(seconds, 2),
     }
 

@@ -48,7 +48,7 @@ from jax.experimental.pallas import tpu as pltpu
 from moe_relayfree.collectives import ensure_varying
 from moe_relayfree.plan import Plan, make_plan, round_segments
 from moe_relayfree.routing import poison_rows, screen_choices
-from moe_relayfree.windows import ExpertWindows, take_rows
+from moe_relayfree.windows import ExpertWindows, weighted_row_sum
 
 _I32 = jnp.int32
 _F32 = jnp.float32
@@ -168,12 +168,10 @@ def _call(kernel, prefetch: tuple, operand, out_like, alias, collective_id: int,
     varies over the axes the operand does (under ``shard_map``'s ``check_vma``)."""
     any_spec = pl.BlockSpec(memory_space=pl.ANY)
     inputs = (*prefetch, operand) + ((alias,) if alias is not None else ())
-    varying = frozenset(getattr(jax.typeof(operand), "vma", frozenset()))
     return pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct(
-            out_like.shape, out_like.dtype,
-            manual_axis_type=jax.sharding.ManualAxisType(varying=varying)),
+        out_shape=jax.ShapeDtypeStruct(out_like.shape, out_like.dtype,
+                                       manual_axis_type=jax.typeof(operand).manual_axis_type),
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=len(prefetch), grid=(1,),
             in_specs=[any_spec] * (len(inputs) - len(prefetch)), out_specs=any_spec,
@@ -265,12 +263,8 @@ def combine(out: jax.Array, h: RemoteHandle, round_index=0, returned=None, into=
     # this round's copies only: the rest of the returned buffer holds other rounds' rows or
     # nothing at all (it is never zero-filled)
     _, row = copy_targets(h.plan, h.ids, h.num_experts, round_index)
-    mine = (row >= 0).reshape(t, k)
-    slot = h.plan.slot.reshape(t, k)
-    y = ensure_varying(jnp.zeros((t, d), _F32), h.axis_name, h.x) if into is None else into
-    for c in range(k):
-        got = take_rows(returned.reshape(-1, d), slot[:, c]).astype(_F32)
-        y = y + jnp.where(mine[:, c, None], got * h.weights[:, c, None], 0.0)
+    y = weighted_row_sum(returned, h.plan.slot.reshape(t, k), h.weights,
+                         valid=(row >= 0).reshape(t, k), into=into)
     return y, returned
 
 
@@ -284,21 +278,22 @@ def pallas_prefill_moe(x: jax.Array, topk_ids: jax.Array, topk_weights: jax.Arra
     h = plan_copies(x, topk_ids, topk_weights, num_experts=num_experts, axis_name=axis_name,
                     rows_per_round=rows_per_round, platform=platform)
 
-    def one_round(j, carry):
-        window, returned, y = carry
-        windows = dispatch(h, j, window)
-        y, returned = combine(expert_fn(windows), h, j, returned, y)
-        return windows.rows.reshape((-1,) + row_layout(*x.shape[1:], x.dtype)), returned, y
+    def one_round(j, y):
+        # fresh, unfilled window and returned buffers: the round's temporaries, which XLA
+        # reuses from one iteration to the next
+        y, _ = combine(expert_fn(dispatch(h, j)), h, j, into=y)
+        return y
 
-    # round 0 makes the window and returned buffers; later rounds (only under skew: every
-    # chip sees the same num_rounds) reuse them in place
-    carry = one_round(0, (None, None, None))
-    if h.plan.max_rounds > 1:
-        carry = lax.fori_loop(
-            1, h.plan.max_rounds,
-            lambda j, c: lax.cond(j < h.plan.num_rounds, lambda c: one_round(j, c),
-                                  lambda c: c, c), carry)
-    return poison_rows(carry[2], h.invalid).astype(x.dtype)
+    y = ensure_varying(jnp.zeros(x.shape, _F32), axis_name, x)
+    # Every round, the first included, is one body of the loop (rounds past the first only
+    # under skew: every chip sees the same num_rounds). Round 0 apart from the loop made
+    # XLA:TPU hold a second copy of the round's buffers (temp 122 MiB against the XLA path's
+    # 57 MiB at DeepSeek-V3's T=128), and buffers carried through the loop to be written in
+    # place took more (149 MiB: a zero fill, and copies around the conditional).
+    y = lax.fori_loop(0, h.plan.max_rounds,
+                      lambda j, y: lax.cond(j < h.plan.num_rounds, lambda y: one_round(j, y),
+                                            lambda y: y, y), y)
+    return poison_rows(y, h.invalid).astype(x.dtype)
 
 
 __all__ = ["RemoteHandle", "combine", "combine_round", "copy_targets", "dispatch",

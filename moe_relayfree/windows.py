@@ -7,6 +7,8 @@ them with the window sizes as group sizes and no re-sort.
 
 from __future__ import annotations
 
+import math
+
 import dataclasses
 
 import jax
@@ -69,7 +71,9 @@ def weighted_row_sum(
 ) -> jax.Array:
     """``out[t] = into[t] + sum_j weights[t, j] * rows[index[t, j]]`` over the valid ``(t, j)``.
 
-    rows ``[R, d]``; index ``[n, k] int32`` in ``[0, R)``; weights ``[n, k] float32``; valid
+    rows ``[R, d]`` (or ``[R, ...]``, each row flattened to ``d``: a TPU row layout such as
+    ``[R, 2, d/2]`` is gathered as it lies, only the picked rows relaid); index ``[n, k]
+    int32`` in ``[0, R)``; weights ``[n, k] float32``; valid
     ``[n, k] bool`` (default: all); into ``[n, d] float32`` (default: zeros) -> ``[n, d]
     float32``. One gather per choice, each added to a running sum in choice order: no
     ``[n, k, d]`` intermediate, and no scatter-add (whose repeated rows are float atomics on
@@ -80,12 +84,13 @@ def weighted_row_sum(
     from moe_relayfree.collectives import vary_like  # collectives imports this module
 
     n, k = index.shape
-    out = jnp.zeros((n, rows.shape[1]), _F32) if into is None else into
+    width = math.prod(rows.shape[1:])
+    out = jnp.zeros((n, width), _F32) if into is None else into
     valid = jnp.ones(index.shape, bool) if valid is None else valid
     out = vary_like(out, rows, index, weights, valid)
 
     def add(j, out, pick):
-        term = take_rows(rows, pick(index)).astype(_F32) * pick(weights)[:, None]
+        term = take_rows(rows, pick(index)).reshape(n, width).astype(_F32) * pick(weights)[:, None]
         return out + jnp.where(pick(valid)[:, None], term, 0.0)
 
     def unrolled(out):

@@ -20,7 +20,8 @@ def test_bench_smoke(tmp_path):
     assert (tmp_path / "bench.md").read_text().startswith("# Benchmark (smoke)")
     assert (tmp_path / "scaling_tokens.png").stat().st_size > 1000
     impls = report["main"][0]["impls"]
-    assert set(impls) == set(PATHS)  # every path of the table
+    # every path of the table that compiles for this CPU (the Pallas TPU path: its own tests)
+    assert set(impls) == {name for name, p in PATHS.items() if p.native("cpu")}
     for name in ("decode", "ragged_baseline"):  # exact paths agree with relay-free
         assert impls[name]["max_abs_diff_vs_first"] < 1e-4
     assert impls["capacity_baseline"]["dropped_copies"] > 0  # tiny shapes overflow at 1.25

@@ -222,7 +222,8 @@ def layer_report(config: DispatchConfig, shapes: LayerShapes, tokens_per_device:
         "custom_calls": sorted(set(re.findall(r'custom_call_target="([^"]+)"', text))),
         # instructions gathering the tokens into [T*k, ...] rows: the XLA path's send buffer
         "send_gathers": sum(1 for line in text.splitlines()
-                            if re.search(rf"= \w+\[{copies},", line) and "gather" in line),
+                            if re.search(rf"= (bf16|f16|f32|f8\w*)\[{copies},", line)
+                            and "gather" in line),
         "compile_s": round(seconds, 2),
     }
 

@@ -18,6 +18,7 @@ from jax.sharding import PartitionSpec as P
 import moe_relayfree as mr
 from moe_relayfree import selection
 from moe_relayfree.baselines import capacity
+from moe_relayfree.paths import PATHS
 from moe_relayfree.plan import rows_per_round
 from moe_relayfree.tools import analysis
 from moe_relayfree.tools.bench import env, variants
@@ -123,7 +124,10 @@ def run_case(case, *, repeats, analyse, budget_bytes, names=None, choice_seconds
     placed = layer_inputs(mesh, tokens, num_experts, k, d, f, axis=AXIS)
     tokens_in, weights = tuple(placed[:3]), tuple(placed[3:])
     impls, sizes = variants.phases(num_experts, tokens, k, num_ranks, AXIS)
-    names = names or list(impls)
+    # the paths compiled for this platform (the Pallas TPU path runs only interpreted here,
+    # which times the interpreter, and does not lower for cuda)
+    platform = mesh.devices.flat[0].platform
+    names = [n for n in (names or impls) if PATHS[n].native(platform)]
     result = dict(case, **sizes, floor_s=floor_seconds(mesh, tokens * k, d, repeats), impls={})
     reference, layers = None, {}
     for name in names:

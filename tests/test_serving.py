@@ -225,7 +225,7 @@ def test_engine_tokens_equal_generate_for_mla_and_sliding_windows(fixture):
     model = checkpoint.load_model(folder, mesh=mr.make_ep_mesh(8), dtype="float32")
     prompts = [p[:40] for p in _prompts()]
     budget = [min(m, 128 - len(p)) for p, m in zip(prompts, MAX_TOKENS)]
-    engine = Engine(model, EngineConfig(max_seqs=4, max_step_tokens=32, chunk=16, page_size=8))
+    engine = Engine(model, EngineConfig(max_seqs=4, max_step_tokens=32, chunk=16, page_size=16))
     requests = [engine.submit(p, m) for p, m in zip(prompts, budget)]
     while engine.scheduler.has_work():
         engine.step()

@@ -31,6 +31,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_healthy(url: str, procs, seconds: float = 240) -> None:
+    """Until ``url``'s /health answers 200; fails if one of ``procs`` exits first or time is up."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        for p in procs:
+            if p.poll() is not None:
+                pytest.fail(f"a server process exited: {p.stdout.read()[-2000:]}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    pytest.fail(f"the server did not come up in {seconds:.0f} s")
+
+
 @pytest.fixture
 def server():
     port = free_port()
@@ -40,18 +55,11 @@ def server():
          "--max-waiting", "8"],
         env=script_env(8), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"the server exited: {proc.stdout.read()[-2000:]}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.5)
-    else:
+    try:
+        wait_healthy(url, [proc])
+    except BaseException:
         proc.kill()
-        pytest.fail("the server did not come up in 240 s")
+        raise
     yield url, proc
     if proc.poll() is None:
         proc.send_signal(signal.SIGTERM)
@@ -248,18 +256,7 @@ def test_two_processes_serve_as_one(references):
         stderr=subprocess.STDOUT, text=True) for i in range(2)]
     try:
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline:
-            for p in procs:
-                if p.poll() is not None:
-                    pytest.fail(f"a process exited: {p.stdout.read()[-2000:]}")
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.5)
-        else:
-            pytest.fail("the server did not come up in 240 s")
+        wait_healthy(url, procs)
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=5)
         cases = [(PROMPTS[i % 4], 4 + 2 * i) for i in range(4)]
 

@@ -118,22 +118,23 @@ def _wait_rows(ref, count, rows: int, send_sem, recv_sem, axis_name: str, *, sen
     lax.fori_loop(0, pl.cdiv(count, rows), wait, 0)
 
 
-def _dispatch_kernel(dst_ref, row_ref, n_ref, x_ref, *refs, k: int, num_ranks: int,
+def _dispatch_kernel(target_ref, n_ref, x_ref, *refs, k: int, num_ranks: int,
                      axis_name: str):
     win_ref, send_sem, recv_sem = refs[-3:]
     _barrier(num_ranks)
 
     def issue(j, carry):
-        r = row_ref[j]
+        target = target_ref[j]
 
-        @pl.when(r >= 0)
+        @pl.when(target >= 0)
         def _():
-            pltpu.make_async_remote_copy(x_ref.at[pl.ds(j // k, 1)], win_ref.at[pl.ds(r, 1)],
-                                         send_sem, recv_sem, device_id=(dst_ref[j],),
+            row, dst = target // num_ranks, target % num_ranks
+            pltpu.make_async_remote_copy(x_ref.at[pl.ds(j // k, 1)], win_ref.at[pl.ds(row, 1)],
+                                         send_sem, recv_sem, device_id=(dst,),
                                          device_id_type=_MESH).start()
         return carry
 
-    lax.fori_loop(0, dst_ref.shape[0], issue, 0)
+    lax.fori_loop(0, target_ref.shape[0], issue, 0)
     rows = win_ref.shape[0]
     _wait_rows(win_ref, n_ref[0], rows, send_sem, recv_sem, axis_name, send=True)
     _wait_rows(win_ref, n_ref[1], rows, send_sem, recv_sem, axis_name, send=False)
@@ -190,12 +191,18 @@ def dispatch_round(x_rows: jax.Array, plan: Plan, ids: jax.Array, num_experts: i
     else the previous round's, reused in place) -> (window, group_sizes ``[El]``)."""
     seg = round_segments(plan, round_index)
     dst, row = copy_targets(plan, ids, num_experts, round_index)
+    # one int32 per copy in SMEM (1 MiB): row * P + receiver, -1 for none. Two tables ran out
+    # of SMEM at T*k = 131,072 copies on v5p; one holds twice as many.
+    if plan.rows_per_round * plan.num_ranks >= 2**31:
+        raise ValueError(f"{plan.rows_per_round} receive rows on {plan.num_ranks} chips do not "
+                         "pack into an int32 per copy; lower capacity_factor")
+    target = jnp.where(row >= 0, row * plan.num_ranks + dst, -1).astype(_I32)
     counts = jnp.stack([seg.send_sizes.sum(), seg.recv_sizes.sum()]).astype(_I32)
     kernel = functools.partial(_dispatch_kernel, k=k, num_ranks=plan.num_ranks,
                                axis_name=axis_name)
     shape = (plan.rows_per_round,) + x_rows.shape[1:]
     like = window if window is not None else jax.ShapeDtypeStruct(shape, x_rows.dtype)
-    window = _call(kernel, (dst, row, counts), x_rows, like, window, 0, platform)
+    window = _call(kernel, (target, counts), x_rows, like, window, 0, platform)
     return window, seg.group_sizes
 
 

@@ -87,3 +87,11 @@ def test_remote_writes_compile_for_tpu_with_no_send_buffer():
     assert "ragged_all_to_all" in {c["op"] for c in xla["collectives"]}
     assert pallas["send_gathers"] == 0 < xla["send_gathers"]
     assert pallas["memory"]["temp"] <= xla["memory"]["temp"], (pallas["memory"], xla["memory"])
+
+
+def test_remote_writes_take_131072_copies_per_chip():
+    """T*k = 131,072 copies per chip (T=16384, k=8): the per-copy table (one int32 each: row and
+    receiver packed) fits the 1 MiB of SMEM; two tables (receiver, row) ran out of it by 912
+    bytes here."""
+    r = reports()["pallas_copies"]
+    assert r.get("oom") is None and r["memory"]["temp"] > 0, r.get("oom")

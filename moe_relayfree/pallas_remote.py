@@ -162,33 +162,31 @@ def _combine_kernel(src_ref, size_ref, dst_off_ref, n_ref, out_ref, *refs, local
                send=False)
 
 
-def _call(kernel, prefetch: tuple, operand, out_like, alias, collective_id: int,
+def _call(kernel, prefetch: tuple, operand, out_shape: tuple, collective_id: int,
           platform: str | None):
     """A kernel over HBM refs: ``prefetch`` int32 tables in SMEM, ``operand`` the source rows,
-    ``out_like`` the output's shape (``alias``: that array, updated in place). The output
-    varies over the axes the operand does (under ``shard_map``'s ``check_vma``)."""
+    a fresh, unfilled output of ``out_shape`` in the operand's dtype, varying over the axes the
+    operand does (under ``shard_map``'s ``check_vma``)."""
     any_spec = pl.BlockSpec(memory_space=pl.ANY)
-    inputs = (*prefetch, operand) + ((alias,) if alias is not None else ())
     return pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct(out_like.shape, out_like.dtype,
+        out_shape=jax.ShapeDtypeStruct(out_shape, operand.dtype,
                                        manual_axis_type=jax.typeof(operand).manual_axis_type),
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=len(prefetch), grid=(1,),
-            in_specs=[any_spec] * (len(inputs) - len(prefetch)), out_specs=any_spec,
+            num_scalar_prefetch=len(prefetch), grid=(1,), in_specs=[any_spec],
+            out_specs=any_spec,
             scratch_shapes=[pltpu.SemaphoreType.DMA, pltpu.SemaphoreType.DMA]),
-        input_output_aliases={len(inputs) - 1: 0} if alias is not None else {},
         compiler_params=pltpu.CompilerParams(collective_id=collective_id),
         interpret=interpret_params(platform),
-    )(*inputs)
+    )(*prefetch, operand)
 
 
 def dispatch_round(x_rows: jax.Array, plan: Plan, ids: jax.Array, num_experts: int, k: int,
-                   round_index, axis_name: str, window: jax.Array | None = None,
+                   round_index, axis_name: str,
                    platform: str | None = None) -> tuple[jax.Array, jax.Array]:
     """One round's copies written into the receivers' windows. x_rows ``[T, s, d/s]`` (the
-    tokens in :func:`row_layout`), window ``[R, s, d/s]`` (None: a fresh, unfilled buffer;
-    else the previous round's, reused in place) -> (window, group_sizes ``[El]``)."""
+    tokens in :func:`row_layout`) -> (a fresh, unfilled window buffer ``[R, s, d/s]`` with
+    this round's copies in it, group_sizes ``[El]``)."""
     seg = round_segments(plan, round_index)
     dst, row = copy_targets(plan, ids, num_experts, round_index)
     # one int32 per copy in SMEM (1 MiB): row * P + receiver, -1 for none. Two tables ran out
@@ -200,26 +198,23 @@ def dispatch_round(x_rows: jax.Array, plan: Plan, ids: jax.Array, num_experts: i
     counts = jnp.stack([seg.send_sizes.sum(), seg.recv_sizes.sum()]).astype(_I32)
     kernel = functools.partial(_dispatch_kernel, k=k, num_ranks=plan.num_ranks,
                                axis_name=axis_name)
-    shape = (plan.rows_per_round,) + x_rows.shape[1:]
-    like = window if window is not None else jax.ShapeDtypeStruct(shape, x_rows.dtype)
-    window = _call(kernel, (target, counts), x_rows, like, window, 0, platform)
+    window = _call(kernel, (target, counts), x_rows,
+                   (plan.rows_per_round,) + x_rows.shape[1:], 0, platform)
     return window, seg.group_sizes
 
 
 def combine_round(out_rows: jax.Array, plan: Plan, round_index, axis_name: str,
-                  returned: jax.Array | None = None, platform: str | None = None) -> jax.Array:
+                  platform: str | None = None) -> jax.Array:
     """One round's results pushed back, one DMA per (source, local expert) segment, into each
-    source's returned buffer ``[T*k, s, d/s]`` (in its expert order; None: a fresh, unfilled
-    one; else the previous round's, updated in place)."""
+    source's returned buffer ``[T*k, s, d/s]`` (fresh and unfilled: in its expert order, only
+    this round's rows written)."""
     seg = round_segments(plan, round_index)
     counts = jnp.stack([seg.recv_sizes.sum(), seg.send_sizes.sum()]).astype(_I32)
     local = plan.window_size.shape[0]
     kernel = functools.partial(_combine_kernel, local=local, num_ranks=plan.num_ranks,
                                axis_name=axis_name)
-    shape = (plan.order.shape[0],) + out_rows.shape[1:]
-    like = returned if returned is not None else jax.ShapeDtypeStruct(shape, out_rows.dtype)
     return _call(kernel, (seg.recv_offsets, seg.recv_sizes, seg.source_offsets, counts),
-                 out_rows, like, returned, 1, platform)
+                 out_rows, (plan.order.shape[0],) + out_rows.shape[1:], 1, platform)
 
 
 @jax.tree_util.register_dataclass
@@ -249,30 +244,28 @@ def plan_copies(x, topk_ids, topk_weights, *, num_experts: int, axis_name: str,
                         platform)
 
 
-def dispatch(h: RemoteHandle, round_index=0, window=None) -> ExpertWindows:
+def dispatch(h: RemoteHandle, round_index=0) -> ExpertWindows:
     """Step 2 of round ``round_index``: the windows ``[R, d]`` and their sizes."""
     t, d = h.x.shape
     sub, lanes = row_layout(d, h.x.dtype)
     window, sizes = dispatch_round(h.x.reshape(t, sub, lanes), h.plan, h.ids, h.num_experts,
-                                   h.ids.shape[1], round_index, h.axis_name, window,
-                                   h.platform)
+                                   h.ids.shape[1], round_index, h.axis_name, h.platform)
     return ExpertWindows(window.reshape(-1, d), sizes, h.ids.size)
 
 
-def combine(out: jax.Array, h: RemoteHandle, round_index=0, returned=None, into=None):
+def combine(out: jax.Array, h: RemoteHandle, round_index=0, into=None) -> jax.Array:
     """Step 4 of round ``round_index``: ``out [R, d]`` pushed back, then this round's copies
-    weighted and summed -> (``[T, d]`` f32 added to ``into``, the returned buffer)."""
+    weighted and summed -> ``[T, d]`` f32 added to ``into``."""
     t, d = h.x.shape
     k = h.ids.shape[1]
     sub, lanes = row_layout(d, h.x.dtype)
     returned = combine_round(out.astype(h.x.dtype).reshape(-1, sub, lanes), h.plan, round_index,
-                             h.axis_name, returned, h.platform)
+                             h.axis_name, h.platform)
     # this round's copies only: the rest of the returned buffer holds other rounds' rows or
     # nothing at all (it is never zero-filled)
     _, row = copy_targets(h.plan, h.ids, h.num_experts, round_index)
-    y = weighted_row_sum(returned, h.plan.slot.reshape(t, k), h.weights,
-                         valid=(row >= 0).reshape(t, k), into=into)
-    return y, returned
+    return weighted_row_sum(returned, h.plan.slot.reshape(t, k), h.weights,
+                            valid=(row >= 0).reshape(t, k), into=into)
 
 
 def pallas_prefill_moe(x: jax.Array, topk_ids: jax.Array, topk_weights: jax.Array, expert_fn,
@@ -288,8 +281,7 @@ def pallas_prefill_moe(x: jax.Array, topk_ids: jax.Array, topk_weights: jax.Arra
     def one_round(j, y):
         # fresh, unfilled window and returned buffers: the round's temporaries, which XLA
         # reuses from one iteration to the next
-        y, _ = combine(expert_fn(dispatch(h, j)), h, j, into=y)
-        return y
+        return combine(expert_fn(dispatch(h, j)), h, j, into=y)
 
     y = ensure_varying(jnp.zeros(x.shape, _F32), axis_name, x)
     # Every round, the first included, is one body of the loop (rounds past the first only

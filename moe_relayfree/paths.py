@@ -32,6 +32,7 @@ from moe_relayfree.experts import grouped_swiglu, windows_swiglu
 from moe_relayfree.ffn import swiglu
 from moe_relayfree.plan import MIN_ROWS, rows_per_round
 from moe_relayfree.quant import as_dtype
+from moe_relayfree.routing import poison_rows
 from moe_relayfree.selection import select_schedule
 
 
@@ -156,8 +157,7 @@ def _remote_dispatch(x, ids, weights, call: Call):
 
 
 def _remote_combine(out, handle):
-    y, _ = pallas_remote.combine(out, handle)
-    return pallas_remote.poison_rows(y, handle.invalid).astype(out.dtype)
+    return poison_rows(pallas_remote.combine(out, handle), handle.invalid).astype(out.dtype)
 
 
 # --- baselines --------------------------------------------------------------------------------

@@ -152,7 +152,7 @@ class Engine:
         self._wake = threading.Condition()
         self._stop = False
         self.last_error: str | None = None  # the last step that failed, for /health
-        self.last_step_tokens = 0  # rows of the last step (padding included)
+        self.last_shape: tuple[int, int, int, int] | None = None  # the last step's (D, C, Q, P)
 
     # --- requests -------------------------------------------------------------------------
 
@@ -290,14 +290,19 @@ class Engine:
         m = self.metrics
         m.step_seconds += time.perf_counter() - start
         fed = sum(w.count for w in work)
-        d, c, q, _ = shape
-        self.last_step_tokens = self.shards * (d + c * q)  # what the MoE layers saw
-        schedule = self.moe_schedule(self.last_step_tokens)
+        self.last_shape = shape
+        schedule = self.moe_schedule(self.step_rows(shape))
         m.steps[schedule or "none"] += 1
         m.prompt_tokens += sum(w.count for w in work if w.request.prefilling)
         m.generated_tokens += sum(1 for w in work if w.samples)
         self.scheduler.advance(work, [int(t) for t in sampled])
         return fed
+
+    def step_rows(self, shape: tuple[int, int, int, int]) -> int:
+        """The flat rows ``T`` of a step of ``shape`` (padding included): what its MoE layers
+        choose their schedule from."""
+        d, c, q, _ = shape
+        return self.shards * (d + c * q)
 
     def moe_schedule(self, tokens: int) -> str | None:
         """The schedule this step's MoE layers run for ``tokens`` flat tokens (None: a baseline

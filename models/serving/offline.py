@@ -41,13 +41,14 @@ def complete(engine: Engine, prompts: Sequence[Sequence[int]], max_tokens: int,
     decode_step_s = []
     rows = {}
     while engine.scheduler.has_work():
-        decode_only = not engine.scheduler.waiting and not any(
-            r.prefilling for r in engine.scheduler.running)
         t = time.perf_counter()
-        engine.step()
+        if not engine.step():
+            continue
+        decode_only = engine.last_shape[1] == 0  # no chunk slots
         if decode_only:
             decode_step_s.append(time.perf_counter() - t)
-        rows.setdefault("decode_rows" if decode_only else "prefill_rows", engine.last_step_tokens)
+        rows.setdefault("decode_rows" if decode_only else "prefill_rows",
+                        engine.step_rows(engine.last_shape))
         if progress is not None:
             progress(max(len(r.output) for r in requests), max_tokens)
     return dict(tokens=[r.output for r in requests],

@@ -18,6 +18,7 @@ all-to-all really moves depend on the routing, and are given for uniform routing
 from __future__ import annotations
 
 import dataclasses
+import re
 import time
 
 import jax
@@ -212,8 +213,6 @@ def layer_report(config: DispatchConfig, shapes: LayerShapes, tokens_per_device:
     overflow = None if recv is None else overflow_probability(
         tokens_per_device * lay.num_ranks, shapes.num_experts, lay.num_ranks, shapes.k,
         recv)._asdict()
-    import re
-
     return {
         **head, "resolved_schedule": resolved, "memory": memory(compiled),
         "collectives": collectives, "recv_rows": recv, "overflow": overflow,

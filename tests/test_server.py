@@ -106,9 +106,12 @@ def check_concurrent_requests_through_the_openai_client(server, references):
 
     stream = client.completions.create(model="default", prompt=PROMPTS[0], max_tokens=LONGEST,
                                        temperature=0, stream=True,
-                                       extra_body={"ignore_eos": True})
-    pieces = [c.choices[0].text for c in stream]
+                                       extra_body={"ignore_eos": True, "return_token_ids": True})
+    chunks = [c.choices[0] for c in stream]
+    pieces = [c.text for c in chunks]
     assert len(pieces) > 2 and "".join(pieces) == references[PROMPTS[0]][LONGEST]
+    ids = [i for c in chunks for i in c.model_extra["token_ids"]]  # vLLM's return_token_ids
+    assert len(ids) == LONGEST and chunks[0].model_extra["prompt_token_ids"]
     metrics = httpx.get(f"{url}/metrics").text
     assert 'moe_relayfree_steps_total{schedule="decode"}' in metrics
     assert "moe_relayfree_kv_pages_in_use 0" in metrics
@@ -123,6 +126,7 @@ BAD = [
     ({"prompt": "x", "model": "gpt-4"}, 404, "model"),
     ({"prompt": "x", "n": 2}, 400, "n"),
     ({"prompt": 5}, 400, "prompt"),
+    ({"prompt": "x", "return_token_ids": "yes"}, 400, "return_token_ids"),
     ({"messages": [{"role": "user", "content": "hi"}]}, 400, "messages"),  # no chat template
 ]
 

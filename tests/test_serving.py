@@ -68,6 +68,30 @@ def test_cancel_frees_pages_and_the_queue_is_bounded():
         SamplingParams(top_p=0)
 
 
+def test_steps_are_planned_ahead_of_their_tokens():
+    """The scheduler plans step k + 1 before step k's tokens are read (the engine overlaps its
+    host work with the device): a token pending from step k is fed in step k + 1; a request
+    whose pending token is its last (max_tokens) gets no further step; one that reads a stop
+    id had a step planned past it, whose token is dropped."""
+    s = scheduler(pages=40, max_seqs=2, max_step_tokens=8, chunk=4)
+    a = s.add(Request([1, 2], max_tokens=2))
+    b = s.add(Request([3], max_tokens=5, stop_ids=frozenset({99})))
+    first = s.schedule()  # both prompts whole: each samples its first token (pending)
+    assert [(w.start, w.count, w.samples) for w in first] == [(0, 2, True), (0, 1, True)]
+    second = s.schedule()  # before first's tokens are read: each feeds its pending token
+    assert [(w.request, w.start, w.count, w.chunk) for w in second] == [(a, 2, 1, False),
+                                                                         (b, 1, 1, False)]
+    assert (a.pending, b.pending, a.length) == (2, 2, 4)
+    third = s.schedule()  # a's 2 pending tokens are all it asked for: only b goes on
+    assert [(w.request, w.start) for w in third] == [(b, 2)]
+    s.advance(first, [7, 99])  # b's first token is a stop id
+    assert b.finish_reason == "stop" and b not in s.running and a.output == [7]
+    s.advance(second, [8, 5])  # b's later tokens are dropped
+    s.advance(third, [6])
+    assert (a.output, a.finish_reason, b.output) == ([7, 8], "length", [])
+    assert s.pool.in_use == 0 and not s.has_work()
+
+
 def test_requests_spread_over_pool_shards_with_local_pages():
     """A pool split over 2 shards (devices): each request lives on one, chosen at admission
     (fewest running, then most free pages), holds local page ids of that shard only, and
@@ -85,7 +109,9 @@ def test_requests_spread_over_pool_shards_with_local_pages():
     assert d in s.waiting  # shard 1 has the pages but shard 0 and the step are full (3 seqs)
     a.cancelled = True
     s.schedule()
-    assert d.shard == 0 and s.pool.in_use == 3  # a's pages went back to shard 0, d took one
+    # a's pages went back to shard 0 and d took one there; b and c hold 2 each (planned ahead:
+    # their first decode tokens reach position 5)
+    assert d.shard == 0 and s.pool.in_use == 5
     with pytest.raises(ValueError, match=r"\(4 of 4 per shard\)"):
         s.add(Request([1] * 17, max_tokens=4))  # 21 positions: 6 pages, more than a shard has
 
@@ -138,7 +164,8 @@ def test_decode_step_moves_nothing_but_the_moe_layers_tokens():
     assert shape[1] == 0 and {r.shard for r in requests} == set(range(8))  # 2 per device
     packed, _ = engine._layout(work, *shape)
     got = _collectives(serving._step_program.lower(engine.graphdef, shape, engine.state, packed,
-                                                   engine.pages).compile().as_text())
+                                                   engine._previous, engine.pages
+                                                   ).compile().as_text())
     graphdef, state = nnx.split(model)
     b = 2 * 8
     want = _collectives(generation.step_program.lower(
@@ -152,6 +179,8 @@ DEFAULT = __import__("os").path.join(__import__("os").path.dirname(__import__("o
     __file__)), "models", "default")
 PROMPT_LENGTHS = [3, 17, 40, 5, 70, 9]
 MAX_TOKENS = [5, 9, 3, 12, 6, 20]
+# 16 concurrent requests: (prompt, max_tokens), 3-20 new tokens each
+CASES = [(i % len(PROMPT_LENGTHS), 3 + (7 * i) % 18) for i in range(16)]
 
 
 def _prompts():
@@ -166,33 +195,86 @@ def _model(dtype, dispatch="relayfree", **settings):
                                  implementation=dispatch, **settings)
 
 
-def _engine_tokens(model):
-    from moe_relayfree_models.serving.engine import Engine, EngineConfig
+def _config():
+    from moe_relayfree_models.serving.engine import EngineConfig
 
-    engine = Engine(model, EngineConfig(max_seqs=4, max_step_tokens=32, chunk=16, page_size=32))
+    return EngineConfig(max_seqs=4, max_step_tokens=32, chunk=16, page_size=32)
+
+
+def _engine_tokens(model):
+    from moe_relayfree_models.serving.engine import Engine
+
+    engine = Engine(model, _config())
     requests = [engine.submit(p, m) for p, m in zip(_prompts(), MAX_TOKENS)]
-    while engine.scheduler.has_work():
+    while engine.has_work():
         engine.step()
     assert engine.pool.in_use == 0
     return [r.output for r in requests], engine
 
 
-def test_engine_tokens_equal_generate_of_each_prompt_alone():
-    """6 requests of 3-70 tokens and 3-20 new tokens through 4 sequence slots: admitted as slots
-    free, prompts in chunks of 16 beside other requests' decode tokens; each request's greedy
-    tokens are generate()'s for its prompt alone (the default model, float32, 8 devices), for
-    relay-free and the dropless baselines (one test: the references are made once). Relay-free
-    runs with a decode threshold of 8 tokens per device: each step's MoE layers choose their
-    schedule from that step's rows, so the steps carrying prefill chunks (17 rows per device)
-    take the prefill schedule and the decode-only ones (1 per device) the decode schedule."""
+def _served_tokens(model, stop_ids: dict):
+    """The tokens of :data:`CASES`, sent at once through the official ``openai`` client to the
+    server's app in this process (over httpx's ASGI transport, the app's own lifespan running
+    the engine), greedy, with vLLM's ``return_token_ids``; ``stop_ids[i]``: request ``i``'s."""
+    import asyncio
+
+    import httpx
+    import openai
+
+    from moe_relayfree_models import tokenizer
+    from moe_relayfree_models.serving.engine import Engine
+    from moe_relayfree_models.serving.server import Server
+
+    engine = Engine(model, _config())
+    server = Server(engine, tokenizer.load_tokenizer(DEFAULT, model.cfg.vocab_size),
+                    model_name="default")
+    prompts = _prompts()
+
+    async def run():
+        async with server.app.router.lifespan_context(server.app):
+            http = httpx.AsyncClient(transport=httpx.ASGITransport(app=server.app),
+                                     base_url="http://served", timeout=120)
+            client = openai.AsyncOpenAI(base_url="http://served/v1", api_key="none",
+                                        http_client=http, max_retries=0)
+            answers = await asyncio.gather(*[
+                client.completions.create(model="default", prompt=prompts[p], max_tokens=n,
+                                          temperature=0,
+                                          extra_body={"return_token_ids": True,
+                                                      "stop_token_ids": list(stop_ids.get(i, []))})
+                for i, (p, n) in enumerate(CASES)])
+            await http.aclose()
+        return [a.choices[0].model_extra["token_ids"] for a in answers]
+
+    tokens = asyncio.run(run())
+    assert engine.pool.in_use == 0 and not engine.has_work()
+    return tokens, engine
+
+
+def test_served_tokens_equal_generate_of_each_prompt_alone():
+    """16 concurrent requests of 3-70 prompt tokens and 3-20 new tokens, through the official
+    ``openai`` client, 4 sequence slots: admitted as slots free, prompts in chunks of 16 beside
+    other requests' decode tokens; each request's greedy tokens are generate()'s for its prompt
+    alone (the default model, float32, 8 devices), for relay-free and the dropless baselines
+    (one test: the references are made once). The last request stops at a stop id its 5th
+    token is (the engine, a step ahead, had already planned a step past it: that token is
+    dropped). Relay-free runs with a decode threshold of 8 tokens per device: each step's MoE
+    layers choose their schedule from that step's rows, so the steps carrying prefill chunks
+    (17 rows per device) take the prefill schedule and the decode-only ones (1 per device)
+    the decode schedule."""
     from moe_relayfree_models import generation
     from moe_relayfree_models.cli import DROPLESS
 
     model = _model("float32")
-    want = [generation.generate(model, [p], m)["tokens"][0] for p, m in zip(_prompts(), MAX_TOKENS)]
+    longest = max(n for _, n in CASES)
+    alone = [generation.generate(model, [p], longest)["tokens"][0] for p in _prompts()]
+    want = [alone[p][:n] for p, n in CASES]
+    stop = want[-1][4]
+    want[-1] = want[-1][:want[-1].index(stop)]
+    stop_ids = {len(CASES) - 1: [stop]}
     for dispatch in DROPLESS.values():
-        got, engine = _engine_tokens(_model("float32", dispatch, decode_threshold=8)
-                                     if dispatch == "relayfree" else _model("float32", dispatch))
+        got, engine = _served_tokens(_model("float32", dispatch, decode_threshold=8)
+                                     if dispatch == "relayfree" else _model("float32", dispatch),
+                                     stop_ids)
         assert got == want, dispatch
         steps = engine.metrics.steps
         if dispatch == "relayfree":
@@ -202,7 +284,7 @@ def test_engine_tokens_equal_generate_of_each_prompt_alone():
 
 
 def test_engine_tokens_equal_generate_in_bf16():
-    """The same in bf16, the default model's own dtype."""
+    """The same in bf16, the default model's own dtype (the engine driven directly)."""
     from moe_relayfree_models import generation
 
     model = _model("bfloat16")
@@ -227,7 +309,7 @@ def test_engine_tokens_equal_generate_for_mla_and_sliding_windows(fixture):
     budget = [min(m, 128 - len(p)) for p, m in zip(prompts, MAX_TOKENS)]
     engine = Engine(model, EngineConfig(max_seqs=4, max_step_tokens=32, chunk=16, page_size=16))
     requests = [engine.submit(p, m) for p, m in zip(prompts, budget)]
-    while engine.scheduler.has_work():
+    while engine.has_work():
         engine.step()
     for p, m, r in zip(prompts, budget, requests):
         assert r.output == generation.generate(model, [p], m)["tokens"][0], fixture

@@ -14,6 +14,11 @@ requests from its own pages (:mod:`moe_relayfree_models.paged`).
 
 Each step's MoE layers choose their schedule from that step's tokens per rank
 (:func:`moe_relayfree.resolve`); :attr:`Engine.metrics` counts the steps of each.
+
+The host works one step ahead of the device (sglang's overlap scheduler, vLLM's async
+scheduling): :meth:`Engine.step` plans and launches step ``k + 1`` (its decode tokens taken on
+the device from step ``k``'s sampled tokens) before it reads step ``k``'s tokens back, so the
+scheduling, the layout and the hand-over of tokens to requests run while the device computes.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 import moe_relayfree as mr
 from moe_relayfree_models.generation import check_context, choose_tokens_per_row
-from moe_relayfree_models.paged import StepBatch, init_pages, paged_forward
+from moe_relayfree_models.paged import StepBatch, init_pages, paged_forward, sharded_pages
 from moe_relayfree_models.serving.plan import STEP, STOP, Plan, PlanChannel
 from moe_relayfree_models.serving.scheduler import (PagePool, QueueFull, Request, SamplingParams,
                                                     Scheduler, Work)
@@ -63,43 +68,61 @@ class EngineConfig:
 
 def _pack_sizes(n: int, shape: tuple[int, int, int, int]) -> list[int]:
     """Lengths of the packed step inputs (:func:`_unpack`) for ``n`` token shards and ``shape
-    = (D, C, Q, P)``, in order: tokens, positions, valid (``T`` each), decode_table,
+    = (D, C, Q, P)``, in order: tokens, positions, valid, source (``T`` each), decode_table,
     chunk_table, last, then per slot temperature, top_k, top_p, seed and the position being
     chosen."""
     d, c, q, p = shape
     t, slots = n * (d + c * q), n * (d + c)
-    return [t, t, t, n * d * p, n * c * p, slots] + [slots] * 5
+    return [t, t, t, t, n * d * p, n * c * p, slots] + [slots] * 5
 
 
 def _unpack(packed: jax.Array, n: int, shape: tuple[int, int, int, int]):
-    """``packed [sum(_pack_sizes)] int32`` -> (StepBatch, sampling arrays): the step's inputs
-    travel to the devices as ONE array (eleven small ``device_put`` calls to every device cost
-    more than a small decode step's attention)."""
+    """``packed [sum(_pack_sizes)] int32`` -> (StepBatch, source ``[T] int32``, sampling
+    arrays): the step's inputs travel to the devices as ONE array (eleven small
+    ``device_put`` calls to every device cost more than a small decode step's attention)."""
     d, c, q, p = shape
     parts = jnp.split(packed, np.cumsum(_pack_sizes(n, shape))[:-1])
-    tokens, positions, valid, decode_table, chunk_table, last = parts[:6]
-    temperature, top_k, top_p, seed, position = parts[6:]
+    tokens, positions, valid, source, decode_table, chunk_table, last = parts[:7]
+    temperature, top_k, top_p, seed, position = parts[7:]
     as_f32 = lambda a: jax.lax.bitcast_convert_type(a, jnp.float32)
     batch = StepBatch(tokens, positions, valid.astype(bool), decode_table.reshape(n * d, p),
                       chunk_table.reshape(n * c, p), last)
     seed = jax.lax.bitcast_convert_type(seed, jnp.uint32)
-    return batch, (as_f32(temperature), top_k, as_f32(top_p), seed, position)
+    return batch, source, (as_f32(temperature), top_k, as_f32(top_p), seed, position)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 5), donate_argnums=(4,))
-def _step_program(graphdef, shape, state, packed, pages, whole_tokens: bool = False):
+def _feed_pending(tokens: jax.Array, source: jax.Array, previous: jax.Array) -> jax.Array:
+    """One shard's rows (``tokens, source [R] int32``): a row whose ``source`` is ``s >= 0``
+    is fed ``previous[s]`` (``[max slots / n] int32``, the shard's slots of the step before: a
+    token it sampled that the host has not read yet). A request stays on its shard, so this
+    stays on the device."""
+    return jnp.where(source >= 0, previous[jnp.maximum(source, 0)], tokens)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 6), donate_argnums=(5,))
+def _step_program(graphdef, shape, state, packed, previous, pages, whole_tokens: bool = False):
+    """One engine step: ``packed`` inputs (:func:`_pack_sizes`), ``previous [max slots]
+    int32`` (the step before's output) and ``pages`` -> (this step's sampled tokens padded to
+    ``[max slots] int32``, the pages)."""
     model = nnx.merge(graphdef, state)
     # every part kept whole on every device: left to the partitioner, the slices were split at
     # their odd offsets with dozens of collective-permutes
     whole = NamedSharding(model.dispatch.mesh, PartitionSpec())
-    batch, (temperature, top_k, top_p, seed, position) = jax.lax.with_sharding_constraint(
-        _unpack(packed, model.dispatch.layout.num_token_shards, shape), whole)
+    lay = model.dispatch.layout
+    batch, source, (temperature, top_k, top_p, seed, position) = jax.lax.with_sharding_constraint(
+        _unpack(packed, lay.num_token_shards, shape), whole)
+    batch = dataclasses.replace(batch, tokens=sharded_pages(lay, _feed_pending, batch.tokens,
+                                                            source, previous))
     logits, pages = paged_forward(model, batch, pages)
     # the per-row warpers sort every row: only when some request samples
     tokens = jax.lax.cond(jnp.any(temperature > 0),
                           lambda: choose_tokens_per_row(logits, temperature, top_k, top_p, seed,
                                                         position),
                           lambda: jnp.argmax(logits, axis=-1).astype(jnp.int32))
+    # every step's output [max slots] (each shard's slots padded where they are): one shape,
+    # so any step can read the one before's
+    per_shard = previous.shape[0] // lay.num_token_shards
+    tokens = sharded_pages(lay, lambda t: jnp.pad(t, (0, per_shard - t.shape[0])), tokens)
     if whole_tokens:  # several processes: every process can read them (process 0 does)
         tokens = jax.lax.with_sharding_constraint(tokens, whole)
     return tokens, pages
@@ -142,6 +165,11 @@ class Engine:
                              out_shardings=NamedSharding(lay.mesh, lay.tokens))()
         self.graphdef, self.state = nnx.split(model)
         self._replicated = NamedSharding(lay.mesh, PartitionSpec())
+        # the latest step's sampled tokens, one slot each, on the devices (the next step reads
+        # its pending tokens there), and the step launched but not yet read back
+        self.max_slots = self.shards * 2 * _pow2(self.slots_per_shard)
+        self._previous = jax.device_put(np.zeros(self.max_slots, np.int32), self._replicated)
+        self._in_flight: tuple[list[Work], np.ndarray, jax.Array] | None = None
         # several processes: process 0 schedules and sends each step's plan; the others follow
         self.processes = jax.process_count()
         self._plans, self._closed = None, False
@@ -195,20 +223,26 @@ class Engine:
         decode = np.zeros(self.shards, np.int64)
         chunks = np.zeros(self.shards, np.int64)
         for w in work:
-            (chunks if w.request.prefilling else decode)[w.request.shard] += 1
+            (chunks if w.chunk else decode)[w.request.shard] += 1
         if not chunks.any():
             return _pow2(int(decode.max())), 0, 0, pages
         return _pow2(self.slots_per_shard), _pow2(int(chunks.max())), self.config.chunk, pages
 
     def _layout(self, work: list[Work], d: int, c: int, q: int, p: int):
-        """The step's packed inputs on the mesh, and each work item's slot (its row of the
-        step's logits)."""
+        """The step's packed inputs on the mesh, and each work item's slot in the step's
+        output (``[max_slots]``: shard ``j``'s slots from ``j * max_slots / n``). A request's
+        pending token (sampled by the step in flight) is fed from that step's output."""
         n = self.shards
         r = d + c * q
         t, slots = n * r, n * (d + c)
+        pending = {}
+        if self._in_flight is not None:
+            flight_work, flight_slots, _ = self._in_flight
+            pending = {w.request: s for w, s in zip(flight_work, flight_slots) if w.samples}
         tokens = np.zeros(t, np.int32)
         positions = np.zeros(t, np.int32)
         valid = np.zeros(t, np.int32)
+        source = np.full(t, -1, np.int32)
         decode_table = np.zeros((n * d, p), np.int32)
         chunk_table = np.zeros((n * c, p), np.int32)
         last = np.zeros(slots, np.int32)
@@ -218,37 +252,43 @@ class Engine:
         seed = np.zeros(slots, np.uint32)
         position = np.zeros(slots, np.int32)
         used_d, used_c = [0] * n, [0] * n
+        per_shard = self.max_slots // n
         where = np.zeros(len(work), np.int64)
         for i, w in enumerate(work):
             req, shard = w.request, w.request.shard
-            if req.prefilling:  # chunk slot b of its shard: rows d + b q ..
+            if w.chunk:  # chunk slot b of its shard: rows d + b q ..
                 b = used_c[shard]
                 used_c[shard] += 1
-                row, slot = d + b * q, shard * (d + c) + d + b
+                row, local = d + b * q, d + b  # local: its slot among the shard's D + C
                 chunk_table[shard * c + b, :len(req.pages)] = req.pages[:p]
             else:  # decode slot a of its shard: row a
                 a = used_d[shard]
                 used_d[shard] += 1
-                row, slot = a, shard * (d + c) + a
+                row, local = a, a
                 decode_table[shard * d + a, :len(req.pages)] = req.pages[:p]
             flat = shard * r + row
-            tokens[flat:flat + w.count] = req.tokens[w.start:w.start + w.count]
+            known = req.tokens[w.start:w.start + w.count]
+            tokens[flat:flat + len(known)] = known
+            if len(known) < w.count:  # the last one is pending: the step in flight samples it
+                source[flat + w.count - 1] = pending[req] - shard * per_shard
             positions[flat:flat + w.count] = np.arange(w.start, w.start + w.count)
             valid[flat:flat + w.count] = 1
+            slot = shard * (d + c) + local
             last[slot] = row + w.count - 1
             sp = req.sampling
             temperature[slot], top_k[slot], top_p[slot] = sp.temperature, sp.top_k, sp.top_p
             seed[slot] = sp.seed
             position[slot] = w.start + w.count  # the position of the token being chosen
-            where[i] = slot
-        packed = np.concatenate([tokens, positions, valid, decode_table.ravel(),
+            where[i] = shard * per_shard + local
+        packed = np.concatenate([tokens, positions, valid, source, decode_table.ravel(),
                                  chunk_table.ravel(), last, temperature.view(np.int32), top_k,
                                  top_p.view(np.int32), seed.view(np.int32), position])
         return packed, where
 
     def _execute(self, shape, packed: np.ndarray):
-        """Runs the step program of ``shape`` on ``packed`` inputs (on every process alike);
-        its tokens ``[slots] int32`` (a device array)."""
+        """Launches the step program of ``shape`` on ``packed`` inputs (on every process
+        alike); its tokens ``[max_slots] int32`` (a device array, also the next step's
+        ``previous``)."""
         # placed on the whole mesh, as the parameters and pages are: host arrays committed to
         # one device made every step move them first (a decode step took 2.5x as long)
         if self.processes == 1:
@@ -256,17 +296,27 @@ class Engine:
         else:
             packed = jax.make_array_from_callback(packed.shape, self._replicated,
                                                   lambda index: packed[index])
-        out, self.pages = _step_program(self.graphdef, shape, self.state, packed, self.pages,
-                                        self.processes > 1)
+        out, self.pages = _step_program(self.graphdef, shape, self.state, packed, self._previous,
+                                        self.pages, self.processes > 1)
+        self._previous = out
         return out
 
-    def _run(self, work: list[Work], shape) -> np.ndarray:
-        """Runs the step (sending its plan to the other processes first); each work item's
-        sampled token ``[len(work)] int32``."""
+    def _launch(self, work: list[Work], shape) -> None:
+        """Launches the step (sending its plan to the other processes first) and keeps it as
+        the step in flight."""
         packed, slots = self._layout(work, *shape)
         if self._plans is not None:
             self._plans.send(Plan(STEP, shape, packed))
-        return np.asarray(self._execute(shape, packed))[slots]
+        out = self._execute(shape, packed)
+        out.copy_to_host_async()  # on its way while the host goes on
+        self._in_flight = (work, slots, out)
+
+    def _read_back(self, flight) -> None:
+        """Waits for a launched step's tokens and hands them to its requests."""
+        work, slots, out = flight
+        sampled = np.asarray(out)[slots]
+        self.metrics.generated_tokens += sum(1 for w in work if w.samples)
+        self.scheduler.advance(work, [int(t) for t in sampled])
 
     def follow(self) -> None:
         """A process other than 0: runs the steps process 0 sends, until it sends stop."""
@@ -279,24 +329,31 @@ class Engine:
             jax.block_until_ready(self._execute(plan.shape, plan.packed))
 
     def step(self) -> int:
-        """One step; returns the number of tokens it fed (0: nothing to do). Process 0 only,
-        in a multi-process job (the others :meth:`follow`)."""
-        work = self.scheduler.schedule()
-        if not work:
-            return 0
-        shape = self._shape(work)
+        """Plans and launches the next step, then reads back the step launched before it (its
+        tokens reach their requests now); returns the tokens the new step feeds (0: none was
+        launched, only the one in flight read). Process 0 only, in a multi-process job (the
+        others :meth:`follow`)."""
         start = time.perf_counter()
-        sampled = self._run(work, shape)
-        m = self.metrics
-        m.step_seconds += time.perf_counter() - start
-        fed = sum(w.count for w in work)
-        self.last_shape = shape
-        schedule = self.moe_schedule(self.step_rows(shape))
-        m.steps[schedule or "none"] += 1
-        m.prompt_tokens += sum(w.count for w in work if w.request.prefilling)
-        m.generated_tokens += sum(1 for w in work if w.samples)
-        self.scheduler.advance(work, [int(t) for t in sampled])
+        work = self.scheduler.schedule()
+        flight, self._in_flight = self._in_flight, None
+        fed = 0
+        if work:
+            shape = self._shape(work)
+            self._in_flight = flight  # the new step's layout reads the pending tokens' slots
+            self._launch(work, shape)
+            m = self.metrics
+            fed = sum(w.count for w in work)
+            self.last_shape = shape
+            m.steps[self.moe_schedule(self.step_rows(shape)) or "none"] += 1
+            m.prompt_tokens += sum(w.count for w in work if w.chunk)
+        if flight is not None:
+            self._read_back(flight)
+        self.metrics.step_seconds += time.perf_counter() - start
         return fed
+
+    def has_work(self) -> bool:
+        """Requests waiting or running, or a step still to read back."""
+        return self.scheduler.has_work() or self._in_flight is not None
 
     def step_rows(self, shape: tuple[int, int, int, int]) -> int:
         """The flat rows ``T`` of a step of ``shape`` (padding included): what its MoE layers
@@ -338,14 +395,15 @@ class Engine:
         processes, if any, to stop following)."""
         while True:
             with self._wake:
-                while not self._stop and not self.scheduler.has_work():
+                while not self._stop and not self.has_work():
                     self._wake.wait()
-                if self._stop and not self.scheduler.has_work():
+                if self._stop and not self.has_work():
                     self.close()
                     return
             try:
                 self.step()
             except Exception as e:  # every request gets an answer, and the loop goes on
+                self._in_flight = None
                 self.scheduler.fail_all()
                 self.last_error = f"{type(e).__name__}: {e}"
 

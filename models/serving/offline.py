@@ -40,7 +40,7 @@ def complete(engine: Engine, prompts: Sequence[Sequence[int]], max_tokens: int,
                 for i, p in enumerate(prompts)]
     decode_step_s = []
     rows = {}
-    while engine.scheduler.has_work():
+    while engine.has_work():
         t = time.perf_counter()
         if not engine.step():
             continue

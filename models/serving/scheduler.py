@@ -16,6 +16,15 @@ Each step has a token budget (chunked prefill, Sarathi-Serve / vLLM v1 style): f
 for every decoding request, then prefill chunks (at most ``chunk`` tokens each) of the
 requests still in their prompt, oldest first, until the budget is spent. Decode latency stays
 bounded when a long prompt arrives, and a step mixes both kinds of tokens.
+
+Scheduling runs one step ahead of the tokens (sglang's overlap scheduler, vLLM's async
+scheduling): :meth:`Scheduler.schedule` moves each request on as if the step it just planned
+had run, with the token that step samples *pending* (its value still on the device), so the
+next step can be planned and launched before this one's tokens are read. A pending token is
+fed from the device (the engine passes it from one step's output to the next step's input);
+:meth:`Scheduler.advance` later resolves it. What is known ahead (``max_tokens``, the model's
+last position) stops a request from being scheduled past its end; a stop id is only known when
+its token is read, so such a request may have one more step's row computed and thrown away.
 """
 
 from __future__ import annotations
@@ -77,10 +86,17 @@ class Request:
     finish_reason: str | None = None
     cancelled: bool = False
     arrival: float = 0.0
+    pending: int = 0  # tokens sampled by steps already launched, not yet read back
 
     @property
     def tokens(self) -> list[int]:
+        """The prompt and the tokens read back so far."""
         return self.prompt + self.output
+
+    @property
+    def length(self) -> int:
+        """Its positions once the steps launched so far have run (pending tokens included)."""
+        return len(self.prompt) + len(self.output) + self.pending
 
     @property
     def prefilling(self) -> bool:
@@ -143,16 +159,19 @@ class PagePool:
 
 @dataclasses.dataclass(frozen=True)
 class Work:
-    """One request's share of a step: its tokens ``[start, start + count)`` are fed."""
+    """One request's share of a step: its tokens ``[start, start + count)`` are fed, and
+    ``samples``: whether the step's last row gives the request a new token (the last prompt
+    chunk, or a decode token)."""
 
     request: Request
     start: int
     count: int
+    samples: bool
 
     @property
-    def samples(self) -> bool:
-        """Whether this step's last token gives the request a new token."""
-        return self.start + self.count == len(self.request.tokens)
+    def chunk(self) -> bool:
+        """Whether it feeds prompt tokens (a prefill chunk), not a decode token."""
+        return self.start < len(self.request.prompt)
 
 
 class Scheduler:
@@ -191,7 +210,8 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> list[Work]:
-        """Finishes cancelled requests, admits waiting ones, and returns this step's work."""
+        """Finishes cancelled requests, admits waiting ones, and returns this step's work;
+        each request moves on as if the step had run (its sampled token pending)."""
         with self.lock:
             for r in [r for r in self.running if r.cancelled]:
                 self.finish(r, "abort")
@@ -210,17 +230,25 @@ class Scheduler:
         budget = self.max_step_tokens
         work = []
         for r in self.running:  # decode tokens first: one each
-            if not r.prefilling:
-                work.append(Work(r, len(r.tokens) - 1, 1))
+            if not r.prefilling and not self._ends_ahead(r):
+                work.append(Work(r, r.length - 1, 1, True))
                 budget -= 1
         for r in self.running:  # then prefill chunks, oldest first
             if r.prefilling and budget > 0:
                 count = min(self.chunk, len(r.prompt) - r.computed, budget)
-                work.append(Work(r, r.computed, count))
+                work.append(Work(r, r.computed, count, r.computed + count == len(r.prompt)))
                 budget -= count
         for w in work:
             self.pool.grow(w.request, w.start + w.count)
+            w.request.computed = w.start + w.count
+            w.request.pending += w.samples
         return work
+
+    def _ends_ahead(self, r: Request) -> bool:
+        """Whether ``r``'s pending token is its last (``max_tokens`` or the model's last
+        position): no step is planned for it, and reading that token finishes it."""
+        return r.pending > 0 and (len(r.output) + r.pending >= r.max_tokens
+                                  or r.length >= self.max_positions)
 
     def _shard_for(self, pages: int) -> int | None:
         """The shard a new request of ``pages`` pages goes to: a free slot and the pages, the
@@ -252,13 +280,16 @@ class Scheduler:
         self._notify(r, [], reason)
 
     def advance(self, work: list[Work], sampled: list[int]) -> None:
-        """After a step: the fed tokens are in the cache; a request whose last token was fed
-        gets its sampled token, and finishes at a stop id (not kept), ``max_tokens`` or the
-        model's last position."""
+        """After a step (``work`` as :meth:`schedule` returned it, ``sampled`` its tokens
+        read back): a request whose last token was fed gets its sampled token, and finishes at
+        a stop id (not kept), ``max_tokens`` or the model's last position. A request that
+        finished meanwhile (a stop id read from the step before, a cancel) ignores it."""
         for w, token in zip(work, sampled):
             r = w.request
-            r.computed = w.start + w.count
-            if not w.samples or r.finish_reason is not None:
+            if not w.samples:
+                continue
+            r.pending -= 1
+            if r.finish_reason is not None:
                 continue
             if token in r.stop_ids:
                 self.finish(r, "stop")

@@ -153,9 +153,10 @@ class Server:
     # --- engine -> responses ----------------------------------------------------------------
 
     async def _events(self, request, queue, stop_strings: list[str]):
-        """(text delta, finish reason or None) as the engine hands tokens over; text is decoded
-        from all tokens so far (a character split across tokens waits for its last byte)."""
-        ids, sent = [], ""
+        """(text delta, finish reason or None, the token ids since the last event) as the engine
+        hands tokens over; text is decoded from all tokens so far (a character split across
+        tokens waits for its last byte)."""
+        ids, sent, given = [], "", 0
         while True:
             tokens, reason = await queue.get()
             ids += tokens
@@ -166,14 +167,15 @@ class Server:
                 at = text.find(s)
                 if at >= 0:
                     self.engine.cancel(request)
-                    yield text[len(sent):at], "stop", len(ids)
+                    yield text[len(sent):at], "stop", ids[given:]
                     return
             delta, sent = text[len(sent):], text
             if reason is not None:
-                yield delta, reason, len(ids)
+                yield delta, reason, ids[given:]
                 return
             if delta:
-                yield delta, None, len(ids)
+                yield delta, None, ids[given:]
+                given = len(ids)
 
     def _app(self) -> FastAPI:
         @contextlib.asynccontextmanager
@@ -222,6 +224,9 @@ class Server:
             self._check_model(body)
             sampling, max_tokens = self._sampling(body)
             stop_ids, stop_strings = self._stops(body)
+            with_ids = body.get("return_token_ids", False)
+            if not isinstance(with_ids, bool):
+                raise ApiError(400, "return_token_ids must be true or false", "return_token_ids")
             prompt = (self.render_chat(body.get("messages")) if chat
                       else self._prompt_ids(body.get("prompt")))
             if max_tokens is None:  # OpenAI: 16 for completions, the rest of the context for chat
@@ -235,12 +240,15 @@ class Server:
                 options = body.get("stream_options") or {}
                 usage_of = (len(prompt) if isinstance(options, dict) and options.get("include_usage")
                             else None)
-                return StreamingResponse(self._stream(rid, created, chat, events, request, usage_of),
-                                         media_type="text/event-stream")
-            text, reason, count = "", None, 0
+                return StreamingResponse(
+                    self._stream(rid, created, chat, events, request, usage_of,
+                                 prompt if with_ids else None),
+                    media_type="text/event-stream")
+            text, reason, ids = "", None, []
             try:
-                async for delta, reason, count in events:
+                async for delta, reason, new in events:
                     text += delta
+                    ids += new
                     if await http.is_disconnected():
                         self.engine.cancel(request)
             except asyncio.CancelledError:
@@ -248,11 +256,13 @@ class Server:
                 raise
             if reason == "error":
                 raise ApiError(500, "the engine failed on this request", kind="server_error")
-            usage = {"prompt_tokens": len(prompt), "completion_tokens": count,
-                     "total_tokens": len(prompt) + count}
+            usage = {"prompt_tokens": len(prompt), "completion_tokens": len(ids),
+                     "total_tokens": len(prompt) + len(ids)}
             choice = ({"index": 0, "message": {"role": "assistant", "content": text},
                        "finish_reason": reason} if chat else
                       {"index": 0, "text": text, "finish_reason": reason, "logprobs": None})
+            if with_ids:  # vLLM's return_token_ids: the exact tokens, not only their text
+                choice.update(prompt_token_ids=prompt, token_ids=ids)
             return {"id": rid, "object": "chat.completion" if chat else "text_completion",
                     "created": created, "model": self.model_name, "choices": [choice],
                     "usage": usage}
@@ -267,15 +277,22 @@ class Server:
 
         return app
 
-    async def _stream(self, rid, created, chat, events, request, prompt_tokens=None):
+    async def _stream(self, rid, created, chat, events, request, prompt_tokens=None,
+                      prompt_ids=None):
         """The SSE stream; with ``prompt_tokens`` (``stream_options.include_usage``), OpenAI's
-        last chunk: no choices, the usage."""
+        last chunk: no choices, the usage; with ``prompt_ids`` (``return_token_ids``), the
+        prompt's ids in the first chunk and each chunk's token ids."""
         kind = "chat.completion.chunk" if chat else "text_completion"
+        first = [True]  # the first chunk with ids carries the prompt's
 
-        def chunk(delta, reason, role=None):
+        def chunk(delta, reason, role=None, ids=None):
             message = {"role": role} if role else {"content": delta} if delta else {}
             choice = ({"index": 0, "delta": message, "finish_reason": reason} if chat else
                       {"index": 0, "text": delta, "finish_reason": reason, "logprobs": None})
+            if ids is not None:
+                choice["token_ids"] = ids
+                if first[0]:
+                    choice["prompt_token_ids"], first[0] = prompt_ids, False
             body = {"id": rid, "object": kind, "created": created, "model": self.model_name,
                     "choices": [choice]}
             return f"data: {json.dumps(body)}\n\n"
@@ -285,8 +302,9 @@ class Server:
             if chat:  # OpenAI's first chat chunk carries the role alone
                 yield chunk(None, None, role="assistant")
             count = 0
-            async for delta, reason, count in events:
-                yield chunk(delta, reason)
+            async for delta, reason, new in events:
+                count += len(new)
+                yield chunk(delta, reason, ids=new if prompt_ids is not None else None)
             if prompt_tokens is not None:
                 usage = {"prompt_tokens": prompt_tokens, "completion_tokens": count,
                          "total_tokens": prompt_tokens + count}

@@ -109,7 +109,7 @@ def throughput_ab(model, batch: int, prompt: int, new: int, rounds: int = 3) -> 
             start = time.perf_counter()
             for p in prompts:
                 engine.submit(p, new)
-            while engine.scheduler.has_work():
+            while engine.has_work():
                 engine.step()
             seconds = time.perf_counter() - start
         compiles.append(counter.count)
@@ -155,7 +155,7 @@ def ttft_ab(model, batch: int, prompt: int, others_new: tuple[int, ...], repeats
                 waits.append(first[0] - start)
             for r in list(engine.scheduler.running):
                 engine.cancel(r)
-            while engine.scheduler.has_work():
+            while engine.has_work():
                 engine.step()
         row[f"ttft_ms_others_{n}"] = 1e3 * float(np.median(waits))
     row["ttft_ratio_many_vs_few"] = (row[f"ttft_ms_others_{others_new[-1]}"]
@@ -203,7 +203,7 @@ def load_run(model, batch: int, minutes: float, rate: float, seed: int = 0) -> d
                     refused += 1
             if not engine.step():
                 time.sleep(0.001)
-        while engine.scheduler.has_work():  # the requests in flight end too
+        while engine.has_work():  # the requests in flight end too
             engine.step()
         seconds = time.perf_counter() - start
     return dict(batch=batch, minutes=minutes, rate=rate, warm_up_shapes=shapes,

@@ -165,13 +165,16 @@ class Engine:
                              out_shardings=NamedSharding(lay.mesh, lay.tokens))()
         self.graphdef, self.state = nnx.split(model)
         self._replicated = NamedSharding(lay.mesh, PartitionSpec())
+        self.processes = jax.process_count()
         # the latest step's sampled tokens, one slot each, on the devices (the next step reads
         # its pending tokens there), and the step launched but not yet read back
         self.max_slots = self.shards * 2 * _pow2(self.slots_per_shard)
-        self._previous = jax.device_put(np.zeros(self.max_slots, np.int32), self._replicated)
+        # placed as the step program leaves its output (split by shard; whole with several
+        # processes), or the first step after warm-up would compile its shape again
+        self._previous = jax.jit(lambda: jnp.zeros(self.max_slots, jnp.int32), out_shardings=(
+            self._replicated if self.processes > 1 else NamedSharding(lay.mesh, lay.tokens)))()
         self._in_flight: tuple[list[Work], np.ndarray, jax.Array] | None = None
         # several processes: process 0 schedules and sends each step's plan; the others follow
-        self.processes = jax.process_count()
         self._plans, self._closed = None, False
         if self.processes > 1:
             self._plans = PlanChannel()

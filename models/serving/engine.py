@@ -47,6 +47,19 @@ def _pow2(n: int, floor: int = 1) -> int:
     return max(floor, 1 << max(0, (n - 1).bit_length()))
 
 
+def _powers(base: int, top: int) -> list[int]:
+    """``1, base, base**2, ...`` below ``top``, then ``top``: a bucket ladder."""
+    out = [1]
+    while out[-1] * base < top:
+        out.append(out[-1] * base)
+    return sorted(set(out) | {top})
+
+
+def _bucket(n: int, ladder: list[int]) -> int:
+    """The smallest rung of ``ladder`` holding ``n``."""
+    return next(b for b in ladder if b >= n)
+
+
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
     """max_seqs: sequence slots per step; max_step_tokens: the step's token budget; chunk:
@@ -151,6 +164,10 @@ class Engine:
                              f"positions), got {limit}")
         self.max_positions = limit
         self.max_pages = -(-limit // config.page_size)
+        # the buckets of a step's shape (see _shape)
+        self._decode_pages = _powers(2, self.max_pages)
+        self._chunk_pages = _powers(4, self.max_pages)
+        self._chunk_rows = sorted({-(-config.chunk // s) for s in (1, 2, 4)})
         lay = model.dispatch.layout
         self.shards = lay.num_token_shards
         self.slots_per_shard = -(-config.max_seqs // self.shards)
@@ -221,15 +238,22 @@ class Engine:
         step's program (:class:`~moe_relayfree_models.paged.StepBatch`). A decode-only step
         has no chunk slots and the busiest shard's decode tokens (rounded up to a power of
         two) as ``D``; a step with prefill chunks has a decode slot for every sequence slot,
-        and ``C`` the busiest shard's chunks rounded up."""
-        pages = min(_pow2(max(len(w.request.pages) for w in work)), self.max_pages)
+        and ``C`` the busiest shard's chunks rounded up, of ``Q`` rows: the longest chunk
+        rounded up to ``chunk``, ``chunk / 2`` or ``chunk / 4`` (a wave of short prompts would
+        otherwise carry mostly padding rows through every layer). ``P``: the most pages a
+        sequence holds, rounded up to a power of two (decode steps, the most frequent) or of
+        four (steps with chunks: their shape has one more dimension, and padded pages cost
+        them less than padded query rows)."""
+        held = max(len(w.request.pages) for w in work)
         decode = np.zeros(self.shards, np.int64)
         chunks = np.zeros(self.shards, np.int64)
         for w in work:
             (chunks if w.chunk else decode)[w.request.shard] += 1
         if not chunks.any():
-            return _pow2(int(decode.max())), 0, 0, pages
-        return _pow2(self.slots_per_shard), _pow2(int(chunks.max())), self.config.chunk, pages
+            return _pow2(int(decode.max())), 0, 0, _bucket(held, self._decode_pages)
+        q = _bucket(max(w.count for w in work if w.chunk), self._chunk_rows)
+        return (_pow2(self.slots_per_shard), _pow2(int(chunks.max())), q,
+                _bucket(held, self._chunk_pages))
 
     def _layout(self, work: list[Work], d: int, c: int, q: int, p: int):
         """The step's packed inputs on the mesh, and each work item's slot in the step's
@@ -382,14 +406,14 @@ class Engine:
 
     def step_shapes(self) -> set[tuple[int, int, int, int]]:
         """Every ``(D, C, Q, P)`` a step can take (:meth:`_shape`): decode slots and chunk
-        slots per shard in powers of two up to the slots per shard, pages in powers of two up
-        to the longest request's."""
-        pages = {self.max_pages} | {1 << i for i in range(self.max_pages.bit_length())
-                                    if 1 << i <= self.max_pages}
-        per_shard = [1 << i for i in range(_pow2(self.slots_per_shard).bit_length())]
-        decode = {(d, 0, 0) for d in per_shard}
-        mixed = {(_pow2(self.slots_per_shard), c, self.config.chunk) for c in per_shard}
-        return {(d, c, q, p) for d, c, q in decode | mixed for p in pages}
+        slots per shard in powers of two up to the slots per shard, chunk rows ``chunk``,
+        ``chunk / 2`` and ``chunk / 4``, pages in powers of two (decode) or four (steps with
+        chunks) up to the longest request's."""
+        per_shard = _powers(2, _pow2(self.slots_per_shard))
+        decode = {(d, 0, 0, p) for d in per_shard for p in self._decode_pages}
+        mixed = {(_pow2(self.slots_per_shard), c, q, p) for c in per_shard
+                 for q in self._chunk_rows for p in self._chunk_pages}
+        return decode | mixed
 
     # --- the loop a server runs -----------------------------------------------------------
 

@@ -254,37 +254,47 @@ def _served_tokens(model, stop_ids: dict):
     return tokens, engine
 
 
-def test_served_tokens_equal_generate_of_each_prompt_alone():
+@pytest.fixture(scope="module")
+def alone():
+    """generate()'s greedy tokens for each prompt alone, as many as any case asks (float32)."""
+    from moe_relayfree_models import generation
+
+    model = _model("float32")
+    longest = max(n for _, n in CASES)
+    return [generation.generate(model, [p], longest)["tokens"][0] for p in _prompts()]
+
+
+def _dropless():
+    from moe_relayfree_models.cli import DROPLESS
+
+    return list(DROPLESS.values())
+
+
+@pytest.mark.parametrize("dispatch", _dropless())
+def test_served_tokens_equal_generate_of_each_prompt_alone(dispatch, alone):
     """16 concurrent requests of 3-70 prompt tokens and 3-20 new tokens, through the official
     ``openai`` client, 4 sequence slots: admitted as slots free, prompts in chunks of 16 beside
     other requests' decode tokens; each request's greedy tokens are generate()'s for its prompt
-    alone (the default model, float32, 8 devices), for relay-free and the dropless baselines
-    (one test: the references are made once). The last request stops at a stop id its 5th
+    alone (the default model, float32, 8 devices), for relay-free and each dropless baseline.
+    The last request stops at a stop id its 5th
     token is (the engine, a step ahead, had already planned a step past it: that token is
     dropped). Relay-free runs with a decode threshold of 8 tokens per device: each step's MoE
     layers choose their schedule from that step's rows, so the steps carrying prefill chunks
     (17 rows per device) take the prefill schedule and the decode-only ones (1 per device)
     the decode schedule."""
-    from moe_relayfree_models import generation
-    from moe_relayfree_models.cli import DROPLESS
-
-    model = _model("float32")
-    longest = max(n for _, n in CASES)
-    alone = [generation.generate(model, [p], longest)["tokens"][0] for p in _prompts()]
     want = [alone[p][:n] for p, n in CASES]
     stop = want[-1][4]
     want[-1] = want[-1][:want[-1].index(stop)]
     stop_ids = {len(CASES) - 1: [stop]}
-    for dispatch in DROPLESS.values():
-        got, engine = _served_tokens(_model("float32", dispatch, decode_threshold=8)
-                                     if dispatch == "relayfree" else _model("float32", dispatch),
-                                     stop_ids)
-        assert got == want, dispatch
-        steps = engine.metrics.steps
-        if dispatch == "relayfree":
-            assert steps["prefill"] > 0 and steps["decode"] > 0 and steps["none"] == 0
-        else:
-            assert steps["none"] > 0 and steps["prefill"] == steps["decode"] == 0
+    got, engine = _served_tokens(_model("float32", dispatch, decode_threshold=8)
+                                 if dispatch == "relayfree" else _model("float32", dispatch),
+                                 stop_ids)
+    assert got == want
+    steps = engine.metrics.steps
+    if dispatch == "relayfree":
+        assert steps["prefill"] > 0 and steps["decode"] > 0 and steps["none"] == 0
+    else:
+        assert steps["none"] > 0 and steps["prefill"] == steps["decode"] == 0
 
 
 def test_engine_tokens_equal_generate_in_bf16_with_no_compile_after_warm_up():

@@ -50,6 +50,9 @@ def parse_args(argv=None):
     p.add_argument("--max-step-tokens", type=positive_int, default=256,
                    help="tokens per step: decode tokens first, then prefill chunks")
     p.add_argument("--chunk", type=positive_int, default=64, help="largest prefill chunk per request")
+    p.add_argument("--chunk-buckets", type=positive_int, default=3,
+                   help="query-row sizes of steps with chunks: chunk, chunk/2, ... (fewer: fewer "
+                        "shapes to compile, more padding for short prompts)")
     p.add_argument("--page-size", type=positive_int, default=16, help="KV cache rows per page")
     p.add_argument("--num-pages", type=positive_int, default=None,
                    help="KV pages in the pool (default: every sequence at full length)")
@@ -75,7 +78,7 @@ def main(argv=None) -> int:
         cfg, tok, dispatch = prepare(args)
         engine_config = EngineConfig(args.max_seqs, args.max_step_tokens, args.chunk,
                                      args.page_size, args.num_pages, args.max_waiting,
-                                     args.max_model_len)
+                                     args.max_model_len, args.chunk_buckets)
         model = load(args, dispatch)
         engine = Engine(model, engine_config)
     except SetupError as e:

@@ -195,10 +195,13 @@ def _model(dtype, dispatch="relayfree", **settings):
                                  implementation=dispatch, **settings)
 
 
-def _config():
+def _config(chunk_buckets: int = 1):
+    """The engine of the token tests: one chunk-row size (a third of the shapes to compile)
+    but where a test is about the buckets."""
     from moe_relayfree_models.serving.engine import EngineConfig
 
-    return EngineConfig(max_seqs=4, max_step_tokens=32, chunk=16, page_size=32, max_model_len=128)
+    return EngineConfig(max_seqs=4, max_step_tokens=32, chunk=16, page_size=32, max_model_len=128,
+                        chunk_buckets=chunk_buckets)
 
 
 def _engine_tokens(model):
@@ -216,7 +219,7 @@ def _engine_tokens(model):
     return [r.output for r in requests], compiles.count
 
 
-def _served_tokens(model, stop_ids: dict):
+def _served_tokens(model, stop_ids: dict, chunk_buckets: int = 1):
     """The tokens of :data:`CASES`, sent at once through the official ``openai`` client to the
     server's app in this process (over httpx's ASGI transport, the app's own lifespan running
     the engine), greedy, with vLLM's ``return_token_ids``; ``stop_ids[i]``: request ``i``'s."""
@@ -229,7 +232,7 @@ def _served_tokens(model, stop_ids: dict):
     from moe_relayfree_models.serving.engine import Engine
     from moe_relayfree_models.serving.server import Server
 
-    engine = Engine(model, _config())
+    engine = Engine(model, _config(chunk_buckets))
     server = Server(engine, tokenizer.load_tokenizer(DEFAULT, model.cfg.vocab_size),
                     model_name="default")
     prompts = _prompts()
@@ -281,14 +284,15 @@ def test_served_tokens_equal_generate_of_each_prompt_alone(dispatch, alone):
     dropped). Relay-free runs with a decode threshold of 8 tokens per device: each step's MoE
     layers choose their schedule from that step's rows, so the steps carrying prefill chunks
     (17 rows per device) take the prefill schedule and the decode-only ones (1 per device)
-    the decode schedule."""
+    the decode schedule, and with the three chunk-row sizes (a step's chunk slots have 4, 8 or
+    16 rows, as its longest chunk needs; the baselines run with 16 only, fewer programs)."""
     want = [alone[p][:n] for p, n in CASES]
     stop = want[-1][4]
     want[-1] = want[-1][:want[-1].index(stop)]
     stop_ids = {len(CASES) - 1: [stop]}
-    got, engine = _served_tokens(_model("float32", dispatch, decode_threshold=8)
-                                 if dispatch == "relayfree" else _model("float32", dispatch),
-                                 stop_ids)
+    relayfree = dispatch == "relayfree"
+    got, engine = _served_tokens(_model("float32", dispatch, decode_threshold=8) if relayfree
+                                 else _model("float32", dispatch), stop_ids, 3 if relayfree else 1)
     assert got == want
     steps = engine.metrics.steps
     if dispatch == "relayfree":
@@ -324,7 +328,8 @@ def test_engine_tokens_equal_generate_for_mla_and_sliding_windows(fixture):
     model = checkpoint.load_model(folder, mesh=mr.make_ep_mesh(8), dtype="float32")
     prompts = [p[:40] for p in _prompts()]
     budget = [min(m, 128 - len(p)) for p, m in zip(prompts, MAX_TOKENS)]
-    engine = Engine(model, EngineConfig(max_seqs=4, max_step_tokens=32, chunk=16, page_size=16))
+    engine = Engine(model, EngineConfig(max_seqs=4, max_step_tokens=32, chunk=16, page_size=16,
+                                        chunk_buckets=1))
     requests = [engine.submit(p, m) for p, m in zip(prompts, budget)]
     while engine.has_work():
         engine.step()

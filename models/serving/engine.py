@@ -68,7 +68,9 @@ class EngineConfig:
     scratch page per token shard);
     max_waiting: the waiting queue's bound; max_model_len: the longest request served, prompt
     and completion (default: the model's ``max_position_embeddings``; a long-context model's
-    163,840 positions would size the default pool for every slot at that length)."""
+    163,840 positions would size the default pool for every slot at that length);
+    chunk_buckets: the query-row sizes a step with chunks takes (``chunk``, ``chunk / 2``, ...,
+    this many; fewer: fewer shapes to compile, more padding rows when prompts are short)."""
 
     max_seqs: int = 16
     max_step_tokens: int = 256
@@ -77,6 +79,7 @@ class EngineConfig:
     num_pages: int | None = None
     max_waiting: int = 256
     max_model_len: int | None = None
+    chunk_buckets: int = 3
 
 
 def _pack_sizes(n: int, shape: tuple[int, int, int, int]) -> list[int]:
@@ -167,7 +170,9 @@ class Engine:
         # the buckets of a step's shape (see _shape)
         self._decode_pages = _powers(2, self.max_pages)
         self._chunk_pages = _powers(4, self.max_pages)
-        self._chunk_rows = sorted({-(-config.chunk // s) for s in (1, 2, 4)})
+        if config.chunk_buckets < 1:
+            raise ValueError(f"chunk_buckets must be >= 1, got {config.chunk_buckets}")
+        self._chunk_rows = sorted({-(-config.chunk // (1 << i)) for i in range(config.chunk_buckets)})
         lay = model.dispatch.layout
         self.shards = lay.num_token_shards
         self.slots_per_shard = -(-config.max_seqs // self.shards)
@@ -239,7 +244,7 @@ class Engine:
         has no chunk slots and the busiest shard's decode tokens (rounded up to a power of
         two) as ``D``; a step with prefill chunks has a decode slot for every sequence slot,
         and ``C`` the busiest shard's chunks rounded up, of ``Q`` rows: the longest chunk
-        rounded up to ``chunk``, ``chunk / 2`` or ``chunk / 4`` (a wave of short prompts would
+        rounded up to ``chunk``, ``chunk / 2`` or ``chunk / 4`` (``chunk_buckets``; a wave of short prompts would
         otherwise carry mostly padding rows through every layer). ``P``: the most pages a
         sequence holds, rounded up to a power of two (decode steps, the most frequent) or of
         four (steps with chunks: their shape has one more dimension, and padded pages cost
@@ -407,7 +412,7 @@ class Engine:
     def step_shapes(self) -> set[tuple[int, int, int, int]]:
         """Every ``(D, C, Q, P)`` a step can take (:meth:`_shape`): decode slots and chunk
         slots per shard in powers of two up to the slots per shard, chunk rows ``chunk``,
-        ``chunk / 2`` and ``chunk / 4``, pages in powers of two (decode) or four (steps with
+        ``chunk / 2`` and ``chunk / 4`` (``chunk_buckets``), pages in powers of two (decode) or four (steps with
         chunks) up to the longest request's."""
         per_shard = _powers(2, _pow2(self.slots_per_shard))
         decode = {(d, 0, 0, p) for d in per_shard for p in self._decode_pages}

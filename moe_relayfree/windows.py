@@ -7,9 +7,8 @@ them with the window sizes as group sizes and no re-sort.
 
 from __future__ import annotations
 
-import math
-
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp

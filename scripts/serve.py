@@ -76,9 +76,10 @@ def main(argv=None) -> int:
     from moe_relayfree_models.serving.server import Server
     try:
         cfg, tok, dispatch = prepare(args)
-        engine_config = EngineConfig(args.max_seqs, args.max_step_tokens, args.chunk,
-                                     args.page_size, args.num_pages, args.max_waiting,
-                                     args.max_model_len, args.chunk_buckets)
+        engine_config = EngineConfig(
+            max_seqs=args.max_seqs, max_step_tokens=args.max_step_tokens, chunk=args.chunk,
+            page_size=args.page_size, num_pages=args.num_pages, max_waiting=args.max_waiting,
+            max_model_len=args.max_model_len, chunk_buckets=args.chunk_buckets)
         model = load(args, dispatch)
         engine = Engine(model, engine_config)
     except SetupError as e:

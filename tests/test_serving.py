@@ -162,7 +162,7 @@ def test_decode_step_moves_nothing_but_the_moe_layers_tokens():
     work = engine.scheduler.schedule()
     shape = engine._shape(work)
     assert shape[1] == 0 and {r.shard for r in requests} == set(range(8))  # 2 per device
-    packed, _ = engine._layout(work, *shape)
+    packed, _ = engine._layout(work, *shape, flight=engine._in_flight)
     got = _collectives(serving._step_program.lower(engine.graphdef, shape, engine.state, packed,
                                                    engine._previous, engine.pages
                                                    ).compile().as_text())

@@ -172,7 +172,8 @@ class Engine:
         self._chunk_pages = _powers(4, self.max_pages)
         if config.chunk_buckets < 1:
             raise ValueError(f"chunk_buckets must be >= 1, got {config.chunk_buckets}")
-        self._chunk_rows = sorted({-(-config.chunk // (1 << i)) for i in range(config.chunk_buckets)})
+        self._chunk_rows = sorted({-(-config.chunk // (1 << i))
+                                   for i in range(config.chunk_buckets)})
         lay = model.dispatch.layout
         self.shards = lay.num_token_shards
         self.slots_per_shard = -(-config.max_seqs // self.shards)
@@ -244,8 +245,8 @@ class Engine:
         has no chunk slots and the busiest shard's decode tokens (rounded up to a power of
         two) as ``D``; a step with prefill chunks has a decode slot for every sequence slot,
         and ``C`` the busiest shard's chunks rounded up, of ``Q`` rows: the longest chunk
-        rounded up to ``chunk``, ``chunk / 2`` or ``chunk / 4`` (``chunk_buckets``; a wave of short prompts would
-        otherwise carry mostly padding rows through every layer). ``P``: the most pages a
+        rounded up to ``chunk``, ``chunk / 2`` or ``chunk / 4`` (``chunk_buckets``; a wave of
+        short prompts would otherwise carry mostly padding rows through every layer). ``P``: the most pages a
         sequence holds, rounded up to a power of two (decode steps, the most frequent) or of
         four (steps with chunks: their shape has one more dimension, and padded pages cost
         them less than padded query rows)."""
@@ -260,16 +261,17 @@ class Engine:
         return (_pow2(self.slots_per_shard), _pow2(int(chunks.max())), q,
                 _bucket(held, self._chunk_pages))
 
-    def _layout(self, work: list[Work], d: int, c: int, q: int, p: int):
+    def _layout(self, work: list[Work], d: int, c: int, q: int, p: int, flight=None):
         """The step's packed inputs on the mesh, and each work item's slot in the step's
         output (``[max_slots]``: shard ``j``'s slots from ``j * max_slots / n``). A request's
-        pending token (sampled by the step in flight) is fed from that step's output."""
+        pending token (sampled by ``flight``, the step in flight) is fed from that step's
+        output."""
         n = self.shards
         r = d + c * q
         t, slots = n * r, n * (d + c)
         pending = {}
-        if self._in_flight is not None:
-            flight_work, flight_slots, _ = self._in_flight
+        if flight is not None:
+            flight_work, flight_slots, _ = flight
             pending = {w.request: s for w, s in zip(flight_work, flight_slots) if w.samples}
         tokens = np.zeros(t, np.int32)
         positions = np.zeros(t, np.int32)
@@ -333,10 +335,10 @@ class Engine:
         self._previous = out
         return out
 
-    def _launch(self, work: list[Work], shape) -> None:
+    def _launch(self, work: list[Work], shape, flight) -> None:
         """Launches the step (sending its plan to the other processes first) and keeps it as
-        the step in flight."""
-        packed, slots = self._layout(work, *shape)
+        the step in flight; ``flight``: the step launched before it, not yet read back."""
+        packed, slots = self._layout(work, *shape, flight=flight)
         if self._plans is not None:
             self._plans.send(Plan(STEP, shape, packed))
         out = self._execute(shape, packed)
@@ -367,12 +369,12 @@ class Engine:
         others :meth:`follow`)."""
         start = time.perf_counter()
         work = self.scheduler.schedule()
-        flight, self._in_flight = self._in_flight, None
+        flight = self._in_flight  # the new step's layout reads its pending tokens' slots there
+        self._in_flight = None
         fed = 0
         if work:
             shape = self._shape(work)
-            self._in_flight = flight  # the new step's layout reads the pending tokens' slots
-            self._launch(work, shape)
+            self._launch(work, shape, flight)
             m = self.metrics
             fed = sum(w.count for w in work)
             self.last_shape = shape
@@ -412,8 +414,8 @@ class Engine:
     def step_shapes(self) -> set[tuple[int, int, int, int]]:
         """Every ``(D, C, Q, P)`` a step can take (:meth:`_shape`): decode slots and chunk
         slots per shard in powers of two up to the slots per shard, chunk rows ``chunk``,
-        ``chunk / 2`` and ``chunk / 4`` (``chunk_buckets``), pages in powers of two (decode) or four (steps with
-        chunks) up to the longest request's."""
+        ``chunk / 2`` and ``chunk / 4`` (``chunk_buckets``), pages in powers of two (decode)
+        or four (steps with chunks) up to the longest request's."""
         per_shard = _powers(2, _pow2(self.slots_per_shard))
         decode = {(d, 0, 0, p) for d in per_shard for p in self._decode_pages}
         mixed = {(_pow2(self.slots_per_shard), c, q, p) for c in per_shard

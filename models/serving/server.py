@@ -283,16 +283,15 @@ class Server:
         last chunk: no choices, the usage; with ``prompt_ids`` (``return_token_ids``), the
         prompt's ids in the first chunk and each chunk's token ids."""
         kind = "chat.completion.chunk" if chat else "text_completion"
-        first = [True]  # the first chunk with ids carries the prompt's
 
-        def chunk(delta, reason, role=None, ids=None):
+        def chunk(delta, reason, role=None, ids=None, prompt=None):
             message = {"role": role} if role else {"content": delta} if delta else {}
             choice = ({"index": 0, "delta": message, "finish_reason": reason} if chat else
                       {"index": 0, "text": delta, "finish_reason": reason, "logprobs": None})
             if ids is not None:
                 choice["token_ids"] = ids
-                if first[0]:
-                    choice["prompt_token_ids"], first[0] = prompt_ids, False
+            if prompt is not None:
+                choice["prompt_token_ids"] = prompt
             body = {"id": rid, "object": kind, "created": created, "model": self.model_name,
                     "choices": [choice]}
             return f"data: {json.dumps(body)}\n\n"
@@ -301,10 +300,12 @@ class Server:
         try:
             if chat:  # OpenAI's first chat chunk carries the role alone
                 yield chunk(None, None, role="assistant")
-            count = 0
+            count, prompt = 0, prompt_ids  # the first chunk with ids carries the prompt's
             async for delta, reason, new in events:
                 count += len(new)
-                yield chunk(delta, reason, ids=new if prompt_ids is not None else None)
+                yield chunk(delta, reason, ids=new if prompt_ids is not None else None,
+                            prompt=prompt)
+                prompt = None
             if prompt_tokens is not None:
                 usage = {"prompt_tokens": prompt_tokens, "completion_tokens": count,
                          "total_tokens": prompt_tokens + count}

@@ -14,7 +14,9 @@ wants one contiguous send buffer: every round gathers ``x[order // k]`` into ``[
    window buffer exists), then the copies, then the only synchronisation: the sender waits
    until its copies' bytes have left, the receiver until the bytes of the rows it expects
    (from the counts) have arrived. DMA semaphores count bytes, so one wait covers many rows.
-3. **experts** on the windows (grouped GEMM with the windows' sizes), as the XLA path.
+3. **experts** on the windows in the DMAs' row layout, written over them
+   (:mod:`moe_relayfree.pallas_experts`: a Pallas grouped SwiGLU kernel; XLA's grouped GEMM
+   would relay the window to ``[R, d]`` and back, each a window-sized temporary).
 4. **combine kernel**: each receiver pushes each (source, local expert) segment of its results
    (contiguous in its window) into the source's returned buffer at the rows the copies hold in
    the source's expert order: ``P * El`` DMAs (the per-row alternative pushes ``T*k`` rows and
@@ -46,6 +48,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from moe_relayfree.collectives import ensure_varying
+from moe_relayfree.pallas_experts import interpret_params, window_rows
 from moe_relayfree.plan import Plan, make_plan, round_segments
 from moe_relayfree.routing import poison_rows, screen_choices
 from moe_relayfree.windows import ExpertWindows, weighted_row_sum
@@ -53,18 +56,6 @@ from moe_relayfree.windows import ExpertWindows, weighted_row_sum
 _I32 = jnp.int32
 _F32 = jnp.float32
 _MESH = pl.DeviceIdType.MESH
-
-
-def interpret_params(platform: str | None = None):
-    """How the kernels run on ``platform`` (default: JAX's default backend): None (compiled)
-    on TPU, Pallas's TPU interpreter on CPU."""
-    platform = platform or jax.default_backend()
-    if platform == "tpu":
-        return None
-    if platform == "cpu":
-        return pltpu.InterpretParams()
-    raise NotImplementedError(f"the Pallas remote-write path runs on TPU (and interpreted on "
-                              f"CPU), not on {platform}")
 
 
 def row_layout(d: int, dtype) -> tuple[int, int]:
@@ -186,7 +177,8 @@ def dispatch_round(x_rows: jax.Array, plan: Plan, ids: jax.Array, num_experts: i
                    platform: str | None = None) -> tuple[jax.Array, jax.Array]:
     """One round's copies written into the receivers' windows. x_rows ``[T, s, d/s]`` (the
     tokens in :func:`row_layout`) -> (a fresh, unfilled window buffer ``[R, s, d/s]`` with
-    this round's copies in it, group_sizes ``[El]``)."""
+    this round's copies in it, group_sizes ``[El]``); ``R`` rounded up to the expert kernel's
+    row block (:func:`~moe_relayfree.pallas_experts.window_rows`)."""
     seg = round_segments(plan, round_index)
     dst, row = copy_targets(plan, ids, num_experts, round_index)
     # one int32 per copy in SMEM (1 MiB): row * P + receiver, -1 for none. Two tables ran out
@@ -199,7 +191,7 @@ def dispatch_round(x_rows: jax.Array, plan: Plan, ids: jax.Array, num_experts: i
     kernel = functools.partial(_dispatch_kernel, k=k, num_ranks=plan.num_ranks,
                                axis_name=axis_name)
     window = _call(kernel, (target, counts), x_rows,
-                   (plan.rows_per_round,) + x_rows.shape[1:], 0, platform)
+                   (window_rows(plan.rows_per_round),) + x_rows.shape[1:], 0, platform)
     return window, seg.group_sizes
 
 
@@ -245,17 +237,18 @@ def plan_copies(x, topk_ids, topk_weights, *, num_experts: int, axis_name: str,
 
 
 def dispatch(h: RemoteHandle, round_index=0) -> ExpertWindows:
-    """Step 2 of round ``round_index``: the windows ``[R, d]`` and their sizes."""
+    """Step 2 of round ``round_index``: the windows and their sizes, rows as the DMAs left
+    them, ``[R, s, d/s]`` (:func:`row_layout`; ``rows.reshape(R, d)`` is the plain form)."""
     t, d = h.x.shape
     sub, lanes = row_layout(d, h.x.dtype)
     window, sizes = dispatch_round(h.x.reshape(t, sub, lanes), h.plan, h.ids, h.num_experts,
                                    h.ids.shape[1], round_index, h.axis_name, h.platform)
-    return ExpertWindows(window.reshape(-1, d), sizes, h.ids.size)
+    return ExpertWindows(window, sizes, h.ids.size)
 
 
 def combine(out: jax.Array, h: RemoteHandle, round_index=0, into=None) -> jax.Array:
-    """Step 4 of round ``round_index``: ``out [R, d]`` pushed back, then this round's copies
-    weighted and summed -> ``[T, d]`` f32 added to ``into``."""
+    """Step 4 of round ``round_index``: ``out [R, s, d/s]`` (or ``[R, d]``) pushed back, then
+    this round's copies weighted and summed -> ``[T, d]`` f32 added to ``into``."""
     t, d = h.x.shape
     k = h.ids.shape[1]
     sub, lanes = row_layout(d, h.x.dtype)
@@ -272,7 +265,8 @@ def pallas_prefill_moe(x: jax.Array, topk_ids: jax.Array, topk_weights: jax.Arra
                        *, num_experts: int, axis_name: str, rows_per_round: int,
                        platform: str | None = None) -> jax.Array:
     """The prefill schedule with remote writes: x ``[T, d]``, topk_ids ``[T, k] int32`` in
-    ``[0, E)`` or -1, topk_weights ``[T, k]``, ``expert_fn(ExpertWindows) -> [R, d]`` ->
+    ``[0, E)`` or -1, topk_weights ``[T, k]``, ``expert_fn(ExpertWindows) -> [R, s, d/s]``
+    (the windows' rows as :func:`dispatch` gives them; ``[R, d]`` also taken) ->
     ``[T, d]`` in x's dtype. Call inside ``shard_map`` over the 1-D expert axis
     ``axis_name``."""
     h = plan_copies(x, topk_ids, topk_weights, num_experts=num_experts, axis_name=axis_name,

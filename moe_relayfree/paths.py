@@ -30,6 +30,7 @@ from moe_relayfree.baselines import allgather, capacity, ragged
 from moe_relayfree.config import DispatchConfig, Lowering
 from moe_relayfree.experts import grouped_swiglu, windows_swiglu
 from moe_relayfree.ffn import swiglu
+from moe_relayfree.pallas_experts import windows_swiglu_packed
 from moe_relayfree.plan import MIN_ROWS, rows_per_round
 from moe_relayfree.quant import as_dtype
 from moe_relayfree.routing import poison_rows
@@ -142,8 +143,14 @@ def _decode_dispatch(x, ids, weights, call: Call):
                            axis_name=call.axis_name, transport=call.transport)
 
 
+def _remote_experts(windows, w: ExpertWeights, platform: str | None = None) -> jax.Array:
+    # the verbs' form lowers for JAX's default backend (the layer's, for the mesh's platform)
+    return windows_swiglu_packed(windows, *w, platform=platform)
+
+
 def _remote_layer(x, ids, weights, w: ExpertWeights, call: Call):
-    return pallas_remote.pallas_prefill_moe(x, ids, weights, lambda win: _window_experts(win, w),
+    return pallas_remote.pallas_prefill_moe(x, ids, weights,
+                                            lambda win: _remote_experts(win, w, call.platform),
                                             num_experts=call.num_experts,
                                             axis_name=call.axis_name, rows_per_round=call.rows,
                                             platform=call.platform)
@@ -225,7 +232,7 @@ PATHS: dict[str, DispatchPath] = {p.name: p for p in (
         summary="relay-free decode: 2*T*k window rows, bounded passes under skew"),
     DispatchPath(
         "relayfree_pallas", "relayfree_pallas", None, _remote_layer, _remote_dispatch,
-        _window_experts, _remote_combine, frozenset({"capacity_factor"}), drops=False,
+        _remote_experts, _remote_combine, frozenset({"capacity_factor"}), drops=False,
         gradients=False, multi_axis=False, platforms=("tpu",),
         summary="relay-free prefill as TPU remote writes (Pallas): one DMA per copy from its "
                 "token row into the expert window, no send buffer; extra rounds under skew"),

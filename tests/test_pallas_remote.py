@@ -72,8 +72,9 @@ def test_each_copy_lands_in_its_expert_window(mesh):
         got = pallas_remote.dispatch(h)
         xla = prefill.dispatch_round(prefill.plan_and_pack(
             x, ids, w, num_experts=E, axis_name="ep", rows_per_round=2 * T * K))
-        filled = jnp.arange(got.rows.shape[0]) < got.group_sizes.sum()
-        return (jnp.where(filled[:, None], got.rows, 0), xla.rows, got.group_sizes[None],
+        rows = got.rows.reshape(got.rows.shape[0], -1)[:xla.rows.shape[0]]
+        filled = jnp.arange(rows.shape[0]) < got.group_sizes.sum()
+        return (jnp.where(filled[:, None], rows, 0), xla.rows, got.group_sizes[None],
                 xla.group_sizes[None])
 
     tok = P("ep")
@@ -82,6 +83,46 @@ def test_each_copy_lands_in_its_expert_window(mesh):
     np.testing.assert_array_equal(np.asarray(sizes), np.asarray(want_sizes))
     assert int(np.asarray(sizes).sum()) == 8 * T * K - 1  # the -1 choice went nowhere
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+@pytest.mark.parametrize("dtype,sizes", [
+    (jnp.float32, [7, 0, 20]),  # windows start and end inside row blocks; an empty window
+    (jnp.bfloat16, [16, 17]),  # rows as [R, 2, d/2]; the second window spans two blocks
+])
+def test_the_expert_kernel_computes_each_window_in_the_row_layout(dtype, sizes):
+    """The relayfree_pallas expert kernel (interpreted) against float64 numpy SwiGLU per
+    window, with 16-row blocks so windows share blocks: each window row gets its expert's
+    output, rows past the windows hold NaN and reach no window row, and the output is the
+    input buffer written over (the rows past the windows' blocks are as they were)."""
+    from moe_relayfree.pallas_experts import packed_swiglu, window_rows
+
+    rows, d, f, bm = 48, 256, 256, 16
+    rng = np.random.default_rng(1)
+    sub = 2 if dtype == jnp.bfloat16 else 1
+    x = rng.standard_normal((rows, d))
+    used = sum(sizes)
+    x[used:] = np.nan
+    w = [rng.standard_normal(shape) / np.sqrt(shape[1]) for shape in
+         [(len(sizes), d, f), (len(sizes), d, f), (len(sizes), f, d)]]
+    xs, ws = jnp.asarray(x, dtype), [jnp.asarray(a, dtype) for a in w]
+    got = packed_swiglu(xs.reshape(rows, sub, d // sub), jnp.asarray(sizes, jnp.int32), *ws,
+                        block_rows=bm, interpret=pallas_remote.interpret_params("cpu"))
+    got = np.asarray(got.reshape(rows, d), np.float64)
+    x64, (wg, wu, wd) = np.asarray(xs, np.float64), [np.asarray(a, np.float64) for a in ws]
+    start = 0
+    for e, n in enumerate(sizes):
+        a = x64[start:start + n]
+        g, u = a @ wg[e], a @ wu[e]
+        want = (g / (1 + np.exp(-g)) * u) @ wd[e]
+        tol = 1e-5 if dtype == jnp.float32 else 3e-2
+        np.testing.assert_allclose(got[start:start + n], want, atol=tol * np.abs(x64[:used]).max())
+        start += n
+    past = -(-used // bm) * bm
+    assert np.isnan(got[past:]).all()  # never written: the buffer was the input's
+    assert window_rows(40, bm) == 48 and window_rows(12, bm) == 12
+    with pytest.raises(ValueError, match="window_rows"):
+        packed_swiglu(xs[:40].reshape(40, sub, d // sub), jnp.asarray(sizes, jnp.int32), *ws,
+                      block_rows=bm, interpret=pallas_remote.interpret_params("cpu"))
 
 
 def test_the_path_is_in_the_table_for_tpu():

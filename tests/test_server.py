@@ -283,3 +283,40 @@ def test_two_processes_serve_as_one(references):
         for p in procs:
             if p.poll() is None:
                 p.kill()
+
+
+def test_inference_script_across_two_processes(references):
+    """scripts/infer.py over 2 processes x 4 devices, batch 8 (each process holds half of
+    every step's tokens): only process 0 reports, and each completion is generate()'s of its
+    prompt alone on one process."""
+    from test_multihost import free_port as free_pair
+
+    coordinator = free_pair()
+    argv = [sys.executable, os.path.join(ROOT, "scripts", "infer.py"), "--json", "--quiet",
+            "--max-new-tokens", "6", "--ignore-eos", "--batch", "8", "--devices", "4",
+            "--coordinator", f"127.0.0.1:{coordinator}", "--num-processes", "2"]
+    for p in PROMPTS:
+        argv += ["--prompt", p]
+    procs = [subprocess.Popen(argv + ["--process-id", str(i)], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True,
+                              env=dict(script_env(), JAX_PLATFORMS="cpu"), cwd=ROOT)
+             for i in range(2)]
+    outs = []
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=300)
+            assert p.returncode == 0, err[-2000:]
+            outs.append(out)
+    finally:
+        for p in procs:
+            p.kill()
+
+    def report(text):  # gloo writes connection lines to stdout, also in the middle of a line
+        text = "\n".join(line for line in text.splitlines() if not line.startswith("[Gloo]"))
+        return text[text.find("{"): text.rfind("}") + 1] if "{" in text else ""
+
+    multi = json.loads(report(outs[0]))
+    assert report(outs[1]).strip() == ""  # only process 0 reports
+    assert multi["processes"] == 2 and multi["devices"] == 8
+    assert [o["prompt"] for o in multi["outputs"]] == PROMPTS * 2
+    assert [o["completion"] for o in multi["outputs"]] == [references[p][6] for p in PROMPTS * 2]

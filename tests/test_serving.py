@@ -317,8 +317,9 @@ def test_engine_tokens_equal_generate_for_mla_and_sliding_windows(fixture):
 
     folder = os.path.join(os.path.dirname(__file__), "fixtures", "hf", fixture)
     model = checkpoint.load_model(folder, mesh=mr.make_ep_mesh(8), dtype="float32")
-    prompts = [p[:40] for p in _prompts()]
-    budget = [min(m, 128 - len(p)) for p, m in zip(prompts, MAX_TOKENS)]
+    # four requests over four slots: prompts of 17, 40, 5 and 40 tokens (chunks of 16)
+    prompts = [p[:40] for p in _prompts()[1:5]]
+    budget = [min(m, 128 - len(p)) for p, m in zip(prompts, MAX_TOKENS[1:5])]
     engine = Engine(model, EngineConfig(max_seqs=4, max_step_tokens=32, chunk=16, page_size=16,
                                         chunk_buckets=1))
     requests = [engine.submit(p, m) for p, m in zip(prompts, budget)]

@@ -287,12 +287,15 @@ def run(mode: str, *, repeats: int | None = None, budget_gb: float = 14.0, out: 
         names = [n for n in PHASED if n != "decode" or case["T"] <= 64]
         report["main"].append(run_case(case, repeats=repeats, analyse=True, budget_bytes=budget,
                                        names=names))
+    # smoke: the sweep's code with the two schedules auto chooses between (every path ran in
+    # the main table above)
+    sweep_names = list(PHASED) if mode != "smoke" else ["prefill", "decode"]
     for key, cases in (("scaling_tokens", scaling_t), ("scaling_ranks", scaling_p)):
         for case in cases:
             # decode runs wherever its worst-case buffers fit the budget, so auto's choice is
             # checked against both schedules across the sweep
             report[key].append(run_case(dict(case, name=key), repeats=repeats, analyse=False,
-                                        budget_bytes=budget, names=list(PHASED),
+                                        budget_bytes=budget, names=sweep_names,
                                         choice_seconds=0.0 if mode == "smoke" else CHOICE_SECONDS))
     if len(jax.devices()) >= 8 and not scaling_only:
         for case in mesh_configurations(mode):

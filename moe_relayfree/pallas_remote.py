@@ -33,7 +33,9 @@ Where it runs: compiled by Mosaic for TPU; on CPU it runs in Pallas's TPU interp
 (``pltpu.InterpretParams``), which executes the DMAs and semaphores over emulated devices, so
 the tests check it bit for bit; elsewhere it is refused. The interpreter adds a global barrier
 at every kernel's end, so a missing entry barrier cannot be caught on CPU. Call inside
-``shard_map`` over a 1-D expert mesh (a chip is addressed by its index on that axis).
+``shard_map``: a chip is addressed by its coordinates on every mesh axis, its peers are the
+chips of its expert-parallel group (the same coordinates on the other axes: data replicas and
+tensor ranks run their own groups side by side).
 """
 
 from __future__ import annotations
@@ -82,19 +84,33 @@ def copy_targets(plan: Plan, ids: jax.Array, num_experts: int, round_index) -> t
     return e // local, jnp.where(inside, row, -1)
 
 
-def _barrier(num_ranks: int) -> None:
-    """Every chip of the axis has entered this kernel (so its output buffer exists)."""
+def mesh_axes(axis_name: str) -> tuple[str, ...]:
+    """The axes of the mesh the caller's ``shard_map`` runs over, in mesh order (a chip is
+    addressed by its coordinates on all of them); ``(axis_name,)`` outside one."""
+    axes = tuple(jax.sharding.get_abstract_mesh().axis_names)
+    return axes if axis_name in axes else (axis_name,)
+
+
+def _chip(rank, axes: tuple[str, ...], axis_name: str) -> tuple:
+    """Device id of ``rank`` on the expert axis, this chip's coordinates on the other axes
+    (the peers of one expert-parallel group: the same data / tensor replica)."""
+    return tuple(rank if a == axis_name else lax.axis_index(a) for a in axes)
+
+
+def _barrier(num_ranks: int, axes: tuple[str, ...], axis_name: str) -> None:
+    """Every chip of the group has entered this kernel (so its output buffer exists)."""
     sem = pltpu.get_barrier_semaphore()
     for p in range(num_ranks):
-        pl.semaphore_signal(sem, 1, device_id=(p,), device_id_type=_MESH)
+        pl.semaphore_signal(sem, 1, device_id=_chip(p, axes, axis_name), device_id_type=_MESH)
     pl.semaphore_wait(sem, num_ranks)
 
 
-def _wait_rows(ref, count, rows: int, send_sem, recv_sem, axis_name: str, *, send: bool) -> None:
+def _wait_rows(ref, count, rows: int, send_sem, recv_sem, axes: tuple[str, ...],
+               axis_name: str, *, send: bool) -> None:
     """Waits for ``count`` rows' bytes of DMAs into (``send``: out of) this chip, by
     descriptors over at most ``rows`` rows of ``ref`` (a zero-row wait is skipped: the
     interpreter's race detector trips on it)."""
-    me = lax.axis_index(axis_name)
+    me = _chip(lax.axis_index(axis_name), axes, axis_name)
 
     def wait(i, carry):
         m = jnp.minimum(rows, count - i * rows)
@@ -102,39 +118,60 @@ def _wait_rows(ref, count, rows: int, send_sem, recv_sem, axis_name: str, *, sen
         @pl.when(m > 0)
         def _():
             d = pltpu.make_async_remote_copy(ref.at[pl.ds(0, m)], ref.at[pl.ds(0, m)], send_sem,
-                                             recv_sem, device_id=(me,), device_id_type=_MESH)
+                                             recv_sem, device_id=me, device_id_type=_MESH)
             d.wait_send() if send else d.wait_recv()
         return carry
 
     lax.fori_loop(0, pl.cdiv(count, rows), wait, 0)
 
 
-def _dispatch_kernel(target_ref, n_ref, x_ref, *refs, k: int, num_ranks: int,
-                     axis_name: str):
-    win_ref, send_sem, recv_sem = refs[-3:]
-    _barrier(num_ranks)
+# Per-copy table entries brought into SMEM at a time: the table lives in HBM, so the copies
+# per chip are not bounded by SMEM's 1 MiB (scalar-prefetched whole, one int32 per copy ran
+# out of it past T*k = 262,144 less the other tables).
+TABLE_CHUNK = 8192
 
-    def issue(j, carry):
-        target = target_ref[j]
 
-        @pl.when(target >= 0)
-        def _():
-            row, dst = target // num_ranks, target % num_ranks
-            pltpu.make_async_remote_copy(x_ref.at[pl.ds(j // k, 1)], win_ref.at[pl.ds(row, 1)],
-                                         send_sem, recv_sem, device_id=(dst,),
-                                         device_id_type=_MESH).start()
-        return carry
+def table_chunk(copies: int) -> int:
+    """Entries per chunk of a ``copies``-entry table: :data:`TABLE_CHUNK`, or the table
+    rounded up to 8 when it is smaller."""
+    return min(TABLE_CHUNK, -(-copies // 8) * 8)
 
-    lax.fori_loop(0, target_ref.shape[0], issue, 0)
+
+def _dispatch_kernel(n_ref, target_hbm, x_ref, win_ref, table, table_sem, send_sem, recv_sem,
+                     *, k: int, num_ranks: int, axes: tuple[str, ...], axis_name: str):
+    _barrier(num_ranks, axes, axis_name)
+    chunk = table.shape[0]
+
+    def load(c, carry):
+        copy = pltpu.make_async_copy(target_hbm.at[pl.ds(c * chunk, chunk)], table, table_sem)
+        copy.start()
+        copy.wait()
+
+        def issue(i, carry):
+            target = table[i]
+
+            @pl.when(target >= 0)
+            def _():
+                row, dst = target // num_ranks, target % num_ranks
+                t = (c * chunk + i) // k
+                pltpu.make_async_remote_copy(x_ref.at[pl.ds(t, 1)], win_ref.at[pl.ds(row, 1)],
+                                             send_sem, recv_sem,
+                                             device_id=_chip(dst, axes, axis_name),
+                                             device_id_type=_MESH).start()
+            return carry
+
+        return lax.fori_loop(0, chunk, issue, carry)
+
+    lax.fori_loop(0, target_hbm.shape[0] // chunk, load, 0)
     rows = win_ref.shape[0]
-    _wait_rows(win_ref, n_ref[0], rows, send_sem, recv_sem, axis_name, send=True)
-    _wait_rows(win_ref, n_ref[1], rows, send_sem, recv_sem, axis_name, send=False)
+    _wait_rows(win_ref, n_ref[0], rows, send_sem, recv_sem, axes, axis_name, send=True)
+    _wait_rows(win_ref, n_ref[1], rows, send_sem, recv_sem, axes, axis_name, send=False)
 
 
 def _combine_kernel(src_ref, size_ref, dst_off_ref, n_ref, out_ref, *refs, local: int,
-                    num_ranks: int, axis_name: str):
+                    num_ranks: int, axes: tuple[str, ...], axis_name: str):
     returned_ref, send_sem, recv_sem = refs[-3:]
-    _barrier(num_ranks)
+    _barrier(num_ranks, axes, axis_name)
 
     def issue(g, carry):
         m = size_ref[g]
@@ -143,33 +180,36 @@ def _combine_kernel(src_ref, size_ref, dst_off_ref, n_ref, out_ref, *refs, local
         def _():
             pltpu.make_async_remote_copy(out_ref.at[pl.ds(src_ref[g], m)],
                                          returned_ref.at[pl.ds(dst_off_ref[g], m)], send_sem,
-                                         recv_sem, device_id=(g // local,),
+                                         recv_sem, device_id=_chip(g // local, axes, axis_name),
                                          device_id_type=_MESH).start()
         return carry
 
     lax.fori_loop(0, size_ref.shape[0], issue, 0)
-    _wait_rows(out_ref, n_ref[0], out_ref.shape[0], send_sem, recv_sem, axis_name, send=True)
-    _wait_rows(returned_ref, n_ref[1], out_ref.shape[0], send_sem, recv_sem, axis_name,
+    _wait_rows(out_ref, n_ref[0], out_ref.shape[0], send_sem, recv_sem, axes, axis_name,
+               send=True)
+    _wait_rows(returned_ref, n_ref[1], out_ref.shape[0], send_sem, recv_sem, axes, axis_name,
                send=False)
 
 
-def _call(kernel, prefetch: tuple, operand, out_shape: tuple, collective_id: int,
-          platform: str | None):
-    """A kernel over HBM refs: ``prefetch`` int32 tables in SMEM, ``operand`` the source rows,
-    a fresh, unfilled output of ``out_shape`` in the operand's dtype, varying over the axes the
-    operand does (under ``shard_map``'s ``check_vma``)."""
+def _call(kernel, prefetch: tuple, operands: tuple, out_shape: tuple, collective_id: int,
+          platform: str | None, scratch: tuple = ()):
+    """A kernel over HBM refs: ``prefetch`` int32 tables in SMEM, ``operands`` in HBM (the
+    last: the source rows), a fresh, unfilled output of ``out_shape`` in the rows' dtype,
+    varying over the axes they do (under ``shard_map``'s ``check_vma``); ``scratch`` before
+    the send and receive DMA semaphores."""
     any_spec = pl.BlockSpec(memory_space=pl.ANY)
+    rows = operands[-1]
     return pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct(out_shape, operand.dtype,
-                                       manual_axis_type=jax.typeof(operand).manual_axis_type),
+        out_shape=jax.ShapeDtypeStruct(out_shape, rows.dtype,
+                                       manual_axis_type=jax.typeof(rows).manual_axis_type),
         grid_spec=pltpu.PrefetchScalarGridSpec(
-            num_scalar_prefetch=len(prefetch), grid=(1,), in_specs=[any_spec],
+            num_scalar_prefetch=len(prefetch), grid=(1,), in_specs=[any_spec] * len(operands),
             out_specs=any_spec,
-            scratch_shapes=[pltpu.SemaphoreType.DMA, pltpu.SemaphoreType.DMA]),
+            scratch_shapes=[*scratch, pltpu.SemaphoreType.DMA, pltpu.SemaphoreType.DMA]),
         compiler_params=pltpu.CompilerParams(collective_id=collective_id),
         interpret=interpret_params(platform),
-    )(*prefetch, operand)
+    )(*prefetch, *operands)
 
 
 def dispatch_round(x_rows: jax.Array, plan: Plan, ids: jax.Array, num_experts: int, k: int,
@@ -181,17 +221,20 @@ def dispatch_round(x_rows: jax.Array, plan: Plan, ids: jax.Array, num_experts: i
     row block (:func:`~moe_relayfree.pallas_experts.window_rows`)."""
     seg = round_segments(plan, round_index)
     dst, row = copy_targets(plan, ids, num_experts, round_index)
-    # one int32 per copy in SMEM (1 MiB): row * P + receiver, -1 for none. Two tables ran out
-    # of SMEM at T*k = 131,072 copies on v5p; one holds twice as many.
+    # one int32 per copy: row * P + receiver, -1 for none (half the table of two), streamed
+    # through SMEM in chunks, padded to whole chunks with -1
     if plan.rows_per_round * plan.num_ranks >= 2**31:
         raise ValueError(f"{plan.rows_per_round} receive rows on {plan.num_ranks} chips do not "
                          "pack into an int32 per copy; lower capacity_factor")
     target = jnp.where(row >= 0, row * plan.num_ranks + dst, -1).astype(_I32)
+    chunk = table_chunk(target.shape[0])
+    target = jnp.pad(target, (0, -target.shape[0] % chunk), constant_values=-1)
     counts = jnp.stack([seg.send_sizes.sum(), seg.recv_sizes.sum()]).astype(_I32)
     kernel = functools.partial(_dispatch_kernel, k=k, num_ranks=plan.num_ranks,
-                               axis_name=axis_name)
-    window = _call(kernel, (target, counts), x_rows,
-                   (window_rows(plan.rows_per_round),) + x_rows.shape[1:], 0, platform)
+                               axes=mesh_axes(axis_name), axis_name=axis_name)
+    window = _call(kernel, (counts,), (target, x_rows),
+                   (window_rows(plan.rows_per_round),) + x_rows.shape[1:], 0, platform,
+                   scratch=(pltpu.SMEM((chunk,), _I32), pltpu.SemaphoreType.DMA))
     return window, seg.group_sizes
 
 
@@ -204,9 +247,9 @@ def combine_round(out_rows: jax.Array, plan: Plan, round_index, axis_name: str,
     counts = jnp.stack([seg.recv_sizes.sum(), seg.send_sizes.sum()]).astype(_I32)
     local = plan.window_size.shape[0]
     kernel = functools.partial(_combine_kernel, local=local, num_ranks=plan.num_ranks,
-                               axis_name=axis_name)
+                               axes=mesh_axes(axis_name), axis_name=axis_name)
     return _call(kernel, (seg.recv_offsets, seg.recv_sizes, seg.source_offsets, counts),
-                 out_rows, (plan.order.shape[0],) + out_rows.shape[1:], 1, platform)
+                 (out_rows,), (plan.order.shape[0],) + out_rows.shape[1:], 1, platform)
 
 
 @jax.tree_util.register_dataclass
@@ -267,8 +310,8 @@ def pallas_prefill_moe(x: jax.Array, topk_ids: jax.Array, topk_weights: jax.Arra
     """The prefill schedule with remote writes: x ``[T, d]``, topk_ids ``[T, k] int32`` in
     ``[0, E)`` or -1, topk_weights ``[T, k]``, ``expert_fn(ExpertWindows) -> [R, s, d/s]``
     (the windows' rows as :func:`dispatch` gives them; ``[R, d]`` also taken) ->
-    ``[T, d]`` in x's dtype. Call inside ``shard_map`` over the 1-D expert axis
-    ``axis_name``."""
+    ``[T, d]`` in x's dtype. Call inside ``shard_map``, the expert axis ``axis_name``
+    (with any other axes: each group of chips along it is one expert-parallel group)."""
     h = plan_copies(x, topk_ids, topk_weights, num_experts=num_experts, axis_name=axis_name,
                     rows_per_round=rows_per_round, platform=platform)
 

@@ -233,7 +233,7 @@ PATHS: dict[str, DispatchPath] = {p.name: p for p in (
     DispatchPath(
         "relayfree_pallas", "relayfree_pallas", None, _remote_layer, _remote_dispatch,
         _remote_experts, _remote_combine, frozenset({"capacity_factor"}), drops=False,
-        gradients=False, multi_axis=False, platforms=("tpu",),
+        gradients=False, platforms=("tpu",),
         summary="relay-free prefill as TPU remote writes (Pallas): one DMA per copy from its "
                 "token row into the expert window, no send buffer; extra rounds under skew"),
     _baseline(

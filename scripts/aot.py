@@ -26,7 +26,7 @@ import sys
 LAYER_COLUMNS = [("topology", "topology"), ("T", "tokens_per_device"),
                  ("implementation", "implementation"), ("schedule", "schedule"),
                  ("experts", "experts"), ("ran", "resolved_schedule"), ("temp MiB", "temp_mib"),
-                 ("args MiB", "args_mib"), ("recv rows", "recv_rows"), ("P(over)", "overflow_text"),
+                 ("peak temp MiB", "peak_temp_mib"), ("args MiB", "args_mib"), ("recv rows", "recv_rows"), ("P(over)", "overflow_text"),
                  ("moved MiB", "moved_mib"), ("collectives", "ops"), ("compile s", "compile_s")]
 MODEL_COLUMNS = [("topology", "topology"), ("layers", "layers"), ("compiled", "compiled_layers"),
                  ("batch/dev", "batch_per_device"),
@@ -60,7 +60,9 @@ def summarize(report: dict) -> dict:
         return dict(report, temp_mib=(mem["temp"] or 0) / 2**20, ops="OOM (compile)",
                     temp_gib=(mem["temp"] or 0) / gib, total_gib=None,
                     params_gib=mem.get("params", 0) / gib, kv_gib=mem.get("kv_cache", 0) / gib)
+    peak_temp = mem.get("peak_temp")
     out = dict(report, temp_mib=mem["temp"] / 2**20, args_mib=mem.get("argument", 0) / 2**20,
+               peak_temp_mib=None if peak_temp is None else peak_temp / 2**20,
                moved_mib=sum(c["moved_bytes"] for c in coll) / 2**20,
                recv_rows=receive_rows(coll),
                overflow_text=overflow_text(report.get("overflow")),
@@ -72,9 +74,9 @@ def summarize(report: dict) -> dict:
     return out
 
 
-def pivot(rows: list[dict]) -> str:
-    """Layer rows as one table: temp MiB per (topology, T), a column per implementation and
-    relay-free schedule, and relay-free auto over the bounded baseline."""
+def pivot(rows: list[dict], key: str = "temp_mib") -> str:
+    """Layer rows as one table: ``key`` (temp MiB) per (topology, T), a column per
+    implementation and relay-free schedule, and relay-free auto over the bounded baseline."""
     def name(r):
         kind = r["implementation"] + (f" {r['schedule']}" if r["implementation"] == "relayfree" else "")
         return kind + (" fp8" if r.get("experts") == "fp8" else "")
@@ -90,10 +92,13 @@ def pivot(rows: list[dict]) -> str:
             r = by.get(n)
             if r is None:
                 return ""
-            text = f"{r['temp_mib']:.1f}"
+            if r.get(key) is None:
+                return ""
+            text = f"{r[key]:.1f}"
             return text + " (OOM)" if r.get("oom") else text
         auto, bounded = by.get("relayfree auto"), by.get("ragged_baseline_bounded")
-        ratio = f"{auto['temp_mib'] / bounded['temp_mib']:.3f}" if auto and bounded else ""
+        ratio = (f"{auto[key] / bounded[key]:.3f}" if auto and bounded and auto.get(key)
+                 and bounded.get(key) else "")
         lines.append(f"| {topo} | {t} | " + " | ".join(cell(n) for n in names) + f" | {ratio} |")
     return "\n".join(lines)
 
@@ -185,8 +190,11 @@ def main(argv=None) -> int:
     print(table)
     if args.out:
         save()
-        summary = f"{pivot(rows)}\n\nTemporaries per device, MiB (memory_analysis().temp_size_in_bytes).\n\n" \
-            if args.what == "layer" else ""
+        summary = (f"{pivot(rows)}\n\nTemporaries per device, MiB "
+                   "(memory_analysis().temp_size_in_bytes).\n\n"
+                   f"{pivot(rows, 'peak_temp_mib')}\n\nTemporaries live at the peak, MiB "
+                   "(peak_memory_in_bytes - arguments - outputs + aliased).\n\n"
+                   if args.what == "layer" else "")
         with open(args.out + ".md", "w") as fh:
             fh.write(f"`python scripts/aot.py {' '.join(sys.argv[1:] if argv is None else argv)}`\n\n"
                      f"{summary}{table}\n")

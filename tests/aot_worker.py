@@ -19,11 +19,15 @@ def main() -> None:
             ("prefill", "relayfree", "prefill", 8, None),
             ("decode_fp8", "relayfree", "auto", 8, aot.FP8_BLOCK),
             ("pallas", "relayfree_pallas", "auto", 8, None),
-            ("pallas_copies", "relayfree_pallas", "auto", 16384, None)]:
+            ("pallas_copies", "relayfree_pallas", "auto", 65536, None)]:
         config = mr.DispatchConfig(mesh, schedule=schedule, implementation=impl)
         report = aot.layer_report(config, SHAPES, tokens, block)
         report["hlo_ops"] = sorted({c["op"] for c in report["collectives"]})
         reports[name] = report
+    # the remote writes on a 2-D mesh: 4 data replicas, each an expert-parallel group of 16
+    config = mr.DispatchConfig(aot.tpu_mesh("v5p:4x4x4", {"data": 4, "ep": 16}),
+                               implementation="relayfree_pallas")
+    reports["pallas_mesh2d"] = aot.layer_report(config, SHAPES, 8)
     json.dump(reports, sys.stdout)
 
 

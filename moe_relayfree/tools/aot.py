@@ -10,7 +10,7 @@ Needs ``libtpu`` (``pip install -e ".[tpu]"``); nothing runs, only compiles:
     report["memory"]["temp"], report["collectives"], report["schedule"]
 
 ``memory`` is ``compiled.memory_analysis()`` per device (exact for the compiled program: the
-same numbers on every run). Collectives come from the compiled HLO; the bytes a ragged
+same numbers on every run), with ``peak_temp``: the temporaries live at XLA's peak. Collectives come from the compiled HLO; the bytes a ragged
 all-to-all really moves depend on the routing, and are given for uniform routing
 (``T*k`` copies a rank sends, as many it receives, ``(P-1)/P`` of them to other ranks).
 """
@@ -127,6 +127,14 @@ def memory(compiled) -> dict:
            "code": m.generated_code_size_in_bytes}
     # what the step holds at once: inputs, temporaries, and outputs not written over an input
     out["total"] = out["argument"] + out["temp"] + out["output"] - out["alias"]
+    # XLA's peak of live bytes over the program, and the temporaries at that peak. On XLA:TPU
+    # temp_size_in_bytes can exceed the latter by buffers that are never live together: with
+    # the Pallas path's kernels (aliased outputs, remote-written buffers) by the returned
+    # buffer and an f32 [T, d] (DeepSeek-V3, T=128, v5p-64: 64.3 MiB against 45.6 at the peak)
+    peak = getattr(m, "peak_memory_in_bytes", None)
+    out["peak"] = peak
+    out["peak_temp"] = (peak - out["argument"] - out["output"] + out["alias"]
+                        if peak else None)
     return out
 
 

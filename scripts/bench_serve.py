@@ -1,6 +1,7 @@
 """Serving benchmark over HTTP, as ``vllm bench serve`` measures (what and how:
 ``moe_relayfree_models.serving.loadgen`` and ``moe_relayfree_models.tools.bench.serve``).
-Writes ``serve.json``, ``serve.md`` and ``serve.png`` to ``--out``.
+Writes ``serve.json``, ``serve.md`` and ``serve.png`` to ``--out`` (a sweep also
+``serve-map.png``: the (rate, budget / max concurrency) map of each path).
 
 One run against a server already up (``bash scripts/serve.sh`` in another shell):
 
@@ -47,6 +48,9 @@ def parse_args(argv=None):
                                                      "ragged-baseline-bounded", "capacity-baseline",
                                                      "allgather-baseline"])
     p.add_argument("--budgets", type=int, nargs="+", default=[256])
+    p.add_argument("--max-seqs", type=int, nargs="+", default=None,
+                   help="max concurrencies to sweep (the servers' --max-seqs; default: "
+                   "--server-args')")
     p.add_argument("--rates", type=float, nargs="+", default=[2, 4, 8, 16])
     p.add_argument("--limits", nargs="+", default=["ttft:500,tpot:50"],
                    help="limit pairs, each as ttft:MS,tpot:MS")
@@ -85,6 +89,7 @@ def main(argv=None) -> int:
                                       limit_pairs=pairs, workload=workload, rounds=a.rounds,
                                       server_args=server_args, fraction=a.fraction,
                                       model=os.path.basename(os.path.normpath(a.checkpoint)),
+                                      max_seqs=a.max_seqs or [None],
                                       log=lambda m: print(m, flush=True))
         print(json.dumps(report["sweep"]["feasible"], indent=1), flush=True)
     else:
@@ -92,6 +97,8 @@ def main(argv=None) -> int:
         return 2
     os.makedirs(a.out, exist_ok=True)
     serve.plot(report, os.path.join(a.out, "serve.png"))
+    if "sweep" in report:
+        serve.plot_map(report, os.path.join(a.out, "serve-map.png"))
     report.pop("_results", None)
     write(a.out, "serve", report, serve.markdown(report))
     return 0

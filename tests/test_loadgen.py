@@ -55,3 +55,31 @@ def test_the_feasible_rate_is_the_highest_before_attainment_falls_short():
     points = [dict(rate=r, attainment=a) for r, a in ((2, 1.0), (4, 0.92), (8, 0.6), (16, 0.95))]
     assert highest_rate(points, 0.9) == 4  # 8 falls short; 16 after it does not count
     assert highest_rate(points, 0.99) == 2 and highest_rate(points[1:], 0.99) == 0
+
+
+def test_the_sweep_reports_each_budget_and_max_concurrency_and_draws_the_map(tmp_path):
+    """A sweep's points over two settings (budget 256 with 8 and 16 sequences at once): the
+    highest feasible rate per path and setting from the median over rounds, relay-free's ratio
+    to the best baseline, the max-concurrency column, and the (rate, setting) map drawn."""
+    from moe_relayfree_models.tools.bench import serve
+
+    limits = {"ttft": 300.0, "tpot": 30.0}
+    # attainment per (path, max_seqs) at rates 4, 8, 12; round 1 is round 0 less 0.02
+    share = {("relayfree", 8): [1.0, 0.95, 0.5], ("relayfree", 16): [1.0, 1.0, 0.92],
+             ("allgather-baseline", 8): [1.0, 0.6, 0.95], ("allgather-baseline", 16): [1.0, 0.9, 0.1]}
+    points = [dict(path=p, budget=256, max_seqs=n, rate=rate, round=r, limits=limits,
+                   goodput=rate * a, attainment=a - 0.02 * r, ttft_p90_ms=100.0, tpot_p90_ms=20.0)
+              for (p, n), shares in share.items() for r in (0, 1)
+              for rate, a in zip((4.0, 8.0, 12.0), shares)]
+    rows = serve.feasible(points, ["relayfree", "allgather-baseline"], [256], [limits], 0.9,
+                          [8, 16])
+    got = {r["max_seqs"]: (r["highest_rate"], r["relayfree_vs_best_baseline"]) for r in rows}
+    # medians 0.94 / 0.49 (relay-free at 8 seqs); the baseline's 12/s does not count once 8/s
+    # fell short; at 16 seqs relay-free holds 12/s (median 0.91), the baseline 8/s (0.89: no)
+    assert got == {8: ({"relayfree": 8.0, "allgather-baseline": 4.0}, 2.0),
+                   16: ({"relayfree": 12.0, "allgather-baseline": 4.0}, 3.0)}
+    report = {"command": "x", "sweep": dict(points=points, feasible=rows, fraction=0.9)}
+    text = serve.markdown(report)
+    assert "| budget | max seqs | limits (ms) |" in text and "| 256 | 16 | ttft 300, tpot 30 |" in text
+    serve.plot_map(report, str(tmp_path / "map.png"))
+    assert (tmp_path / "map.png").stat().st_size > 1000

@@ -160,13 +160,19 @@ def packed_swiglu(rows: jax.Array, group_sizes: jax.Array, w_gate: jax.Array, w_
     bf = _column_block(f, block_cols)
     group, block, used = tile_map(group_sizes, r, bm)
     bounds = jnp.concatenate([jnp.zeros(1, _I32), jnp.cumsum(group_sizes.astype(_I32))])
+    last_col = f // bf - 1
+
+    def col(t, j, used):
+        # tiles past those in use keep the last tile's weight block: no DMA at all
+        return jnp.where(t < used[0], j, last_col)
+
     row_spec = pl.BlockSpec((bm, s, lanes), lambda t, j, g, b, *_: (b[t], 0, 0))
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=4, grid=(group.shape[0], f // bf),
         in_specs=[row_spec,
-                  pl.BlockSpec((None, d, bf), lambda t, j, g, *_: (g[t], 0, j)),
-                  pl.BlockSpec((None, d, bf), lambda t, j, g, *_: (g[t], 0, j)),
-                  pl.BlockSpec((None, bf, d), lambda t, j, g, *_: (g[t], j, 0))],
+                  pl.BlockSpec((None, d, bf), lambda t, j, g, b, u, _: (g[t], 0, col(t, j, u))),
+                  pl.BlockSpec((None, d, bf), lambda t, j, g, b, u, _: (g[t], 0, col(t, j, u))),
+                  pl.BlockSpec((None, bf, d), lambda t, j, g, b, u, _: (g[t], col(t, j, u), 0))],
         out_specs=row_spec,
         scratch_shapes=[pltpu.VMEM((bm, d), _F32)])
     kernel = functools.partial(_kernel, block_rows=bm, d=d)

@@ -19,7 +19,7 @@ def main() -> None:
             ("prefill", "relayfree", "prefill", 8, None),
             ("decode_fp8", "relayfree", "auto", 8, aot.FP8_BLOCK),
             ("pallas", "relayfree_pallas", "auto", 8, None),
-            ("pallas_copies", "relayfree_pallas", "auto", 65536, None)]:
+            ("pallas_copies", "relayfree_pallas", "auto", 40960, None)]:
         config = mr.DispatchConfig(mesh, schedule=schedule, implementation=impl)
         report = aot.layer_report(config, SHAPES, tokens, block)
         report["hlo_ops"] = sorted({c["op"] for c in report["collectives"]})

@@ -13,6 +13,23 @@ from moe_relayfree.tools import selfcheck
 from moe_relayfree.distributed import DEVICE_COUNT_FLAG
 
 
+def computed_once(tmp_path_factory, name: str, compute):
+    """``compute()``'s JSON-able result, computed by one pytest-xdist worker of the run and
+    read by the others (a lock file beside the workers' shared temp dir): reference outputs
+    that cost tens of seconds of compiles are not made once per worker."""
+    import fcntl
+    import json
+
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    path = shared / f"{name}.json"
+    with open(shared / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not path.exists():
+            path.write_text(json.dumps(compute()))
+        return json.loads(path.read_text())
+
+
 def script_env(device_count: int | None = None) -> dict:
     """The environment for a script a test starts: the tests' XLA flags (tests/conftest.py)
     without their device count, and ``device_count`` emulated CPU devices if given (else the

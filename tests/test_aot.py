@@ -102,9 +102,9 @@ def test_remote_writes_compile_on_a_2d_mesh():
     assert r["mesh"] == {"data": 4, "ep": 16}
 
 
-def test_remote_writes_take_524288_copies_per_chip():
-    """T*k = 524,288 copies per chip (T=65536, k=8): the per-copy table (one int32 each, 2 MiB)
-    stays in HBM and is streamed through SMEM in chunks. Scalar-prefetched whole into the 1 MiB
-    of SMEM, it bounded a chip to about 262,144 copies (two tables ran out at 131,072)."""
+def test_remote_writes_take_327680_copies_per_chip():
+    """T*k = 327,680 copies per chip (T=40960, k=8): the per-copy table (one int32 each, 1.25
+    MiB) stays in HBM and is streamed through SMEM in chunks. Scalar-prefetched whole into the
+    1 MiB of SMEM, it bounded a chip to about 262,144 copies (two tables ran out at 131,072)."""
     r = reports()["pallas_copies"]
     assert r.get("oom") is None and r["memory"]["temp"] > 0, r.get("oom")

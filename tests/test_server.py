@@ -17,7 +17,7 @@ import httpx
 import openai
 import pytest
 
-from helpers import script_env
+from helpers import computed_once, script_env
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT = os.path.join(ROOT, "models", "default")
@@ -70,18 +70,22 @@ def server():
 
 
 @pytest.fixture(scope="module")
-def references():
-    """Greedy tokens of each prompt alone (generate(), the checkpoint's dtype, no stop ids)."""
-    import moe_relayfree as mr
-    from moe_relayfree_models import checkpoint, generation, tokenizer
+def references(tmp_path_factory):
+    """Greedy tokens of each prompt alone (generate(), the checkpoint's dtype, no stop ids),
+    made once per run."""
+    def compute():
+        import moe_relayfree as mr
+        from moe_relayfree_models import checkpoint, generation, tokenizer
 
-    model = checkpoint.load_model(DEFAULT, mesh=mr.make_ep_mesh(8))
-    tok = tokenizer.load_tokenizer(DEFAULT, model.cfg.vocab_size)
-    out = {}
-    for p in PROMPTS:
-        ids = generation.generate(model, [tok.encode(p)], LONGEST)["tokens"][0]
-        out[p] = [tok.decode(ids[:n]) for n in range(LONGEST + 1)]  # greedy: prefixes agree
-    return out
+        model = checkpoint.load_model(DEFAULT, mesh=mr.make_ep_mesh(8))
+        tok = tokenizer.load_tokenizer(DEFAULT, model.cfg.vocab_size)
+        out = {}
+        for p in PROMPTS:
+            ids = generation.generate(model, [tok.encode(p)], LONGEST)["tokens"][0]
+            out[p] = [tok.decode(ids[:n]) for n in range(LONGEST + 1)]  # greedy: prefixes agree
+        return out
+
+    return computed_once(tmp_path_factory, "server_references", compute)
 
 
 def check_concurrent_requests_through_the_openai_client(server, references):

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 import moe_relayfree as mr
+from helpers import computed_once
 from moe_relayfree_models.serving.scheduler import (PagePool, QueueFull, Request, SamplingParams,
                                                     Scheduler)
 
@@ -243,13 +244,18 @@ def _served_tokens(model, stop_ids: dict, chunk_buckets: int = 1):
 
 
 @pytest.fixture(scope="module")
-def alone():
-    """generate()'s greedy tokens for each prompt alone, as many as any case asks (float32)."""
-    from moe_relayfree_models import generation
+def alone(tmp_path_factory):
+    """generate()'s greedy tokens for each prompt alone, as many as any case asks (float32),
+    made once per run."""
+    def compute():
+        from moe_relayfree_models import generation
 
-    model = _model("float32")
-    longest = max(n for _, n in CASES)
-    return [generation.generate(model, [p], longest)["tokens"][0] for p in _prompts()]
+        model = _model("float32")
+        longest = max(n for _, n in CASES)
+        return [[int(t) for t in generation.generate(model, [p], longest)["tokens"][0]]
+                for p in _prompts()]
+
+    return computed_once(tmp_path_factory, "serving_alone", compute)
 
 
 def _dropless():

@@ -55,14 +55,18 @@ def vmem_bytes(block_rows: int, block_cols: int, d: int, itemsize: int) -> int:
     return rows + weights + 4 * block_rows * d + 3 * 4 * block_rows * block_cols
 
 
+# How the interpreter runs the kernels on CPU (a test sets race detection, eager DMAs).
+CPU_INTERPRET_PARAMS = pltpu.InterpretParams()
+
+
 def interpret_params(platform: str | None = None):
     """How the TPU kernels run on ``platform`` (default: JAX's default backend): None
-    (compiled) on TPU, Pallas's TPU interpreter on CPU."""
+    (compiled) on TPU, Pallas's TPU interpreter on CPU (:data:`CPU_INTERPRET_PARAMS`)."""
     platform = platform or jax.default_backend()
     if platform == "tpu":
         return None
     if platform == "cpu":
-        return pltpu.InterpretParams()
+        return CPU_INTERPRET_PARAMS
     raise NotImplementedError(f"the Pallas TPU kernels run on TPU (and interpreted on CPU), "
                               f"not on {platform}")
 

@@ -141,8 +141,10 @@ import os, sys
 sys.path.insert(0, {tests!r})
 import jax, jax.numpy as jnp, numpy as np
 import moe_relayfree as mr
-from moe_relayfree import pallas_remote
+from jax.experimental.pallas import tpu as pltpu
+from moe_relayfree import pallas_experts, pallas_remote
 from helpers import moe_inputs
+pallas_experts.CPU_INTERPRET_PARAMS = pltpu.InterpretParams(**{params!r})
 if {skip_recv_wait}:
     wait = pallas_remote._wait_rows
     pallas_remote._wait_rows = lambda *a, send: wait(*a, send=send) if send else None
@@ -154,15 +156,22 @@ print("EXACT" if np.allclose(got, ref, atol=1e-4) else "WRONG")
 """
 
 
-def test_a_receiver_that_does_not_wait_gets_wrong_rows():
-    """The negative control: with the receivers' waits removed, the interpreter never lands
-    the rows (it runs a DMA when it is waited on), so the windows hold no copies and the output
-    is wrong; with them, it is exact. (The entry barrier cannot be checked here: the
-    interpreter adds its own barrier around every kernel.)"""
+def test_no_races_and_a_receiver_that_does_not_wait_is_caught():
+    """Under the interpreter's happens-before race detector, with every DMA run as soon as it
+    starts (so a receiver that did not wait could read a row while it is written): the layer is
+    exact and no race is found. The negative controls, with the receivers' waits removed: run
+    eagerly, the detector reports the race between the senders' writes and the expert kernel's
+    reads; run as the interpreter does by default (a DMA when it is waited on), the rows never
+    land and the output is wrong. (The entry barrier cannot be checked here: the interpreter
+    adds its own barrier around every kernel.)"""
     tests = os.path.dirname(os.path.abspath(__file__))
+    races = dict(detect_races=True, dma_execution_mode="eager")
     outs = []
-    for skip in (False, True):
-        run = subprocess.run([sys.executable, "-c", NEGATIVE.format(tests=tests, skip_recv_wait=skip)],
-                             capture_output=True, text=True, env=script_env(8), timeout=300)
-        outs.append(run.stdout.strip().splitlines()[-1] if run.stdout.strip() else run.stderr[-500:])
-    assert outs == ["EXACT", "WRONG"], outs
+    for skip, params in ((False, races), (True, races), (True, {})):
+        run = subprocess.run([sys.executable, "-c", NEGATIVE.format(
+            tests=tests, skip_recv_wait=skip, params=params)], capture_output=True, text=True,
+            env=script_env(8), timeout=300)
+        out = run.stdout.strip()
+        outs.append((out.splitlines()[-1] if out else run.stderr[-500:],
+                     "RACE DETECTED" in run.stdout))
+    assert outs == [("EXACT", False), (outs[1][0], True), ("WRONG", False)], outs

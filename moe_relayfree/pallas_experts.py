@@ -207,5 +207,5 @@ def windows_swiglu_packed(windows: ExpertWindows, w_gate, w_up, w_down, *,
                          interpret=interpret_params(platform))
 
 
-__all__ = ["BLOCK_COLS", "BLOCK_ROWS", "interpret_params", "vmem_bytes", "packed_swiglu", "tile_map",
-           "window_rows", "windows_swiglu_packed"]
+__all__ = ["BLOCK_COLS", "BLOCK_ROWS", "CPU_INTERPRET_PARAMS", "interpret_params",
+           "packed_swiglu", "tile_map", "vmem_bytes", "window_rows", "windows_swiglu_packed"]

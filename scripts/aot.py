@@ -26,7 +26,8 @@ import sys
 LAYER_COLUMNS = [("topology", "topology"), ("T", "tokens_per_device"),
                  ("implementation", "implementation"), ("schedule", "schedule"),
                  ("experts", "experts"), ("ran", "resolved_schedule"), ("temp MiB", "temp_mib"),
-                 ("peak temp MiB", "peak_temp_mib"), ("args MiB", "args_mib"), ("recv rows", "recv_rows"), ("P(over)", "overflow_text"),
+                 ("peak temp MiB", "peak_temp_mib"), ("args MiB", "args_mib"),
+                 ("recv rows", "recv_rows"), ("P(over)", "overflow_text"),
                  ("moved MiB", "moved_mib"), ("collectives", "ops"), ("compile s", "compile_s")]
 MODEL_COLUMNS = [("topology", "topology"), ("layers", "layers"), ("compiled", "compiled_layers"),
                  ("batch/dev", "batch_per_device"),

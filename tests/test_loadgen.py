@@ -66,7 +66,8 @@ def test_the_sweep_reports_each_budget_and_max_concurrency_and_draws_the_map(tmp
     limits = {"ttft": 300.0, "tpot": 30.0}
     # attainment per (path, max_seqs) at rates 4, 8, 12; round 1 is round 0 less 0.02
     share = {("relayfree", 8): [1.0, 0.95, 0.5], ("relayfree", 16): [1.0, 1.0, 0.92],
-             ("allgather-baseline", 8): [1.0, 0.6, 0.95], ("allgather-baseline", 16): [1.0, 0.9, 0.1]}
+             ("allgather-baseline", 8): [1.0, 0.6, 0.95],
+             ("allgather-baseline", 16): [1.0, 0.9, 0.1]}
     points = [dict(path=p, budget=256, max_seqs=n, rate=rate, round=r, limits=limits,
                    goodput=rate * a, attainment=a - 0.02 * r, ttft_p90_ms=100.0, tpot_p90_ms=20.0)
               for (p, n), shares in share.items() for r in (0, 1)
@@ -80,6 +81,7 @@ def test_the_sweep_reports_each_budget_and_max_concurrency_and_draws_the_map(tmp
                    16: ({"relayfree": 12.0, "allgather-baseline": 4.0}, 3.0)}
     report = {"command": "x", "sweep": dict(points=points, feasible=rows, fraction=0.9)}
     text = serve.markdown(report)
-    assert "| budget | max seqs | limits (ms) |" in text and "| 256 | 16 | ttft 300, tpot 30 |" in text
+    assert "| budget | max seqs | limits (ms) |" in text
+    assert "| 256 | 16 | ttft 300, tpot 30 |" in text
     serve.plot_map(report, str(tmp_path / "map.png"))
     assert (tmp_path / "map.png").stat().st_size > 1000

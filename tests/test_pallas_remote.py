@@ -42,10 +42,10 @@ def test_remote_writes_equal_the_xla_path_bit_for_bit(mesh, routing, dtype, fact
     """The layer through the public API: the same bits as the XLA relay-free prefill path
     (same plan, same windows, the same weighted sum order; the experts here are the Pallas
     kernel on the DMAs' row layout, whose interpreted dots on CPU round as XLA:CPU's do at
-    these sizes), and the dense reference's values; under all-to-one routing with rows for a quarter of the copies, the
-    rounds reuse the window and returned buffers in place. (In bf16 over several rounds the
-    two differ by rounding: the XLA path carries its running sum in x's dtype between rounds,
-    this one in f32.)"""
+    these sizes), and the dense reference's values; under all-to-one routing with rows for a
+    quarter of the copies, the rounds reuse the window and returned buffers in place. (In bf16
+    over several rounds the two differ by rounding: the XLA path carries its running sum in
+    x's dtype between rounds, this one in f32.)"""
     n = 8 * T
     ids = (None if routing == "uniform" else
            jnp.asarray(skewed_ids(routing, n, K, E, 8)))

@@ -206,9 +206,10 @@ def _config(chunk_buckets: int = 1):
 
 
 def _served_tokens(model, stop_ids: dict, chunk_buckets: int = 1, cases=CASES):
-    """The tokens of ``cases`` (prompt index, max tokens), sent at once through the official ``openai`` client to the
-    server's app in this process (over httpx's ASGI transport, the app's own lifespan running
-    the engine), greedy, with vLLM's ``return_token_ids``; ``stop_ids[i]``: request ``i``'s."""
+    """The tokens of ``cases`` (prompt index, max tokens), sent at once through the official
+    ``openai`` client to the server's app in this process (over httpx's ASGI transport, the
+    app's own lifespan running the engine), greedy, with vLLM's ``return_token_ids``;
+    ``stop_ids[i]``: request ``i``'s."""
     import asyncio
 
     import httpx

@@ -246,10 +246,10 @@ class Engine:
         two) as ``D``; a step with prefill chunks has a decode slot for every sequence slot,
         and ``C`` the busiest shard's chunks rounded up, of ``Q`` rows: the longest chunk
         rounded up to ``chunk``, ``chunk / 2`` or ``chunk / 4`` (``chunk_buckets``; a wave of
-        short prompts would otherwise carry mostly padding rows through every layer). ``P``: the most pages a
-        sequence holds, rounded up to a power of two (decode steps, the most frequent) or of
-        four (steps with chunks: their shape has one more dimension, and padded pages cost
-        them less than padded query rows)."""
+        short prompts would otherwise carry mostly padding rows through every layer). ``P``:
+        the most pages a sequence holds, rounded up to a power of two (decode steps, the most
+        frequent) or of four (steps with chunks: their shape has one more dimension, and
+        padded pages cost them less than padded query rows)."""
         held = max(len(w.request.pages) for w in work)
         decode = np.zeros(self.shards, np.int64)
         chunks = np.zeros(self.shards, np.int64)

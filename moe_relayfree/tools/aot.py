@@ -10,9 +10,10 @@ Needs ``libtpu`` (``pip install -e ".[tpu]"``); nothing runs, only compiles:
     report["memory"]["temp"], report["collectives"], report["schedule"]
 
 ``memory`` is ``compiled.memory_analysis()`` per device (exact for the compiled program: the
-same numbers on every run), with ``peak_temp``: the temporaries live at XLA's peak. Collectives come from the compiled HLO; the bytes a ragged
-all-to-all really moves depend on the routing, and are given for uniform routing
-(``T*k`` copies a rank sends, as many it receives, ``(P-1)/P`` of them to other ranks).
+same numbers on every run), with ``peak_temp``: the temporaries live at XLA's peak.
+Collectives come from the compiled HLO; the bytes a ragged all-to-all really moves depend on
+the routing, and are given for uniform routing (``T*k`` copies a rank sends, as many it
+receives, ``(P-1)/P`` of them to other ranks).
 """
 
 from __future__ import annotations

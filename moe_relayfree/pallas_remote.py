@@ -137,9 +137,12 @@ def table_chunk(copies: int) -> int:
     return min(TABLE_CHUNK, -(-copies // 8) * 8)
 
 
-def _dispatch_kernel(n_ref, target_hbm, x_ref, win_ref, table, table_sem, send_sem, recv_sem,
-                     *, k: int, num_ranks: int, axes: tuple[str, ...], axis_name: str):
-    _barrier(num_ranks, axes, axis_name)
+def _issue_copies(target_hbm, x_ref, win_ref, table, table_sem, send_sem, recv_sem, *,
+                  k: int, num_ranks: int, axes: tuple[str, ...], axis_name: str) -> None:
+    """Starts one remote DMA per copy of the per-copy table ``target_hbm [n] int32`` (``row *
+    P + receiver``, -1: none), from its token's row ``x_ref[j // k]`` into row ``row`` of the
+    receiver's ``win_ref``; the table is brought into the SMEM buffer ``table`` a chunk at a
+    time."""
     chunk = table.shape[0]
 
     def load(c, carry):
@@ -163,6 +166,13 @@ def _dispatch_kernel(n_ref, target_hbm, x_ref, win_ref, table, table_sem, send_s
         return lax.fori_loop(0, chunk, issue, carry)
 
     lax.fori_loop(0, target_hbm.shape[0] // chunk, load, 0)
+
+
+def _dispatch_kernel(n_ref, target_hbm, x_ref, win_ref, table, table_sem, send_sem, recv_sem,
+                     *, k: int, num_ranks: int, axes: tuple[str, ...], axis_name: str):
+    _barrier(num_ranks, axes, axis_name)
+    _issue_copies(target_hbm, x_ref, win_ref, table, table_sem, send_sem, recv_sem, k=k,
+                  num_ranks=num_ranks, axes=axes, axis_name=axis_name)
     rows = win_ref.shape[0]
     _wait_rows(win_ref, n_ref[0], rows, send_sem, recv_sem, axes, axis_name, send=True)
     _wait_rows(win_ref, n_ref[1], rows, send_sem, recv_sem, axes, axis_name, send=False)
@@ -212,6 +222,20 @@ def _call(kernel, prefetch: tuple, operands: tuple, out_shape: tuple, collective
     )(*prefetch, *operands)
 
 
+def copy_table(dst: jax.Array, row: jax.Array, num_ranks: int,
+               rows: int) -> tuple[jax.Array, int]:
+    """The dispatch kernel's per-copy table from each copy's receiver ``dst [n]`` and window
+    row ``row [n]`` (-1: not sent) in a ``rows``-row window: one int32 per copy, ``row * P +
+    receiver`` or -1 (half the table of two), padded with -1 to whole SMEM chunks -> (table,
+    chunk entries)."""
+    if rows * num_ranks >= 2**31:
+        raise ValueError(f"{rows} receive rows on {num_ranks} chips do not pack into an int32 "
+                         "per copy; lower capacity_factor")
+    target = jnp.where(row >= 0, row * num_ranks + dst, -1).astype(_I32)
+    chunk = table_chunk(target.shape[0])
+    return jnp.pad(target, (0, -target.shape[0] % chunk), constant_values=-1), chunk
+
+
 def dispatch_round(x_rows: jax.Array, plan: Plan, ids: jax.Array, num_experts: int, k: int,
                    round_index, axis_name: str,
                    platform: str | None = None) -> tuple[jax.Array, jax.Array]:
@@ -221,14 +245,7 @@ def dispatch_round(x_rows: jax.Array, plan: Plan, ids: jax.Array, num_experts: i
     row block (:func:`~moe_relayfree.pallas_experts.window_rows`)."""
     seg = round_segments(plan, round_index)
     dst, row = copy_targets(plan, ids, num_experts, round_index)
-    # one int32 per copy: row * P + receiver, -1 for none (half the table of two), streamed
-    # through SMEM in chunks, padded to whole chunks with -1
-    if plan.rows_per_round * plan.num_ranks >= 2**31:
-        raise ValueError(f"{plan.rows_per_round} receive rows on {plan.num_ranks} chips do not "
-                         "pack into an int32 per copy; lower capacity_factor")
-    target = jnp.where(row >= 0, row * plan.num_ranks + dst, -1).astype(_I32)
-    chunk = table_chunk(target.shape[0])
-    target = jnp.pad(target, (0, -target.shape[0] % chunk), constant_values=-1)
+    target, chunk = copy_table(dst, row, plan.num_ranks, plan.rows_per_round)
     counts = jnp.stack([seg.send_sizes.sum(), seg.recv_sizes.sum()]).astype(_I32)
     kernel = functools.partial(_dispatch_kernel, k=k, num_ranks=plan.num_ranks,
                                axes=mesh_axes(axis_name), axis_name=axis_name)

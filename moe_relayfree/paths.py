@@ -25,7 +25,7 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 
-from moe_relayfree import decode, pallas_remote, prefill
+from moe_relayfree import decode, pallas_decode, pallas_remote, prefill
 from moe_relayfree.baselines import allgather, capacity, ragged
 from moe_relayfree.config import DispatchConfig, Lowering
 from moe_relayfree.experts import grouped_swiglu, windows_swiglu
@@ -167,6 +167,24 @@ def _remote_combine(out, handle):
     return poison_rows(pallas_remote.combine(out, handle), handle.invalid).astype(out.dtype)
 
 
+def _remote_decode_layer(x, ids, weights, w: ExpertWeights, call: Call):
+    return pallas_decode.pallas_decode_moe(x, ids, weights,
+                                           lambda win: _remote_experts(win, w, call.platform),
+                                           num_experts=call.num_experts,
+                                           axis_name=call.axis_name, rows=call.rows,
+                                           platform=call.platform)
+
+
+def _remote_decode_dispatch(x, ids, weights, call: Call):
+    return pallas_decode.dispatch(x, ids, weights, num_experts=call.num_experts,
+                                  axis_name=call.axis_name, rows=call.rows,
+                                  platform=call.platform)
+
+
+def _remote_decode_combine(out, handle):
+    return poison_rows(pallas_decode.combine(out, handle), handle.invalid).astype(out.dtype)
+
+
 # --- baselines --------------------------------------------------------------------------------
 
 
@@ -231,11 +249,20 @@ PATHS: dict[str, DispatchPath] = {p.name: p for p in (
         transports=("gather", "windows", "replicated"),
         summary="relay-free decode: 2*T*k window rows, bounded passes under skew"),
     DispatchPath(
-        "relayfree_pallas", "relayfree_pallas", None, _remote_layer, _remote_dispatch,
-        _remote_experts, _remote_combine, frozenset({"capacity_factor"}), drops=False,
+        "relayfree_pallas", "relayfree_pallas", "prefill", _remote_layer, _remote_dispatch,
+        _remote_experts, _remote_combine,
+        frozenset({"schedule", "capacity_factor", "decode_threshold"}), drops=False,
         gradients=False, platforms=("tpu",),
         summary="relay-free prefill as TPU remote writes (Pallas): one DMA per copy from its "
                 "token row into the expert window, no send buffer; extra rounds under skew"),
+    DispatchPath(
+        "relayfree_pallas_decode", "relayfree_pallas", "decode", _remote_decode_layer,
+        _remote_decode_dispatch, _remote_experts, _remote_decode_combine,
+        frozenset({"schedule", "capacity_factor", "decode_threshold"}), drops=False,
+        gradients=False, platforms=("tpu",),
+        summary="relay-free decode as TPU remote writes (Pallas): fixed per-source regions, "
+                "each sender's counts DMA'd after its data (no count exchange); extra rounds "
+                "under skew"),
     _baseline(
         "ragged_baseline", _ragged_dispatch, _ragged_experts, ragged.combine,
         settings=frozenset(), drops=False,
@@ -272,10 +299,10 @@ def path_settings(name: str) -> dict:
 class Resolved:
     """What one layer call runs, decided once (:func:`resolve`).
 
-    path: the :data:`PATHS` key; schedule: "prefill" / "decode" for relay-free, None for a
-    baseline; transport: the decode transport as lowered for the mesh's platform (None
-    otherwise); replicated: the batch stays on every device (``0 < N <`` token shards, decode);
-    tokens_per_rank: ``T``; rows: receive rows per round (:attr:`Call.rows`).
+    path: the :data:`PATHS` key; schedule: "prefill" / "decode" for relay-free (XLA or
+    Pallas), None for a baseline; transport: the XLA decode schedule's transport as lowered
+    for the mesh's platform (None otherwise); replicated: the batch stays on every device
+    (``0 < N <`` token shards, XLA decode); tokens_per_rank: ``T``; rows: receive rows per round (:attr:`Call.rows`).
     """
 
     path: str
@@ -301,16 +328,17 @@ def resolve(config: DispatchConfig, num_tokens: int, k: int) -> Resolved:
     lay = config.layout
     shards = lay.num_token_shards
     tokens = max(1, -(-num_tokens // shards))
-    if config.implementation == "relayfree":
-        schedule = select_schedule(tokens, config.schedule, config.decode_threshold,
-                                   platform=lay.platform)
-        name = schedule
-    else:
-        schedule, name = None, config.implementation
+    forms = {p.schedule: name for name, p in PATHS.items()
+             if p.implementation == config.implementation}
+    schedule = (select_schedule(tokens, config.schedule, config.decode_threshold,
+                                platform=lay.platform) if None not in forms else None)
+    name = forms[schedule]
     path = PATHS[name]
-    replicated = schedule == "decode" and 0 < num_tokens < shards
+    # a batch smaller than the token shards stays on every device: the XLA decode schedule's
+    # "replicated" transport
+    replicated = bool(path.transports) and 0 < num_tokens < shards
     transport = None
-    if schedule == "decode":
+    if path.transports:
         # "auto" gathers on CPU, whose ranks are emulated devices (decode.decode_moe)
         transport = ("replicated" if replicated else "gather" if lay.platform == "cpu"
                      else decode.choose_transport(lay.num_ranks, k))

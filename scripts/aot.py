@@ -79,7 +79,9 @@ def pivot(rows: list[dict], key: str = "temp_mib") -> str:
     """Layer rows as one table: ``key`` (temp MiB) per (topology, T), a column per
     implementation and relay-free schedule, and relay-free auto over the bounded baseline."""
     def name(r):
-        kind = r["implementation"] + (f" {r['schedule']}" if r["implementation"] == "relayfree" else "")
+        # the schedule where one was asked for (always for relay-free: its "auto" column)
+        shown = r["implementation"] == "relayfree" or r.get("schedule") not in (None, "auto")
+        kind = r["implementation"] + (f" {r['schedule']}" if shown else "")
         return kind + (" fp8" if r.get("experts") == "fp8" else "")
 
     names = list(dict.fromkeys(name(r) for r in rows))
@@ -139,6 +141,9 @@ def main(argv=None) -> int:
     from moe_relayfree.tools import aot
     from moe_relayfree_models.tools import aot as model_aot
 
+    # implementations with a prefill and a decode form (the table of paths)
+    from moe_relayfree.paths import PATHS
+    SCHEDULED = {p.implementation for p in PATHS.values() if p.schedule}
     rows = []
     columns = {"layer": LAYER_COLUMNS, "model": MODEL_COLUMNS, "serving": SERVING_COLUMNS}
 
@@ -155,7 +160,7 @@ def main(argv=None) -> int:
         mesh = aot.tpu_mesh(topology, mr.parse_mesh(axes) if axes else None)
         variants = [(impl, experts, schedule) for impl in args.implementation
                     for experts in args.experts
-                    for schedule in (args.schedule if impl == "relayfree" else ["auto"])]
+                    for schedule in (args.schedule if impl in SCHEDULED else ["auto"])]
         for impl, experts, schedule in variants:
             block = aot.FP8_BLOCK if experts == "fp8" else None
             factor = {} if args.capacity_factor is None else {"capacity_factor": args.capacity_factor}

@@ -18,7 +18,8 @@ def main() -> None:
             ("bounded", "ragged_baseline_bounded", "auto", 8, None),
             ("prefill", "relayfree", "prefill", 8, None),
             ("decode_fp8", "relayfree", "auto", 8, aot.FP8_BLOCK),
-            ("pallas", "relayfree_pallas", "auto", 8, None),
+            ("pallas", "relayfree_pallas", "prefill", 8, None),
+            ("pallas_decode", "relayfree_pallas", "decode", 8, None),
             ("pallas_copies", "relayfree_pallas", "auto", 40960, None)]:
         config = mr.DispatchConfig(mesh, schedule=schedule, implementation=impl)
         report = aot.layer_report(config, SHAPES, tokens, block)
@@ -26,7 +27,7 @@ def main() -> None:
         reports[name] = report
     # the remote writes on a 2-D mesh: 4 data replicas, each an expert-parallel group of 16
     config = mr.DispatchConfig(aot.tpu_mesh("v5p:4x4x4", {"data": 4, "ep": 16}),
-                               implementation="relayfree_pallas")
+                               implementation="relayfree_pallas", schedule="prefill")
     reports["pallas_mesh2d"] = aot.layer_report(config, SHAPES, 8)
     json.dump(reports, sys.stdout)
 

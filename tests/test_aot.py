@@ -94,6 +94,19 @@ def test_remote_writes_compile_for_tpu_with_no_send_buffer():
     assert pallas["memory"]["temp"] <= xla["memory"]["temp"], (pallas["memory"], xla["memory"])
 
 
+def test_remote_decode_needs_no_collective():
+    """The Pallas decode form, counts after the data: Mosaic compiles it for 64 chips and the
+    program has no XLA collective at all, where the Pallas prefill form all-gathers the
+    counts (an all-reduce in XLA:TPU's program) before any row moves, and the XLA decode
+    schedule exchanges them with all-to-alls."""
+    r = reports()
+    decode, prefill = r["pallas_decode"], r["pallas"]
+    assert decode["resolved_schedule"] == "decode" and prefill["resolved_schedule"] == "prefill"
+    assert "tpu_custom_call" in decode["custom_calls"], decode["custom_calls"]
+    assert decode["collectives"] == [] and prefill["collectives"], prefill["collectives"]
+    assert "all_to_all" in r["decode"]["hlo_ops"], r["decode"]["hlo_ops"]
+
+
 def test_remote_writes_compile_on_a_2d_mesh():
     """data=4 x ep=16 on 64 chips: each data replica's 16 chips are one expert-parallel group
     (the kernels address a peer by its coordinates on both axes); Mosaic compiles it."""

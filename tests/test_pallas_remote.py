@@ -17,7 +17,7 @@ import pytest
 
 import moe_relayfree as mr
 from helpers import moe_inputs, script_env, skewed_ids
-from moe_relayfree import pallas_remote, prefill
+from moe_relayfree import pallas_decode, pallas_remote, prefill
 from moe_relayfree.paths import PATHS
 
 T, D, F, E, K = 6, 128, 32, 16, 2  # per device: x is 3 KiB in f32
@@ -50,7 +50,7 @@ def test_remote_writes_equal_the_xla_path_bit_for_bit(mesh, routing, dtype, fact
     ids = (None if routing == "uniform" else
            jnp.asarray(skewed_ids(routing, n, K, E, 8)))
     inputs = moe_inputs(n, D, F, E, K, seed=3, dtype=dtype, ids=ids)
-    got = _layer(mesh, "relayfree_pallas", inputs, capacity_factor=factor)
+    got = _layer(mesh, "relayfree_pallas", inputs, schedule="prefill", capacity_factor=factor)
     want = _layer(mesh, "relayfree", inputs, schedule="prefill", capacity_factor=factor)
     np.testing.assert_array_equal(got, want)
     ref = np.asarray(mr.dense_moe_reference(*inputs), np.float32)
@@ -88,6 +88,44 @@ def test_each_copy_lands_in_its_expert_window(mesh, monkeypatch):
     np.testing.assert_array_equal(np.asarray(sizes), np.asarray(want_sizes))
     assert int(np.asarray(sizes).sum()) == 8 * T * K - 1  # the -1 choice went nowhere
     np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_decode_with_counts_after_the_data_equals_the_planned_writes(mesh):
+    """The decode form (no count exchange: fixed per-source regions, each sender's counts
+    DMA'd after its data): with as many landing rows as the prefill form's window (8*T*k),
+    the same bits as the prefill form (the receiver's compaction lays the rows out as the
+    plan does, hot expert included), and the dense reference's values."""
+    ids = jnp.asarray(skewed_ids("one_expert", 8 * T, K, E, 8))
+    inputs = moe_inputs(8 * T, D, F, E, K, seed=4, ids=ids)
+    assert pallas_decode.source_slots(T, K, 8, E // 8, 8 * T * K) * 8 == 8 * T * K
+    got = _layer(mesh, "relayfree_pallas", inputs, schedule="decode", capacity_factor=8.0)
+    want = _layer(mesh, "relayfree_pallas", inputs, schedule="prefill", capacity_factor=8.0)
+    np.testing.assert_array_equal(got, want)
+    ref = np.asarray(mr.dense_moe_reference(*inputs), np.float32)
+    np.testing.assert_allclose(got, ref, atol=2e-5 * np.abs(ref).max(), rtol=0)
+
+
+def test_decode_rounds_agree_from_the_counts_alone(mesh):
+    """Every copy to the last chip with 3-row regions: each source's 12 copies take 4 rounds,
+    which every chip learns from the count rows it received (no collective), and a -1 choice
+    is not sent; against the dense reference."""
+    from jax.sharding import PartitionSpec as P
+
+    from moe_relayfree.pallas_experts import windows_swiglu_packed
+
+    ids = jnp.asarray(skewed_ids("one_rank", 8 * T, K, E, 8)).at[5, 0].set(-1)
+    x, ids, w, wg, wu, wd = moe_inputs(8 * T, D, F, E, K, seed=6, ids=ids)
+
+    def layer(x, ids, w, wg, wu, wd):
+        return pallas_decode.pallas_decode_moe(
+            x, ids, w, lambda win: windows_swiglu_packed(win, wg, wu, wd, platform="cpu"),
+            num_experts=E, axis_name="ep", rows=32, platform="cpu", slots=3)
+
+    tok, ex = P("ep"), P("ep", None, None)
+    got = jax.jit(jax.shard_map(layer, mesh=mesh, in_specs=(tok,) * 3 + (ex,) * 3,
+                                out_specs=tok))(x, ids, w, wg, wu, wd)
+    ref = np.asarray(mr.dense_moe_reference(x, ids, w, wg, wu, wd))
+    np.testing.assert_allclose(np.asarray(got), ref, atol=2e-5 * np.abs(ref).max(), rtol=0)
 
 
 @pytest.mark.parametrize("dtype,sizes", [
@@ -130,10 +168,11 @@ def test_the_expert_kernel_computes_each_window_in_the_row_layout(dtype, sizes):
                       block_rows=bm, interpret=pallas_remote.interpret_params("cpu"))
 
 
-def test_the_path_is_in_the_table_for_tpu():
-    path = PATHS["relayfree_pallas"]
-    assert path.native("tpu") and not path.native("cpu") and not path.native("gpu")
-    assert not path.gradients and path.multi_axis and not path.drops
+def test_the_paths_are_in_the_table_for_tpu():
+    for name in ("relayfree_pallas", "relayfree_pallas_decode"):
+        path = PATHS[name]
+        assert path.native("tpu") and not path.native("cpu") and not path.native("gpu")
+        assert not path.gradients and path.multi_axis and not path.drops
 
 
 NEGATIVE = r"""
@@ -149,29 +188,34 @@ if {skip_recv_wait}:
     wait = pallas_remote._wait_rows
     pallas_remote._wait_rows = lambda *a, send: wait(*a, send=send) if send else None
 inputs = moe_inputs(48, 128, 32, 16, 2, seed=3)
-got = np.asarray(mr.expert_parallel_moe(*inputs, mesh=mr.make_ep_mesh(8),
-                                        implementation="relayfree_pallas"))
 ref = np.asarray(mr.dense_moe_reference(*inputs))
-print("EXACT" if np.allclose(got, ref, atol=1e-4) else "WRONG")
+for schedule in {schedules!r}:
+    got = np.asarray(mr.expert_parallel_moe(*inputs, mesh=mr.make_ep_mesh(8),
+                                            implementation="relayfree_pallas",
+                                            schedule=schedule))
+    print(schedule, "EXACT" if np.allclose(got, ref, atol=1e-4) else "WRONG")
 """
 
 
 def test_no_races_and_a_receiver_that_does_not_wait_is_caught():
     """Under the interpreter's happens-before race detector, with every DMA run as soon as it
-    starts (so a receiver that did not wait could read a row while it is written): the layer is
-    exact and no race is found. The negative controls, with the receivers' waits removed: run
-    eagerly, the detector reports the race between the senders' writes and the expert kernel's
-    reads; run as the interpreter does by default (a DMA when it is waited on), the rows never
-    land and the output is wrong. (The entry barrier cannot be checked here: the interpreter
+    starts (so a receiver that did not wait could read a row while it is written): both forms
+    of the layer (prefill, and decode with the counts after the data) are exact and no race is
+    found. The negative controls, with the receivers' waits for their rows removed (in the
+    decode form they still wait for the count rows): run eagerly, the detector reports the
+    race between the senders' writes and the expert kernel's reads; run as the interpreter
+    does by default (a DMA when it is waited on), the rows never land and the output is
+    wrong. (The entry barrier cannot be checked here: the interpreter
     adds its own barrier around every kernel.)"""
     tests = os.path.dirname(os.path.abspath(__file__))
     races = dict(detect_races=True, dma_execution_mode="eager")
     outs = []
-    for skip, params in ((False, races), (True, races), (True, {})):
+    for schedules, skip, params in ((("prefill", "decode"), False, races),
+                                    (("prefill",), True, races), (("decode",), True, {})):
         run = subprocess.run([sys.executable, "-c", NEGATIVE.format(
-            tests=tests, skip_recv_wait=skip, params=params)], capture_output=True, text=True,
-            env=script_env(8), timeout=300)
-        out = run.stdout.strip()
-        outs.append((out.splitlines()[-1] if out else run.stderr[-500:],
-                     "RACE DETECTED" in run.stdout))
-    assert outs == [("EXACT", False), (outs[1][0], True), ("WRONG", False)], outs
+            tests=tests, skip_recv_wait=skip, params=params, schedules=schedules)],
+            capture_output=True, text=True, env=script_env(8), timeout=300)
+        lines = [line for line in run.stdout.splitlines() if line.endswith(("EXACT", "WRONG"))]
+        outs.append((lines or run.stderr[-500:], "RACE DETECTED" in run.stdout))
+    assert outs == [(["prefill EXACT", "decode EXACT"], False), (outs[1][0], True),
+                    (["decode WRONG"], False)], outs

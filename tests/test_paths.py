@@ -74,10 +74,16 @@ def test_path_on_a_data_expert_tensor_mesh_with_gradients(name):
     np.testing.assert_allclose(y, want, atol=2e-5, rtol=2e-5)
 
 
-@pytest.mark.parametrize("name", [n for n, p in PATHS.items() if p.fp8])
+# one case per implementation and expert function: an implementation's two schedules hand
+# the same expert function the same kind of windows
+FP8_CASES = list({(p.implementation, p.experts): n for n, p in reversed(PATHS.items())
+                  if p.fp8}.values())[::-1]
+
+
+@pytest.mark.parametrize("name", FP8_CASES)
 def test_path_with_fp8_experts(name):
     """FP8 expert stacks (values + block scales) equal the reference over the same weights
-    dequantized."""
+    dequantized (every expert function each implementation hands its windows)."""
     rng = np.random.default_rng(3)
     x = jnp.asarray(rng.standard_normal((N, D)), jnp.bfloat16)
     ids = jnp.asarray(np.stack([rng.choice(E, K, replace=False) for _ in range(N)]), jnp.int32)

@@ -252,11 +252,13 @@ def compact(landing: jax.Array, seg: ReceivedSegments) -> jax.Array:
 @dataclasses.dataclass(frozen=True)
 class DecodeHandle:
     """What a round's combine needs: the sender's copies, the count table ``[P*W] int32`` of
-    the round, weights ``[T, k] f32`` (0 for no expert), invalid ``[T] bool`` tokens, x
-    ``[T, d]`` (its dtype and row layout) and the round."""
+    the round, the landing buffer ``[P*C, s, d/s]`` (read by the compaction, then the
+    returned rows' buffer), weights ``[T, k] f32`` (0 for no expert), invalid ``[T] bool``
+    tokens, x ``[T, d]`` (its dtype and row layout) and the round."""
 
     copies: DecodeCopies
     table: jax.Array
+    landing: jax.Array
     weights: jax.Array
     invalid: jax.Array
     x: jax.Array
@@ -286,14 +288,16 @@ def dispatch(x: jax.Array, topk_ids: jax.Array, topk_weights: jax.Array, *, num_
     landing, table = dispatch_round(x.reshape(t, sub, lanes), copies, k, local, round_index,
                                     axis_name, platform)
     seg = ReceivedSegments(table, local, copies.slots, round_index)
-    handle = DecodeHandle(copies, table, weights.astype(_F32), invalid, x, round_index, local,
-                          axis_name, platform)
+    handle = DecodeHandle(copies, table, landing, weights.astype(_F32), invalid, x,
+                          round_index, local, axis_name, platform)
     return ExpertWindows(compact(landing, seg), seg.group_sizes, t * k), handle
 
 
 def _combine_round(out_rows: jax.Array, h: DecodeHandle) -> jax.Array:
     """Each (source, local expert) segment of this chip's results pushed back into its
-    source's returned buffer ``[P*C, s, d/s]`` at the source's own positions."""
+    source's returned buffer ``[P*C, s, d/s]`` at the source's own positions. The returned
+    buffer is the landing buffer, dead once compacted: the same shape, and its rows were
+    read before this chip entered the combine kernel (whose barrier every writer passes)."""
     c = h.copies.slots
     seg = ReceivedSegments(h.table, h.num_local, c, h.round_index)
     num_ranks = seg.size.shape[0]
@@ -306,7 +310,8 @@ def _combine_round(out_rows: jax.Array, h: DecodeHandle) -> jax.Array:
     tables = (seg.window_start.reshape(-1), seg.size.reshape(-1),
               (me * c + seg.start).reshape(-1), n)
     return _call(kernel, tuple(a.astype(_I32) for a in tables), (out_rows,),
-                 (num_ranks * c,) + out_rows.shape[1:], 1, h.platform)
+                 (num_ranks * c,) + out_rows.shape[1:], 1, h.platform,
+                 reuse=h.landing.reshape((num_ranks * c,) + out_rows.shape[1:]))
 
 
 def combine(out: jax.Array, h: DecodeHandle, into=None) -> jax.Array:

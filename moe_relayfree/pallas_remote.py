@@ -202,13 +202,18 @@ def _combine_kernel(src_ref, size_ref, dst_off_ref, n_ref, out_ref, *refs, local
 
 
 def _call(kernel, prefetch: tuple, operands: tuple, out_shape: tuple, collective_id: int,
-          platform: str | None, scratch: tuple = ()):
+          platform: str | None, scratch: tuple = (), reuse: jax.Array | None = None):
     """A kernel over HBM refs: ``prefetch`` int32 tables in SMEM, ``operands`` in HBM (the
     last: the source rows), a fresh, unfilled output of ``out_shape`` in the rows' dtype,
     varying over the axes they do (under ``shard_map``'s ``check_vma``); ``scratch`` before
-    the send and receive DMA semaphores."""
+    the send and receive DMA semaphores. ``reuse``: a dead buffer of the output's shape and
+    dtype the output is written into (an extra operand after ``operands``, aliased)."""
     any_spec = pl.BlockSpec(memory_space=pl.ANY)
     rows = operands[-1]
+    aliases = {}
+    if reuse is not None:
+        aliases = {len(prefetch) + len(operands): 0}
+        operands = (*operands, reuse)
     return pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct(out_shape, rows.dtype,
@@ -217,6 +222,7 @@ def _call(kernel, prefetch: tuple, operands: tuple, out_shape: tuple, collective
             num_scalar_prefetch=len(prefetch), grid=(1,), in_specs=[any_spec] * len(operands),
             out_specs=any_spec,
             scratch_shapes=[*scratch, pltpu.SemaphoreType.DMA, pltpu.SemaphoreType.DMA]),
+        input_output_aliases=aliases,
         compiler_params=pltpu.CompilerParams(collective_id=collective_id),
         interpret=interpret_params(platform),
     )(*prefetch, *operands)

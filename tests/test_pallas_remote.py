@@ -36,14 +36,14 @@ def _layer(mesh, implementation, inputs, **kw):
 @pytest.mark.parametrize("routing,dtype,factor", [
     ("uniform", jnp.float32, 2.0),
     ("one_expert", jnp.bfloat16, 8.0),  # every first choice to expert 0
-    ("one_rank", jnp.float32, 0.5),  # every copy to the last chip: 4 rounds of 6 rows
+    ("one_rank", jnp.float32, 0.5),  # every copy to the last chip: 3 rounds of 32 rows
 ])
 def test_remote_writes_equal_the_xla_path_bit_for_bit(mesh, routing, dtype, factor):
     """The layer through the public API: the same bits as the XLA relay-free prefill path
     (same plan, same windows, the same weighted sum order; the experts here are the Pallas
     kernel on the DMAs' row layout, whose interpreted dots on CPU round as XLA:CPU's do at
     these sizes), and the dense reference's values; under all-to-one routing with rows for a
-    quarter of the copies, the rounds reuse the window and returned buffers in place. (In bf16
+    third of the copies, the rounds reuse the window and returned buffers in place. (In bf16
     over several rounds the two differ by rounding: the XLA path carries its running sum in
     x's dtype between rounds, this one in f32.)"""
     n = 8 * T
@@ -120,6 +120,32 @@ def test_decode_rounds_agree_from_the_counts_alone(mesh):
         return pallas_decode.pallas_decode_moe(
             x, ids, w, lambda win: windows_swiglu_packed(win, wg, wu, wd, platform="cpu"),
             num_experts=E, axis_name="ep", rows=32, platform="cpu", slots=3)
+
+    tok, ex = P("ep"), P("ep", None, None)
+    got = jax.jit(jax.shard_map(layer, mesh=mesh, in_specs=(tok,) * 3 + (ex,) * 3,
+                                out_specs=tok))(x, ids, w, wg, wu, wd)
+    ref = np.asarray(mr.dense_moe_reference(x, ids, w, wg, wu, wd))
+    np.testing.assert_allclose(np.asarray(got), ref, atol=2e-5 * np.abs(ref).max(), rtol=0)
+
+
+def test_the_combine_returns_rows_in_passes(mesh):
+    """The prefill form's combine in passes of 5 returned rows (each source's 12 copies come
+    back in 3 passes, the last short), over 3 rounds of all-to-one routing with a -1 choice:
+    every copy comes back once, in its pass and its round, against the dense reference. (At
+    the default, one pass while ``T*k <= 64``: the bit-for-bit tests above.)"""
+    from jax.sharding import PartitionSpec as P
+
+    from moe_relayfree.pallas_experts import windows_swiglu_packed
+
+    assert pallas_remote.pass_rows(T, K) == T * K
+    assert pallas_remote.pass_rows(2048, 8) == 2048 and pallas_remote.pass_rows(32, 8) == 64
+    ids = jnp.asarray(skewed_ids("one_rank", 8 * T, K, E, 8)).at[2, 1].set(-1)
+    x, ids, w, wg, wu, wd = moe_inputs(8 * T, D, F, E, K, seed=8, ids=ids)
+
+    def layer(x, ids, w, wg, wu, wd):
+        return pallas_remote.pallas_prefill_moe(
+            x, ids, w, lambda win: windows_swiglu_packed(win, wg, wu, wd, platform="cpu"),
+            num_experts=E, axis_name="ep", rows_per_round=32, platform="cpu", combine_rows=5)
 
     tok, ex = P("ep"), P("ep", None, None)
     got = jax.jit(jax.shard_map(layer, mesh=mesh, in_specs=(tok,) * 3 + (ex,) * 3,

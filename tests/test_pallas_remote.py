@@ -105,27 +105,33 @@ def test_decode_with_counts_after_the_data_equals_the_planned_writes(mesh):
     np.testing.assert_allclose(got, ref, atol=2e-5 * np.abs(ref).max(), rtol=0)
 
 
-def test_decode_rounds_agree_from_the_counts_alone(mesh):
-    """Every copy to the last chip with 3-row regions: each source's 12 copies take 4 rounds,
-    which every chip learns from the count rows it received (no collective), and a -1 choice
-    is not sent; against the dense reference."""
+def _against_dense(mesh, moe, ids, seed):
+    """``moe(x, ids, w, expert_fn)`` per chip (the Pallas expert kernel, interpreted) under
+    ``shard_map`` over the 8 chips, against the dense reference."""
     from jax.sharding import PartitionSpec as P
 
     from moe_relayfree.pallas_experts import windows_swiglu_packed
 
-    ids = jnp.asarray(skewed_ids("one_rank", 8 * T, K, E, 8)).at[5, 0].set(-1)
-    x, ids, w, wg, wu, wd = moe_inputs(8 * T, D, F, E, K, seed=6, ids=ids)
+    x, ids, w, wg, wu, wd = moe_inputs(8 * T, D, F, E, K, seed=seed, ids=ids)
 
     def layer(x, ids, w, wg, wu, wd):
-        return pallas_decode.pallas_decode_moe(
-            x, ids, w, lambda win: windows_swiglu_packed(win, wg, wu, wd, platform="cpu"),
-            num_experts=E, axis_name="ep", rows=32, platform="cpu", slots=3)
+        return moe(x, ids, w, lambda win: windows_swiglu_packed(win, wg, wu, wd, platform="cpu"))
 
     tok, ex = P("ep"), P("ep", None, None)
     got = jax.jit(jax.shard_map(layer, mesh=mesh, in_specs=(tok,) * 3 + (ex,) * 3,
                                 out_specs=tok))(x, ids, w, wg, wu, wd)
     ref = np.asarray(mr.dense_moe_reference(x, ids, w, wg, wu, wd))
     np.testing.assert_allclose(np.asarray(got), ref, atol=2e-5 * np.abs(ref).max(), rtol=0)
+
+
+def test_decode_rounds_agree_from_the_counts_alone(mesh):
+    """Every copy to the last chip with 3-row regions: each source's 12 copies take 4 rounds,
+    which every chip learns from the count rows it received (no collective), and a -1 choice
+    is not sent; against the dense reference."""
+    ids = jnp.asarray(skewed_ids("one_rank", 8 * T, K, E, 8)).at[5, 0].set(-1)
+    _against_dense(mesh, lambda x, ids, w, experts: pallas_decode.pallas_decode_moe(
+        x, ids, w, experts, num_experts=E, axis_name="ep", rows=32, platform="cpu", slots=3),
+        ids, seed=6)
 
 
 def test_the_combine_returns_rows_in_passes(mesh):
@@ -133,25 +139,12 @@ def test_the_combine_returns_rows_in_passes(mesh):
     back in 3 passes, the last short), over 3 rounds of all-to-one routing with a -1 choice:
     every copy comes back once, in its pass and its round, against the dense reference. (At
     the default, one pass while ``T*k <= 64``: the bit-for-bit tests above.)"""
-    from jax.sharding import PartitionSpec as P
-
-    from moe_relayfree.pallas_experts import windows_swiglu_packed
-
     assert pallas_remote.pass_rows(T, K) == T * K
     assert pallas_remote.pass_rows(2048, 8) == 2048 and pallas_remote.pass_rows(32, 8) == 64
     ids = jnp.asarray(skewed_ids("one_rank", 8 * T, K, E, 8)).at[2, 1].set(-1)
-    x, ids, w, wg, wu, wd = moe_inputs(8 * T, D, F, E, K, seed=8, ids=ids)
-
-    def layer(x, ids, w, wg, wu, wd):
-        return pallas_remote.pallas_prefill_moe(
-            x, ids, w, lambda win: windows_swiglu_packed(win, wg, wu, wd, platform="cpu"),
-            num_experts=E, axis_name="ep", rows_per_round=32, platform="cpu", combine_rows=5)
-
-    tok, ex = P("ep"), P("ep", None, None)
-    got = jax.jit(jax.shard_map(layer, mesh=mesh, in_specs=(tok,) * 3 + (ex,) * 3,
-                                out_specs=tok))(x, ids, w, wg, wu, wd)
-    ref = np.asarray(mr.dense_moe_reference(x, ids, w, wg, wu, wd))
-    np.testing.assert_allclose(np.asarray(got), ref, atol=2e-5 * np.abs(ref).max(), rtol=0)
+    _against_dense(mesh, lambda x, ids, w, experts: pallas_remote.pallas_prefill_moe(
+        x, ids, w, experts, num_experts=E, axis_name="ep", rows_per_round=32, platform="cpu",
+        combine_rows=5), ids, seed=8)
 
 
 @pytest.mark.parametrize("dtype,sizes", [

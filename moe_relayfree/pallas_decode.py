@@ -130,6 +130,13 @@ def sender_copies(ids: jax.Array, num_experts: int, num_ranks: int, slots: int) 
     return DecodeCopies(dst.astype(_I32), pos.astype(_I32), rows.reshape(-1), slots)
 
 
+def round_rows(copies: DecodeCopies, round_index) -> tuple[jax.Array, jax.Array]:
+    """Per copy, its row in its source's region of the receiver's landing buffer in round
+    ``round_index``, and whether it goes in that round: ``([T*k] int32, [T*k] bool)``."""
+    row = copies.pos - jnp.asarray(round_index, _I32) * copies.slots
+    return row, (copies.pos >= 0) & (row >= 0) & (row < copies.slots)
+
+
 def _dispatch_kernel(meta_ref, target_hbm, counts_hbm, x_ref, win_ref, cin_ref, table,
                      table_sem, count_table, send_sem, recv_sem, count_send, count_recv, *,
                      k: int, num_ranks: int, slots: int, width: int, local: int,
@@ -177,19 +184,14 @@ def dispatch_round(x_rows: jax.Array, copies: DecodeCopies, k: int, num_local: i
     """One round: x_rows ``[T, s, d/s]`` -> (landing ``[P*C, s, d/s]``, fresh and unfilled, row
     ``src*C + i`` the ``i``-th copy of source ``src`` this round; count table ``[P*W]
     int32``, row ``src``: that source's count row to this chip)."""
-    num_ranks = copies.counts.shape[0] // count_width(num_local)
+    width = count_width(num_local)
+    num_ranks = copies.counts.shape[0] // width
     c = copies.slots
-    round_index = jnp.asarray(round_index, _I32)
-    first = round_index * c
-    row = copies.pos - first
-    inside = (copies.pos >= 0) & (row >= 0) & (row < c)
+    row, inside = round_rows(copies, round_index)
     me = lax.axis_index(axis_name)
     target, chunk = copy_table(copies.dst, jnp.where(inside, me * c + row, -1), num_ranks,
                                num_ranks * c)
-    per_rank = copies.counts.reshape(num_ranks, -1)[:, num_local]
-    width = count_width(num_local)
-    meta = jnp.stack([jnp.clip(per_rank - first, 0, c).sum(), round_index,
-                      me * width]).astype(_I32)
+    meta = jnp.stack([inside.sum(), jnp.asarray(round_index, _I32), me * width]).astype(_I32)
     kernel = functools.partial(_dispatch_kernel, k=k, num_ranks=num_ranks, slots=c,
                                width=width, local=num_local, axes=mesh_axes(axis_name),
                                axis_name=axis_name)
@@ -212,24 +214,33 @@ def dispatch_round(x_rows: jax.Array, copies: DecodeCopies, k: int, num_local: i
     return landing, table
 
 
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
 class ReceivedSegments:
-    """A receiver's segments of one round from its count table (all int32; ``[P, El]``
+    """A receiver's segments of one round, from its count table (all int32; ``[P, El]``
     indexed by (source, local expert)): where each starts in its source's region
     (``start``), its rows (``size``), where it goes in the expert-major windows
     (``window_start``); ``group_sizes [El]``; ``rounds []`` the rounds every chip runs."""
 
-    def __init__(self, table: jax.Array, num_local: int, slots: int, round_index):
+    start: jax.Array
+    size: jax.Array
+    window_start: jax.Array
+    group_sizes: jax.Array
+    rounds: jax.Array
+
+    @classmethod
+    def from_table(cls, table: jax.Array, num_local: int, slots: int,
+                   round_index) -> ReceivedSegments:
+        """From the count table ``[P*W] int32`` of :func:`dispatch_round`."""
         num_ranks = table.shape[0] // count_width(num_local)
         rows = table.reshape(num_ranks, -1)
         counts = rows[:, :num_local]
-        first = jnp.asarray(round_index, _I32) * slots
-        begin = exclusive_cumsum(counts, 1) - first
-        self.start = jnp.clip(begin, 0, slots)
-        self.size = jnp.clip(begin + counts, 0, slots) - self.start
-        self.window_start = exclusive_cumsum(self.size.T.reshape(-1), 0).reshape(
-            num_local, num_ranks).T
-        self.group_sizes = self.size.sum(0)
-        self.rounds = jnp.maximum(1, -(-rows[:, num_local + 1].max() // slots))
+        begin = exclusive_cumsum(counts, 1) - jnp.asarray(round_index, _I32) * slots
+        start = jnp.clip(begin, 0, slots)
+        size = jnp.clip(begin + counts, 0, slots) - start
+        window_start = exclusive_cumsum(size.T.reshape(-1), 0).reshape(num_local, num_ranks).T
+        rounds = jnp.maximum(1, -(-rows[:, num_local + 1].max() // slots))
+        return cls(start, size, window_start, size.sum(0), rounds)
 
 
 def compact(landing: jax.Array, seg: ReceivedSegments) -> jax.Array:
@@ -251,13 +262,13 @@ def compact(landing: jax.Array, seg: ReceivedSegments) -> jax.Array:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class DecodeHandle:
-    """What a round's combine needs: the sender's copies, the count table ``[P*W] int32`` of
-    the round, the landing buffer ``[P*C, s, d/s]`` (read by the compaction, then the
-    returned rows' buffer), weights ``[T, k] f32`` (0 for no expert), invalid ``[T] bool``
-    tokens, x ``[T, d]`` (its dtype and row layout) and the round."""
+    """What a round's combine needs: the sender's copies, the segments it received this
+    round, the landing buffer ``[P*C, s, d/s]`` (read by the compaction, then the returned
+    rows' buffer), weights ``[T, k] f32`` (0 for no expert), invalid ``[T] bool`` tokens, x
+    ``[T, d]`` (its dtype and row layout) and the round."""
 
     copies: DecodeCopies
-    table: jax.Array
+    segments: ReceivedSegments
     landing: jax.Array
     weights: jax.Array
     invalid: jax.Array
@@ -287,8 +298,8 @@ def dispatch(x: jax.Array, topk_ids: jax.Array, topk_weights: jax.Array, *, num_
     round_index = jnp.asarray(round_index, _I32)
     landing, table = dispatch_round(x.reshape(t, sub, lanes), copies, k, local, round_index,
                                     axis_name, platform)
-    seg = ReceivedSegments(table, local, copies.slots, round_index)
-    handle = DecodeHandle(copies, table, landing, weights.astype(_F32), invalid, x,
+    seg = ReceivedSegments.from_table(table, local, copies.slots, round_index)
+    handle = DecodeHandle(copies, seg, landing, weights.astype(_F32), invalid, x,
                           round_index, local, axis_name, platform)
     return ExpertWindows(compact(landing, seg), seg.group_sizes, t * k), handle
 
@@ -299,12 +310,11 @@ def _combine_round(out_rows: jax.Array, h: DecodeHandle) -> jax.Array:
     buffer is the landing buffer, dead once compacted: the same shape, and its rows were
     read before this chip entered the combine kernel (whose barrier every writer passes)."""
     c = h.copies.slots
-    seg = ReceivedSegments(h.table, h.num_local, c, h.round_index)
+    seg = h.segments
     num_ranks = seg.size.shape[0]
     me = lax.axis_index(h.axis_name)
-    first = h.round_index * c
-    per_rank = h.copies.counts.reshape(num_ranks, -1)[:, h.num_local]
-    n = jnp.stack([seg.size.sum(), jnp.clip(per_rank - first, 0, c).sum()]).astype(_I32)
+    _, inside = round_rows(h.copies, h.round_index)
+    n = jnp.stack([seg.size.sum(), inside.sum()]).astype(_I32)
     kernel = functools.partial(_combine_kernel, local=h.num_local, num_ranks=num_ranks,
                                axes=mesh_axes(h.axis_name), axis_name=h.axis_name)
     tables = (seg.window_start.reshape(-1), seg.size.reshape(-1),
@@ -322,10 +332,8 @@ def combine(out: jax.Array, h: DecodeHandle, into=None) -> jax.Array:
     k = h.weights.shape[1]
     sub, lanes = row_layout(d, h.x.dtype)
     returned = _combine_round(out.astype(h.x.dtype).reshape(-1, sub, lanes), h)
-    c = h.copies.slots
-    row = h.copies.pos - h.round_index * c
-    valid = (h.copies.pos >= 0) & (row >= 0) & (row < c)
-    index = jnp.where(valid, h.copies.dst * c + row, 0)
+    row, valid = round_rows(h.copies, h.round_index)
+    index = jnp.where(valid, h.copies.dst * h.copies.slots + row, 0)
     return weighted_row_sum(returned, index.reshape(t, k), h.weights,
                             valid=valid.reshape(t, k), into=into)
 
@@ -349,8 +357,7 @@ def pallas_decode_moe(x: jax.Array, topk_ids: jax.Array, topk_weights: jax.Array
         windows, h = dispatch(x, topk_ids, topk_weights, num_experts=num_experts,
                               axis_name=axis_name, rows=rows, round_index=j, copies=copies,
                               platform=platform)
-        rounds = ReceivedSegments(h.table, h.num_local, copies.slots, j).rounds
-        return combine(expert_fn(windows), h, into=y), rounds
+        return combine(expert_fn(windows), h, into=y), h.segments.rounds
 
     def body(j, carry):
         y, rounds = carry
@@ -365,5 +372,5 @@ def pallas_decode_moe(x: jax.Array, topk_ids: jax.Array, topk_weights: jax.Array
 
 
 __all__ = ["DecodeCopies", "DecodeHandle", "ReceivedSegments", "combine", "compact",
-           "count_width", "dispatch", "dispatch_round", "pallas_decode_moe", "sender_copies",
-           "source_slots"]
+           "count_width", "dispatch", "dispatch_round", "pallas_decode_moe", "round_rows",
+           "sender_copies", "source_slots"]

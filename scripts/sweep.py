@@ -4,6 +4,7 @@ measured: ``moe_relayfree_models.tools.bench.serving``.
 
     python scripts/sweep.py [--quick] [--checkpoint DIR] [--tpot-target-ms X] [--out results/sweep]
     python scripts/sweep.py --mesh data=2,ep=4 [--tensor-axis NAME] [--expert-axis NAME]
+    python scripts/sweep.py --dispatch relayfree allgather-baseline   (default: every dropless path)
 
 Writes ``sweep.json``, ``sweep.md`` and ``sweep.png``.
 """
@@ -25,6 +26,8 @@ def parse_args(argv=None):
     p.add_argument("--checkpoint", default=DEFAULT_CHECKPOINT)
     p.add_argument("--devices", type=int, default=8)
     add_mesh_args(p)
+    p.add_argument("--dispatch", nargs="+", choices=sorted(DROPLESS), default=sorted(DROPLESS),
+                   help="dispatch paths to compare (relay-free is always run: the ratios are to it)")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--batches", type=int, nargs="+", default=None)
     p.add_argument("--prompt-lengths", type=int, nargs="+", default=None)
@@ -52,9 +55,13 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"--mesh: {e}", file=sys.stderr)
         return 2
+    names = ["relayfree"] + [n for n in DROPLESS if n in args.dispatch and n != "relayfree"]
+    if len(names) < 2:
+        print("--dispatch: name at least one baseline to compare relay-free with", file=sys.stderr)
+        return 2
     models = {name: checkpoint.load_model(args.checkpoint, mesh=mesh, axis=args.expert_axis,
-                                          tensor_axis=args.tensor_axis, implementation=impl)
-              for name, impl in DROPLESS.items()}
+                                          tensor_axis=args.tensor_axis, implementation=DROPLESS[name])
+              for name in names}
     # Timing does not depend on the text; the byte-level default model gets its BOS.
     bos = [tokenizer.BOS] if next(iter(models.values())).cfg.vocab_size == tokenizer.VOCAB_SIZE else []
     rng = np.random.default_rng(0)

@@ -71,19 +71,18 @@ def server():
 
 @pytest.fixture(scope="module")
 def references(tmp_path_factory):
-    """Greedy tokens of each prompt alone (generate(), the checkpoint's dtype, no stop ids),
-    made once per run."""
+    """Greedy tokens of each prompt (generate(), the checkpoint's dtype, no stop ids), made
+    once per run: the prompts as one left-padded static batch, whose rows are each prompt's
+    alone (tests/test_serving.py's ``alone``)."""
     def compute():
         import moe_relayfree as mr
         from moe_relayfree_models import checkpoint, generation, tokenizer
 
         model = checkpoint.load_model(DEFAULT, mesh=mr.make_ep_mesh(8))
         tok = tokenizer.load_tokenizer(DEFAULT, model.cfg.vocab_size)
-        out = {}
-        for p in PROMPTS:
-            ids = generation.generate(model, [tok.encode(p)], LONGEST)["tokens"][0]
-            out[p] = [tok.decode(ids[:n]) for n in range(LONGEST + 1)]  # greedy: prefixes agree
-        return out
+        rows = generation.generate(model, [tok.encode(p) for p in PROMPTS], LONGEST)["tokens"]
+        # greedy: prefixes agree
+        return {p: [tok.decode(ids[:n]) for n in range(LONGEST + 1)] for p, ids in zip(PROMPTS, rows)}
 
     return computed_once(tmp_path_factory, "server_references", compute)
 

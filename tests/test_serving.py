@@ -246,40 +246,41 @@ def _served_tokens(model, stop_ids: dict, chunk_buckets: int = 1, cases=CASES):
 
 @pytest.fixture(scope="module")
 def alone(tmp_path_factory):
-    """generate()'s greedy tokens for each prompt alone, as many as any case asks (float32),
-    made once per run."""
+    """generate()'s greedy tokens for each prompt, as many as any case asks (float32), made
+    once per run: the six prompts as one static batch, left-padded to the longest. A row's
+    tokens are its prompt's alone (left padding changes no row:
+    test_models.py::test_left_padding_does_not_change_a_row; the same tokens as six calls of
+    one prompt each, which compiled twelve programs instead of two)."""
     def compute():
         from moe_relayfree_models import generation
 
         model = _model("float32")
         longest = max(n for _, n in CASES)
-        return [[int(t) for t in generation.generate(model, [p], longest)["tokens"][0]]
-                for p in _prompts()]
+        return [[int(t) for t in row]
+                for row in generation.generate(model, _prompts(), longest)["tokens"]]
 
     return computed_once(tmp_path_factory, "serving_alone", compute)
 
 
-def _dropless():
-    from moe_relayfree_models.cli import DROPLESS
-
-    return list(DROPLESS.values())
-
-
-@pytest.mark.parametrize("dispatch", _dropless())
+# Relay-free, and one baseline: the engine sees a dispatch path only through the schedule its
+# MoE layers report (a baseline has none); every path's layer is checked against the dense
+# reference on a data x ep x tp mesh (tests/test_paths.py) and whole-model logits across paths
+# in test_models.py. The all-gather baseline's are the smallest programs (each further path
+# here cost 16-24 s of the suite).
+@pytest.mark.parametrize("dispatch", ["relayfree", "allgather_baseline"])
 def test_served_tokens_equal_generate_of_each_prompt_alone(dispatch, alone):
     """16 concurrent requests of 3-70 prompt tokens and 3-20 new tokens, through the official
     ``openai`` client, 4 sequence slots: admitted as slots free, prompts in chunks of 16 beside
     other requests' decode tokens; each request's greedy tokens are generate()'s for its prompt
-    alone (the default model, float32, 8 devices), for relay-free and each dropless baseline.
+    alone (the default model, float32, 8 devices), for relay-free and the all-gather baseline.
     The last request stops at a stop id its 5th
     token is (the engine, a step ahead, had already planned a step past it: that token is
     dropped). Relay-free runs with a decode threshold of 8 tokens per device: each step's MoE
     layers choose their schedule from that step's rows, so the steps carrying prefill chunks
     (17 rows per device) take the prefill schedule and the decode-only ones (1 per device)
     the decode schedule, and with the three chunk-row sizes (a step's chunk slots have 4, 8 or
-    16 rows, as its longest chunk needs). The baselines, whose only difference is inside the
-    MoE layer (tested per path in tests/test_paths.py), run the first 8 requests with one
-    chunk-row size: fewer programs to compile."""
+    16 rows, as its longest chunk needs). The baseline, whose only difference is inside the
+    MoE layer, runs the first 8 requests with one chunk-row size: fewer programs to compile."""
     relayfree = dispatch == "relayfree"
     cases = CASES if relayfree else CASES[:8]
     want = [alone[p][:n] for p, n in cases]
@@ -319,8 +320,8 @@ def test_nothing_compiles_after_warm_up():
 @pytest.mark.parametrize("fixture", ["deepseek_v3-default", "mixtral-window"])
 def test_engine_tokens_equal_generate_for_mla_and_sliding_windows(fixture):
     """DeepSeek-V3's latent MLA cache over pages (absorbed decode, chunked prefill) and a
-    sliding window of 4 over pages: the engine's greedy tokens are generate()'s for each prompt
-    alone (float32, random-init Hugging Face fixtures)."""
+    sliding window of 4 over pages: the engine's greedy tokens are generate()'s for the prompts
+    (float32, random-init Hugging Face fixtures)."""
     import os
 
     from moe_relayfree_models import checkpoint, generation
@@ -336,5 +337,7 @@ def test_engine_tokens_equal_generate_for_mla_and_sliding_windows(fixture):
     requests = [engine.submit(p, m) for p, m in zip(prompts, budget)]
     while engine.has_work():
         engine.step()
-    for p, m, r in zip(prompts, budget, requests):
-        assert r.output == generation.generate(model, [p], m)["tokens"][0], fixture
+    # the prompts as one left-padded static batch (see ``alone``)
+    want = generation.generate(model, prompts, max(budget))["tokens"]
+    for w, m, r in zip(want, budget, requests):
+        assert r.output == w[:m], fixture

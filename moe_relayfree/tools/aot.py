@@ -232,8 +232,22 @@ def layer_report(config: DispatchConfig, shapes: LayerShapes, tokens_per_device:
         "send_gathers": sum(1 for line in text.splitlines()
                             if re.search(rf"= (bf16|f16|f32|f8\w*)\[{copies},", line)
                             and "gather" in line),
+        # f32 instructions in the Pallas path's DMA row layout [..., s, d/s] (bf16: s = 2): the
+        # returned rows widened before they are relaid for the weighted sum, each such buffer
+        # twice the bf16 rows' bytes (0 in the XLA path, whose rows are [n, d])
+        "f32_row_layout": _f32_row_layout(text, shapes),
         "compile_s": round(seconds, 2),
     }
+
+
+def _f32_row_layout(text: str, shapes: LayerShapes) -> int:
+    from moe_relayfree.pallas_remote import row_layout
+
+    sub, lanes = row_layout(shapes.d_model, jnp.dtype(shapes.dtype))
+    if sub == 1:
+        return 0
+    pattern = re.compile(rf"= f32\[(\d+,)*{sub},{lanes}\]")
+    return sum(1 for line in text.splitlines() if pattern.search(line))
 
 
 def topology_name(mesh: Mesh) -> str:

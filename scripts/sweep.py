@@ -35,7 +35,10 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=3, help="interleaved rounds per point")
     p.add_argument("--tpot-target-ms", type=float, default=None)
     p.add_argument("--out", default=os.path.join(ROOT, "results", "sweep"))
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if not set(args.dispatch) - {"relayfree"}:
+        p.error("--dispatch: name at least one baseline to compare relay-free with")
+    return args
 
 
 def main(argv=None) -> int:
@@ -56,9 +59,6 @@ def main(argv=None) -> int:
         print(f"--mesh: {e}", file=sys.stderr)
         return 2
     names = ["relayfree"] + [n for n in DROPLESS if n in args.dispatch and n != "relayfree"]
-    if len(names) < 2:
-        print("--dispatch: name at least one baseline to compare relay-free with", file=sys.stderr)
-        return 2
     models = {name: checkpoint.load_model(args.checkpoint, mesh=mesh, axis=args.expert_axis,
                                           tensor_axis=args.tensor_axis, implementation=DROPLESS[name])
               for name in names}

@@ -150,6 +150,18 @@ def test_sweep_script_smoke(tmp_path):
     assert all(r["prefill_schedule"] == r["decode_schedule"] == "decode" for r in report["rows"])
 
 
+def test_sweep_needs_a_baseline(capsys):
+    """sweep.py's ratios are to the best baseline: --dispatch without one is refused by the
+    argument parser (exit 2, one line), before JAX starts."""
+    import sweep
+
+    with pytest.raises(SystemExit) as done:
+        sweep.parse_args(["--dispatch", "relayfree"])
+    assert done.value.code == 2
+    assert "--dispatch: name at least one baseline" in capsys.readouterr().err
+    assert sweep.parse_args(["--dispatch", "capacity-baseline"]).dispatch == ["capacity-baseline"]
+
+
 def test_sweep_feasibility_is_the_largest_batch_under_each_target():
     from moe_relayfree_models.tools.bench.serving import feasibility
 

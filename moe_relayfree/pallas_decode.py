@@ -304,17 +304,17 @@ def dispatch(x: jax.Array, topk_ids: jax.Array, topk_weights: jax.Array, *, num_
     return ExpertWindows(compact(landing, seg), seg.group_sizes, t * k), handle
 
 
-def _combine_round(out_rows: jax.Array, h: DecodeHandle) -> jax.Array:
+def _combine_round(out_rows: jax.Array, h: DecodeHandle, sent: jax.Array) -> jax.Array:
     """Each (source, local expert) segment of this chip's results pushed back into its
-    source's returned buffer ``[P*C, s, d/s]`` at the source's own positions. The returned
-    buffer is the landing buffer, dead once compacted: the same shape, and its rows were
-    read before this chip entered the combine kernel (whose barrier every writer passes)."""
+    source's returned buffer ``[P*C, s, d/s]`` at the source's own positions (``sent``: the
+    rows this chip sent this round, which come back to it). The returned buffer is the
+    landing buffer, dead once compacted: the same shape, and its rows were read before this
+    chip entered the combine kernel (whose barrier every writer passes)."""
     c = h.copies.slots
     seg = h.segments
     num_ranks = seg.size.shape[0]
     me = lax.axis_index(h.axis_name)
-    _, inside = round_rows(h.copies, h.round_index)
-    n = jnp.stack([seg.size.sum(), inside.sum()]).astype(_I32)
+    n = jnp.stack([seg.size.sum(), sent]).astype(_I32)
     kernel = functools.partial(_combine_kernel, local=h.num_local, num_ranks=num_ranks,
                                axes=mesh_axes(h.axis_name), axis_name=h.axis_name)
     tables = (seg.window_start.reshape(-1), seg.size.reshape(-1),
@@ -331,8 +331,8 @@ def combine(out: jax.Array, h: DecodeHandle, into=None) -> jax.Array:
     t, d = h.x.shape
     k = h.weights.shape[1]
     sub, lanes = row_layout(d, h.x.dtype)
-    returned = _combine_round(out.astype(h.x.dtype).reshape(-1, sub, lanes), h)
     row, valid = round_rows(h.copies, h.round_index)
+    returned = _combine_round(out.astype(h.x.dtype).reshape(-1, sub, lanes), h, valid.sum())
     index = jnp.where(valid, h.copies.dst * h.copies.slots + row, 0)
     return weighted_row_sum(returned, index.reshape(t, k), h.weights,
                             valid=valid.reshape(t, k), into=into)

@@ -29,6 +29,7 @@ from jax.sharding import PartitionSpec as P
 
 from moe_relayfree.tools import analysis
 from moe_relayfree.api import expert_parallel_moe
+from moe_relayfree.pallas_remote import row_layout
 from moe_relayfree.config import DispatchConfig
 from moe_relayfree.layout import make_mesh
 from moe_relayfree.plan import overflow_probability
@@ -232,17 +233,17 @@ def layer_report(config: DispatchConfig, shapes: LayerShapes, tokens_per_device:
         "send_gathers": sum(1 for line in text.splitlines()
                             if re.search(rf"= (bf16|f16|f32|f8\w*)\[{copies},", line)
                             and "gather" in line),
-        # f32 instructions in the Pallas path's DMA row layout [..., s, d/s] (bf16: s = 2): the
-        # returned rows widened before they are relaid for the weighted sum, each such buffer
-        # twice the bf16 rows' bytes (0 in the XLA path, whose rows are [n, d])
-        "f32_row_layout": _f32_row_layout(text, shapes),
+        "f32_row_layout": f32_row_layout(text, shapes),
         "compile_s": round(seconds, 2),
     }
 
 
-def _f32_row_layout(text: str, shapes: LayerShapes) -> int:
-    from moe_relayfree.pallas_remote import row_layout
-
+def f32_row_layout(text: str, shapes: LayerShapes) -> int:
+    """Instructions of a compiled program ``text`` whose result is f32 in the Pallas path's
+    DMA row layout ``[..., s, d/s]`` (bf16: s = 2; 0 where rows are not split): there, rows
+    widened before they were relaid, each buffer twice the bf16 rows' bytes. Counted by
+    shape, so an f32 array with those trailing dims for another reason counts too (the XLA
+    path's FP8 decode program has one at tests/aot_worker.py's widths)."""
     sub, lanes = row_layout(shapes.d_model, jnp.dtype(shapes.dtype))
     if sub == 1:
         return 0

@@ -265,8 +265,11 @@ def dispatch_round(x_rows: jax.Array, plan: Plan, ids: jax.Array, num_experts: i
 # passes of max(T, PASS_ROWS) rows (one pass while T*k is no more), so the returned buffer
 # is [T, d] where it would be [T*k, d], and each pass's barrier is amortised over at least
 # this many rows. DeepSeek-V3 on 64 chips, temporaries against the XLA path's at T=128:
-# 53.9 MiB (0.94x) with 8 passes, 64.4 (1.12x) with 2 (PASS_ROWS = 512) or 1.
-PASS_ROWS = 64
+# 53.9 MiB (0.94x) with 8 passes, 64.4 (1.12x) with 2 (PASS_ROWS = 512) or 1. Below T=16
+# the floor decides the passes: one pass of T*k rows was above the XLA path (T=8: 4.98 MiB
+# against 4.76; T=4 on 256 chips: 3.73 against 2.92), 16 rows is not at any T measured
+# (4.04 and 2.67), for 2-4 more barriers (docs/benchmarks.md).
+PASS_ROWS = 16
 
 
 def pass_rows(tokens: int, k: int) -> int:

@@ -82,7 +82,9 @@ class DispatchPath:
     besides the expert axis, block-quantized expert stacks;
     transports: the decode transports it runs; row_floor: least receive rows per round;
     platforms: where it runs compiled (None: everywhere XLA runs; the Pallas TPU path also runs
-    interpreted on CPU, for its tests, not for serving).
+    interpreted on CPU, for its tests, not for serving);
+    auto: whether ``schedule="auto"`` picks this decode form at the platform's threshold
+    (False: only under an explicit ``DispatchConfig.decode_threshold``, or by name).
     """
 
     name: str
@@ -100,6 +102,7 @@ class DispatchPath:
     transports: tuple[str, ...] = ()
     row_floor: int = MIN_ROWS
     platforms: tuple[str, ...] | None = None
+    auto: bool = True
     summary: str = ""
 
     def native(self, platform: str) -> bool:
@@ -259,7 +262,11 @@ PATHS: dict[str, DispatchPath] = {p.name: p for p in (
         "relayfree_pallas_decode", "relayfree_pallas", "decode", _remote_decode_layer,
         _remote_decode_dispatch, _remote_experts, _remote_decode_combine,
         frozenset({"schedule", "capacity_factor", "decode_threshold"}), drops=False,
-        gradients=False, platforms=("tpu",),
+        # its fixed per-source regions hold more than the prefill form's window at every
+        # size measured (DeepSeek-V3, 64 chips: 21.1 against 4.0 MiB at T=8, 83.9 against
+        # 43.4 at T=128; docs/benchmarks.md), and what it saves, a count exchange, is time
+        # no TPU here has measured: "auto" keeps the prefill form unless told a threshold
+        gradients=False, platforms=("tpu",), auto=False,
         summary="relay-free decode as TPU remote writes (Pallas): fixed per-source regions, "
                 "each sender's counts DMA'd after its data (no count exchange); extra rounds "
                 "under skew"),
@@ -330,8 +337,12 @@ def resolve(config: DispatchConfig, num_tokens: int, k: int) -> Resolved:
     tokens = max(1, -(-num_tokens // shards))
     forms = {p.schedule: name for name, p in PATHS.items()
              if p.implementation == config.implementation}
-    schedule = (select_schedule(tokens, config.schedule, config.decode_threshold,
-                                platform=lay.platform) if None not in forms else None)
+    schedule = None
+    if None not in forms:
+        threshold = config.decode_threshold
+        if threshold is None and not PATHS[forms["decode"]].auto:
+            threshold = 0  # "auto" never picks that decode form by the platform's default
+        schedule = select_schedule(tokens, config.schedule, threshold, platform=lay.platform)
     name = forms[schedule]
     path = PATHS[name]
     # a batch smaller than the token shards stays on every device: the XLA decode schedule's

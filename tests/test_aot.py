@@ -81,9 +81,11 @@ def test_remote_writes_compile_for_tpu_with_no_send_buffer():
     no ragged all-to-all, no gather of the tokens into a [T*k, d] send buffer and no XLA
     grouped GEMM (the experts run in the Pallas kernel on the DMAs' row layout; the XLA
     relay-free prefill program has all three), and temporaries no larger than that program's,
-    in both of XLA's accounts (temp_size_in_bytes, and the bytes live at its peak)."""
+    in both of XLA's accounts (temp_size_in_bytes, and the bytes live at its peak), at
+    DeepSeek-V3's widths and T=8 (where the combine's one pass of T*k returned rows held 4.98
+    MiB against the XLA program's 4.83; in passes of 16 rows, 4.04)."""
     r = reports()
-    pallas, xla = r["pallas"], r["prefill"]
+    pallas, xla = r["pallas"], r["prefill_dsv3"]
     assert "tpu_custom_call" in pallas["custom_calls"], pallas["custom_calls"]
     assert xla["ragged_dot"] and not pallas["ragged_dot"]
     assert pallas["memory"]["peak_temp"] <= xla["memory"]["peak_temp"], (pallas["memory"],

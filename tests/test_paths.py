@@ -46,6 +46,24 @@ def test_every_reader_knows_every_path():
         DispatchConfig(mesh, implementation="nope")
 
 
+def test_auto_picks_a_decode_form_only_where_its_entry_allows():
+    """"auto" takes the XLA decode schedule at the platform's threshold, but the Pallas path's
+    decode form (fixed per-source regions: more memory than its prefill form at every size
+    measured) only under an explicit threshold; either form still runs by name."""
+    from moe_relayfree.config import DispatchConfig
+
+    mesh = make_mesh(2)
+
+    def resolved(impl, **kw):
+        return mr.resolve(DispatchConfig(mesh, implementation=impl, **kw), 2 * 4, K).path
+
+    assert resolved("relayfree") == "decode"  # T=4 under CPU's default threshold
+    assert resolved("relayfree_pallas") == "relayfree_pallas"
+    assert resolved("relayfree_pallas", decode_threshold=4) == "relayfree_pallas_decode"
+    assert resolved("relayfree_pallas", decode_threshold=3) == "relayfree_pallas"
+    assert resolved("relayfree_pallas", schedule="decode") == "relayfree_pallas_decode"
+
+
 @pytest.mark.parametrize("name", list(PATHS))
 def test_path_on_a_data_expert_tensor_mesh_with_gradients(name):
     """Each path on (data=2, ep=2, tp=2): output and, where the entry says so, the gradients of

@@ -152,6 +152,7 @@ def test_decode_step_moves_nothing_but_the_moe_layers_tokens():
 
     from moe_relayfree_models import generation
     from moe_relayfree_models.serving import engine as serving
+    from moe_relayfree_models.serving.step import step_program
     from moe_relayfree_models.transformer import init_cache
 
     model = _model("float32")
@@ -164,9 +165,8 @@ def test_decode_step_moves_nothing_but_the_moe_layers_tokens():
     shape = engine._shape(work)
     assert shape[1] == 0 and {r.shard for r in requests} == set(range(8))  # 2 per device
     packed, _ = engine._layout(work, *shape, flight=engine._in_flight)
-    got = _collectives(serving._step_program.lower(engine.graphdef, shape, engine.state, packed,
-                                                   engine._previous, engine.pages
-                                                   ).compile().as_text())
+    got = _collectives(step_program.lower(engine.graphdef, shape, engine.state, packed,
+                                         engine._previous, engine.pages).compile().as_text())
     graphdef, state = nnx.split(model)
     b = 2 * 8
     want = _collectives(generation.step_program.lower(

@@ -24,7 +24,6 @@ scheduling, the layout and the hand-over of tokens to requests run while the dev
 from __future__ import annotations
 
 import dataclasses
-import functools
 import itertools
 import threading
 import time
@@ -36,11 +35,12 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 import moe_relayfree as mr
-from moe_relayfree_models.generation import check_context, choose_tokens_per_row
-from moe_relayfree_models.paged import StepBatch, init_pages, paged_forward, sharded_pages
+from moe_relayfree_models.generation import check_context
+from moe_relayfree_models.paged import init_pages
 from moe_relayfree_models.serving.plan import STEP, STOP, Plan, PlanChannel
 from moe_relayfree_models.serving.scheduler import (PagePool, QueueFull, Request, SamplingParams,
                                                     Scheduler, Work)
+from moe_relayfree_models.serving.step import step_program
 
 
 def _pow2(n: int, floor: int = 1) -> int:
@@ -80,68 +80,6 @@ class EngineConfig:
     max_waiting: int = 256
     max_model_len: int | None = None
     chunk_buckets: int = 3
-
-
-def _pack_sizes(n: int, shape: tuple[int, int, int, int]) -> list[int]:
-    """Lengths of the packed step inputs (:func:`_unpack`) for ``n`` token shards and ``shape
-    = (D, C, Q, P)``, in order: tokens, positions, valid, source (``T`` each), decode_table,
-    chunk_table, last, then per slot temperature, top_k, top_p, seed and the position being
-    chosen."""
-    d, c, q, p = shape
-    t, slots = n * (d + c * q), n * (d + c)
-    return [t, t, t, t, n * d * p, n * c * p, slots] + [slots] * 5
-
-
-def _unpack(packed: jax.Array, n: int, shape: tuple[int, int, int, int]):
-    """``packed [sum(_pack_sizes)] int32`` -> (StepBatch, source ``[T] int32``, sampling
-    arrays): the step's inputs travel to the devices as ONE array (eleven small
-    ``device_put`` calls to every device cost more than a small decode step's attention)."""
-    d, c, q, p = shape
-    parts = jnp.split(packed, np.cumsum(_pack_sizes(n, shape))[:-1])
-    tokens, positions, valid, source, decode_table, chunk_table, last = parts[:7]
-    temperature, top_k, top_p, seed, position = parts[7:]
-    as_f32 = lambda a: jax.lax.bitcast_convert_type(a, jnp.float32)
-    batch = StepBatch(tokens, positions, valid.astype(bool), decode_table.reshape(n * d, p),
-                      chunk_table.reshape(n * c, p), last)
-    seed = jax.lax.bitcast_convert_type(seed, jnp.uint32)
-    return batch, source, (as_f32(temperature), top_k, as_f32(top_p), seed, position)
-
-
-def _feed_pending(tokens: jax.Array, source: jax.Array, previous: jax.Array) -> jax.Array:
-    """One shard's rows (``tokens, source [R] int32``): a row whose ``source`` is ``s >= 0``
-    is fed ``previous[s]`` (``[max slots / n] int32``, the shard's slots of the step before: a
-    token it sampled that the host has not read yet). A request stays on its shard, so this
-    stays on the device."""
-    return jnp.where(source >= 0, previous[jnp.maximum(source, 0)], tokens)
-
-
-@functools.partial(jax.jit, static_argnums=(0, 1, 6), donate_argnums=(5,))
-def _step_program(graphdef, shape, state, packed, previous, pages, whole_tokens: bool = False):
-    """One engine step: ``packed`` inputs (:func:`_pack_sizes`), ``previous [max slots]
-    int32`` (the step before's output) and ``pages`` -> (this step's sampled tokens padded to
-    ``[max slots] int32``, the pages)."""
-    model = nnx.merge(graphdef, state)
-    # every part kept whole on every device: left to the partitioner, the slices were split at
-    # their odd offsets with dozens of collective-permutes
-    whole = NamedSharding(model.dispatch.mesh, PartitionSpec())
-    lay = model.dispatch.layout
-    batch, source, (temperature, top_k, top_p, seed, position) = jax.lax.with_sharding_constraint(
-        _unpack(packed, lay.num_token_shards, shape), whole)
-    batch = dataclasses.replace(batch, tokens=sharded_pages(lay, _feed_pending, batch.tokens,
-                                                            source, previous))
-    logits, pages = paged_forward(model, batch, pages)
-    # the per-row warpers sort every row: only when some request samples
-    tokens = jax.lax.cond(jnp.any(temperature > 0),
-                          lambda: choose_tokens_per_row(logits, temperature, top_k, top_p, seed,
-                                                        position),
-                          lambda: jnp.argmax(logits, axis=-1).astype(jnp.int32))
-    # every step's output [max slots] (each shard's slots padded where they are): one shape,
-    # so any step can read the one before's
-    per_shard = previous.shape[0] // lay.num_token_shards
-    tokens = sharded_pages(lay, lambda t: jnp.pad(t, (0, per_shard - t.shape[0])), tokens)
-    if whole_tokens:  # several processes: every process can read them (process 0 does)
-        tokens = jax.lax.with_sharding_constraint(tokens, whole)
-    return tokens, pages
 
 
 class Metrics:
@@ -262,10 +200,10 @@ class Engine:
                 _bucket(held, self._chunk_pages))
 
     def _layout(self, work: list[Work], d: int, c: int, q: int, p: int, flight=None):
-        """The step's packed inputs on the mesh, and each work item's slot in the step's
-        output (``[max_slots]``: shard ``j``'s slots from ``j * max_slots / n``). A request's
-        pending token (sampled by ``flight``, the step in flight) is fed from that step's
-        output."""
+        """The step's packed inputs (in :func:`~.step.pack_sizes`' order), and each work item's
+        slot in the step's output (``[max_slots]``: shard ``j``'s slots from ``j * max_slots /
+        n``). A request's pending token (sampled by ``flight``, the step in flight) is fed
+        from that step's output."""
         n = self.shards
         r = d + c * q
         t, slots = n * r, n * (d + c)
@@ -330,7 +268,7 @@ class Engine:
         else:
             packed = jax.make_array_from_callback(packed.shape, self._replicated,
                                                   lambda index: packed[index])
-        out, self.pages = _step_program(self.graphdef, shape, self.state, packed, self._previous,
+        out, self.pages = step_program(self.graphdef, shape, self.state, packed, self._previous,
                                         self.pages, self.processes > 1)
         self._previous = out
         return out

@@ -28,7 +28,7 @@ _PREFIX = "moe_relayfree/step_plan/"
 @dataclasses.dataclass(frozen=True)
 class Plan:
     """kind: :data:`STEP` or :data:`STOP`; shape: the step's ``(D, C, Q, P)``; packed: its
-    inputs (``[length] int32``, see ``engine._pack_sizes``)."""
+    inputs (``[length] int32``, see ``step.pack_sizes``)."""
 
     kind: int
     shape: tuple[int, int, int, int] = (0, 0, 0, 0)

@@ -73,18 +73,21 @@ class DispatchConfig:
     Schedule:
       schedule: "prefill", "decode" or "auto" (decode at or below ``decode_threshold`` tokens
         per device).
-      implementation: "relayfree" (this project), or for comparison "ragged_baseline"
-        (MaxText-style sort, one segment per peer, receiver re-sort, worst-case receive
-        buffer), "ragged_baseline_bounded" (the same with a ``capacity_factor * T * k``-row
-        receive buffer: copies past it are DROPPED, as MaxText does;
-        :func:`moe_relayfree.baselines.ragged.dropped_copies` counts them) or
-        "capacity_baseline" (GShard-style capacity buffers, ``C = T`` so nothing drops); the
-        baselines ignore ``schedule`` and the decode settings, and all but the bounded one
-        ``capacity_factor``.
+      implementation: "relayfree" (this project), "relayfree_pallas" (the same as TPU
+        remote writes in Pallas; interpreted on CPU, for tests), or for comparison
+        "ragged_baseline" (MaxText-style sort, one segment per peer, receiver re-sort,
+        worst-case receive buffer), "ragged_baseline_bounded" (the same with a
+        ``capacity_factor * T * k``-row receive buffer: copies past it are DROPPED, as MaxText
+        does; :func:`moe_relayfree.baselines.ragged.dropped_copies` counts them),
+        "capacity_baseline" (GShard-style capacity buffers, ``C = T`` so nothing drops) or
+        "allgather_baseline" (tpu-inference's and sglang-jax's EP: every token all-gathered,
+        partial sums reduce-scattered back); the baselines ignore ``schedule`` and the
+        decode settings, and all but the bounded one ``capacity_factor``.
       capacity_factor: prefill receive rows per round, ``capacity_factor * T * k``; skewed
         batches take extra rounds, never drop a token. ``None``: the worst-case buffer.
       decode_threshold: tokens per device for "auto" (default: the platform's,
-        :func:`moe_relayfree.decode_threshold`).
+        :func:`moe_relayfree.decode_threshold`; "relayfree_pallas" takes its decode form
+        under "auto" only when this is set: ``paths.DispatchPath.auto``).
       decode_overflow: the decode schedule's rows past the usual ``2*T*k``: "branch" (more
         expert calls only on a rank that received more) or "one_pass" (every worst-case row
         in one call, no conditional); see :func:`moe_relayfree.decode.decode_moe`.

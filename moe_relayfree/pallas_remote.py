@@ -268,7 +268,8 @@ def dispatch_round(x_rows: jax.Array, plan: Plan, ids: jax.Array, num_experts: i
 # 53.9 MiB (0.94x) with 8 passes, 64.4 (1.12x) with 2 (PASS_ROWS = 512) or 1. Below T=16
 # the floor decides the passes: one pass of T*k rows was above the XLA path (T=8: 4.98 MiB
 # against 4.76; T=4 on 256 chips: 3.73 against 2.92), 16 rows is not at any T measured
-# (4.04 and 2.67), for 2-4 more barriers (docs/benchmarks.md).
+# (4.04 and 2.67), for more barriers: 2 / 4 / 8 passes at T = 4 / 8 / 16 where 64 rows gave
+# 1 / 1 / 2 (docs/benchmarks.md).
 PASS_ROWS = 16
 
 

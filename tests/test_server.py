@@ -1,6 +1,6 @@
 """The OpenAI-compatible server (scripts/serve.py) as a client sees it: the official ``openai``
 client against a server started on a free local port and stopped by its own process id.
-Concurrent greedy requests equal generate() of each prompt alone; streaming; bad input and
+Concurrent greedy requests equal generate() of each prompt alone; streaming; stop strings; bad input and
 overload answers (the server healthy after); a client leaving mid-stream frees its pages;
 SIGTERM lets the stream in flight finish and exits 0. Every loop here is bounded."""
 
@@ -118,6 +118,29 @@ def check_concurrent_requests_through_the_openai_client(server, references):
     metrics = httpx.get(f"{url}/metrics").text
     assert 'moe_relayfree_steps_total{schedule="decode"}' in metrics
     assert "moe_relayfree_kv_pages_in_use 0" in metrics
+
+
+
+def check_a_stop_string_across_tokens_ends_the_text_before_it(server, references):
+    """A stop string made of the last character of one token and the first of the next: the
+    text (plain, and streamed pieces joined) is generate()'s cut before its first occurrence,
+    no character of it sent, and finish_reason is "stop"."""
+    url, _ = server
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=5)
+    prompt = PROMPTS[0]
+    texts = references[prompt]
+    full = texts[LONGEST]
+    spans = [texts[n][-1] + texts[n + 1][len(texts[n])] for n in range(1, LONGEST)
+             if texts[n] and len(texts[n + 1]) > len(texts[n])]
+    stop = max(spans, key=full.find)  # the one that lets the most text through
+    want = full[:full.find(stop)]
+    assert want
+    args = dict(model="default", prompt=prompt, max_tokens=LONGEST, temperature=0, stop=[stop],
+                extra_body={"ignore_eos": True})
+    plain = client.completions.create(**args).choices[0]
+    assert (plain.text, plain.finish_reason) == (want, "stop"), stop
+    chunks = [c.choices[0] for c in client.completions.create(stream=True, **args)]
+    assert "".join(c.text for c in chunks) == want and chunks[-1].finish_reason == "stop"
 
 
 BAD = [
@@ -238,6 +261,7 @@ def check_the_serving_benchmark_drives_it(server, tmp_path):
 def test_the_server_as_an_openai_client_sees_it(server, references, tmp_path):
     """One server, one test (the checks share it, and the last one stops it)."""
     check_concurrent_requests_through_the_openai_client(server, references)
+    check_a_stop_string_across_tokens_ends_the_text_before_it(server, references)
     check_the_serving_benchmark_drives_it(server, tmp_path)
     check_bad_requests_get_openai_errors_and_the_server_keeps_serving(server)
     check_malformed_json_and_the_client_error_types(server)

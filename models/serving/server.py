@@ -27,6 +27,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from moe_relayfree_models.generation import ContextLengthError
 from moe_relayfree_models.serving.engine import Engine
 from moe_relayfree_models.serving.scheduler import QueueFull, SamplingParams
+from moe_relayfree_models.serving.text import TextStream
 
 
 class ApiError(Exception):
@@ -154,22 +155,18 @@ class Server:
 
     async def _events(self, request, queue, stop_strings: list[str]):
         """(text delta, finish reason or None, the token ids since the last event) as the engine
-        hands tokens over; text is decoded from all tokens so far (a character split across
-        tokens waits for its last byte)."""
-        ids, sent, given = [], "", 0
+        hands tokens over (:class:`TextStream`: a character split across tokens waits for its
+        last byte, text that may be the start of a stop string for the next tokens)."""
+        text = TextStream(self.tok.decode, stop_strings)
+        given = 0
         while True:
             tokens, reason = await queue.get()
-            ids += tokens
-            text = self.tok.decode(ids)
-            if reason is None and text.endswith("\ufffd"):
-                continue
-            for s in stop_strings:
-                at = text.find(s)
-                if at >= 0:
-                    self.engine.cancel(request)
-                    yield text[len(sent):at], "stop", ids[given:]
-                    return
-            delta, sent = text[len(sent):], text
+            delta, stopped = text.push(tokens, final=reason is not None)
+            ids = text.ids
+            if stopped:
+                self.engine.cancel(request)
+                yield delta, "stop", ids[given:]
+                return
             if reason is not None:
                 yield delta, reason, ids[given:]
                 return

@@ -64,3 +64,32 @@ def test_text_that_may_start_a_stop_waits_for_the_next_token():
     assert held_suffix("ab\n", ["\n\n", "b\nc"]) == 2
     with pytest.raises(ValueError):
         TextStream(decode, [""])
+
+
+TOKENIZERS = ["bytelevel-no-bos", "metaspace-llama-bos"]
+TEXT = ("Relay-free dispatch: écrire chaque copie directement — 直接写入专家窗口 🚀🚀.\n\n"
+        "  def f(x):\n      return x ** 2  # ok?\n")
+
+
+@pytest.mark.parametrize("name", TOKENIZERS)
+def test_incremental_text_equals_decoding_all_tokens_at_once(name):
+    """Real tokenizers (byte-level BPE; SentencePiece-style with a word's leading space and
+    byte fallback), multi-byte characters split over tokens, pushes of 1-5 tokens: the deltas
+    joined equal decode(all ids), for the encoded text and for random ids."""
+    import os
+    import random
+
+    from moe_relayfree_models.tokenizer import HFTokenizer
+
+    tok = HFTokenizer(os.path.join(os.path.dirname(__file__), "fixtures", "hf", "tokenizers",
+                                   name, "tokenizer.json"))
+    rng = random.Random(0)
+    size = tok.tok.get_vocab_size()
+    sequences = [tok.encode(TEXT)] + [[rng.randrange(size) for _ in range(60)] for _ in range(20)]
+    for ids in sequences:
+        text, deltas, i = TextStream(tok.decode), [], 0
+        while i < len(ids):
+            n = rng.randint(1, 5)
+            deltas.append(text.push(ids[i:i + n], final=i + n >= len(ids))[0])
+            i += n
+        assert "".join(deltas) == tok.decode(ids), ids

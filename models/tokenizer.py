@@ -22,8 +22,8 @@ class ByteTokenizer:
     bos_id = BOS
     eos_id = EOS
 
-    def encode(self, text: str) -> list[int]:
-        return encode(text)
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return encode(text, bos=add_special_tokens)
 
     def decode(self, ids) -> str:
         return decode(ids)
@@ -53,8 +53,10 @@ class HFTokenizer:
             raise ValueError(f"{path} is not a readable tokenizer.json "
                              f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
 
-    def encode(self, text: str) -> list[int]:
-        return self.tok.encode(text, add_special_tokens=True).ids
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """``add_special_tokens=False``: none added (a chat template's text already has them);
+        special tokens written in the text are still read as such."""
+        return self.tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids) -> str:
         return self.tok.decode([int(i) for i in ids], skip_special_tokens=True)

@@ -18,7 +18,6 @@ exit when it stops.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -46,6 +45,9 @@ def parse_args(argv=None):
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--served-model-name", default=None,
                    help="the model's name in the API (default: the checkpoint folder's name)")
+    p.add_argument("--chat-template", default=None, metavar="FILE",
+                   help="a Jinja chat template for /v1/chat/completions (default: the "
+                        "checkpoint's chat_template.jinja or tokenizer_config.json's)")
     p.add_argument("--max-seqs", type=positive_int, default=16, help="sequences per step")
     p.add_argument("--max-step-tokens", type=positive_int, default=256,
                    help="tokens per step: decode tokens first, then prefill chunks")
@@ -72,10 +74,15 @@ def main(argv=None) -> int:
     import uvicorn
 
     from moe_relayfree_models import generation
+    from moe_relayfree_models.serving.chat import ChatTemplate
     from moe_relayfree_models.serving.engine import Engine, EngineConfig
     from moe_relayfree_models.serving.server import Server
     try:
         cfg, tok, dispatch = prepare(args)
+        try:
+            template = ChatTemplate.from_folder(args.checkpoint, args.chat_template)
+        except (OSError, ValueError) as e:
+            raise SetupError(f"chat template: {e}") from None
         engine_config = EngineConfig(
             max_seqs=args.max_seqs, max_step_tokens=args.max_step_tokens, chunk=args.chunk,
             page_size=args.page_size, num_pages=args.num_pages, max_waiting=args.max_waiting,
@@ -95,17 +102,10 @@ def main(argv=None) -> int:
         return 0
     if args.warm_up:
         print(f"warm-up: {engine.warm_up()} step shapes compiled", file=sys.stderr, flush=True)
-    template, special = None, {}
-    path = os.path.join(args.checkpoint, "tokenizer_config.json")
-    if os.path.exists(path):
-        with open(path) as fh:
-            tc = json.load(fh)
-        template = tc.get("chat_template")
-        special = {k: tc[k] for k in ("bos_token", "eos_token") if isinstance(tc.get(k), str)}
     name = args.served_model_name or os.path.basename(os.path.normpath(args.checkpoint))
     server = Server(engine, tok, model_name=name,
                     stop_ids=generation.stop_token_ids(args.checkpoint, tok),
-                    chat_template=template, special_tokens=special)
+                    chat_template=template)
     http = GracefulServer(uvicorn.Config(server.app, host=args.host, port=args.port,
                                          log_level="warning", timeout_graceful_shutdown=60))
     http.run()

@@ -1,6 +1,6 @@
 """The OpenAI-compatible server (scripts/serve.py) as a client sees it: the official ``openai``
 client against a server started on a free local port and stopped by its own process id.
-Concurrent greedy requests equal generate() of each prompt alone; streaming; stop strings; bad input and
+Concurrent greedy requests equal generate() of each prompt alone; streaming; stop strings; chat; bad input and
 overload answers (the server healthy after); a client leaving mid-stream frees its pages;
 SIGTERM lets the stream in flight finish and exits 0. Every loop here is bounded."""
 
@@ -23,6 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT = os.path.join(ROOT, "models", "default")
 PROMPTS = ["Return the number of ", "def f(x):\n    ", "Raise ValueError if ", "This function "]
 LONGEST = 12
+CHAT_TEMPLATE = os.path.join(ROOT, "tests", "fixtures", "chat_plain.jinja")
 
 
 def free_port() -> int:
@@ -52,7 +53,7 @@ def server():
     proc = subprocess.Popen(
         [sys.executable, os.path.join(ROOT, "scripts", "serve.py"), "--port", str(port),
          "--max-seqs", "4", "--max-step-tokens", "32", "--chunk", "16", "--page-size", "32",
-         "--max-waiting", "8"],
+         "--max-waiting", "8", "--chat-template", CHAT_TEMPLATE],
         env=script_env(8), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
@@ -143,6 +144,29 @@ def check_a_stop_string_across_tokens_ends_the_text_before_it(server, references
     assert "".join(c.text for c in chunks) == want and chunks[-1].finish_reason == "stop"
 
 
+
+def check_chat_completions_render_the_template(server):
+    """/v1/chat/completions through the openai client (plain and streamed) gives the text that
+    /v1/completions gives for the template's rendering of the messages as token ids, none
+    added (the server's --chat-template here; checkpoints' templates: tests/test_chat.py)."""
+    url, _ = server
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=5)
+    messages = [{"role": "system", "content": "Be brief."},
+                {"role": "user", "content": [{"type": "text", "text": "Return the number of "}]}]
+    from moe_relayfree_models.serving.chat import ChatTemplate
+    from moe_relayfree_models.tokenizer import encode
+
+    ids = encode(ChatTemplate.from_folder(DEFAULT, CHAT_TEMPLATE).render(messages), bos=False)
+    args = dict(model="default", max_tokens=8, temperature=0, extra_body={"ignore_eos": True})
+    want = client.completions.create(prompt=ids, **args).choices[0].text
+    answer = client.chat.completions.create(messages=messages, **args)
+    assert answer.choices[0].message.content == want and answer.usage.prompt_tokens == len(ids)
+    assert answer.choices[0].message.role == "assistant" and answer.object == "chat.completion"
+    chunks = list(client.chat.completions.create(messages=messages, stream=True, **args))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == want
+
+
 BAD = [
     ({"prompt": "x", "temperature": -1}, 400, "temperature"),
     ({"prompt": "x", "top_p": 0}, 400, "top_p"),
@@ -153,7 +177,10 @@ BAD = [
     ({"prompt": "x", "n": 2}, 400, "n"),
     ({"prompt": 5}, 400, "prompt"),
     ({"prompt": "x", "return_token_ids": "yes"}, 400, "return_token_ids"),
-    ({"messages": [{"role": "user", "content": "hi"}]}, 400, "messages"),  # no chat template
+    ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, 400,
+     "messages"),
+    ({"messages": [{"role": "user", "content": "hi"}], "chat_template_kwargs": []}, 400,
+     "chat_template_kwargs"),
 ]
 
 
@@ -262,6 +289,7 @@ def test_the_server_as_an_openai_client_sees_it(server, references, tmp_path):
     """One server, one test (the checks share it, and the last one stops it)."""
     check_concurrent_requests_through_the_openai_client(server, references)
     check_a_stop_string_across_tokens_ends_the_text_before_it(server, references)
+    check_chat_completions_render_the_template(server)
     check_the_serving_benchmark_drives_it(server, tmp_path)
     check_bad_requests_get_openai_errors_and_the_server_keeps_serving(server)
     check_malformed_json_and_the_client_error_types(server)
@@ -347,3 +375,17 @@ def test_inference_script_across_two_processes(references):
     assert multi["processes"] == 2 and multi["devices"] == 8
     assert [o["prompt"] for o in multi["outputs"]] == PROMPTS * 2
     assert [o["completion"] for o in multi["outputs"]] == [references[p][6] for p in PROMPTS * 2]
+
+
+def test_chat_without_a_template_is_a_clear_400():
+    """A checkpoint with no chat template (the default model, served without --chat-template):
+    /v1/chat/completions says so and where to go (the app alone: nothing reaches an engine)."""
+    from fastapi.testclient import TestClient
+
+    from moe_relayfree_models.serving.server import Server
+    from moe_relayfree_models.tokenizer import ByteTokenizer
+
+    client = TestClient(Server(None, ByteTokenizer(), model_name="default").app)
+    r = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+    assert "--chat-template" in r.json()["error"]["message"]

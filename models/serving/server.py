@@ -25,6 +25,7 @@ from fastapi import FastAPI, Request as HttpRequest
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 
 from moe_relayfree_models.generation import ContextLengthError
+from moe_relayfree_models.serving.chat import ChatError, ChatTemplate
 from moe_relayfree_models.serving.engine import Engine
 from moe_relayfree_models.serving.scheduler import QueueFull, SamplingParams
 from moe_relayfree_models.serving.text import TextStream
@@ -63,11 +64,10 @@ class Server:
     """The HTTP side of one served model: ``app`` is the FastAPI application."""
 
     def __init__(self, engine: Engine, tokenizer, *, model_name: str, stop_ids=(),
-                 chat_template: str | None = None, special_tokens: dict | None = None):
+                 chat_template: ChatTemplate | None = None):
         self.engine, self.tok, self.model_name = engine, tokenizer, model_name
         self.stop_ids = frozenset(stop_ids)
         self.chat_template = chat_template
-        self.special_tokens = special_tokens or {}
         self.draining = False
         self.thread: threading.Thread | None = None
         self.app = self._app()
@@ -119,21 +119,28 @@ class Server:
             return list(prompt)
         raise ApiError(400, "prompt must be a string or a list of token ids (one prompt)", "prompt")
 
-    def render_chat(self, messages) -> list[int]:
+    def render_chat(self, body: dict) -> list[int]:
+        """The prompt ids of a chat body: its messages through the checkpoint's template
+        (:class:`ChatTemplate`), encoded without adding special tokens (the template wrote them)."""
         if self.chat_template is None:
             raise ApiError(400, f"the model '{self.model_name}' ships no chat template; use "
-                                "/v1/completions", "messages")
-        if not isinstance(messages, list) or not messages or not all(
-                isinstance(m, dict) and isinstance(m.get("role"), str)
-                and isinstance(m.get("content"), str) for m in messages):
-            raise ApiError(400, "messages must be a non-empty list of {role, content} objects",
+                                "/v1/completions or start the server with --chat-template",
                            "messages")
-        import jinja2
-
-        env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True)
-        text = env.from_string(self.chat_template).render(
-            messages=messages, add_generation_prompt=True, **self.special_tokens)
-        return self.tok.encode(text)
+        kwargs = body.get("chat_template_kwargs")
+        kwargs = {} if kwargs is None else kwargs
+        if not isinstance(kwargs, dict):
+            raise ApiError(400, "chat_template_kwargs must be an object", "chat_template_kwargs")
+        generation_prompt = body.get("add_generation_prompt", True)
+        if not isinstance(generation_prompt, bool):
+            raise ApiError(400, "add_generation_prompt must be true or false",
+                           "add_generation_prompt")
+        try:
+            text = self.chat_template.render(body.get("messages"),
+                                             add_generation_prompt=generation_prompt,
+                                             kwargs=kwargs)
+        except ChatError as e:
+            raise ApiError(400, str(e), "messages") from None
+        return self.tok.encode(text, add_special_tokens=False)
 
     def _submit(self, prompt: list[int], max_tokens: int, sampling, stop_ids, loop, queue):
         def listener(request, tokens, reason):
@@ -224,7 +231,7 @@ class Server:
             with_ids = body.get("return_token_ids", False)
             if not isinstance(with_ids, bool):
                 raise ApiError(400, "return_token_ids must be true or false", "return_token_ids")
-            prompt = (self.render_chat(body.get("messages")) if chat
+            prompt = (self.render_chat(body) if chat
                       else self._prompt_ids(body.get("prompt")))
             if max_tokens is None:  # OpenAI: 16 for completions, the rest of the context for chat
                 max_tokens = 16 if not chat else max(1, self.engine.max_positions - len(prompt))

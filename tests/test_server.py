@@ -1,6 +1,6 @@
 """The OpenAI-compatible server (scripts/serve.py) as a client sees it: the official ``openai``
 client against a server started on a free local port and stopped by its own process id.
-Concurrent greedy requests equal generate() of each prompt alone; streaming; stop strings; chat; bad input and
+Concurrent greedy requests equal generate() of each prompt alone; streaming; stop strings; chat; batches of prompts and n; bad input and
 overload answers (the server healthy after); a client leaving mid-stream frees its pages;
 SIGTERM lets the stream in flight finish and exits 0. Every loop here is bounded."""
 
@@ -167,6 +167,42 @@ def check_chat_completions_render_the_template(server):
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == want
 
 
+
+def check_a_batch_of_prompts_and_n_completions_each(server, references):
+    """/v1/completions with two prompts and n=2: four choices in OpenAI's order (prompt by
+    prompt), greedy ones each generate()'s text, usage counting each prompt once; streamed
+    (chunks of the choices interleaved, each naming its index) the same texts. Sampled with a
+    seed, completion j of a prompt is the seed + j sample: reproducible, and not all alike."""
+    url, _ = server
+    client = openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=5)
+    prompts, n = [PROMPTS[0], PROMPTS[2]], 6
+    args = dict(model="default", prompt=prompts, max_tokens=n, n=2, temperature=0,
+                extra_body={"ignore_eos": True})
+    answer = client.completions.create(**args)
+    want = [references[p][n] for p in prompts for _ in range(2)]
+    assert [c.index for c in answer.choices] == [0, 1, 2, 3]
+    assert [c.text for c in answer.choices] == want
+    from moe_relayfree_models.tokenizer import encode
+
+    assert answer.usage.prompt_tokens == sum(len(encode(p)) for p in prompts)
+    assert answer.usage.completion_tokens == 4 * n
+    texts = ["", "", "", ""]
+    chunks = list(client.completions.create(stream=True, stream_options={"include_usage": True},
+                                            **args))
+    for c in chunks[:-1]:
+        texts[c.choices[0].index] += c.choices[0].text
+    assert texts == want and chunks[-1].usage.completion_tokens == 4 * n
+
+    def sampled(seed, count):
+        r = client.completions.create(model="default", prompt=PROMPTS[3], max_tokens=8, n=count,
+                                      temperature=1, seed=seed, extra_body={"ignore_eos": True})
+        return [c.text for c in r.choices]
+
+    three = sampled(7, 3)
+    assert sampled(7, 3) == three and sampled(8, 1) == three[1:2] and sampled(9, 1) == three[2:]
+    assert len(set(three)) > 1
+
+
 BAD = [
     ({"prompt": "x", "temperature": -1}, 400, "temperature"),
     ({"prompt": "x", "top_p": 0}, 400, "top_p"),
@@ -174,7 +210,9 @@ BAD = [
     ({"prompt": "x" * 1100}, 400, "prompt"),  # past the model's 1024 positions
     ({"prompt": "x", "max_tokens": 1024}, 400, "max_tokens"),
     ({"prompt": "x", "model": "gpt-4"}, 404, "model"),
-    ({"prompt": "x", "n": 2}, 400, "n"),
+    ({"prompt": "x", "n": 0}, 400, "n"),
+    ({"prompt": ["x", "y"], "n": 5}, 400, "n"),  # 10 completions, past the queue's 8
+    ({"prompt": []}, 400, "prompt"),
     ({"prompt": 5}, 400, "prompt"),
     ({"prompt": "x", "return_token_ids": "yes"}, 400, "return_token_ids"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, 400,
@@ -290,6 +328,7 @@ def test_the_server_as_an_openai_client_sees_it(server, references, tmp_path):
     check_concurrent_requests_through_the_openai_client(server, references)
     check_a_stop_string_across_tokens_ends_the_text_before_it(server, references)
     check_chat_completions_render_the_template(server)
+    check_a_batch_of_prompts_and_n_completions_each(server, references)
     check_the_serving_benchmark_drives_it(server, tmp_path)
     check_bad_requests_get_openai_errors_and_the_server_keeps_serving(server)
     check_malformed_json_and_the_client_error_types(server)

@@ -2,8 +2,10 @@
 
 Routes: ``POST /v1/completions`` and ``POST /v1/chat/completions`` (``stream: true`` as
 server-sent events, ``data: [DONE]`` last), ``GET /v1/models``, ``GET /health``, ``GET
-/metrics`` (Prometheus text). This layer only translates: OpenAI bodies to engine requests,
-engine tokens to text; the engine runs in a thread of its own (:meth:`Engine.run_forever`).
+/metrics`` (Prometheus text). This layer only translates: OpenAI bodies to engine requests
+(one per choice: a batch of prompts, ``n`` completions of each), engine tokens to text
+(:mod:`.text`), and the choices' text to OpenAI bodies (:mod:`.responses`); the engine runs in
+a thread of its own (:meth:`Engine.run_forever`).
 
 Errors are OpenAI-shaped (``{"error": {"message", "type", "param", "code"}}``): 400 for a bad
 body (malformed JSON, bad sampling values, a prompt past the model's positions), 404 for an
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import threading
 import time
@@ -27,6 +30,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from moe_relayfree_models.generation import ContextLengthError
 from moe_relayfree_models.serving.chat import ChatError, ChatTemplate
 from moe_relayfree_models.serving.engine import Engine
+from moe_relayfree_models.serving.responses import Choice, Header, answer, stream
 from moe_relayfree_models.serving.scheduler import QueueFull, SamplingParams
 from moe_relayfree_models.serving.text import TextStream
 
@@ -85,8 +89,6 @@ class Server:
         if max_tokens is not None:
             max_tokens = _number(body, "max_tokens" if "max_tokens" in body else
                                  "max_completion_tokens", None, int, 1)
-        if _number(body, "n", 1, int, 1) != 1:
-            raise ApiError(400, "n must be 1 (one completion per request)", "n")
         for name in UNSUPPORTED:
             if body.get(name) not in (None, False, 0, [], {}):
                 raise ApiError(400, f"{name} is not supported by this server", name)
@@ -109,15 +111,20 @@ class Server:
             raise ApiError(404, f"The model '{name}' does not exist; this server serves "
                                 f"'{self.model_name}'", "model", code="model_not_found")
 
-    def _prompt_ids(self, prompt) -> list[int]:
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
-            prompt = prompt[0]
+    def _prompts(self, prompt) -> list[list[int]]:
+        """``/v1/completions``'s prompt: a string, token ids, or a list of either (a batch)."""
+        def ids(p):
+            return (isinstance(p, list) and p and
+                    all(isinstance(t, int) and not isinstance(t, bool) for t in p))
+
         if isinstance(prompt, str):
-            return self.tok.encode(prompt)
-        if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool)
-                                                        for t in prompt):
-            return list(prompt)
-        raise ApiError(400, "prompt must be a string or a list of token ids (one prompt)", "prompt")
+            return [self.tok.encode(prompt)]
+        if ids(prompt):
+            return [list(prompt)]
+        if isinstance(prompt, list) and prompt and all(isinstance(p, str) or ids(p) for p in prompt):
+            return [self.tok.encode(p) if isinstance(p, str) else list(p) for p in prompt]
+        raise ApiError(400, "prompt must be a string, a list of token ids, or a non-empty list "
+                            "of either", "prompt")
 
     def render_chat(self, body: dict) -> list[int]:
         """The prompt ids of a chat body: its messages through the checkpoint's template
@@ -157,6 +164,30 @@ class Server:
                            kind="rate_limit_error") from None
         except ValueError as e:
             raise ApiError(400, str(e)) from None
+
+    def _submit_all(self, prompts, n, max_tokens, sampling, stop_ids, stop_strings,
+                    chat) -> list[Choice]:
+        """One engine request per (prompt, completion of it): all queued, or none (a refusal
+        cancels the ones already queued). A request's seed gives its ``n`` completions seed,
+        seed + 1, ...: different samples, each reproducible."""
+        loop, choices = asyncio.get_running_loop(), []
+        try:
+            for prompt in prompts:
+                # OpenAI: 16 tokens for completions, the rest of the context for chat
+                limit = max_tokens if max_tokens is not None else (
+                    max(1, self.engine.max_positions - len(prompt)) if chat else 16)
+                for j in range(n):
+                    own = sampling if sampling.seed is None or j == 0 else dataclasses.replace(
+                        sampling, seed=(sampling.seed + j) % 2**32)
+                    queue = asyncio.Queue()
+                    request = self._submit(prompt, limit, own, stop_ids, loop, queue)
+                    choices.append(Choice(len(choices), prompt, request,
+                                          self._events(request, queue, stop_strings)))
+        except ApiError:
+            for c in choices:
+                self.engine.cancel(c.request)
+            raise
+        return choices
 
     # --- engine -> responses ----------------------------------------------------------------
 
@@ -227,49 +258,36 @@ class Server:
             body = await body_of(http)
             self._check_model(body)
             sampling, max_tokens = self._sampling(body)
+            n = _number(body, "n", 1, int, 1)
             stop_ids, stop_strings = self._stops(body)
             with_ids = body.get("return_token_ids", False)
             if not isinstance(with_ids, bool):
                 raise ApiError(400, "return_token_ids must be true or false", "return_token_ids")
-            prompt = (self.render_chat(body) if chat
-                      else self._prompt_ids(body.get("prompt")))
-            if max_tokens is None:  # OpenAI: 16 for completions, the rest of the context for chat
-                max_tokens = 16 if not chat else max(1, self.engine.max_positions - len(prompt))
-            loop, queue = asyncio.get_running_loop(), asyncio.Queue()
-            request = self._submit(prompt, max_tokens, sampling, stop_ids, loop, queue)
-            rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-            created = int(time.time())
-            events = self._events(request, queue, stop_strings)
+            prompts = [self.render_chat(body)] if chat else self._prompts(body.get("prompt"))
+            if len(prompts) * n > self.engine.scheduler.max_waiting:
+                raise ApiError(400, f"{len(prompts) * n} completions in one request; this server "
+                                    f"queues at most {self.engine.scheduler.max_waiting}", "n")
+            choices = self._submit_all(prompts, n, max_tokens, sampling, stop_ids, stop_strings,
+                                       chat)
+
+            def cancel():
+                for c in choices:
+                    self.engine.cancel(c.request)
+
+            head = Header(f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
+                          int(time.time()), self.model_name, chat)
+            prompt_tokens = sum(len(p) for p in prompts)
             if body.get("stream"):
                 options = body.get("stream_options") or {}
-                usage_of = (len(prompt) if isinstance(options, dict) and options.get("include_usage")
-                            else None)
+                usage = isinstance(options, dict) and options.get("include_usage")
                 return StreamingResponse(
-                    self._stream(rid, created, chat, events, request, usage_of,
-                                 prompt if with_ids else None),
+                    stream(head, choices, cancel, with_ids, prompt_tokens if usage else None),
                     media_type="text/event-stream")
-            text, reason, ids = "", None, []
             try:
-                async for delta, reason, new in events:
-                    text += delta
-                    ids += new
-                    if await http.is_disconnected():
-                        self.engine.cancel(request)
-            except asyncio.CancelledError:
-                self.engine.cancel(request)
-                raise
-            if reason == "error":
-                raise ApiError(500, "the engine failed on this request", kind="server_error")
-            usage = {"prompt_tokens": len(prompt), "completion_tokens": len(ids),
-                     "total_tokens": len(prompt) + len(ids)}
-            choice = ({"index": 0, "message": {"role": "assistant", "content": text},
-                       "finish_reason": reason} if chat else
-                      {"index": 0, "text": text, "finish_reason": reason, "logprobs": None})
-            if with_ids:  # vLLM's return_token_ids: the exact tokens, not only their text
-                choice.update(prompt_token_ids=prompt, token_ids=ids)
-            return {"id": rid, "object": "chat.completion" if chat else "text_completion",
-                    "created": created, "model": self.model_name, "choices": [choice],
-                    "usage": usage}
+                return await answer(head, choices, cancel, http.is_disconnected, with_ids,
+                                    prompt_tokens)
+            except RuntimeError as e:
+                raise ApiError(500, str(e), kind="server_error") from None
 
         @app.post("/v1/completions")
         async def completions(http: HttpRequest):
@@ -280,47 +298,6 @@ class Server:
             return await complete(http, chat=True)
 
         return app
-
-    async def _stream(self, rid, created, chat, events, request, prompt_tokens=None,
-                      prompt_ids=None):
-        """The SSE stream; with ``prompt_tokens`` (``stream_options.include_usage``), OpenAI's
-        last chunk: no choices, the usage; with ``prompt_ids`` (``return_token_ids``), the
-        prompt's ids in the first chunk and each chunk's token ids."""
-        kind = "chat.completion.chunk" if chat else "text_completion"
-
-        def chunk(delta, reason, role=None, ids=None, prompt=None):
-            message = {"role": role} if role else {"content": delta} if delta else {}
-            choice = ({"index": 0, "delta": message, "finish_reason": reason} if chat else
-                      {"index": 0, "text": delta, "finish_reason": reason, "logprobs": None})
-            if ids is not None:
-                choice["token_ids"] = ids
-            if prompt is not None:
-                choice["prompt_token_ids"] = prompt
-            body = {"id": rid, "object": kind, "created": created, "model": self.model_name,
-                    "choices": [choice]}
-            return f"data: {json.dumps(body)}\n\n"
-
-        done = False
-        try:
-            if chat:  # OpenAI's first chat chunk carries the role alone
-                yield chunk(None, None, role="assistant")
-            count, prompt = 0, prompt_ids  # the first chunk with ids carries the prompt's
-            async for delta, reason, new in events:
-                count += len(new)
-                yield chunk(delta, reason, ids=new if prompt_ids is not None else None,
-                            prompt=prompt)
-                prompt = None
-            if prompt_tokens is not None:
-                usage = {"prompt_tokens": prompt_tokens, "completion_tokens": count,
-                         "total_tokens": prompt_tokens + count}
-                yield "data: " + json.dumps({"id": rid, "object": kind, "created": created,
-                                             "model": self.model_name, "choices": [],
-                                             "usage": usage}) + "\n\n"
-            done = True
-            yield "data: [DONE]\n\n"
-        finally:
-            if not done:  # the client went away mid-stream: its pages go back at the next step
-                self.engine.cancel(request)
 
     def metrics_text(self) -> str:
         e, m = self.engine, self.engine.metrics

@@ -1,0 +1,135 @@
+"""OpenAI response bodies from a request's choices: one JSON answer, or one server-sent-event
+stream that interleaves the choices' chunks as their tokens come (each chunk names its
+``index``), ``data: [DONE]`` last.
+
+A choice is one engine request: a prompt of a ``/v1/completions`` batch of prompts, or one of
+``n`` completions of a prompt (OpenAI's order: prompt by prompt, ``n`` each). Every choice's
+events are ``(text delta, finish reason or None, token ids)`` from :meth:`Server._events`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+from typing import AsyncIterator, Callable
+
+
+@dataclasses.dataclass
+class Choice:
+    index: int
+    prompt: list[int]
+    request: object  # the engine's Request
+    events: AsyncIterator
+
+
+@dataclasses.dataclass(frozen=True)
+class Header:
+    """What every body of one response repeats."""
+
+    id: str
+    created: int
+    model: str
+    chat: bool
+
+    def body(self, choices: list, usage: dict | None = None, chunk: bool = False) -> dict:
+        kind = ("chat.completion" if self.chat else "text_completion") + (
+            ".chunk" if chunk and self.chat else "")
+        body = {"id": self.id, "object": kind, "created": self.created, "model": self.model,
+                "choices": choices}
+        if usage is not None:
+            body["usage"] = usage
+        return body
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+async def answer(head: Header, choices: list[Choice], cancel: Callable[[], None],
+                 disconnected, with_ids: bool, prompt_tokens: int) -> dict:
+    """The whole response once every choice has finished. -> the body; raises RuntimeError if
+    the engine failed on a choice. ``disconnected()``: whether the client went away (then every
+    choice is cancelled); ``prompt_tokens``: each prompt's once (not once per each of its
+    ``n`` completions), as vLLM counts them."""
+    async def one(c: Choice):
+        text, reason, ids = "", None, []
+        async for delta, reason, new in c.events:
+            text += delta
+            ids += new
+            if await disconnected():
+                cancel()
+        return text, reason, ids
+
+    try:
+        results = await asyncio.gather(*(one(c) for c in choices))
+    except asyncio.CancelledError:
+        cancel()
+        raise
+    if any(reason == "error" for _, reason, _ in results):
+        raise RuntimeError("the engine failed on this request")
+    bodies = []
+    for c, (text, reason, ids) in zip(choices, results):
+        body = ({"index": c.index, "message": {"role": "assistant", "content": text},
+                 "finish_reason": reason} if head.chat else
+                {"index": c.index, "text": text, "finish_reason": reason, "logprobs": None})
+        if with_ids:  # vLLM's return_token_ids: the exact tokens, not only their text
+            body.update(prompt_token_ids=c.prompt, token_ids=ids)
+        bodies.append(body)
+    return head.body(bodies, usage(prompt_tokens, sum(len(ids) for _, _, ids in results)))
+
+
+async def stream(head: Header, choices: list[Choice], cancel: Callable[[], None],
+                 with_ids: bool, prompt_tokens: int | None = None):
+    """The SSE stream. With ``prompt_tokens`` (``stream_options.include_usage``), OpenAI's last
+    chunk: no choices, the usage; with ``with_ids`` (``return_token_ids``), each choice's first chunk
+    carries its prompt's ids and every chunk its token ids."""
+    def chunk(c: Choice, delta, reason, role=None, ids=None, prompt=None) -> str:
+        message = {"role": role} if role else {"content": delta} if delta else {}
+        body = ({"index": c.index, "delta": message, "finish_reason": reason} if head.chat else
+                {"index": c.index, "text": delta, "finish_reason": reason, "logprobs": None})
+        if ids is not None:
+            body["token_ids"] = ids
+        if prompt is not None:
+            body["prompt_token_ids"] = prompt
+        return f"data: {json.dumps(head.body([body], chunk=True))}\n\n"
+
+    merged: asyncio.Queue = asyncio.Queue()
+
+    async def pump(c: Choice):
+        try:
+            async for event in c.events:
+                merged.put_nowait((c, event))
+        finally:
+            merged.put_nowait((c, None))
+
+    tasks, done = [], False
+    try:
+        if head.chat:  # OpenAI's first chat chunk of a choice carries the role alone
+            for c in choices:
+                yield chunk(c, None, None, role="assistant")
+        tasks = [asyncio.ensure_future(pump(c)) for c in choices]
+        running, count, first = len(choices), 0, {c.index for c in choices}
+        while running:
+            c, event = await merged.get()
+            if event is None:
+                running -= 1
+                continue
+            delta, reason, new = event
+            count += len(new)
+            yield chunk(c, delta, reason, ids=new if with_ids else None,
+                        prompt=c.prompt if with_ids and c.index in first else None)
+            first.discard(c.index)
+        if prompt_tokens is not None:
+            yield f"data: {json.dumps(head.body([], usage(prompt_tokens, count), chunk=True))}\n\n"
+        done = True
+        yield "data: [DONE]\n\n"
+    finally:
+        for t in tasks:
+            t.cancel()
+        if not done:  # the client went away mid-stream: the pages go back at the next step
+            cancel()
+
+
+__all__ = ["Choice", "Header", "answer", "stream", "usage"]

@@ -50,9 +50,11 @@ from jax.experimental.pallas import tpu as pltpu
 
 from moe_relayfree.collectives import ensure_varying
 from moe_relayfree.pallas_experts import interpret_params, window_rows
+from moe_relayfree import pallas_kernels as kernels
 from moe_relayfree import pallas_remote as remote
-from moe_relayfree.pallas_remote import (_I32, _MESH, _barrier, _call, _chip, _combine_kernel,
-                                         _issue_copies, copy_table, mesh_axes, row_layout)
+from moe_relayfree.pallas_kernels import (_I32, _MESH, _barrier, _call, _chip, _combine_kernel,
+                                          _issue_copies, copy_table, mesh_axes)
+from moe_relayfree.pallas_remote import row_layout
 from moe_relayfree.plan import sort_copies
 from moe_relayfree.routing import poison_rows, screen_choices
 from moe_relayfree.windows import ExpertWindows, exclusive_cumsum, take_rows, weighted_row_sum
@@ -159,7 +161,7 @@ def _dispatch_kernel(meta_ref, target_hbm, counts_hbm, x_ref, win_ref, cin_ref, 
 
     lax.fori_loop(0, num_ranks, announce, 0)
     rows = win_ref.shape[0]
-    remote._wait_rows(win_ref, meta_ref[0], rows, send_sem, recv_sem, axes, axis_name, send=True)
+    kernels._wait_rows(win_ref, meta_ref[0], rows, send_sem, recv_sem, axes, axis_name, send=True)
     # the count rows' bytes, fixed: every sender sends one to every receiver
     table_desc = pltpu.make_async_remote_copy(cin_ref, cin_ref, count_send, count_recv,
                                               device_id=_chip(me, axes, axis_name),
@@ -175,7 +177,7 @@ def _dispatch_kernel(meta_ref, target_hbm, counts_hbm, x_ref, win_ref, cin_ref, 
         return n + jnp.clip(count_table[s * width + local] - first, 0, slots)
 
     n = lax.fori_loop(0, num_ranks, expected, jnp.int32(0))
-    remote._wait_rows(win_ref, n, rows, send_sem, recv_sem, axes, axis_name, send=False)
+    kernels._wait_rows(win_ref, n, rows, send_sem, recv_sem, axes, axis_name, send=False)
 
 
 def dispatch_round(x_rows: jax.Array, copies: DecodeCopies, k: int, num_local: int,

@@ -17,7 +17,7 @@ import pytest
 
 import moe_relayfree as mr
 from helpers import moe_inputs, script_env, skewed_ids
-from moe_relayfree import pallas_decode, pallas_remote, prefill
+from moe_relayfree import pallas_decode, pallas_kernels, pallas_remote, prefill
 from moe_relayfree.paths import PATHS
 
 T, D, F, E, K = 6, 128, 32, 16, 2  # per device: x is 3 KiB in f32
@@ -65,8 +65,8 @@ def test_each_copy_lands_in_its_expert_window(mesh, monkeypatch):
     through SMEM 8 entries at a time here (12 copies per chip: two chunks, the second padded)."""
     from jax.sharding import PartitionSpec as P
 
-    monkeypatch.setattr(pallas_remote, "TABLE_CHUNK", 8)
-    assert pallas_remote.table_chunk(T * K) == 8
+    monkeypatch.setattr(pallas_kernels, "TABLE_CHUNK", 8)
+    assert pallas_kernels.table_chunk(T * K) == 8
 
     x, ids, w, *_ = moe_inputs(8 * T, D, F, E, K, seed=5)
     ids = ids.at[3, 1].set(-1)
@@ -200,12 +200,12 @@ sys.path.insert(0, {tests!r})
 import jax, jax.numpy as jnp, numpy as np
 import moe_relayfree as mr
 from jax.experimental.pallas import tpu as pltpu
-from moe_relayfree import pallas_experts, pallas_remote
+from moe_relayfree import pallas_experts, pallas_kernels
 from helpers import moe_inputs
 pallas_experts.CPU_INTERPRET_PARAMS = pltpu.InterpretParams(**{params!r})
 if {skip_recv_wait}:
-    wait = pallas_remote._wait_rows
-    pallas_remote._wait_rows = lambda *a, send: wait(*a, send=send) if send else None
+    wait = pallas_kernels._wait_rows
+    pallas_kernels._wait_rows = lambda *a, send: wait(*a, send=send) if send else None
 inputs = moe_inputs(48, 128, 32, 16, 2, seed=3)
 ref = np.asarray(mr.dense_moe_reference(*inputs))
 for schedule in {schedules!r}:

@@ -213,6 +213,9 @@ BAD = [
     ({"prompt": "x", "n": 0}, 400, "n"),
     ({"prompt": ["x", "y"], "n": 5}, 400, "n"),  # 10 completions, past the queue's 8
     ({"prompt": []}, 400, "prompt"),
+    ({"prompt": "x", "logprobs": 21}, 400, "logprobs"),
+    ({"prompt": "x", "echo": True}, 400, "echo"),
+    ({"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2}, 400, "top_logprobs"),
     ({"prompt": 5}, 400, "prompt"),
     ({"prompt": "x", "return_token_ids": "yes"}, 400, "return_token_ids"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}, 400,

@@ -341,3 +341,81 @@ def test_engine_tokens_equal_generate_for_mla_and_sliding_windows(fixture):
     want = generation.generate(model, prompts, max(budget))["tokens"]
     for w, m, r in zip(want, budget, requests):
         assert r.output == w[:m], fixture
+
+
+def test_logprobs_are_the_models_own():
+    """logprobs through the official ``openai`` client, completions (greedy, 3 top, streamed
+    too) and chat (sampled at temperature 1 with a seed, 2 top): each token's log-probability
+    and the top ones are the model's own log-softmax at that position (one forward over the
+    prompt and the completion, float32), before temperature; the greedy token is the top one."""
+    import asyncio
+
+    import httpx
+    import jax.numpy as jnp
+    import openai
+    from flax import nnx
+
+    from moe_relayfree_models import tokenizer
+    from moe_relayfree_models.serving.chat import ChatTemplate
+    from moe_relayfree_models.serving.engine import Engine
+    from moe_relayfree_models.serving.server import Server
+    from moe_relayfree_models.transformer import init_cache
+
+    model = _model("float32")
+    server = Server(Engine(model, _config()), tokenizer.load_tokenizer(DEFAULT, model.cfg.vocab_size),
+                    model_name="default", chat_template=ChatTemplate("{{ messages[0].content }}"))
+    prompt = _prompts()[1]
+    ids_of = {"return_token_ids": True}
+
+    async def run():
+        async with server.app.router.lifespan_context(server.app):
+            http = httpx.AsyncClient(transport=httpx.ASGITransport(app=server.app),
+                                     base_url="http://served", timeout=120)
+            client = openai.AsyncOpenAI(base_url="http://served/v1", api_key="none",
+                                        http_client=http, max_retries=0)
+            greedy = await client.completions.create(model="default", prompt=prompt, max_tokens=5,
+                                                     temperature=0, logprobs=3, extra_body=ids_of)
+            chunks = [c async for c in await client.completions.create(
+                model="default", prompt=prompt, max_tokens=5, temperature=0, logprobs=3,
+                stream=True)]
+            chat = await client.chat.completions.create(
+                model="default", messages=[{"role": "user", "content": "Return the number of "}],
+                max_tokens=4, temperature=1, seed=3, logprobs=True, top_logprobs=2,
+                extra_body=ids_of)
+            await http.aclose()
+        return greedy.choices[0], chunks, chat.choices[0]
+
+    greedy, chunks, chat = asyncio.run(run())
+
+    @nnx.jit
+    def logprobs(model, tokens):
+        cache = init_cache(model.cfg, 1, tokens.shape[1], jnp.float32)
+        logits = model(tokens, jnp.zeros((1,), jnp.int32), cache, 0)[0]
+        return jax.nn.log_softmax(logits[0], axis=-1)
+
+    import jax
+
+    def reference(choice):
+        prompt_ids, out = choice.model_extra["prompt_token_ids"], choice.model_extra["token_ids"]
+        ref = np.asarray(logprobs(model, jnp.array([prompt_ids + out], jnp.int32)))
+        return ref[len(prompt_ids) - 1:-1], out  # the distribution each token was drawn from
+
+    ref, out = reference(greedy)
+    lp = greedy.logprobs
+    assert len(lp.tokens) == len(out) == 5
+    np.testing.assert_allclose(lp.token_logprobs, ref[np.arange(5), out], atol=1e-4)
+    for row, top, chosen in zip(ref, lp.top_logprobs, lp.token_logprobs):
+        np.testing.assert_allclose(sorted(top.values(), reverse=True), np.sort(row)[::-1][:3],
+                                   atol=1e-4)
+        assert chosen == max(top.values())  # greedy: the most likely token
+    streamed = [c.choices[0].logprobs for c in chunks if c.choices and c.choices[0].logprobs]
+    assert [t for s in streamed for t in s.token_logprobs] == lp.token_logprobs
+
+    ref, out = reference(chat)
+    content = chat.logprobs.content
+    assert len(content) == len(out) == 4
+    np.testing.assert_allclose([c.logprob for c in content], ref[np.arange(4), out], atol=1e-4)
+    for row, c in zip(ref, content):
+        assert len(c.top_logprobs) == 2
+        np.testing.assert_allclose([t.logprob for t in c.top_logprobs], np.sort(row)[::-1][:2],
+                                   atol=1e-4)

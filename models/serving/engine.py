@@ -27,6 +27,7 @@ import dataclasses
 import itertools
 import threading
 import time
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -40,7 +41,17 @@ from moe_relayfree_models.paged import init_pages
 from moe_relayfree_models.serving.plan import STEP, STOP, Plan, PlanChannel
 from moe_relayfree_models.serving.scheduler import (PagePool, QueueFull, Request, SamplingParams,
                                                     Scheduler, Work)
-from moe_relayfree_models.serving.step import step_program
+from moe_relayfree_models.serving.step import pack, step_program
+
+
+class Flight(NamedTuple):
+    """A step launched and not yet read back: its work, each item's output slot, its tokens
+    ``[max_slots]`` on the devices, and its log-probabilities where a request asked."""
+
+    work: list
+    slots: np.ndarray
+    tokens: jax.Array
+    logprobs: tuple | None
 
 
 def _pow2(n: int, floor: int = 1) -> int:
@@ -134,7 +145,7 @@ class Engine:
         # processes), or the first step after warm-up would compile its shape again
         self._previous = jax.jit(lambda: jnp.zeros(self.max_slots, jnp.int32), out_shardings=(
             self._replicated if self.processes > 1 else NamedSharding(lay.mesh, lay.tokens)))()
-        self._in_flight: tuple[list[Work], np.ndarray, jax.Array] | None = None
+        self._in_flight: Flight | None = None
         # several processes: process 0 schedules and sends each step's plan; the others follow
         self._plans, self._closed = None, False
         if self.processes > 1:
@@ -200,67 +211,17 @@ class Engine:
                 _bucket(held, self._chunk_pages))
 
     def _layout(self, work: list[Work], d: int, c: int, q: int, p: int, flight=None):
-        """The step's packed inputs (in :func:`~.step.pack_sizes`' order), and each work item's
-        slot in the step's output (``[max_slots]``: shard ``j``'s slots from ``j * max_slots /
-        n``). A request's pending token (sampled by ``flight``, the step in flight) is fed
-        from that step's output."""
-        n = self.shards
-        r = d + c * q
-        t, slots = n * r, n * (d + c)
+        """:func:`~.step.pack` for this engine; ``flight``: the step in flight, whose sampled
+        tokens feed the requests' pending ones."""
         pending = {}
         if flight is not None:
-            flight_work, flight_slots, _ = flight
-            pending = {w.request: s for w, s in zip(flight_work, flight_slots) if w.samples}
-        tokens = np.zeros(t, np.int32)
-        positions = np.zeros(t, np.int32)
-        valid = np.zeros(t, np.int32)
-        source = np.full(t, -1, np.int32)
-        decode_table = np.zeros((n * d, p), np.int32)
-        chunk_table = np.zeros((n * c, p), np.int32)
-        last = np.zeros(slots, np.int32)
-        temperature = np.zeros(slots, np.float32)
-        top_k = np.zeros(slots, np.int32)
-        top_p = np.ones(slots, np.float32)
-        seed = np.zeros(slots, np.uint32)
-        position = np.zeros(slots, np.int32)
-        used_d, used_c = [0] * n, [0] * n
-        per_shard = self.max_slots // n
-        where = np.zeros(len(work), np.int64)
-        for i, w in enumerate(work):
-            req, shard = w.request, w.request.shard
-            if w.chunk:  # chunk slot b of its shard: rows d + b q ..
-                b = used_c[shard]
-                used_c[shard] += 1
-                row, local = d + b * q, d + b  # local: its slot among the shard's D + C
-                chunk_table[shard * c + b, :len(req.pages)] = req.pages[:p]
-            else:  # decode slot a of its shard: row a
-                a = used_d[shard]
-                used_d[shard] += 1
-                row, local = a, a
-                decode_table[shard * d + a, :len(req.pages)] = req.pages[:p]
-            flat = shard * r + row
-            known = req.tokens[w.start:w.start + w.count]
-            tokens[flat:flat + len(known)] = known
-            if len(known) < w.count:  # the last one is pending: the step in flight samples it
-                source[flat + w.count - 1] = pending[req] - shard * per_shard
-            positions[flat:flat + w.count] = np.arange(w.start, w.start + w.count)
-            valid[flat:flat + w.count] = 1
-            slot = shard * (d + c) + local
-            last[slot] = row + w.count - 1
-            sp = req.sampling
-            temperature[slot], top_k[slot], top_p[slot] = sp.temperature, sp.top_k, sp.top_p
-            seed[slot] = sp.seed
-            position[slot] = w.start + w.count  # the position of the token being chosen
-            where[i] = shard * per_shard + local
-        packed = np.concatenate([tokens, positions, valid, source, decode_table.ravel(),
-                                 chunk_table.ravel(), last, temperature.view(np.int32), top_k,
-                                 top_p.view(np.int32), seed.view(np.int32), position])
-        return packed, where
+            pending = {w.request: s for w, s in zip(flight.work, flight.slots) if w.samples}
+        return pack(work, (d, c, q, p), self.shards, self.max_slots, pending)
 
     def _execute(self, shape, packed: np.ndarray):
         """Launches the step program of ``shape`` on ``packed`` inputs (on every process
-        alike); its tokens ``[max_slots] int32`` (a device array, also the next step's
-        ``previous``)."""
+        alike) -> its tokens ``[max_slots] int32`` (a device array, also the next step's
+        ``previous``) and log-probabilities (:func:`~.step.token_logprobs`)."""
         # placed on the whole mesh, as the parameters and pages are: host arrays committed to
         # one device made every step move them first (a decode step took 2.5x as long)
         if self.processes == 1:
@@ -268,10 +229,10 @@ class Engine:
         else:
             packed = jax.make_array_from_callback(packed.shape, self._replicated,
                                                   lambda index: packed[index])
-        out, self.pages = step_program(self.graphdef, shape, self.state, packed, self._previous,
-                                        self.pages, self.processes > 1)
+        out, self.pages, logprobs = step_program(self.graphdef, shape, self.state, packed,
+                                                  self._previous, self.pages, self.processes > 1)
         self._previous = out
-        return out
+        return out, logprobs
 
     def _launch(self, work: list[Work], shape, flight) -> None:
         """Launches the step (sending its plan to the other processes first) and keeps it as
@@ -279,16 +240,26 @@ class Engine:
         packed, slots = self._layout(work, *shape, flight=flight)
         if self._plans is not None:
             self._plans.send(Plan(STEP, shape, packed))
-        out = self._execute(shape, packed)
+        out, logprobs = self._execute(shape, packed)
         out.copy_to_host_async()  # on its way while the host goes on
-        self._in_flight = (work, slots, out)
+        if not any(w.samples and w.request.sampling.logprobs is not None for w in work):
+            logprobs = None  # nobody asked: the program's zeros stay on the devices
+        else:
+            for a in logprobs:
+                a.copy_to_host_async()
+        self._in_flight = Flight(work, slots, out, logprobs)
 
-    def _read_back(self, flight) -> None:
+    def _read_back(self, flight: Flight) -> None:
         """Waits for a launched step's tokens and hands them to its requests."""
-        work, slots, out = flight
-        sampled = np.asarray(out)[slots]
-        self.metrics.generated_tokens += sum(1 for w in work if w.samples)
-        self.scheduler.advance(work, [int(t) for t in sampled])
+        sampled = np.asarray(flight.tokens)[flight.slots]
+        self.metrics.generated_tokens += sum(1 for w in flight.work if w.samples)
+        logprobs = None
+        if flight.logprobs is not None:
+            chosen, ids, top = (np.asarray(a)[flight.slots] for a in flight.logprobs)
+            logprobs = [(float(chosen[i]), ids[i, :n].tolist(), top[i, :n].tolist())
+                        if (n := w.request.sampling.logprobs) is not None else None
+                        for i, w in enumerate(flight.work)]
+        self.scheduler.advance(flight.work, [int(t) for t in sampled], logprobs)
 
     def follow(self) -> None:
         """A process other than 0: runs the steps process 0 sends, until it sends stop."""

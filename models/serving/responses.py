@@ -4,7 +4,10 @@ stream that interleaves the choices' chunks as their tokens come (each chunk nam
 
 A choice is one engine request: a prompt of a ``/v1/completions`` batch of prompts, or one of
 ``n`` completions of a prompt (OpenAI's order: prompt by prompt, ``n`` each). Every choice's
-events are ``(text delta, finish reason or None, token ids)`` from :meth:`Server._events`.
+events are ``(text delta, finish reason or None, token ids, their log-probabilities)`` from
+:meth:`Server._events`; log-probabilities go out in OpenAI's shape for the route (completions:
+``tokens``, ``token_logprobs``, ``top_logprobs``, ``text_offset``; chat: ``content``, one
+entry per token with its ``top_logprobs``), each token as its own decoded text.
 """
 
 from __future__ import annotations
@@ -42,53 +45,78 @@ class Header:
         return body
 
 
+def logprobs_body(chat: bool, token_text: Callable[[int], str], ids: list[int], lps: list,
+                  offset: int = 0):
+    """OpenAI's ``logprobs`` of a choice's tokens ``ids`` (``lps``: per token ``(its
+    log-probability, the top ids, theirs)``); ``offset``: the text's characters before them."""
+    texts = [token_text(i) for i in ids]
+    if chat:
+        def entry(text, lp):
+            return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
+        return {"content": [{**entry(t, lp[0]), "top_logprobs": [
+            entry(token_text(i), v) for i, v in zip(lp[1], lp[2])]} for t, lp in zip(texts, lps)]}
+    offsets, at = [], offset
+    for t in texts:
+        offsets.append(at)
+        at += len(t)
+    return {"tokens": texts, "token_logprobs": [lp[0] for lp in lps],
+            "top_logprobs": [{token_text(i): v for i, v in zip(lp[1], lp[2])} for lp in lps],
+            "text_offset": offsets}
+
+
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens}
 
 
 async def answer(head: Header, choices: list[Choice], cancel: Callable[[], None],
-                 disconnected, with_ids: bool, prompt_tokens: int) -> dict:
+                 disconnected, with_ids: bool, prompt_tokens: int,
+                 token_text: Callable[[int], str] | None = None) -> dict:
     """The whole response once every choice has finished. -> the body; raises RuntimeError if
     the engine failed on a choice. ``disconnected()``: whether the client went away (then every
     choice is cancelled); ``prompt_tokens``: each prompt's once (not once per each of its
-    ``n`` completions), as vLLM counts them."""
+    ``n`` completions), as vLLM counts them; ``token_text``: a token's text, where
+    log-probabilities were asked for."""
     async def one(c: Choice):
-        text, reason, ids = "", None, []
-        async for delta, reason, new in c.events:
+        text, reason, ids, lps = "", None, [], []
+        async for delta, reason, new, new_lps in c.events:
             text += delta
             ids += new
+            lps += new_lps
             if await disconnected():
                 cancel()
-        return text, reason, ids
+        return text, reason, ids, lps
 
     try:
         results = await asyncio.gather(*(one(c) for c in choices))
     except asyncio.CancelledError:
         cancel()
         raise
-    if any(reason == "error" for _, reason, _ in results):
+    if any(reason == "error" for _, reason, _, _ in results):
         raise RuntimeError("the engine failed on this request")
     bodies = []
-    for c, (text, reason, ids) in zip(choices, results):
+    for c, (text, reason, ids, lps) in zip(choices, results):
+        logprobs = None if token_text is None else logprobs_body(head.chat, token_text, ids, lps)
         body = ({"index": c.index, "message": {"role": "assistant", "content": text},
-                 "finish_reason": reason} if head.chat else
-                {"index": c.index, "text": text, "finish_reason": reason, "logprobs": None})
+                 "logprobs": logprobs, "finish_reason": reason} if head.chat else
+                {"index": c.index, "text": text, "finish_reason": reason, "logprobs": logprobs})
         if with_ids:  # vLLM's return_token_ids: the exact tokens, not only their text
             body.update(prompt_token_ids=c.prompt, token_ids=ids)
         bodies.append(body)
-    return head.body(bodies, usage(prompt_tokens, sum(len(ids) for _, _, ids in results)))
+    return head.body(bodies, usage(prompt_tokens, sum(len(r[2]) for r in results)))
 
 
 async def stream(head: Header, choices: list[Choice], cancel: Callable[[], None],
-                 with_ids: bool, prompt_tokens: int | None = None):
+                 with_ids: bool, prompt_tokens: int | None = None,
+                 token_text: Callable[[int], str] | None = None):
     """The SSE stream. With ``prompt_tokens`` (``stream_options.include_usage``), OpenAI's last
     chunk: no choices, the usage; with ``with_ids`` (``return_token_ids``), each choice's first chunk
     carries its prompt's ids and every chunk its token ids."""
-    def chunk(c: Choice, delta, reason, role=None, ids=None, prompt=None) -> str:
+    def chunk(c: Choice, delta, reason, role=None, ids=None, prompt=None, logprobs=None) -> str:
         message = {"role": role} if role else {"content": delta} if delta else {}
-        body = ({"index": c.index, "delta": message, "finish_reason": reason} if head.chat else
-                {"index": c.index, "text": delta, "finish_reason": reason, "logprobs": None})
+        body = ({"index": c.index, "delta": message, "logprobs": logprobs,
+                 "finish_reason": reason} if head.chat else
+                {"index": c.index, "text": delta, "finish_reason": reason, "logprobs": logprobs})
         if ids is not None:
             body["token_ids"] = ids
         if prompt is not None:
@@ -111,15 +139,21 @@ async def stream(head: Header, choices: list[Choice], cancel: Callable[[], None]
                 yield chunk(c, None, None, role="assistant")
         tasks = [asyncio.ensure_future(pump(c)) for c in choices]
         running, count, first = len(choices), 0, {c.index for c in choices}
+        offsets = {c.index: 0 for c in choices}  # each choice's text so far, for text_offset
         while running:
             c, event = await merged.get()
             if event is None:
                 running -= 1
                 continue
-            delta, reason, new = event
+            delta, reason, new, lps = event
             count += len(new)
+            logprobs = None
+            if token_text is not None:
+                logprobs = logprobs_body(head.chat, token_text, new, lps, offsets[c.index])
+                offsets[c.index] += sum(len(token_text(i)) for i in new)
             yield chunk(c, delta, reason, ids=new if with_ids else None,
-                        prompt=c.prompt if with_ids and c.index in first else None)
+                        prompt=c.prompt if with_ids and c.index in first else None,
+                        logprobs=logprobs)
             first.discard(c.index)
         if prompt_tokens is not None:
             yield f"data: {json.dumps(head.body([], usage(prompt_tokens, count), chunk=True))}\n\n"
@@ -132,4 +166,4 @@ async def stream(head: Header, choices: list[Choice], cancel: Callable[[], None]
             cancel()
 
 
-__all__ = ["Choice", "Header", "answer", "stream", "usage"]
+__all__ = ["Choice", "Header", "answer", "logprobs_body", "stream", "usage"]

@@ -42,15 +42,22 @@ class QueueFull(RuntimeError):
     """The waiting queue is at its bound: the caller should retry later."""
 
 
+# Most top log-probabilities a request may ask for (OpenAI's chat API: 20); every step that
+# computes them computes this many.
+MAX_LOGPROBS = 20
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
     """Per request: temperature 0 is greedy; top_k 0 and top_p 1 turn those cuts off; seed fixes
-    the draws (None: the engine picks one)."""
+    the draws (None: the engine picks one); logprobs: each token's log-probability and this
+    many of the most likely ones (None: none)."""
 
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
     seed: int | None = None
+    logprobs: int | None = None
 
     def __post_init__(self):
         if not (isinstance(self.temperature, (int, float)) and 0 <= self.temperature < float("inf")):
@@ -62,6 +69,10 @@ class SamplingParams:
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
                                       or not 0 <= self.seed < 2**32):
             raise ValueError(f"seed must be an int in [0, 2**32), got {self.seed!r}")
+        if self.logprobs is not None and (isinstance(self.logprobs, bool) or not isinstance(
+                self.logprobs, int) or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise ValueError(f"logprobs must be an int in [0, {MAX_LOGPROBS}], got "
+                             f"{self.logprobs!r}")
 
 
 Listener = Callable[["Request", list, "str | None"], None]
@@ -70,7 +81,9 @@ Listener = Callable[["Request", list, "str | None"], None]
 @dataclasses.dataclass(eq=False)
 class Request:
     """One completion. ``listener(request, new_token_ids, finish_reason)`` is called from the
-    engine's thread after every step that gave it tokens, and once with its finish reason."""
+    engine's thread after every step that gave it tokens, and once with its finish reason.
+    ``logprobs``: per output token (where its sampling asked), ``(its log-probability, the top
+    ids, theirs)``."""
 
     prompt: list[int]
     max_tokens: int
@@ -79,6 +92,7 @@ class Request:
     listener: Listener | None = None
     id: int = -1
     output: list[int] = dataclasses.field(default_factory=list)
+    logprobs: list = dataclasses.field(default_factory=list)
     computed: int = 0  # positions in the cache
     pages: list[int] = dataclasses.field(default_factory=list)
     promised: int = 0  # pages the pool keeps for it
@@ -279,12 +293,13 @@ class Scheduler:
             self.running.remove(r)
         self._notify(r, [], reason)
 
-    def advance(self, work: list[Work], sampled: list[int]) -> None:
+    def advance(self, work: list[Work], sampled: list[int], logprobs: list | None = None) -> None:
         """After a step (``work`` as :meth:`schedule` returned it, ``sampled`` its tokens
-        read back): a request whose last token was fed gets its sampled token, and finishes at
-        a stop id (not kept), ``max_tokens`` or the model's last position. A request that
-        finished meanwhile (a stop id read from the step before, a cancel) ignores it."""
-        for w, token in zip(work, sampled):
+        read back, ``logprobs`` theirs where asked): a request whose last token was fed gets
+        its sampled token, and finishes at a stop id (not kept), ``max_tokens`` or the model's
+        last position. A request that finished meanwhile (a stop id read from the step before,
+        a cancel) ignores it."""
+        for i, (w, token) in enumerate(zip(work, sampled)):
             r = w.request
             if not w.samples:
                 continue
@@ -295,6 +310,8 @@ class Scheduler:
                 self.finish(r, "stop")
                 continue
             r.output.append(int(token))
+            if logprobs is not None and logprobs[i] is not None:
+                r.logprobs.append(logprobs[i])
             if len(r.output) >= r.max_tokens or len(r.tokens) >= self.max_positions:
                 self._notify(r, [int(token)], None)
                 self.finish(r, "length")
@@ -302,4 +319,4 @@ class Scheduler:
                 self._notify(r, [int(token)], None)
 
 
-__all__ = ["FINISHED", "PagePool", "QueueFull", "Request", "SamplingParams", "Scheduler", "Work"]
+__all__ = ["FINISHED", "MAX_LOGPROBS", "PagePool", "QueueFull", "Request", "SamplingParams", "Scheduler", "Work"]

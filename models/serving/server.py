@@ -31,7 +31,7 @@ from moe_relayfree_models.generation import ContextLengthError
 from moe_relayfree_models.serving.chat import ChatError, ChatTemplate
 from moe_relayfree_models.serving.engine import Engine
 from moe_relayfree_models.serving.responses import Choice, Header, answer, stream
-from moe_relayfree_models.serving.scheduler import QueueFull, SamplingParams
+from moe_relayfree_models.serving.scheduler import MAX_LOGPROBS, QueueFull, SamplingParams
 from moe_relayfree_models.serving.text import TextStream
 
 
@@ -47,8 +47,8 @@ class ApiError(Exception):
                             status_code=self.status, headers=headers)
 
 
-UNSUPPORTED = ("logprobs", "echo", "best_of", "suffix", "logit_bias", "tools", "functions",
-               "response_format", "top_logprobs")
+UNSUPPORTED = ("echo", "best_of", "suffix", "logit_bias", "tools", "functions",
+               "response_format")
 
 
 def _number(body: dict, name: str, default, kind, low=None, high=None, low_open=False):
@@ -78,7 +78,7 @@ class Server:
 
     # --- requests -> engine -----------------------------------------------------------------
 
-    def _sampling(self, body: dict) -> tuple[SamplingParams, int | None]:
+    def _sampling(self, body: dict, chat: bool) -> tuple[SamplingParams, int | None]:
         temperature = _number(body, "temperature", 1.0, (int, float), 0, 2)
         top_p = _number(body, "top_p", 1.0, (int, float), 0, 1, low_open=True)
         top_k = _number(body, "top_k", 0, int, 0)
@@ -89,10 +89,31 @@ class Server:
         if max_tokens is not None:
             max_tokens = _number(body, "max_tokens" if "max_tokens" in body else
                                  "max_completion_tokens", None, int, 1)
+        logprobs = self._logprobs(body, chat)
         for name in UNSUPPORTED:
             if body.get(name) not in (None, False, 0, [], {}):
                 raise ApiError(400, f"{name} is not supported by this server", name)
-        return SamplingParams(float(temperature), top_k, float(top_p), seed), max_tokens
+        return SamplingParams(float(temperature), top_k, float(top_p), seed, logprobs), max_tokens
+
+    @staticmethod
+    def _logprobs(body: dict, chat: bool) -> int | None:
+        """The top log-probabilities asked for per token (None: none): chat's ``logprobs:
+        true`` with ``top_logprobs``, completions' ``logprobs: N``."""
+        if not chat:
+            if body.get("logprobs") is None:
+                return None
+            return _number(body, "logprobs", None, int, 0, MAX_LOGPROBS)
+        wanted = body.get("logprobs", False)
+        if wanted is None:
+            wanted = False
+        if not isinstance(wanted, bool):
+            raise ApiError(400, "logprobs must be true or false", "logprobs")
+        top = body.get("top_logprobs")
+        if top is not None:
+            top = _number(body, "top_logprobs", None, int, 0, MAX_LOGPROBS)
+            if not wanted:
+                raise ApiError(400, "top_logprobs needs logprobs: true", "top_logprobs")
+        return (top or 0) if wanted else None
 
     def _stops(self, body: dict) -> tuple[frozenset, list[str]]:
         ids = set() if body.get("ignore_eos") else set(self.stop_ids)
@@ -150,8 +171,10 @@ class Server:
         return self.tok.encode(text, add_special_tokens=False)
 
     def _submit(self, prompt: list[int], max_tokens: int, sampling, stop_ids, loop, queue):
-        def listener(request, tokens, reason):
-            loop.call_soon_threadsafe(queue.put_nowait, (list(tokens), reason))
+        def listener(request, tokens, reason):  # the engine's thread: the step's results
+            lps = (request.logprobs[-len(tokens):]
+                   if tokens and request.sampling.logprobs is not None else [])
+            loop.call_soon_threadsafe(queue.put_nowait, (list(tokens), reason, lps))
 
         if self.draining:
             raise ApiError(503, "the server is shutting down", kind="service_unavailable")
@@ -192,24 +215,26 @@ class Server:
     # --- engine -> responses ----------------------------------------------------------------
 
     async def _events(self, request, queue, stop_strings: list[str]):
-        """(text delta, finish reason or None, the token ids since the last event) as the engine
-        hands tokens over (:class:`TextStream`: a character split across tokens waits for its
-        last byte, text that may be the start of a stop string for the next tokens)."""
+        """(text delta, finish reason or None, the token ids since the last event, their
+        log-probabilities where asked) as the engine hands tokens over (:class:`TextStream`: a
+        character split across tokens waits for its last byte, text that may be the start of
+        a stop string for the next tokens)."""
         text = TextStream(self.tok.decode, stop_strings)
-        given = 0
+        given, logprobs = 0, []
         while True:
-            tokens, reason = await queue.get()
+            tokens, reason, lps = await queue.get()
+            logprobs += lps
             delta, stopped = text.push(tokens, final=reason is not None)
             ids = text.ids
             if stopped:
                 self.engine.cancel(request)
-                yield delta, "stop", ids[given:]
+                yield delta, "stop", ids[given:], logprobs[given:]
                 return
             if reason is not None:
-                yield delta, reason, ids[given:]
+                yield delta, reason, ids[given:], logprobs[given:]
                 return
             if delta:
-                yield delta, None, ids[given:]
+                yield delta, None, ids[given:], logprobs[given:]
                 given = len(ids)
 
     def _app(self) -> FastAPI:
@@ -257,7 +282,7 @@ class Server:
         async def complete(http: HttpRequest, chat: bool):
             body = await body_of(http)
             self._check_model(body)
-            sampling, max_tokens = self._sampling(body)
+            sampling, max_tokens = self._sampling(body, chat)
             n = _number(body, "n", 1, int, 1)
             stop_ids, stop_strings = self._stops(body)
             with_ids = body.get("return_token_ids", False)
@@ -277,15 +302,17 @@ class Server:
             head = Header(f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
                           int(time.time()), self.model_name, chat)
             prompt_tokens = sum(len(p) for p in prompts)
+            token_text = (None if sampling.logprobs is None else
+                          lambda i: self.tok.decode([i]))
             if body.get("stream"):
                 options = body.get("stream_options") or {}
                 usage = isinstance(options, dict) and options.get("include_usage")
                 return StreamingResponse(
-                    stream(head, choices, cancel, with_ids, prompt_tokens if usage else None),
-                    media_type="text/event-stream")
+                    stream(head, choices, cancel, with_ids, prompt_tokens if usage else None,
+                           token_text), media_type="text/event-stream")
             try:
                 return await answer(head, choices, cancel, http.is_disconnected, with_ids,
-                                    prompt_tokens)
+                                    prompt_tokens, token_text)
             except RuntimeError as e:
                 raise ApiError(500, str(e), kind="server_error") from None
 

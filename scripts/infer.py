@@ -10,7 +10,8 @@
 
 Greedy by default (``--temperature``, ``--top-k``, ``--top-p``, ``--seed`` sample; request
 ``i`` draws with seed ``--seed + i``); a request stops at the checkpoint's EOS ids
-(``--ignore-eos``: always ``--max-new-tokens``). Every prompt is submitted at once; the engine
+(``--ignore-eos``: always ``--max-new-tokens``). ``--chat`` sends each prompt through the
+checkpoint's chat template as a user message. Every prompt is submitted at once; the engine
 prefills them (whole, one chunk each) and decodes. Reports time to first token (median over
 the requests), time per output token (median decode step), tokens/s, and the engine's steps
 per MoE schedule. Every step shape is compiled (and timed) before.
@@ -45,9 +46,28 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--ignore-eos", action="store_true",
                    help="always generate --max-new-tokens (no stop at the checkpoint's EOS ids)")
+    p.add_argument("--chat", action="store_true",
+                   help="each prompt as a user message through the checkpoint's chat template "
+                        "(as /v1/chat/completions renders it)")
+    p.add_argument("--system", default=None, help="with --chat: a system message first")
+    p.add_argument("--chat-template", default=None, metavar="FILE",
+                   help="with --chat: this Jinja template instead of the checkpoint's")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--quiet", action="store_true", help="no progress on stderr")
     return p.parse_args(argv)
+
+
+def chat_prompts(args, tok, texts: list[str]) -> list[list[int]]:
+    """Each text as a user message (after ``--system``, if given) through the chat template,
+    encoded as the server encodes a chat: no special tokens added to the template's own."""
+    from moe_relayfree_models.serving.chat import ChatTemplate
+
+    template = ChatTemplate.from_folder(args.checkpoint, args.chat_template)
+    if template is None:
+        raise ValueError(f"{args.checkpoint} ships no chat template; pass --chat-template FILE")
+    system = [{"role": "system", "content": args.system}] if args.system is not None else []
+    return [tok.encode(template.render(system + [{"role": "user", "content": t}]),
+                       add_special_tokens=False) for t in texts]
 
 
 def main(argv=None) -> int:
@@ -77,7 +97,11 @@ def main(argv=None) -> int:
     texts = args.prompt or DEFAULT_PROMPTS
     if args.batch is not None:
         texts = [texts[i % len(texts)] for i in range(args.batch)]
-    prompts = [tok.encode(t) for t in texts]
+    try:
+        prompts = chat_prompts(args, tok, texts) if args.chat else [tok.encode(t) for t in texts]
+    except (OSError, ValueError) as e:
+        print(f"--chat: {e}", file=sys.stderr)
+        return 2
     try:
         generation.check_context(cfg, max(len(p) for p in prompts), args.max_new_tokens)
     except ValueError as e:
@@ -128,6 +152,7 @@ def main(argv=None) -> int:
         "tensor_axis": lay.tensor_axis, "dtype": np.dtype(model.compute_dtype).name,
         "experts": "fp8" if model.cfg.expert_fp8_block else np.dtype(model.compute_dtype).name,
         "batch": batch, "prompt_tokens": longest, "new_tokens": args.max_new_tokens,
+        "chat": args.chat,
         # a baseline has no schedule: it ignores --schedule
         "prefill_schedule": prefill_run.schedule, "decode_schedule": decode_run.schedule,
         "prefill_path": prefill_run.path, "decode_path": decode_run.path,

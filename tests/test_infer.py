@@ -22,6 +22,7 @@ DEFAULT = os.path.join(ROOT, "models", "default")
 sys.path.insert(0, os.path.join(ROOT, "scripts"))
 
 PROMPTS = ["Return the ", "If the file "]
+CHAT_TEMPLATE = os.path.join(ROOT, "tests", "fixtures", "chat_plain.jinja")
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +86,7 @@ def test_rows_stop_at_their_first_stop_token_and_sampling_is_seeded(mesh):
 
 def test_infer_script_json(tmp_path):
     """The script's JSON report, on an FP8 copy of the default checkpoint with its experts kept
-    FP8 (``--fp8-experts``)."""
+    FP8 (``--fp8-experts``), the prompts through a chat template (``--chat``)."""
     from moe_relayfree_models import quant
 
     quant.quantize_checkpoint(os.path.join(ROOT, "models", "default"), str(tmp_path))
@@ -93,7 +94,8 @@ def test_infer_script_json(tmp_path):
     out = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "infer.py"), "--json",
                           "--max-new-tokens", "6", "--batch", "4",
                           "--mesh", "data=2,ep=4", "--temperature", "0.8", "--top-p", "0.9",
-                          "--checkpoint", str(tmp_path), "--fp8-experts"],
+                          "--checkpoint", str(tmp_path), "--fp8-experts", "--chat",
+                          "--system", "Be brief.", "--chat-template", CHAT_TEMPLATE],
                          check=True, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     report = json.loads(out.stdout)
     assert "\r" not in out.stderr  # progress only on a terminal, not in a redirected log
@@ -108,11 +110,30 @@ def test_infer_script_json(tmp_path):
     assert report["decode_schedule"] == "decode"  # 4 rows on 8 ranks: 1 token per rank
     assert report["ttft_ms"] > 0 and report["tpot_ms"] > 0
     assert len(report["outputs"]) == 4
+    from moe_relayfree_models.serving.chat import ChatTemplate
+
+    template = ChatTemplate.from_folder(str(tmp_path), CHAT_TEMPLATE)
+    rendered = [template.render([{"role": "system", "content": "Be brief."},
+                                 {"role": "user", "content": o["prompt"]}])
+                for o in report["outputs"]]
+    assert report["chat"] and report["prompt_tokens"] == max(
+        len(tokenizer.encode(t, bos=False)) for t in rendered)
     assert report["sampling"] == {"temperature": 0.8, "top_k": 0, "top_p": 0.9}
     assert report["stop_ids"] == [tokenizer.EOS]  # the byte-level tokenizer's
     for o in report["outputs"]:
         assert (o["finish_reason"], o["new_tokens"]) in (("length", 6),) + tuple(
             ("stop", n) for n in range(6)), o
+
+
+def test_chat_without_a_template_is_a_clear_error():
+    """--chat on a checkpoint with no chat template (the default one) says so, and how on."""
+    import types
+
+    import infer
+
+    args = types.SimpleNamespace(checkpoint=DEFAULT, chat_template=None, system=None)
+    with pytest.raises(ValueError, match="ships no chat template; pass --chat-template"):
+        infer.chat_prompts(args, tokenizer.ByteTokenizer(), ["hi"])
 
 
 def test_missing_checkpoint_is_a_clear_error(tmp_path):

@@ -205,15 +205,30 @@ def _config(chunk_buckets: int = 1):
                         chunk_buckets=chunk_buckets)
 
 
-def _served_tokens(model, stop_ids: dict, chunk_buckets: int = 1, cases=CASES):
-    """The tokens of ``cases`` (prompt index, max tokens), sent at once through the official
-    ``openai`` client to the server's app in this process (over httpx's ASGI transport, the
-    app's own lifespan running the engine), greedy, with vLLM's ``return_token_ids``;
-    ``stop_ids[i]``: request ``i``'s."""
+def _through_the_client(server, calls):
+    """``await calls(client)`` with the official ``openai`` client against the server's app in
+    this process (over httpx's ASGI transport, the app's own lifespan running the engine)."""
     import asyncio
 
     import httpx
     import openai
+
+    async def run():
+        async with server.app.router.lifespan_context(server.app):
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=server.app),
+                                         base_url="http://served", timeout=120) as http:
+                return await calls(openai.AsyncOpenAI(base_url="http://served/v1",
+                                                      api_key="none", http_client=http,
+                                                      max_retries=0))
+
+    return asyncio.run(run())
+
+
+def _served_tokens(model, stop_ids: dict, chunk_buckets: int = 1, cases=CASES):
+    """The tokens of ``cases`` (prompt index, max tokens), sent at once through the official
+    ``openai`` client to the server's app in this process, greedy, with vLLM's
+    ``return_token_ids``; ``stop_ids[i]``: request ``i``'s."""
+    import asyncio
 
     from moe_relayfree_models import tokenizer
     from moe_relayfree_models.serving.engine import Engine
@@ -224,22 +239,16 @@ def _served_tokens(model, stop_ids: dict, chunk_buckets: int = 1, cases=CASES):
                     model_name="default")
     prompts = _prompts()
 
-    async def run():
-        async with server.app.router.lifespan_context(server.app):
-            http = httpx.AsyncClient(transport=httpx.ASGITransport(app=server.app),
-                                     base_url="http://served", timeout=120)
-            client = openai.AsyncOpenAI(base_url="http://served/v1", api_key="none",
-                                        http_client=http, max_retries=0)
-            answers = await asyncio.gather(*[
-                client.completions.create(model="default", prompt=prompts[p], max_tokens=n,
-                                          temperature=0,
-                                          extra_body={"return_token_ids": True,
-                                                      "stop_token_ids": list(stop_ids.get(i, []))})
-                for i, (p, n) in enumerate(cases)])
-            await http.aclose()
+    async def calls(client):
+        answers = await asyncio.gather(*[
+            client.completions.create(model="default", prompt=prompts[p], max_tokens=n,
+                                      temperature=0,
+                                      extra_body={"return_token_ids": True,
+                                                  "stop_token_ids": list(stop_ids.get(i, []))})
+            for i, (p, n) in enumerate(cases)])
         return [a.choices[0].model_extra["token_ids"] for a in answers]
 
-    tokens = asyncio.run(run())
+    tokens = _through_the_client(server, calls)
     assert engine.pool.in_use == 0 and not engine.has_work()
     return tokens, engine
 
@@ -348,11 +357,8 @@ def test_logprobs_are_the_models_own():
     too) and chat (sampled at temperature 1 with a seed, 2 top): each token's log-probability
     and the top ones are the model's own log-softmax at that position (one forward over the
     prompt and the completion, float32), before temperature; the greedy token is the top one."""
-    import asyncio
-
-    import httpx
+    import jax
     import jax.numpy as jnp
-    import openai
     from flax import nnx
 
     from moe_relayfree_models import tokenizer
@@ -367,33 +373,25 @@ def test_logprobs_are_the_models_own():
     prompt = _prompts()[1]
     ids_of = {"return_token_ids": True}
 
-    async def run():
-        async with server.app.router.lifespan_context(server.app):
-            http = httpx.AsyncClient(transport=httpx.ASGITransport(app=server.app),
-                                     base_url="http://served", timeout=120)
-            client = openai.AsyncOpenAI(base_url="http://served/v1", api_key="none",
-                                        http_client=http, max_retries=0)
-            greedy = await client.completions.create(model="default", prompt=prompt, max_tokens=5,
-                                                     temperature=0, logprobs=3, extra_body=ids_of)
-            chunks = [c async for c in await client.completions.create(
-                model="default", prompt=prompt, max_tokens=5, temperature=0, logprobs=3,
-                stream=True)]
-            chat = await client.chat.completions.create(
-                model="default", messages=[{"role": "user", "content": "Return the number of "}],
-                max_tokens=4, temperature=1, seed=3, logprobs=True, top_logprobs=2,
-                extra_body=ids_of)
-            await http.aclose()
+    async def calls(client):
+        greedy = await client.completions.create(model="default", prompt=prompt, max_tokens=5,
+                                                 temperature=0, logprobs=3, extra_body=ids_of)
+        chunks = [c async for c in await client.completions.create(
+            model="default", prompt=prompt, max_tokens=5, temperature=0, logprobs=3,
+            stream=True)]
+        chat = await client.chat.completions.create(
+            model="default", messages=[{"role": "user", "content": "Return the number of "}],
+            max_tokens=4, temperature=1, seed=3, logprobs=True, top_logprobs=2,
+            extra_body=ids_of)
         return greedy.choices[0], chunks, chat.choices[0]
 
-    greedy, chunks, chat = asyncio.run(run())
+    greedy, chunks, chat = _through_the_client(server, calls)
 
     @nnx.jit
     def logprobs(model, tokens):
         cache = init_cache(model.cfg, 1, tokens.shape[1], jnp.float32)
         logits = model(tokens, jnp.zeros((1,), jnp.int32), cache, 0)[0]
         return jax.nn.log_softmax(logits[0], axis=-1)
-
-    import jax
 
     def reference(choice):
         prompt_ids, out = choice.model_extra["prompt_token_ids"], choice.model_extra["token_ids"]

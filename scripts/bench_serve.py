@@ -37,6 +37,9 @@ def parse_args(argv=None):
     p.add_argument("--output-len", type=int, default=32)
     p.add_argument("--range-ratio", type=float, default=0.5,
                    help="lengths drawn uniformly within this fraction of --input-len/--output-len")
+    p.add_argument("--prefix-len", type=int, default=0,
+                   help="tokens every prompt starts with (a shared system prompt), before "
+                        "its --input-len own")
     p.add_argument("--request-rate", type=float, default=math.inf, help="req/s (inf: all at once)")
     p.add_argument("--burstiness", type=float, default=1.0, help="gamma shape (1: Poisson)")
     p.add_argument("--max-concurrency", type=int, default=None)
@@ -71,7 +74,8 @@ def main(argv=None) -> int:
 
     try:
         workload = loadgen.Workload(a.num_prompts, a.input_len, a.output_len, a.range_ratio,
-                                    a.request_rate, a.burstiness, a.max_concurrency, a.seed)
+                                    a.request_rate, a.burstiness, a.max_concurrency, a.seed,
+                                    prefix_len=a.prefix_len)
         limits = loadgen.parse_goodput(a.goodput)
         pairs = [loadgen.parse_goodput(pair.split(",")) for pair in a.limits]
     except ValueError as e:

@@ -63,6 +63,9 @@ def parse_args(argv=None):
                    "model's max_position_embeddings)")
     p.add_argument("--max-waiting", type=positive_int, default=256,
                    help="waiting requests past which the server answers 429")
+    p.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
+                   help="prefill every prompt whole (default: prompts that start with pages "
+                        "another request filled take them)")
     p.add_argument("--warm-up", action="store_true",
                    help="compile every step shape before serving (else on first use)")
     return p.parse_args(argv)
@@ -86,7 +89,8 @@ def main(argv=None) -> int:
         engine_config = EngineConfig(
             max_seqs=args.max_seqs, max_step_tokens=args.max_step_tokens, chunk=args.chunk,
             page_size=args.page_size, num_pages=args.num_pages, max_waiting=args.max_waiting,
-            max_model_len=args.max_model_len, chunk_buckets=args.chunk_buckets)
+            max_model_len=args.max_model_len, chunk_buckets=args.chunk_buckets,
+            prefix_caching=args.prefix_caching)
         model = load(args, dispatch)
         engine = Engine(model, engine_config)
     except SetupError as e:

@@ -22,6 +22,9 @@ def test_workload_is_seeded_and_arrivals_follow_the_rate():
     bursty = np.diff(Workload(num_prompts=4000, rate=8.0, burstiness=0.25).arrivals())
     assert abs(bursty.mean() - 1 / 8) < 0.02 and bursty.std() > 1.8 * gaps.std()  # gamma, k=1/4
     assert not Workload(num_prompts=5).arrivals().any()  # rate inf: all at once
+    shared = Workload(num_prompts=20, input_len=8, seed=3, prefix_len=6).requests()
+    assert all(p[:6] == shared[0][0][:6] and 10 <= len(p) <= 18 for p, _ in shared)
+    assert len({tuple(p[6:]) for p, _ in shared}) == 20  # each its own after the prefix
 
 
 def test_summary_statistics_and_goodput_count_a_request_only_if_it_meets_every_limit():

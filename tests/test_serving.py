@@ -7,7 +7,8 @@ import pytest
 
 import moe_relayfree as mr
 from helpers import computed_once
-from moe_relayfree_models.serving.scheduler import (PagePool, QueueFull, Request, SamplingParams,
+from moe_relayfree_models.serving.pages import PagePool
+from moe_relayfree_models.serving.scheduler import (QueueFull, Request, SamplingParams,
                                                     Scheduler)
 
 
@@ -37,6 +38,94 @@ def test_pages_are_promised_at_admission_and_held_as_the_request_grows():
     assert s.pool.in_use == 0 and s.pool.total_promised == 0  # every page back at once
     s.schedule()
     assert s.running == [b]
+
+
+def _run(s, *requests, flight=()):
+    """Steps ``s`` (one step ahead, as the engine; ``flight``: the work of a step planned and
+    not yet read back) until every request has finished."""
+    flight = list(flight)
+    for r in requests:
+        s.add(r)
+    while s.has_work() or flight:
+        work = s.schedule()
+        s.advance(flight, [1] * len(flight))
+        flight = work
+
+
+def test_prefix_cache_shares_full_prompt_pages_and_evicts_the_least_recent():
+    """Pages of 4 rows. A prompt that starts with another's first two pages (8 tokens) takes
+    them, read-only, and prefills from its 9th token; only pages wholly before the last prompt
+    token are shared; two identical prompts admitted in one step share nothing (the pages are
+    registered after the step's admissions); finished requests leave their registered pages
+    idle, taken back least recently used first (deepest first) when free pages run out; a
+    failed step empties the cache; a hash collision hands over nothing."""
+    from moe_relayfree_models.serving import pages
+
+    def sched(n=17, shards=1, **kw):
+        return Scheduler(PagePool(n, 4, shards, prefix_caching=True), max_seqs=2,
+                         max_step_tokens=32, chunk=16, max_positions=64, **kw)
+
+    s = sched()
+    head = list(range(10, 18))
+    a = Request(head + [1, 2, 3], max_tokens=2)
+    _run(s, a)
+    assert a.finish_reason == "length" and s.pool.in_use == 0
+    idle = sorted(s.pool.idle[0])
+    assert len(idle) == 2  # its two full prompt pages, idle, rows intact
+    b = Request(head + [4, 5], max_tokens=3)
+    s.add(b)
+    work = s.schedule()
+    assert b.computed == 10 and [(w.start, w.count) for w in work] == [(8, 2)]  # 8 cached
+    assert sorted(b.pages[:2]) == idle and not s.pool.idle[0] and s.pool.hit_tokens == 8
+    _run(s, flight=work)
+    # a prompt of exactly two pages: its second page holds its last token, not shared
+    c = Request(head, max_tokens=1)
+    s.add(c)
+    work = s.schedule()
+    assert c.computed == 8 and [(w.start, w.count) for w in work] == [(4, 4)]
+    assert s.pool.hit_tokens == 12
+    _run(s, flight=work)
+
+    s = sched()
+    twins = [Request(head + [1], max_tokens=2) for _ in range(2)]
+    s.add(twins[0]), s.add(twins[1])
+    work = s.schedule()
+    assert [t.computed for t in twins] == [9, 9] and set(twins[0].pages).isdisjoint(twins[1].pages)
+    _run(s, flight=work)
+    assert s.pool.hit_tokens == 0 and s.pool.in_use == 0
+
+    s = sched(n=7)  # 6 pages: a long request must take an idle one, the deepest first
+    _run(s, Request(head + [1], max_tokens=1))
+    assert len(s.pool.idle[0]) == 2 and len(s.pool.free[0]) == 4 and s.pool.can_promise(6)
+    _run(s, Request([99] * 19, max_tokens=1))  # 5 pages: the 4 free ones and 1 idle one
+    assert s.pool.hit_tokens == 0
+    again = Request(head + [2], max_tokens=1)
+    _run(s, again)
+    assert s.pool.hit_tokens == 4  # head's first page is still cached, its second is not
+
+    s = sched()
+    _run(s, Request(head + [1], max_tokens=1))
+    s.fail_all()
+    assert not s.pool.cached[0] and not s.pool.idle[0] and len(s.pool.free[0]) == 16
+
+    s = sched(shards=2)  # 8 pages per shard: the request goes where its prefix is cached
+    first = Request(head + [1], max_tokens=1)
+    _run(s, first, Request([5] * 9, max_tokens=1))
+    again = Request(head + [7], max_tokens=1)
+    s.add(again)
+    work = s.schedule()
+    assert again.shard == first.shard and again.computed == 9  # 8 from the cache, 1 fed
+    _run(s, flight=work)
+
+    import pytest as _pytest
+    with _pytest.MonkeyPatch.context() as m:  # every key collides: the tokens decide
+        m.setattr(pages, "hash", lambda _: 0, raising=False)
+        s = sched()
+        _run(s, Request(head + [1], max_tokens=1))
+        other = Request(list(range(40, 48)) + [1], max_tokens=1)
+        s.add(other)
+        work = s.schedule()
+        assert [(w.start, w.count) for w in work] == [(0, 9)] and s.pool.hit_tokens == 0
 
 
 def test_decode_first_then_prefill_chunks_under_the_budget_and_stops():
@@ -289,7 +378,9 @@ def test_served_tokens_equal_generate_of_each_prompt_alone(dispatch, alone):
     (17 rows per device) take the prefill schedule and the decode-only ones (1 per device)
     the decode schedule, and with the three chunk-row sizes (a step's chunk slots have 4, 8 or
     16 rows, as its longest chunk needs). The baseline, whose only difference is inside the
-    MoE layer, runs the first 8 requests with one chunk-row size: fewer programs to compile."""
+    MoE layer, runs the first 8 requests with one chunk-row size: fewer programs to compile.
+    Prompts repeat (16 requests of 6 prompts): the later ones of the longer prompts start from
+    the pages the earlier ones filled (the prefix cache)."""
     relayfree = dispatch == "relayfree"
     cases = CASES if relayfree else CASES[:8]
     want = [alone[p][:n] for p, n in cases]
@@ -303,6 +394,8 @@ def test_served_tokens_equal_generate_of_each_prompt_alone(dispatch, alone):
     steps = engine.metrics.steps
     if dispatch == "relayfree":
         assert steps["prefill"] > 0 and steps["decode"] > 0 and steps["none"] == 0
+        # the repeated 40- and 70-token prompts took their first pages from the prefix cache
+        assert engine.pool.hit_tokens > 0
     else:
         assert steps["none"] > 0 and steps["prefill"] == steps["decode"] == 0
 

@@ -39,8 +39,9 @@ import moe_relayfree as mr
 from moe_relayfree_models.generation import check_context
 from moe_relayfree_models.paged import init_pages
 from moe_relayfree_models.serving.plan import STEP, STOP, Plan, PlanChannel
-from moe_relayfree_models.serving.scheduler import (PagePool, QueueFull, Request, SamplingParams,
-                                                    Scheduler, Work)
+from moe_relayfree_models.serving.pages import PagePool
+from moe_relayfree_models.serving.scheduler import (QueueFull, Request, SamplingParams, Scheduler,
+                                                    Work)
 from moe_relayfree_models.serving.step import pack, step_program
 
 
@@ -81,7 +82,9 @@ class EngineConfig:
     and completion (default: the model's ``max_position_embeddings``; a long-context model's
     163,840 positions would size the default pool for every slot at that length);
     chunk_buckets: the query-row sizes a step with chunks takes (``chunk``, ``chunk / 2``, ...,
-    this many; fewer: fewer shapes to compile, more padding rows when prompts are short)."""
+    this many; fewer: fewer shapes to compile, more padding rows when prompts are short);
+    prefix_caching: prompts that start with pages another request filled take them instead of
+    prefilling them again (:mod:`.pages`)."""
 
     max_seqs: int = 16
     max_step_tokens: int = 256
@@ -91,6 +94,7 @@ class EngineConfig:
     max_waiting: int = 256
     max_model_len: int | None = None
     chunk_buckets: int = 3
+    prefix_caching: bool = True
 
 
 class Metrics:
@@ -127,7 +131,7 @@ class Engine:
         self.shards = lay.num_token_shards
         self.slots_per_shard = -(-config.max_seqs // self.shards)
         num_pages = config.num_pages or self.shards * (self.slots_per_shard * self.max_pages + 1)
-        self.pool = PagePool(num_pages, config.page_size, self.shards)
+        self.pool = PagePool(num_pages, config.page_size, self.shards, config.prefix_caching)
         self.scheduler = Scheduler(self.pool, max_seqs=config.max_seqs,
                                    max_step_tokens=config.max_step_tokens, chunk=config.chunk,
                                    max_positions=limit, max_waiting=config.max_waiting)

@@ -28,9 +28,10 @@ METRICS = ("ttft", "tpot", "itl", "e2el")
 @dataclasses.dataclass(frozen=True)
 class Workload:
     """``num_prompts`` requests of ``input_len`` and ``output_len`` tokens (each drawn uniformly
-    within ``range_ratio`` of it), token ids in ``[low, high)``, sent at ``rate`` per second
-    (``inf``: all at once) with gamma ``burstiness`` (1: Poisson), at most ``max_concurrency``
-    in flight (None: no cap); ``seed`` fixes lengths, ids and arrivals."""
+    within ``range_ratio`` of it), token ids in ``[low, high)``, after ``prefix_len`` tokens
+    every prompt starts with (a shared system prompt: vLLM's ``--random-prefix-len``), sent at
+    ``rate`` per second (``inf``: all at once) with gamma ``burstiness`` (1: Poisson), at most
+    ``max_concurrency`` in flight (None: no cap); ``seed`` fixes lengths, ids and arrivals."""
 
     num_prompts: int = 64
     input_len: int = 64
@@ -42,6 +43,7 @@ class Workload:
     seed: int = 0
     low: int = 3
     high: int = 250
+    prefix_len: int = 0
 
     def requests(self) -> list[tuple[list[int], int]]:
         """(prompt token ids, max_tokens) per request."""
@@ -52,7 +54,10 @@ class Workload:
             return rng.integers(lo, max(lo, hi) + 1, self.num_prompts)
 
         ins, outs = lengths(self.input_len), lengths(self.output_len)
-        return [(rng.integers(self.low, self.high, n).tolist(), int(m)) for n, m in zip(ins, outs)]
+        prefix = np.random.default_rng([self.seed, 2]).integers(self.low, self.high,
+                                                                self.prefix_len).tolist()
+        return [(prefix + rng.integers(self.low, self.high, n).tolist(), int(m))
+                for n, m in zip(ins, outs)]
 
     def arrivals(self) -> np.ndarray:
         """Send times in seconds from the start ``[num_prompts]``: cumulative gamma intervals of

@@ -7,10 +7,11 @@ positions); it then holds only the pages its tokens fill, allocated as it grows,
 of 100 tokens holds ``ceil(100 / page)`` pages, and growth never fails (no preemption). Its
 pages go back the moment it finishes or is cancelled.
 
-The pool is split into ``shards`` (one per token shard of the mesh: each device keeps and
-writes only its own sequences' pages), and a request lives on one shard, chosen at admission:
-the one with the fewest running requests that can promise its pages. Page ids are local to the
-shard.
+The pool (:mod:`.pages`) is split into ``shards`` (one per token shard of the mesh: each device
+keeps and writes only its own sequences' pages), and a request lives on one shard, chosen at
+admission: the one holding the longest cached prefix of its prompt (the prefix cache), then
+the one with the fewest running requests, that can promise its pages. A cached prefix is not
+prefilled again.
 
 Each step has a token budget (chunked prefill, Sarathi-Serve / vLLM v1 style): first one token
 for every decoding request, then prefill chunks (at most ``chunk`` tokens each) of the
@@ -34,6 +35,8 @@ import dataclasses
 import itertools
 import threading
 from typing import Callable
+
+from moe_relayfree_models.serving.pages import PagePool
 
 FINISHED = ("stop", "length", "abort", "error")
 
@@ -95,6 +98,7 @@ class Request:
     logprobs: list = dataclasses.field(default_factory=list)
     computed: int = 0  # positions in the cache
     pages: list[int] = dataclasses.field(default_factory=list)
+    page_keys: list[int] = dataclasses.field(default_factory=list)  # its registered pages'
     promised: int = 0  # pages the pool keeps for it
     shard: int = 0  # the pool shard (device) holding its pages
     finish_reason: str | None = None
@@ -115,60 +119,6 @@ class Request:
     @property
     def prefilling(self) -> bool:
         return self.computed < len(self.prompt)
-
-
-class PagePool:
-    """``shards`` equal ranges of ``num_pages // shards`` pages (shard ``j``'s local page ``i``
-    is pool page ``j * per_shard + i``); in each, pages ``1 .. per_shard - 1`` are handed out one
-    at a time against promises made at admission (local page 0 is that shard's scratch page)."""
-
-    def __init__(self, num_pages: int, page_size: int, shards: int = 1):
-        per_shard = num_pages // max(shards, 1)
-        if shards < 1 or per_shard < 2 or page_size < 1:
-            raise ValueError(f"the pool needs at least 2 pages per shard (one is scratch) of >= 1 "
-                             f"rows; got {num_pages} pages of {page_size} over {shards} shards")
-        self.page_size, self.shards, self.per_shard = page_size, shards, per_shard
-        self.num_pages = per_shard * shards
-        self.free = [list(range(per_shard - 1, 0, -1)) for _ in range(shards)]
-        self.promised = [0] * shards  # pages promised and not yet handed out, per shard
-
-    @property
-    def in_use(self) -> int:
-        return sum(self.per_shard - 1 - len(f) for f in self.free)
-
-    @property
-    def capacity(self) -> int:
-        """Pages requests can hold, over all shards (scratch pages not counted)."""
-        return self.shards * (self.per_shard - 1)
-
-    @property
-    def total_promised(self) -> int:
-        return sum(self.promised)
-
-    def pages_for(self, positions: int) -> int:
-        return -(-positions // self.page_size)
-
-    def can_promise(self, pages: int, shard: int = 0) -> bool:
-        return self.promised[shard] + pages <= len(self.free[shard])
-
-    def admit(self, request: Request, positions: int, shard: int = 0) -> None:
-        request.shard = shard
-        request.promised = self.pages_for(positions)
-        self.promised[shard] += request.promised
-
-    def grow(self, request: Request, positions: int) -> None:
-        """Hands ``request`` the pages its first ``positions`` positions need."""
-        while len(request.pages) < self.pages_for(positions):
-            if request.promised <= 0:
-                raise RuntimeError("internal: a request grew past the pages promised to it")
-            request.pages.append(self.free[request.shard].pop())
-            request.promised -= 1
-            self.promised[request.shard] -= 1
-
-    def release(self, request: Request) -> None:
-        self.free[request.shard].extend(reversed(request.pages))
-        self.promised[request.shard] -= request.promised
-        request.pages, request.promised = [], 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -235,11 +185,11 @@ class Scheduler:
             while self.waiting and len(self.running) < self.max_seqs:
                 r = self.waiting[0]
                 length = min(len(r.prompt) + r.max_tokens, self.max_positions)
-                shard = self._shard_for(self.pool.pages_for(length))
-                if shard is None:  # first come, first served: the head waits for pages
+                place = self._shard_for(r, self.pool.pages_for(length))
+                if place is None:  # first come, first served: the head waits for pages
                     break
                 self.waiting.popleft()
-                self.pool.admit(r, length, shard)
+                self.pool.admit(r, length, *place)
                 self.running.append(r)
         budget = self.max_step_tokens
         work = []
@@ -256,6 +206,8 @@ class Scheduler:
             self.pool.grow(w.request, w.start + w.count)
             w.request.computed = w.start + w.count
             w.request.pending += w.samples
+            if w.chunk:  # after this step's admissions: later steps may read them
+                self.pool.register(w.request, w.request.computed)
         return work
 
     def _ends_ahead(self, r: Request) -> bool:
@@ -264,15 +216,24 @@ class Scheduler:
         return r.pending > 0 and (len(r.output) + r.pending >= r.max_tokens
                                   or r.length >= self.max_positions)
 
-    def _shard_for(self, pages: int) -> int | None:
-        """The shard a new request of ``pages`` pages goes to: a free slot and the pages, the
-        fewest running requests (then the most free pages) first; None if none can take it."""
+    def _shard_for(self, request: Request, pages: int) -> tuple[int, list[int]] | None:
+        """Where a new request of ``pages`` pages goes (the shard, and the cached pages of its
+        prompt's prefix there): a free slot and the pages, the longest cached prefix first,
+        then the fewest running requests, then the most pages to promise; None if none can
+        take it."""
         running = [0] * self.pool.shards
         for r in self.running:
             running[r.shard] += 1
-        fits = [j for j in range(self.pool.shards)
-                if running[j] < self.slots_per_shard and self.pool.can_promise(pages, j)]
-        return min(fits, key=lambda j: (running[j], -len(self.pool.free[j])), default=None)
+        fits = []
+        for j in range(self.pool.shards):
+            shared = self.pool.match(request.prompt, j)
+            # shared pages cost no new page, but idle ones leave the pages that can be promised
+            idle = sum(p in self.pool.idle[j] for p in shared)
+            if running[j] < self.slots_per_shard and self.pool.can_promise(
+                    pages - len(shared) + idle, j):
+                fits.append((j, shared))
+        return min(fits, key=lambda f: (-len(f[1]), running[f[0]], -len(self.pool.free[f[0]])),
+                   default=None)
 
     def fail_all(self) -> None:
         """Ends every request, running and waiting, with "error" (a step failed)."""
@@ -281,6 +242,7 @@ class Scheduler:
                 self.finish(r, "error")
             while self.waiting:
                 self._notify(self.waiting.popleft(), [], "error")
+            self.pool.forget()  # the failed step's pages hold no known rows
 
     def _notify(self, r: Request, tokens: list, reason: str | None) -> None:
         if r.listener is not None:
@@ -319,4 +281,4 @@ class Scheduler:
                 self._notify(r, [int(token)], None)
 
 
-__all__ = ["FINISHED", "MAX_LOGPROBS", "PagePool", "QueueFull", "Request", "SamplingParams", "Scheduler", "Work"]
+__all__ = ["FINISHED", "MAX_LOGPROBS", "QueueFull", "Request", "SamplingParams", "Scheduler", "Work"]

@@ -342,6 +342,10 @@ class Server:
         metric("kv_pages_in_use", "gauge", "KV cache pages held by requests.", [("", e.pool.in_use)])
         metric("kv_pages_total", "gauge", "KV cache pages in the pool (scratch excluded).",
                [("", e.pool.capacity)])
+        metric("kv_pages_cached_idle", "gauge", "Cached prefix pages no request holds (taken "
+               "when free pages run out).", [("", sum(len(i) for i in e.pool.idle))])
+        metric("prefix_cache_hit_tokens_total", "counter", "Prompt tokens taken from the prefix "
+               "cache instead of prefilled.", [("", e.pool.hit_tokens)])
         metric("steps_total", "counter", "Engine steps by the MoE layers' schedule.",
                [(f'{{schedule="{k}"}}', v) for k, v in m.steps.items()])
         metric("step_seconds_total", "counter", "Time spent in engine steps.", [("", m.step_seconds)])

@@ -74,24 +74,26 @@ class PagePool:
 
     # --- the prefix cache ------------------------------------------------------------------
 
-    def _keys(self, tokens: list[int], pages: int, parent: int = 0) -> list[tuple]:
-        """(key, parent key, tokens) of the first ``pages`` full pages of ``tokens``."""
-        out, n = [], self.page_size
-        for i in range(pages):
-            chunk = tuple(tokens[i * n:(i + 1) * n])
-            key = hash((parent, chunk))
-            out.append((key, parent, chunk))
-            parent = key
-        return out
+    def _keys(self, request) -> list[tuple]:
+        """(key, parent key, tokens) of each full page of ``request``'s prompt, made once."""
+        if request.prompt_keys is None:
+            out, parent, n = [], 0, self.page_size
+            for i in range(len(request.prompt) // n):
+                chunk = tuple(request.prompt[i * n:(i + 1) * n])
+                key = hash((parent, chunk))
+                out.append((key, parent, chunk))
+                parent = key
+            request.prompt_keys = out
+        return request.prompt_keys
 
-    def match(self, prompt: list[int], shard: int) -> list[int]:
-        """The registered pages of ``shard`` that ``prompt`` starts with, as many as lie wholly
-        before its last token."""
+    def match(self, request, shard: int) -> list[int]:
+        """The registered pages of ``shard`` that ``request``'s prompt starts with, as many as
+        lie wholly before its last token."""
         if not self.prefix_caching:
             return []
-        pages = []
-        for key, parent, chunk in self._keys(prompt, (len(prompt) - 1) // self.page_size):
-            entry = self.cached[shard].get(key)
+        pages, cache = [], self.cached[shard]
+        for key, parent, chunk in self._keys(request)[:(len(request.prompt) - 1) // self.page_size]:
+            entry = cache.get(key)
             if entry is None or entry[1:] != (parent, chunk):
                 break
             pages.append(entry[0])
@@ -105,12 +107,8 @@ class PagePool:
             return
         done = len(request.page_keys)
         full = min(tokens, len(request.prompt)) // self.page_size
-        if full <= done:
-            return
-        parent = request.page_keys[-1] if done else 0
         cache = self.cached[request.shard]
-        for i, (key, parent, chunk) in enumerate(self._keys(
-                request.prompt[done * self.page_size:], full - done, parent), done):
+        for i, (key, parent, chunk) in enumerate(self._keys(request)[done:full], done):
             page = request.pages[i]
             if key not in cache:
                 cache[key] = (page, parent, chunk)

@@ -99,6 +99,7 @@ class Request:
     computed: int = 0  # positions in the cache
     pages: list[int] = dataclasses.field(default_factory=list)
     page_keys: list[int] = dataclasses.field(default_factory=list)  # its registered pages'
+    prompt_keys: list | None = None  # the prefix cache's keys of its full prompt pages
     promised: int = 0  # pages the pool keeps for it
     shard: int = 0  # the pool shard (device) holding its pages
     finish_reason: str | None = None
@@ -226,7 +227,7 @@ class Scheduler:
             running[r.shard] += 1
         fits = []
         for j in range(self.pool.shards):
-            shared = self.pool.match(request.prompt, j)
+            shared = self.pool.match(request, j)
             # shared pages cost no new page, but idle ones leave the pages that can be promised
             idle = sum(p in self.pool.idle[j] for p in shared)
             if running[j] < self.slots_per_shard and self.pool.can_promise(

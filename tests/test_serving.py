@@ -423,7 +423,8 @@ def test_nothing_compiles_after_warm_up():
 def test_engine_tokens_equal_generate_for_mla_and_sliding_windows(fixture):
     """DeepSeek-V3's latent MLA cache over pages (absorbed decode, chunked prefill) and a
     sliding window of 4 over pages: the engine's greedy tokens are generate()'s for the prompts
-    (float32, random-init Hugging Face fixtures)."""
+    (float32, random-init Hugging Face fixtures), also for a prompt served again from the
+    prefix cache."""
     import os
 
     from moe_relayfree_models import checkpoint, generation
@@ -443,6 +444,11 @@ def test_engine_tokens_equal_generate_for_mla_and_sliding_windows(fixture):
     want = generation.generate(model, prompts, max(budget))["tokens"]
     for w, m, r in zip(want, budget, requests):
         assert r.output == w[:m], fixture
+    # the 40-token prompt again: its first two pages (32 positions) from the prefix cache
+    again = engine.submit(prompts[1], budget[1])
+    while engine.has_work():
+        engine.step()
+    assert engine.pool.hit_tokens == 32 and again.output == requests[1].output, fixture
 
 
 def test_logprobs_are_the_models_own():

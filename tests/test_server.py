@@ -165,6 +165,17 @@ def check_chat_completions_render_the_template(server):
     chunks = list(client.chat.completions.create(messages=messages, stream=True, **args))
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == want
+    # vLLM's /tokenize and /detokenize: the same ids a chat or a completion is given
+    assert httpx.post(f"{url}/tokenize", json={"messages": messages}).json()["tokens"] == ids
+    text = "Return the number of "
+    got = httpx.post(f"{url}/tokenize", json={"prompt": text}).json()
+    assert got["tokens"] == encode(text) and got["count"] == len(text) + 1  # BOS + bytes
+    assert httpx.post(f"{url}/tokenize", json={"prompt": text, "add_special_tokens": False}
+                      ).json()["tokens"] == encode(text, bos=False)
+    assert httpx.post(f"{url}/detokenize", json={"tokens": ids}).json()["prompt"] == \
+        ChatTemplate.from_folder(DEFAULT, CHAT_TEMPLATE).render(messages)
+    assert httpx.post(f"{url}/detokenize", json={"tokens": "x"}).status_code == 400
+    assert client.models.list().data[0].model_extra["max_model_len"] == 1024
 
 
 

@@ -1,8 +1,8 @@
 """OpenAI-compatible HTTP serving on FastAPI (uvicorn runs it: ``scripts/serve.py``).
 
 Routes: ``POST /v1/completions`` and ``POST /v1/chat/completions`` (``stream: true`` as
-server-sent events, ``data: [DONE]`` last), ``GET /v1/models``, ``GET /health``, ``GET
-/metrics`` (Prometheus text). This layer only translates: OpenAI bodies to engine requests
+server-sent events, ``data: [DONE]`` last), ``GET /v1/models``, vLLM's ``POST /tokenize`` and
+``/detokenize``, ``GET /health``, ``GET /metrics`` (Prometheus text). This layer only translates: OpenAI bodies to engine requests
 (one per choice: a batch of prompts, ``n`` completions of each), engine tokens to text
 (:mod:`.text`), and the choices' text to OpenAI bodies (:mod:`.responses`); the engine runs in
 a thread of its own (:meth:`Engine.run_forever`).
@@ -264,7 +264,8 @@ class Server:
         @app.get("/v1/models")
         async def models():
             return {"object": "list", "data": [{"id": self.model_name, "object": "model",
-                                                "created": 0, "owned_by": "moe-relayfree"}]}
+                                                "created": 0, "owned_by": "moe-relayfree",
+                                                "max_model_len": self.engine.max_positions}]}
 
         @app.get("/metrics")
         async def metrics():
@@ -323,6 +324,35 @@ class Server:
         @app.post("/v1/chat/completions")
         async def chat_completions(http: HttpRequest):
             return await complete(http, chat=True)
+
+        @app.post("/tokenize")
+        async def tokenize(http: HttpRequest):
+            """vLLM's: a prompt's ids (``prompt``, special tokens added as for a completion
+            unless ``add_special_tokens`` is false) or a chat's (``messages``, as rendered)."""
+            body = await body_of(http)
+            self._check_model(body)
+            if "messages" in body:
+                ids = self.render_chat(body)
+            else:
+                prompt = body.get("prompt")
+                if not isinstance(prompt, str):
+                    raise ApiError(400, "prompt must be a string", "prompt")
+                special = body.get("add_special_tokens", True)
+                if not isinstance(special, bool):
+                    raise ApiError(400, "add_special_tokens must be true or false",
+                                   "add_special_tokens")
+                ids = self.tok.encode(prompt, add_special_tokens=special)
+            return {"tokens": ids, "count": len(ids), "max_model_len": self.engine.max_positions}
+
+        @app.post("/detokenize")
+        async def detokenize(http: HttpRequest):
+            body = await body_of(http)
+            self._check_model(body)
+            ids = body.get("tokens")
+            if not isinstance(ids, list) or not all(
+                    isinstance(t, int) and not isinstance(t, bool) for t in ids):
+                raise ApiError(400, "tokens must be a list of token ids", "tokens")
+            return {"prompt": self.tok.decode(ids)}
 
         return app
 

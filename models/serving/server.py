@@ -64,6 +64,15 @@ def _number(body: dict, name: str, default, kind, low=None, high=None, low_open=
     return value
 
 
+def _flag(body: dict, name: str, default: bool) -> bool:
+    value = body.get(name, default)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise ApiError(400, f"{name} must be true or false", name)
+    return value
+
+
 class Server:
     """The HTTP side of one served model: ``app`` is the FastAPI application."""
 
@@ -103,11 +112,7 @@ class Server:
             if body.get("logprobs") is None:
                 return None
             return _number(body, "logprobs", None, int, 0, MAX_LOGPROBS)
-        wanted = body.get("logprobs", False)
-        if wanted is None:
-            wanted = False
-        if not isinstance(wanted, bool):
-            raise ApiError(400, "logprobs must be true or false", "logprobs")
+        wanted = _flag(body, "logprobs", False)
         top = body.get("top_logprobs")
         if top is not None:
             top = _number(body, "top_logprobs", None, int, 0, MAX_LOGPROBS)
@@ -158,14 +163,10 @@ class Server:
         kwargs = {} if kwargs is None else kwargs
         if not isinstance(kwargs, dict):
             raise ApiError(400, "chat_template_kwargs must be an object", "chat_template_kwargs")
-        generation_prompt = body.get("add_generation_prompt", True)
-        if not isinstance(generation_prompt, bool):
-            raise ApiError(400, "add_generation_prompt must be true or false",
-                           "add_generation_prompt")
         try:
-            text = self.chat_template.render(body.get("messages"),
-                                             add_generation_prompt=generation_prompt,
-                                             kwargs=kwargs)
+            text = self.chat_template.render(
+                body.get("messages"), kwargs=kwargs,
+                add_generation_prompt=_flag(body, "add_generation_prompt", True))
         except ChatError as e:
             raise ApiError(400, str(e), "messages") from None
         return self.tok.encode(text, add_special_tokens=False)
@@ -286,9 +287,7 @@ class Server:
             sampling, max_tokens = self._sampling(body, chat)
             n = _number(body, "n", 1, int, 1)
             stop_ids, stop_strings = self._stops(body)
-            with_ids = body.get("return_token_ids", False)
-            if not isinstance(with_ids, bool):
-                raise ApiError(400, "return_token_ids must be true or false", "return_token_ids")
+            with_ids = _flag(body, "return_token_ids", False)
             prompts = [self.render_chat(body)] if chat else self._prompts(body.get("prompt"))
             if len(prompts) * n > self.engine.scheduler.max_waiting:
                 raise ApiError(400, f"{len(prompts) * n} completions in one request; this server "
@@ -337,11 +336,8 @@ class Server:
                 prompt = body.get("prompt")
                 if not isinstance(prompt, str):
                     raise ApiError(400, "prompt must be a string", "prompt")
-                special = body.get("add_special_tokens", True)
-                if not isinstance(special, bool):
-                    raise ApiError(400, "add_special_tokens must be true or false",
-                                   "add_special_tokens")
-                ids = self.tok.encode(prompt, add_special_tokens=special)
+                ids = self.tok.encode(prompt,
+                                      add_special_tokens=_flag(body, "add_special_tokens", True))
             return {"tokens": ids, "count": len(ids), "max_model_len": self.engine.max_positions}
 
         @app.post("/detokenize")

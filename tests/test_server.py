@@ -119,6 +119,12 @@ def check_concurrent_requests_through_the_openai_client(server, references):
     metrics = httpx.get(f"{url}/metrics").text
     assert 'moe_relayfree_steps_total{schedule="decode"}' in metrics
     assert "moe_relayfree_kv_pages_in_use 0" in metrics
+    # the latency histograms: one first token and one end per request, a gap per later token
+    tokens = sum(n for _, n in cases) + LONGEST
+    for name, count in [("time_to_first_token", 17), ("e2e_request_latency", 17),
+                        ("inter_token_latency", tokens - 17)]:
+        assert f"moe_relayfree_{name}_seconds_count {count}" in metrics, name
+        assert f'moe_relayfree_{name}_seconds_bucket{{le="+Inf"}} {count}' in metrics, name
 
 
 

@@ -516,3 +516,16 @@ def test_logprobs_are_the_models_own():
         assert len(c.top_logprobs) == 2
         np.testing.assert_allclose([t.logprob for t in c.top_logprobs], np.sort(row)[::-1][:2],
                                    atol=1e-4)
+
+
+def test_latency_histogram_buckets_are_upper_bounds():
+    """Prometheus' ``le``: a value on a bound counts in that bucket; counts are cumulative;
+    past the last bound only +Inf holds it."""
+    from moe_relayfree_models.serving.metrics import Histogram
+
+    h = Histogram((0.01, 0.1))
+    for v in (0.01, 0.05, 0.1, 3.0):
+        h.observe(v)
+    assert h.samples() == [("_bucket", '{le="0.01"}', 1), ("_bucket", '{le="0.1"}', 3),
+                           ("_bucket", '{le="+Inf"}', 4), ("_sum", "", pytest.approx(3.16)),
+                           ("_count", "", 4)]

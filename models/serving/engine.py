@@ -39,6 +39,7 @@ import moe_relayfree as mr
 from moe_relayfree_models.generation import check_context
 from moe_relayfree_models.paged import init_pages
 from moe_relayfree_models.serving.plan import STEP, STOP, Plan, PlanChannel
+from moe_relayfree_models.serving.metrics import Metrics
 from moe_relayfree_models.serving.pages import PagePool
 from moe_relayfree_models.serving.scheduler import (QueueFull, Request, SamplingParams, Scheduler,
                                                     Work)
@@ -95,17 +96,6 @@ class EngineConfig:
     max_model_len: int | None = None
     chunk_buckets: int = 3
     prefix_caching: bool = True
-
-
-class Metrics:
-    """Counters for ``/metrics``: steps per MoE schedule, tokens, step time."""
-
-    def __init__(self):
-        self.steps = {"prefill": 0, "decode": 0, "none": 0}
-        self.step_seconds = 0.0
-        self.prompt_tokens = 0
-        self.generated_tokens = 0
-        self.started = time.monotonic()
 
 
 class Engine:
@@ -263,7 +253,9 @@ class Engine:
             logprobs = [(float(chosen[i]), ids[i, :n].tolist(), top[i, :n].tolist())
                         if (n := w.request.sampling.logprobs) is not None else None
                         for i, w in enumerate(flight.work)]
+        before = {w.request: len(w.request.output) for w in flight.work if w.samples}
         self.scheduler.advance(flight.work, [int(t) for t in sampled], logprobs)
+        self.metrics.handed(before, before, time.monotonic())
 
     def follow(self) -> None:
         """A process other than 0: runs the steps process 0 sends, until it sends stop."""

@@ -105,6 +105,8 @@ class Request:
     finish_reason: str | None = None
     cancelled: bool = False
     arrival: float = 0.0
+    last_token_at: float = 0.0  # when its latest token was handed to it (metrics)
+    timed_end: bool = False  # its end-to-end latency observed (metrics)
     pending: int = 0  # tokens sampled by steps already launched, not yet read back
 
     @property

@@ -30,6 +30,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from moe_relayfree_models.generation import ContextLengthError
 from moe_relayfree_models.serving.chat import ChatError, ChatTemplate
 from moe_relayfree_models.serving.engine import Engine
+from moe_relayfree_models.serving.metrics import prometheus
 from moe_relayfree_models.serving.responses import Choice, Header, answer, stream
 from moe_relayfree_models.serving.scheduler import MAX_LOGPROBS, QueueFull, SamplingParams
 from moe_relayfree_models.serving.text import TextStream
@@ -270,7 +271,8 @@ class Server:
 
         @app.get("/metrics")
         async def metrics():
-            return PlainTextResponse(self.metrics_text(), media_type="text/plain; version=0.0.4")
+            return PlainTextResponse(prometheus(self.engine),
+                                     media_type="text/plain; version=0.0.4")
 
         async def body_of(http: HttpRequest) -> dict:
             try:
@@ -351,36 +353,6 @@ class Server:
             return {"prompt": self.tok.decode(ids)}
 
         return app
-
-    def metrics_text(self) -> str:
-        e, m = self.engine, self.engine.metrics
-        s = e.scheduler
-        lines = []
-
-        def metric(name, kind, help_, samples):
-            lines.append(f"# HELP moe_relayfree_{name} {help_}")
-            lines.append(f"# TYPE moe_relayfree_{name} {kind}")
-            for labels, value in samples:
-                lines.append(f"moe_relayfree_{name}{labels} {value}")
-
-        metric("requests_running", "gauge", "Requests holding a sequence slot.", [("", len(s.running))])
-        metric("requests_waiting", "gauge", "Requests in the waiting queue.", [("", len(s.waiting))])
-        metric("kv_pages_in_use", "gauge", "KV cache pages held by requests.", [("", e.pool.in_use)])
-        metric("kv_pages_total", "gauge", "KV cache pages in the pool (scratch excluded).",
-               [("", e.pool.capacity)])
-        metric("kv_pages_cached_idle", "gauge", "Cached prefix pages no request holds (taken "
-               "when free pages run out).", [("", sum(len(i) for i in e.pool.idle))])
-        metric("prefix_cache_hit_tokens_total", "counter", "Prompt tokens taken from the prefix "
-               "cache instead of prefilled.", [("", e.pool.hit_tokens)])
-        metric("steps_total", "counter", "Engine steps by the MoE layers' schedule.",
-               [(f'{{schedule="{k}"}}', v) for k, v in m.steps.items()])
-        metric("step_seconds_total", "counter", "Time spent in engine steps.", [("", m.step_seconds)])
-        metric("prompt_tokens_total", "counter", "Prompt tokens prefilled.", [("", m.prompt_tokens)])
-        metric("generation_tokens_total", "counter", "Tokens generated.", [("", m.generated_tokens)])
-        elapsed = max(time.monotonic() - m.started, 1e-9)
-        metric("generation_tokens_per_second", "gauge", "Tokens generated per second since start.",
-               [("", m.generated_tokens / elapsed)])
-        return "\n".join(lines) + "\n"
 
 
 __all__ = ["ApiError", "Server"]

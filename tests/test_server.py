@@ -219,6 +219,12 @@ def check_a_batch_of_prompts_and_n_completions_each(server, references):
     assert sampled(7, 3) == three and sampled(8, 1) == three[1:2] and sampled(9, 1) == three[2:]
     assert len(set(three)) > 1
 
+    # a 71-token prompt (BOS + 70 bytes) sent again: its first two 32-row pages were cached
+    long = "Return the number of items in the list, counting nested lists as one. "[:70]
+    usage = [client.completions.create(model="default", prompt=long, max_tokens=2,
+                                       temperature=0).usage for _ in range(2)]
+    assert [u.prompt_tokens_details.cached_tokens for u in usage] == [0, 64]
+
 
 BAD = [
     ({"prompt": "x", "temperature": -1}, 400, "temperature"),

@@ -143,7 +143,7 @@ class PagePool:
             self.holders[shard][page] += 1
         request.pages = list(shared)
         request.page_keys = [self.key_of[shard][p] for p in shared]
-        request.computed = len(shared) * self.page_size
+        request.computed = request.cached_tokens = len(shared) * self.page_size
         self.hit_tokens += request.computed
         request.promised = self.pages_for(positions) - len(shared)
         self.promised[shard] += request.promised

@@ -24,6 +24,7 @@ class Choice:
     prompt: list[int]
     request: object  # the engine's Request
     events: AsyncIterator
+    first: bool = True  # the first completion of its prompt (usage counts a prompt once)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,19 +65,24 @@ def logprobs_body(chat: bool, token_text: Callable[[int], str], ids: list[int], 
             "text_offset": offsets}
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def usage(choices: list[Choice], completion_tokens: int) -> dict:
+    """Each prompt's tokens once (not once per each of its ``n`` completions, as vLLM counts
+    them), and OpenAI's ``prompt_tokens_details.cached_tokens``: those the prefix cache gave."""
+    firsts = [c for c in choices if c.first]
+    prompt_tokens = sum(len(c.prompt) for c in firsts)
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": sum(c.request.cached_tokens
+                                                           for c in firsts)}}
 
 
 async def answer(head: Header, choices: list[Choice], cancel: Callable[[], None],
-                 disconnected, with_ids: bool, prompt_tokens: int,
+                 disconnected, with_ids: bool,
                  token_text: Callable[[int], str] | None = None) -> dict:
     """The whole response once every choice has finished. -> the body; raises RuntimeError if
     the engine failed on a choice. ``disconnected()``: whether the client went away (then every
-    choice is cancelled); ``prompt_tokens``: each prompt's once (not once per each of its
-    ``n`` completions), as vLLM counts them; ``token_text``: a token's text, where
-    log-probabilities were asked for."""
+    choice is cancelled); ``token_text``: a token's text, where log-probabilities were asked
+    for."""
     async def one(c: Choice):
         text, reason, ids, lps = "", None, [], []
         async for delta, reason, new, new_lps in c.events:
@@ -103,14 +109,14 @@ async def answer(head: Header, choices: list[Choice], cancel: Callable[[], None]
         if with_ids:  # vLLM's return_token_ids: the exact tokens, not only their text
             body.update(prompt_token_ids=c.prompt, token_ids=ids)
         bodies.append(body)
-    return head.body(bodies, usage(prompt_tokens, sum(len(r[2]) for r in results)))
+    return head.body(bodies, usage(choices, sum(len(r[2]) for r in results)))
 
 
 async def stream(head: Header, choices: list[Choice], cancel: Callable[[], None],
-                 with_ids: bool, prompt_tokens: int | None = None,
+                 with_ids: bool, include_usage: bool = False,
                  token_text: Callable[[int], str] | None = None):
-    """The SSE stream. With ``prompt_tokens`` (``stream_options.include_usage``), OpenAI's last
-    chunk: no choices, the usage; with ``with_ids`` (``return_token_ids``), each choice's first chunk
+    """The SSE stream. With ``include_usage`` (``stream_options``), OpenAI's last chunk: no
+    choices, the usage; with ``with_ids`` (``return_token_ids``), each choice's first chunk
     carries its prompt's ids and every chunk its token ids."""
     def chunk(c: Choice, delta, reason, role=None, ids=None, prompt=None, logprobs=None) -> str:
         message = {"role": role} if role else {"content": delta} if delta else {}
@@ -155,8 +161,8 @@ async def stream(head: Header, choices: list[Choice], cancel: Callable[[], None]
                         prompt=c.prompt if with_ids and c.index in first else None,
                         logprobs=logprobs)
             first.discard(c.index)
-        if prompt_tokens is not None:
-            yield f"data: {json.dumps(head.body([], usage(prompt_tokens, count), chunk=True))}\n\n"
+        if include_usage:
+            yield f"data: {json.dumps(head.body([], usage(choices, count), chunk=True))}\n\n"
         done = True
         yield "data: [DONE]\n\n"
     finally:

@@ -100,6 +100,7 @@ class Request:
     pages: list[int] = dataclasses.field(default_factory=list)
     page_keys: list[int] = dataclasses.field(default_factory=list)  # its registered pages'
     prompt_keys: list | None = None  # the prefix cache's keys of its full prompt pages
+    cached_tokens: int = 0  # prompt tokens it took from the prefix cache
     promised: int = 0  # pages the pool keeps for it
     shard: int = 0  # the pool shard (device) holding its pages
     finish_reason: str | None = None

@@ -207,7 +207,7 @@ class Server:
                     queue = asyncio.Queue()
                     request = self._submit(prompt, limit, own, stop_ids, loop, queue)
                     choices.append(Choice(len(choices), prompt, request,
-                                          self._events(request, queue, stop_strings)))
+                                          self._events(request, queue, stop_strings), j == 0))
         except ApiError:
             for c in choices:
                 self.engine.cancel(c.request)
@@ -303,18 +303,17 @@ class Server:
 
             head = Header(f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
                           int(time.time()), self.model_name, chat)
-            prompt_tokens = sum(len(p) for p in prompts)
             token_text = (None if sampling.logprobs is None else
                           lambda i: self.tok.decode([i]))
             if body.get("stream"):
                 options = body.get("stream_options") or {}
                 usage = isinstance(options, dict) and options.get("include_usage")
                 return StreamingResponse(
-                    stream(head, choices, cancel, with_ids, prompt_tokens if usage else None,
-                           token_text), media_type="text/event-stream")
+                    stream(head, choices, cancel, with_ids, bool(usage), token_text),
+                    media_type="text/event-stream")
             try:
                 return await answer(head, choices, cancel, http.is_disconnected, with_ids,
-                                    prompt_tokens, token_text)
+                                    token_text)
             except RuntimeError as e:
                 raise ApiError(500, str(e), kind="server_error") from None
 

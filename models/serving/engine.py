@@ -255,7 +255,7 @@ class Engine:
                         for i, w in enumerate(flight.work)]
         before = {w.request: len(w.request.output) for w in flight.work if w.samples}
         self.scheduler.advance(flight.work, [int(t) for t in sampled], logprobs)
-        self.metrics.handed(before, before, time.monotonic())
+        self.metrics.handed(before, time.monotonic())
 
     def follow(self) -> None:
         """A process other than 0: runs the steps process 0 sends, until it sends stop."""

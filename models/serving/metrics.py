@@ -54,10 +54,11 @@ class Metrics:
         self.itl = Histogram()
         self.e2e = Histogram()
 
-    def handed(self, requests, before: dict, now: float) -> None:
-        """After a step's tokens reached ``requests`` (``before``: each one's output length
-        before): the first token's TTFT, later ones' gaps, finished requests' latency."""
-        for r in requests:
+    def handed(self, before: dict, now: float) -> None:
+        """After a step's tokens reached its requests (``before``: each one's output length
+        before the step): the first token's TTFT, later ones' gaps, finished requests'
+        latency."""
+        for r in before:
             got = len(r.output) - before[r]
             if got:
                 if before[r] == 0:

@@ -69,8 +69,12 @@ class PagePool:
         """Pages ``shard`` can still promise: free ones and idle cached ones."""
         return len(self.free[shard]) + len(self.idle[shard]) - self.promised[shard]
 
-    def can_promise(self, pages: int, shard: int = 0) -> bool:
-        return pages <= self.available(shard)
+    def can_promise(self, pages: int, shard: int = 0, shared=()) -> bool:
+        """Whether ``shard`` can take a request of ``pages`` pages that starts with the cached
+        pages ``shared``: those cost no new page, but idle ones leave the pages that can be
+        promised (:meth:`admit` takes them out of the idle ones)."""
+        idle = sum(p in self.idle[shard] for p in shared)
+        return pages - len(shared) + idle <= self.available(shard)
 
     # --- the prefix cache ------------------------------------------------------------------
 

@@ -231,10 +231,7 @@ class Scheduler:
         fits = []
         for j in range(self.pool.shards):
             shared = self.pool.match(request, j)
-            # shared pages cost no new page, but idle ones leave the pages that can be promised
-            idle = sum(p in self.pool.idle[j] for p in shared)
-            if running[j] < self.slots_per_shard and self.pool.can_promise(
-                    pages - len(shared) + idle, j):
+            if running[j] < self.slots_per_shard and self.pool.can_promise(pages, j, shared):
                 fits.append((j, shared))
         return min(fits, key=lambda f: (-len(f[1]), running[f[0]], -len(self.pool.free[f[0]])),
                    default=None)

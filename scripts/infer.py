@@ -66,8 +66,7 @@ def chat_prompts(args, tok, texts: list[str]) -> list[list[int]]:
     if template is None:
         raise ValueError(f"{args.checkpoint} ships no chat template; pass --chat-template FILE")
     system = [{"role": "system", "content": args.system}] if args.system is not None else []
-    return [tok.encode(template.render(system + [{"role": "user", "content": t}]),
-                       add_special_tokens=False) for t in texts]
+    return [template.prompt_ids(tok, system + [{"role": "user", "content": t}]) for t in texts]
 
 
 def main(argv=None) -> int:

@@ -34,6 +34,8 @@ def test_prompt_ids_equal_transformers_apply_chat_template(name):
         text = render()
         assert text == case["text"]
         assert tok.encode(text, add_special_tokens=False) == case["ids"]
+        assert template.prompt_ids(tok, case["messages"], kwargs=case["chat_template_kwargs"],
+                                   add_generation_prompt=case["add_generation_prompt"]) == case["ids"]
 
 
 def test_content_parts_and_where_a_template_is_found(tmp_path):

@@ -81,6 +81,11 @@ class ChatTemplate:
                 source = fh.read()
         return cls(source, special) if isinstance(source, str) else None
 
+    def prompt_ids(self, tokenizer, messages, **render) -> list[int]:
+        """The prompt's token ids: :meth:`render`'s text encoded without the tokenizer's own
+        special tokens (the template wrote them: a second BOS otherwise)."""
+        return tokenizer.encode(self.render(messages, **render), add_special_tokens=False)
+
     def render(self, messages, *, add_generation_prompt: bool = True, tools=None,
                kwargs: dict | None = None) -> str:
         """messages: OpenAI chat messages (``role`` and ``content`` each) -> the prompt text."""

@@ -156,7 +156,8 @@ async def stream(head: Header, choices: list[Choice], cancel: Callable[[], None]
             logprobs = None
             if token_text is not None:
                 logprobs = logprobs_body(head.chat, token_text, new, lps, offsets[c.index])
-                offsets[c.index] += sum(len(token_text(i)) for i in new)
+                if not head.chat:  # text_offset: completions' only
+                    offsets[c.index] += sum(len(t) for t in logprobs["tokens"])
             yield chunk(c, delta, reason, ids=new if with_ids else None,
                         prompt=c.prompt if with_ids and c.index in first else None,
                         logprobs=logprobs)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import json
 import threading
 import time
@@ -63,6 +64,12 @@ def _number(body: dict, name: str, default, kind, low=None, high=None, low_open=
     if high is not None and value > high:
         raise ApiError(400, f"{name} must be <= {high}, got {value}", name)
     return value
+
+
+def _token_ids(value) -> bool:
+    """Whether ``value`` is a list of token ids (ints, not bools)."""
+    return isinstance(value, list) and all(
+        isinstance(t, int) and not isinstance(t, bool) for t in value)
 
 
 def _flag(body: dict, name: str, default: bool) -> bool:
@@ -141,8 +148,7 @@ class Server:
     def _prompts(self, prompt) -> list[list[int]]:
         """``/v1/completions``'s prompt: a string, token ids, or a list of either (a batch)."""
         def ids(p):
-            return (isinstance(p, list) and p and
-                    all(isinstance(t, int) and not isinstance(t, bool) for t in p))
+            return bool(p) and _token_ids(p)
 
         if isinstance(prompt, str):
             return [self.tok.encode(prompt)]
@@ -155,7 +161,7 @@ class Server:
 
     def render_chat(self, body: dict) -> list[int]:
         """The prompt ids of a chat body: its messages through the checkpoint's template
-        (:class:`ChatTemplate`), encoded without adding special tokens (the template wrote them)."""
+        (:meth:`ChatTemplate.prompt_ids`)."""
         if self.chat_template is None:
             raise ApiError(400, f"the model '{self.model_name}' ships no chat template; use "
                                 "/v1/completions or start the server with --chat-template",
@@ -165,12 +171,11 @@ class Server:
         if not isinstance(kwargs, dict):
             raise ApiError(400, "chat_template_kwargs must be an object", "chat_template_kwargs")
         try:
-            text = self.chat_template.render(
-                body.get("messages"), kwargs=kwargs,
+            return self.chat_template.prompt_ids(
+                self.tok, body.get("messages"), kwargs=kwargs,
                 add_generation_prompt=_flag(body, "add_generation_prompt", True))
         except ChatError as e:
             raise ApiError(400, str(e), "messages") from None
-        return self.tok.encode(text, add_special_tokens=False)
 
     def _submit(self, prompt: list[int], max_tokens: int, sampling, stop_ids, loop, queue):
         def listener(request, tokens, reason):  # the engine's thread: the step's results
@@ -209,10 +214,13 @@ class Server:
                     choices.append(Choice(len(choices), prompt, request,
                                           self._events(request, queue, stop_strings), j == 0))
         except ApiError:
-            for c in choices:
-                self.engine.cancel(c.request)
+            self._cancel(choices)
             raise
         return choices
+
+    def _cancel(self, choices: list[Choice]) -> None:
+        for c in choices:
+            self.engine.cancel(c.request)
 
     # --- engine -> responses ----------------------------------------------------------------
 
@@ -296,11 +304,7 @@ class Server:
                                     f"queues at most {self.engine.scheduler.max_waiting}", "n")
             choices = self._submit_all(prompts, n, max_tokens, sampling, stop_ids, stop_strings,
                                        chat)
-
-            def cancel():
-                for c in choices:
-                    self.engine.cancel(c.request)
-
+            cancel = functools.partial(self._cancel, choices)
             head = Header(f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
                           int(time.time()), self.model_name, chat)
             token_text = (None if sampling.logprobs is None else
@@ -346,8 +350,7 @@ class Server:
             body = await body_of(http)
             self._check_model(body)
             ids = body.get("tokens")
-            if not isinstance(ids, list) or not all(
-                    isinstance(t, int) and not isinstance(t, bool) for t in ids):
+            if not _token_ids(ids):
                 raise ApiError(400, "tokens must be a list of token ids", "tokens")
             return {"prompt": self.tok.decode(ids)}
 

@@ -4,6 +4,7 @@ static-batch ``generate``, as ratios measured in one process (what is measured a
 
     python scripts/bench_engine.py                       # default model, batches 8 and 64
     python scripts/bench_engine.py --batches 8 --rounds 5 --out /tmp/e   # quicker
+    python scripts/bench_engine.py --preemption --batches 16 --out results/preemption
 """
 
 from __future__ import annotations
@@ -30,6 +31,12 @@ def main(argv=None) -> int:
     p.add_argument("--load-minutes", type=float, default=0,
                    help="then a load run this long (Poisson arrivals, compiles counted)")
     p.add_argument("--load-rate", type=float, default=20, help="requests per second in the load run")
+    p.add_argument("--preemption", action="store_true",
+                   help="only the preemption A/B: a pool of one full-length sequence per "
+                        "device, 4x --batches[0] requests, with and without preemption")
+    p.add_argument("--max-model-len", type=int, default=512, help="with --preemption")
+    p.add_argument("--mean-tokens", type=int, default=48,
+                   help="with --preemption: the early-stop workload's mean output tokens")
     p.add_argument("--out", default="results/engine")
     a = p.parse_args(argv)
     env.emulate_cpu_devices(a.devices)

@@ -57,7 +57,9 @@ def parse_args(argv=None):
                         "shapes to compile, more padding for short prompts)")
     p.add_argument("--page-size", type=positive_int, default=16, help="KV cache rows per page")
     p.add_argument("--num-pages", type=positive_int, default=None,
-                   help="KV pages in the pool (default: every sequence at full length)")
+                   help="KV pages in the pool (default: every sequence at full length; fewer: "
+                        "requests are admitted on their prompts' pages and the newest is "
+                        "preempted and recomputed when pages run out)")
     p.add_argument("--max-model-len", type=positive_int, default=None,
                    help="the longest request served, prompt and completion (default: the "
                    "model's max_position_embeddings)")
@@ -66,6 +68,9 @@ def parse_args(argv=None):
     p.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
                    help="prefill every prompt whole (default: prompts that start with pages "
                         "another request filled take them)")
+    p.add_argument("--no-preemption", dest="preemption", action="store_false",
+                   help="admit a request only when the pool can promise its whole length "
+                        "(default: on its prompt's pages, preempting when pages run out)")
     p.add_argument("--warm-up", action="store_true",
                    help="compile every step shape before serving (else on first use)")
     return p.parse_args(argv)
@@ -90,7 +95,7 @@ def main(argv=None) -> int:
             max_seqs=args.max_seqs, max_step_tokens=args.max_step_tokens, chunk=args.chunk,
             page_size=args.page_size, num_pages=args.num_pages, max_waiting=args.max_waiting,
             max_model_len=args.max_model_len, chunk_buckets=args.chunk_buckets,
-            prefix_caching=args.prefix_caching)
+            prefix_caching=args.prefix_caching, preemption=args.preemption)
         model = load(args, dispatch)
         engine = Engine(model, engine_config)
     except SetupError as e:

@@ -19,9 +19,10 @@ def scheduler(pages=9, page=4, **kw):
 
 
 def test_pages_are_promised_at_admission_and_held_as_the_request_grows():
-    s = scheduler()
+    """Without preemption: a request is admitted when its whole length can be promised."""
+    s = scheduler(preemption=False)
     a = s.add(Request([1] * 6, max_tokens=2))  # 8 positions: 2 pages promised
-    b = s.add(Request([2] * 3, max_tokens=22))  # 25 positions: 7 pages; 8 free in all
+    b = s.add(Request([2] * 9, max_tokens=22))  # 25 positions: 7 pages; 8 free in all
     work = s.schedule()
     assert s.running == [a] and list(s.waiting) == [b]  # b waits: 2 + 7 > 8 pages
     assert [(w.request, w.start, w.count) for w in work] == [(a, 0, 4)]  # one chunk of 4
@@ -50,6 +51,65 @@ def _run(s, *requests, flight=()):
         work = s.schedule()
         s.advance(flight, [1] * len(flight))
         flight = work
+
+
+def _position_tokens(s, *requests):
+    """Steps ``s`` one step ahead (as the engine) with a model whose token at position ``p``
+    is ``1000 + p``, until every request has finished; the work of every step."""
+    for r in requests:
+        s.add(r)
+    flight, steps = [], []
+    while s.has_work() or flight:
+        work = s.schedule()
+        s.advance(flight, [1000 + w.start + w.count for w in flight])
+        steps.append(flight := work)
+    return steps
+
+
+def test_preemption_recomputes_the_newest_request_when_pages_run_out():
+    """8 pages of 4 rows, two requests of 4 and 8 pages at full length: with preemption both
+    are admitted on their prompts' pages; when the older one needs a page and none is left,
+    the newer is preempted (its pages back, to the front of the queue), admitted again once
+    the older is done, prefilled with its prompt and the tokens it had, and finishes with the
+    tokens a run without preemption gives (the oldest request is never preempted). Without
+    preemption the newer waits for the older's pages. A preempted request cancelled before
+    its pending token is read gets no token after its abort."""
+    def run(preemption):
+        s = scheduler(preemption=preemption)
+        a, b = Request([1] * 6, max_tokens=10), Request([2] * 9, max_tokens=22)
+        steps = _position_tokens(s, a, b)
+        assert s.pool.in_use == 0 and s.pool.total_promised == 0 and len(s.pool.free[0]) == 8
+        return s, a, b, steps
+
+    s, a, b, steps = run(True)
+    assert a.output == [1000 + p for p in range(6, 16)]
+    assert b.output == [1000 + p for p in range(9, 31)]
+    assert (a.preemptions, b.preemptions, s.preemptions) == (0, 1, 1)
+    assert {w.request for w in steps[0]} == {a, b}  # both prefilled in the first step
+    # after its preemption b is prefilled again, in chunks from 0 over its prompt and the
+    # tokens it had; only the last chunk samples
+    again = next(i for i, st in enumerate(steps) if i and any(
+        w.request is b and w.start == 0 for w in st))
+    chunks = [w for st in steps[again:] for w in st if w.request is b and w.chunk]
+    assert 0 < b.recomputed < 22 and [(w.start, w.count) for w in chunks] == [
+        (i, min(4, 9 + b.recomputed - i)) for i in range(0, 9 + b.recomputed, 4)]
+    assert [w.samples for w in chunks] == [False] * (len(chunks) - 1) + [True]
+    s0, a0, b0, steps0 = run(False)
+    assert (a0.output, b0.output, s0.preemptions) == (a.output, b.output, 0)
+    assert {w.request for w in steps0[0]} == {a0}  # b0 waited for a0's pages
+    assert len(steps) < len(steps0)
+
+    s = scheduler()
+    a, b = s.add(Request([1] * 6, max_tokens=10)), s.add(Request([2] * 9, max_tokens=22))
+    flight = []
+    while not (work := s.schedule()) or not b.preemptions:
+        s.advance(flight, [1000 + w.start + w.count for w in flight])
+        flight = work
+    assert b in s.waiting and b.pending == 1  # the step in flight samples its next token
+    b.cancelled = True
+    s.schedule()
+    s.advance(flight, [7] * len(flight))
+    assert b.finish_reason == "abort" and 7 not in b.output and b not in s.waiting
 
 
 def test_prefix_cache_shares_full_prompt_pages_and_evicts_the_least_recent():
@@ -417,6 +477,32 @@ def test_nothing_compiles_after_warm_up():
             while engine.has_work():
                 engine.step()
     assert compiles.count == 0 and [r.finish_reason for r in requests] == ["length"] * 6
+
+
+def test_preempted_requests_give_the_tokens_of_their_prompts_alone(alone):
+    """A pool of 8 pages of 16 rows per device and two sequence slots each: a 40-token and a
+    70-token prompt per device are admitted together on their prompts' pages (3 + 5), and
+    their 20 new tokens need 4 + 6; the 70-token request is preempted, prefilled again with
+    its prompt and the tokens it had, and every request's greedy tokens are generate()'s for
+    its prompt alone (the default model, float32, 8 devices); every page comes back."""
+    from moe_relayfree_models.serving.engine import Engine, EngineConfig
+    from moe_relayfree_models.serving.metrics import prometheus
+
+    engine = Engine(_model("float32"), EngineConfig(
+        max_seqs=16, max_step_tokens=64, chunk=16, page_size=16, max_model_len=128,
+        num_pages=8 * 9, chunk_buckets=1))
+    prompts = _prompts()
+    order = [2] * 8 + [4] * 8  # 40 tokens, then 70: one of each per device
+    requests = [engine.submit(prompts[p], 20) for p in order]
+    while engine.has_work():
+        engine.step()
+    assert [r.output for r in requests] == [alone[p][:20] for p in order]
+    assert engine.scheduler.preemptions > 0
+    assert all(r.preemptions == 0 for r in requests[:8])  # the older are never preempted
+    assert any(r.recomputed > 0 for r in requests[8:])
+    assert engine.pool.in_use == 0 and engine.pool.total_promised == 0
+    n = engine.scheduler.preemptions
+    assert f"moe_relayfree_preemptions_total {n}\n" in prometheus(engine)
 
 
 @pytest.mark.parametrize("fixture", ["deepseek_v3-default", "mixtral-window"])

@@ -85,7 +85,11 @@ class EngineConfig:
     chunk_buckets: the query-row sizes a step with chunks takes (``chunk``, ``chunk / 2``, ...,
     this many; fewer: fewer shapes to compile, more padding rows when prompts are short);
     prefix_caching: prompts that start with pages another request filled take them instead of
-    prefilling them again (:mod:`.pages`)."""
+    prefilling them again (:mod:`.pages`); preemption: admit a request on its prompt's pages
+    and, when a decoding request finds no page, preempt the newest on its shard to be
+    recomputed later (vLLM's), or (False) admit only requests whose whole length the pool can
+    promise (:mod:`.scheduler`; with the default pool, every slot at full length, no request
+    is ever preempted)."""
 
     max_seqs: int = 16
     max_step_tokens: int = 256
@@ -96,6 +100,7 @@ class EngineConfig:
     max_model_len: int | None = None
     chunk_buckets: int = 3
     prefix_caching: bool = True
+    preemption: bool = True
 
 
 class Engine:
@@ -124,7 +129,8 @@ class Engine:
         self.pool = PagePool(num_pages, config.page_size, self.shards, config.prefix_caching)
         self.scheduler = Scheduler(self.pool, max_seqs=config.max_seqs,
                                    max_step_tokens=config.max_step_tokens, chunk=config.chunk,
-                                   max_positions=limit, max_waiting=config.max_waiting)
+                                   max_positions=limit, max_waiting=config.max_waiting,
+                                   preemption=config.preemption)
         # each device holds its shard's pages only (made there, not copied from one device)
         self.pages = jax.jit(lambda: init_pages(cfg, self.pool.num_pages, config.page_size,
                                                 model.compute_dtype),

@@ -97,6 +97,8 @@ def prometheus(engine) -> str:
            "when free pages run out).", [("", sum(len(i) for i in pool.idle))])
     metric("prefix_cache_hit_tokens_total", "counter", "Prompt tokens taken from the prefix "
            "cache instead of prefilled.", [("", pool.hit_tokens)])
+    metric("preemptions_total", "counter", "Requests preempted for pages (recomputed when "
+           "admitted again).", [("", s.preemptions)])
     metric("steps_total", "counter", "Engine steps by the MoE layers' schedule.",
            [(f'{{schedule="{k}"}}', v) for k, v in m.steps.items()])
     metric("step_seconds_total", "counter", "Time spent in engine steps.", [("", m.step_seconds)])

@@ -2,7 +2,8 @@
 
 ``shards`` equal ranges of ``num_pages // shards`` pages (shard ``j``'s local page ``i`` is pool
 page ``j * per_shard + i``); in each, pages ``1 .. per_shard - 1`` are handed out one at a time
-against promises made at admission (local page 0 is that shard's scratch page).
+against promises made at admission, and past them while some page is not promised (local
+page 0 is that shard's scratch page).
 
 Prefix cache (vLLM's automatic prefix caching, per shard: a request reads only its own
 shard's pages). A page full of prompt tokens is registered under a key that chains the keys
@@ -92,11 +93,11 @@ class PagePool:
 
     def match(self, request, shard: int) -> list[int]:
         """The registered pages of ``shard`` that ``request``'s prompt starts with, as many as
-        lie wholly before its last token."""
+        lie wholly before the last token it prefills."""
         if not self.prefix_caching:
             return []
         pages, cache = [], self.cached[shard]
-        for key, parent, chunk in self._keys(request)[:(len(request.prompt) - 1) // self.page_size]:
+        for key, parent, chunk in self._keys(request)[:(request.prefill_end - 1) // self.page_size]:
             entry = cache.get(key)
             if entry is None or entry[1:] != (parent, chunk):
                 break
@@ -153,14 +154,16 @@ class PagePool:
         self.promised[shard] += request.promised
 
     def grow(self, request, positions: int) -> None:
-        """Hands ``request`` the pages its first ``positions`` positions need."""
+        """Hands ``request`` the pages its first ``positions`` positions need: promised ones
+        first, then ones nobody is promised (the scheduler checks there are)."""
+        shard = request.shard
         while len(request.pages) < self.pages_for(positions):
-            if request.promised <= 0:
-                raise RuntimeError("internal: a request grew past the pages promised to it")
-            shard = request.shard
+            if request.promised > 0:
+                request.promised -= 1
+                self.promised[shard] -= 1
+            elif self.available(shard) < 1:
+                raise RuntimeError("internal: a request grew past its promise with no page free")
             request.pages.append(self.free[shard].pop() if self.free[shard] else self._evict(shard))
-            request.promised -= 1
-            self.promised[shard] -= 1
 
     def release(self, request) -> None:
         """``request``'s pages back: its own to the free list, registered ones (when no other

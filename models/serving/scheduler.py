@@ -2,10 +2,19 @@
 no JAX: testable on its own).
 
 A request is admitted from the waiting queue when a sequence slot is free and the pool can
-promise the pages of its whole length (prompt + ``max_tokens``, capped at the model's
-positions); it then holds only the pages its tokens fill, allocated as it grows, so a request
-of 100 tokens holds ``ceil(100 / page)`` pages, and growth never fails (no preemption). Its
-pages go back the moment it finishes or is cancelled.
+promise the pages of its prompt and its first sampled token; it then holds only the pages its
+tokens fill, allocated as it grows, and pages past its promise come from those nobody is
+promised. When a decoding request needs a page and its shard has none, the newest request on
+that shard is *preempted* (vLLM's recompute preemption): its pages go back (registered prompt
+pages stay cached, idle), it returns to the front of the waiting queue, and when admitted
+again it prefills its prompt and the tokens it had generated, and goes on from there (the
+same tokens: a request's draws are keyed by its seed and the position). The oldest request
+on a shard is never preempted by a newer one, and every request fits a shard alone (checked
+when it is added), so every request finishes. A step that preempted admits nobody (what it
+freed goes to the requests running). With ``preemption=False`` a request is admitted only when
+the pool can promise its whole length (prompt + ``max_tokens``, capped at the model's
+positions), and growth never needs a page it was not promised. A request's pages go back
+the moment it finishes or is cancelled.
 
 The pool (:mod:`.pages`) is split into ``shards`` (one per token shard of the mesh: each device
 keeps and writes only its own sequences' pages), and a request lives on one shard, chosen at
@@ -26,6 +35,8 @@ fed from the device (the engine passes it from one step's output to the next ste
 :meth:`Scheduler.advance` later resolves it. What is known ahead (``max_tokens``, the model's
 last position) stops a request from being scheduled past its end; a stop id is only known when
 its token is read, so such a request may have one more step's row computed and thrown away.
+A preempted request is admitted again only once its pending tokens are read (it is prefilled
+from the host's tokens, on whichever shard takes it).
 """
 
 from __future__ import annotations
@@ -97,6 +108,8 @@ class Request:
     output: list[int] = dataclasses.field(default_factory=list)
     logprobs: list = dataclasses.field(default_factory=list)
     computed: int = 0  # positions in the cache
+    recomputed: int = 0  # its output tokens prefilled again after a preemption
+    preemptions: int = 0
     pages: list[int] = dataclasses.field(default_factory=list)
     page_keys: list[int] = dataclasses.field(default_factory=list)  # its registered pages'
     prompt_keys: list | None = None  # the prefix cache's keys of its full prompt pages
@@ -121,8 +134,14 @@ class Request:
         return len(self.prompt) + len(self.output) + self.pending
 
     @property
+    def prefill_end(self) -> int:
+        """Positions fed as a prefill: its prompt, and after a preemption also the tokens it
+        had generated (recomputed)."""
+        return len(self.prompt) + self.recomputed
+
+    @property
     def prefilling(self) -> bool:
-        return self.computed < len(self.prompt)
+        return self.computed < self.prefill_end
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,31 +157,44 @@ class Work:
 
     @property
     def chunk(self) -> bool:
-        """Whether it feeds prompt tokens (a prefill chunk), not a decode token."""
-        return self.start < len(self.request.prompt)
+        """Whether it feeds prefill tokens (a chunk of the prompt, or of a preempted request's
+        tokens being recomputed), not a decode token."""
+        return self.start < self.request.prefill_end
 
 
 class Scheduler:
     """The waiting queue (bounded: :class:`QueueFull` past ``max_waiting``) and the running
     requests (at most ``max_seqs``, and ``ceil(max_seqs / shards)`` per pool shard), and each
-    step's :class:`Work` under ``max_step_tokens``."""
+    step's :class:`Work` under ``max_step_tokens``; ``preemption``: admit on the prompt's
+    pages and preempt when pages run out, or promise each request's whole length."""
 
     def __init__(self, pool: PagePool, *, max_seqs: int, max_step_tokens: int, chunk: int,
-                 max_positions: int, max_waiting: int = 256):
+                 max_positions: int, max_waiting: int = 256, preemption: bool = True):
         if not 1 <= chunk <= max_step_tokens or max_seqs > max_step_tokens:
             raise ValueError("need 1 <= chunk <= max_step_tokens and max_seqs <= max_step_tokens")
         self.pool = pool
         self.max_seqs, self.max_step_tokens, self.chunk = max_seqs, max_step_tokens, chunk
         self.max_positions, self.max_waiting = max_positions, max_waiting
+        self.preemption = preemption
+        self.preemptions = 0  # requests preempted so far
         self.slots_per_shard = -(-max_seqs // pool.shards)
         self.waiting: collections.deque[Request] = collections.deque()
         self.running: list[Request] = []
         self._ids = itertools.count()
         self.lock = threading.Lock()
 
+    def _length(self, r: Request) -> int:
+        """``r``'s positions when it has all its tokens."""
+        return min(len(r.prompt) + r.max_tokens, self.max_positions)
+
+    def _promise(self, r: Request) -> int:
+        """Positions whose pages ``r`` is promised at admission: its prefill and the position
+        of its first sampled token (with preemption), or its whole length."""
+        return min(r.prefill_end + 1, self._length(r)) if self.preemption else self._length(r)
+
     def add(self, request: Request) -> Request:
         """Queues ``request`` (its length already checked against the model's positions)."""
-        length = min(len(request.prompt) + request.max_tokens, self.max_positions)
+        length = self._length(request)
         if self.pool.pages_for(length) > self.pool.per_shard - 1:
             raise ValueError(f"a request of {length} positions needs more KV pages than the "
                              f"pool has ({self.pool.per_shard - 1} of {self.pool.page_size} per "
@@ -178,33 +210,27 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> list[Work]:
-        """Finishes cancelled requests, admits waiting ones, and returns this step's work;
+        """Finishes cancelled requests, plans the decode tokens (preempting where pages run
+        out), admits waiting requests, plans prefill chunks, and returns this step's work;
         each request moves on as if the step had run (its sampled token pending)."""
         with self.lock:
-            for r in [r for r in self.running if r.cancelled]:
+            for r in [r for r in self.running if r.cancelled] + [
+                    r for r in self.waiting if r.cancelled]:
                 self.finish(r, "abort")
-            for r in [r for r in self.waiting if r.cancelled]:
-                self.waiting.remove(r)
-                self._notify(r, [], "abort")
-            while self.waiting and len(self.running) < self.max_seqs:
-                r = self.waiting[0]
-                length = min(len(r.prompt) + r.max_tokens, self.max_positions)
-                place = self._shard_for(r, self.pool.pages_for(length))
-                if place is None:  # first come, first served: the head waits for pages
-                    break
-                self.waiting.popleft()
-                self.pool.admit(r, length, *place)
-                self.running.append(r)
-        budget = self.max_step_tokens
-        work = []
-        for r in self.running:  # decode tokens first: one each
-            if not r.prefilling and not self._ends_ahead(r):
-                work.append(Work(r, r.length - 1, 1, True))
-                budget -= 1
+            preempted = self.preemptions
+            budget = self.max_step_tokens
+            work = []
+            for r in list(self.running):  # decode tokens first, oldest first: one each
+                if r in self.running and not r.prefilling and not self._ends_ahead(r):
+                    if self._room(r):
+                        work.append(Work(r, r.length - 1, 1, True))
+                        budget -= 1
+            if self.preemptions == preempted:
+                self._admit()
         for r in self.running:  # then prefill chunks, oldest first
             if r.prefilling and budget > 0:
-                count = min(self.chunk, len(r.prompt) - r.computed, budget)
-                work.append(Work(r, r.computed, count, r.computed + count == len(r.prompt)))
+                count = min(self.chunk, r.prefill_end - r.computed, budget)
+                work.append(Work(r, r.computed, count, r.computed + count == r.prefill_end))
                 budget -= count
         for w in work:
             self.pool.grow(w.request, w.start + w.count)
@@ -213,6 +239,47 @@ class Scheduler:
             if w.chunk:  # after this step's admissions: later steps may read them
                 self.pool.register(w.request, w.request.computed)
         return work
+
+    def _admit(self) -> None:
+        """Waiting requests into free slots, first come first served, while the pool can
+        promise their pages; a preempted request waits for its pending tokens first."""
+        while self.waiting and len(self.running) < self.max_seqs:
+            r = self.waiting[0]
+            if r.pending:
+                break
+            r.recomputed = len(r.output)
+            place = self._shard_for(r, self.pool.pages_for(self._promise(r)))
+            if place is None:  # first come, first served: the head waits for pages
+                break
+            self.waiting.popleft()
+            cached = r.cached_tokens
+            self.pool.admit(r, self._promise(r), *place)
+            if r.preemptions:  # what its answer reports is its first admission's
+                r.cached_tokens = cached
+            self.running.append(r)
+
+    def _room(self, r: Request) -> bool:
+        """Hands decoding ``r`` the page of its next position, preempting the newest requests
+        on its shard while the shard has no page nobody is promised; False if ``r`` itself
+        was the newest (it is preempted)."""
+        while (self.pool.pages_for(r.length) > len(r.pages) + r.promised
+               and self.pool.available(r.shard) < 1):
+            victim = next(v for v in reversed(self.running) if v.shard == r.shard)
+            self._preempt(victim)
+            if victim is r:
+                return False
+        self.pool.grow(r, r.length)
+        return True
+
+    def _preempt(self, r: Request) -> None:
+        """``r``'s pages back and ``r`` to the front of the waiting queue, to be prefilled
+        again with the tokens it has (its pending ones once read)."""
+        self.pool.release(r)
+        r.computed = 0
+        r.preemptions += 1
+        self.preemptions += 1
+        self.running.remove(r)
+        self.waiting.appendleft(r)
 
     def _ends_ahead(self, r: Request) -> bool:
         """Whether ``r``'s pending token is its last (``max_tokens`` or the model's last
@@ -241,8 +308,8 @@ class Scheduler:
         with self.lock:
             for r in list(self.running):
                 self.finish(r, "error")
-            while self.waiting:
-                self._notify(self.waiting.popleft(), [], "error")
+            for r in list(self.waiting):
+                self.finish(r, "error")
             self.pool.forget()  # the failed step's pages hold no known rows
 
     def _notify(self, r: Request, tokens: list, reason: str | None) -> None:
@@ -254,6 +321,8 @@ class Scheduler:
         self.pool.release(r)
         if r in self.running:
             self.running.remove(r)
+        elif r in self.waiting:  # a cancel, or a preempted request's pending token
+            self.waiting.remove(r)
         self._notify(r, [], reason)
 
     def advance(self, work: list[Work], sampled: list[int], logprobs: list | None = None) -> None:

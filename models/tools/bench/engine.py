@@ -9,7 +9,12 @@
   calls of ``B`` prompts each, in interleaved rounds (the median ratio);
 * ``ttft``: time to first token of a short request arriving while ``B - 1`` others decode,
   when those others asked for few or for many tokens (the engine's step does not grow with
-  them; a static batch's cache and every step of it did).
+  them; a static batch's cache and every step of it did);
+* ``preemption`` (:func:`preemption_ab`): a KV pool that holds one sequence at full length per
+  device, ``4B`` requests through ``B`` slots, with preemption (admitted on their prompts'
+  pages) against without (admitted on their whole length), in interleaved rounds: requests
+  that stop early at sampled stop ids (what preemption is for), and requests that run to
+  ``max_tokens`` (where it recomputes).
 
 Every program is compiled before anything is timed; the command: ``scripts/bench_engine.py``.
 """
@@ -215,19 +220,115 @@ def load_run(model, batch: int, minutes: float, rate: float, seed: int = 0) -> d
                 steps=dict(engine.metrics.steps), compiles_after_warm_up=compiles.count)
 
 
+def _stop_ids(counts: dict, mean_tokens: int) -> list[int]:
+    """Token ids that together make up at most ``1 / mean_tokens`` of ``counts`` (sampled
+    tokens), the most frequent first: as stop ids, requests end after about ``mean_tokens``."""
+    total, share, out = sum(counts.values()), 0.0, []
+    for token, n in sorted(counts.items(), key=lambda kv: -kv[1]):
+        if share + n / total <= 1 / mean_tokens:
+            out.append(token)
+            share += n / total
+    return out
+
+
+def preemption_ab(model, batch: int, prompt: int, max_model_len: int, mean_tokens: int,
+                  rounds: int) -> dict:
+    """Seconds for ``4 batch`` requests (arriving at once, sampled at temperature 1 with a
+    seed each) through ``batch`` slots and a pool of one full-length sequence per device (plus
+    scratch), :class:`EngineConfig` ``preemption`` True against False, the same tokens either
+    way (a draw is keyed by seed and position; checked). Two workloads: ``early``, asking for
+    ``max_model_len - prompt`` tokens and stopping at stop ids chosen from a pilot run's
+    tokens to end after about ``mean_tokens``; ``full``, every request asking for half the
+    positions left and running to the end. Medians of ``rounds`` interleaved rounds (after an
+    untimed one), mean time to first token, and the preemptions of a run."""
+    from moe_relayfree_models.serving.engine import Engine, EngineConfig
+    from moe_relayfree_models.serving.scheduler import SamplingParams
+
+    page = 16
+    prompts = _prompts(4 * batch, prompt, model.cfg.vocab_size, seed=2)
+    left = max_model_len - prompt
+
+    def make(preemption: bool, pool: bool = True):
+        shards = model.dispatch.layout.num_token_shards
+        pages = shards * (-(-max_model_len // page) + 1) if pool else None
+        return Engine(model, EngineConfig(max_seqs=batch, max_step_tokens=max(256, batch),
+                                          chunk=64, page_size=page, max_model_len=max_model_len,
+                                          num_pages=pages, preemption=preemption))
+
+    def serve(engine, new: int, stop: list[int]):
+        start = time.perf_counter()
+        requests = [engine.submit(p, new, SamplingParams(temperature=1.0, seed=i), stop)
+                    for i, p in enumerate(prompts)]
+        first = {}
+        before = engine.scheduler.preemptions
+        while engine.has_work():
+            engine.step()
+            now = time.perf_counter()
+            for r in requests:
+                if r.output and r not in first:
+                    first[r] = now - start
+        seconds = time.perf_counter() - start
+        return ([r.output for r in requests], seconds,
+                float(np.mean(list(first.values()) or [0.0])),
+                engine.scheduler.preemptions - before)
+
+    pilot = make(True, pool=False)
+    counts: dict = {}
+    for out in serve(pilot, 64, [])[0]:
+        for t in out:
+            counts[t] = counts.get(t, 0) + 1
+    stop = _stop_ids(counts, mean_tokens)
+    engines = {True: make(True), False: make(False)}
+    for e in engines.values():
+        e.warm_up()
+    report = dict(batch=batch, requests=len(prompts), prompt=prompt, max_model_len=max_model_len,
+                  pool_pages_per_device=-(-max_model_len // page), rounds=rounds)
+    for name, new, ids in (("early", left, stop), ("full", left // 2, [])):
+        runs = {True: [], False: []}
+        outputs = {}
+        for i in range(rounds + 1):
+            for mode in ((True, False) if i % 2 else (False, True)):
+                out, seconds, ttft, preempted = serve(engines[mode], new, ids)
+                outputs[mode] = out
+                if i:
+                    runs[mode].append((seconds, ttft, preempted))
+        assert outputs[True] == outputs[False], "preemption changed a request's tokens"
+        tokens = sum(len(o) for o in outputs[True])
+        on, off = (np.array(runs[m]) for m in (True, False))
+        report[name] = dict(
+            max_tokens=new, stop_ids=len(ids), output_tokens=tokens,
+            seconds=dict(preemption=float(np.median(on[:, 0])),
+                         no_preemption=float(np.median(off[:, 0]))),
+            ttft_mean_s=dict(preemption=float(np.median(on[:, 1])),
+                             no_preemption=float(np.median(off[:, 1]))),
+            preemptions_per_run=float(np.median(on[:, 2])),
+            speedup=ratio_summary(off[:, 0] / on[:, 0]))
+    return report
+
+
 def run(a, command: str) -> dict:
     import jax
 
     import moe_relayfree as mr
     from moe_relayfree_models import checkpoint
 
-    model = checkpoint.load_model(a.checkpoint, mesh=mr.make_ep_mesh(len(jax.devices())))
+    # the preemption A/B in float32: bf16 logits depend on a step's batch (the tokens of
+    # requests that were never preempted differ between the two runs), float32 ones do not
+    # here, so both runs do the same work and their tokens are checked equal
+    dtype = {"dtype": "float32"} if a.preemption else {}
+    model = checkpoint.load_model(a.checkpoint, mesh=mr.make_ep_mesh(len(jax.devices())), **dtype)
     import os
 
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     name = os.path.relpath(a.checkpoint, root) if os.path.abspath(a.checkpoint).startswith(root) else a.checkpoint
     report = dict(command=command, checkpoint=name, devices=len(jax.devices()),
                   dtype=str(model.compute_dtype), step=[], throughput=[], ttft=[])
+    if a.preemption:
+        report["preemption"] = preemption_ab(model, a.batches[0], a.prompt, a.max_model_len,
+                                             a.mean_tokens, a.repeats)
+        print("preemption", report["preemption"], flush=True)
+        write(a.out, "engine", report, markdown(report))
+        return report
     for b in a.batches:
         report["step"].append(step_ab(model, b, a.context, a.new, a.rounds))
         print("step", report["step"][-1], flush=True)
@@ -243,9 +344,27 @@ def run(a, command: str) -> dict:
 
 
 def markdown(report: dict) -> str:
-    lines = [f"# Serving engine vs static generate ({report['checkpoint']}, "
+    what = "preemption" if "preemption" in report else "vs static generate"
+    lines = [f"# Serving engine {what} ({report['checkpoint']}, "
              f"{report['devices']} devices, {report['dtype']})", "",
-             f"Command: `{report['command']}`", "", "## Decode step", ""]
+             f"Command: `{report['command']}`", ""]
+    if "preemption" in report:
+        r = report["preemption"]
+        lines += ["## Preemption against whole-length promises", "",
+                  f"{r['requests']} requests of {r['prompt']} prompt tokens through "
+                  f"{r['batch']} slots, a pool of {r['pool_pages_per_device']} pages of 16 per "
+                  f"device, {r['rounds']} interleaved rounds (medians)", ""]
+        lines += table(["workload", "max_tokens", "output tokens", "s with", "s without",
+                        "speed-up [95% CI]", "mean TTFT s with / without", "preemptions"],
+                       [(w, x["max_tokens"], x["output_tokens"],
+                         f"{x['seconds']['preemption']:.2f}", f"{x['seconds']['no_preemption']:.2f}",
+                         f"{x['speedup']['median']:.2f} [{x['speedup']['ci95'][0]:.2f}, "
+                         f"{x['speedup']['ci95'][1]:.2f}]",
+                         f"{x['ttft_mean_s']['preemption']:.2f} / "
+                         f"{x['ttft_mean_s']['no_preemption']:.2f}", x["preemptions_per_run"])
+                        for w, x in ((w, r[w]) for w in ("early", "full"))])
+        return "\n".join(lines)
+    lines += ["## Decode step", ""]
     lines += table(["batch", "context", "rounds", "engine ms", "static ms", "engine / static [95% CI]"],
                    [(r["batch"], r["context"], r["rounds"], f"{r['engine_ms']:.2f}",
                      f"{r['static_ms']:.2f}",
@@ -276,4 +395,4 @@ def markdown(report: dict) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["run", "step_ab", "throughput_ab", "ttft_ab"]
+__all__ = ["preemption_ab", "run", "step_ab", "throughput_ab", "ttft_ab"]

@@ -73,9 +73,10 @@ def test_preemption_recomputes_the_newest_request_when_pages_run_out():
     the older is done, prefilled with its prompt and the tokens it had, and finishes with the
     tokens a run without preemption gives (the oldest request is never preempted). Without
     preemption the newer waits for the older's pages. A preempted request cancelled before
-    its pending token is read gets no token after its abort."""
+    its pending token is read gets no token after its abort. (Admission keeps back no share
+    of the running requests' growth here: the next test.)"""
     def run(preemption):
-        s = scheduler(preemption=preemption)
+        s = scheduler(preemption=preemption, reserve=(0, 0, 0))
         a, b = Request([1] * 6, max_tokens=10), Request([2] * 9, max_tokens=22)
         steps = _position_tokens(s, a, b)
         assert s.pool.in_use == 0 and s.pool.total_promised == 0 and len(s.pool.free[0]) == 8
@@ -99,7 +100,7 @@ def test_preemption_recomputes_the_newest_request_when_pages_run_out():
     assert {w.request for w in steps0[0]} == {a0}  # b0 waited for a0's pages
     assert len(steps) < len(steps0)
 
-    s = scheduler()
+    s = scheduler(reserve=(0, 0, 0))
     a, b = s.add(Request([1] * 6, max_tokens=10)), s.add(Request([2] * 9, max_tokens=22))
     flight = []
     while not (work := s.schedule()) or not b.preemptions:
@@ -110,6 +111,30 @@ def test_preemption_recomputes_the_newest_request_when_pages_run_out():
     s.schedule()
     s.advance(flight, [7] * len(flight))
     assert b.finish_reason == "abort" and 7 not in b.output and b not in s.waiting
+
+
+def test_admission_keeps_back_a_share_of_the_running_requests_growth():
+    """sglang's new-token ratio: with the default reserve (0.7 of a running request's growth
+    kept back) the request of the test above waits instead of being admitted and preempted,
+    and gets the same tokens; the share falls each step to its floor and goes back up at a
+    preemption."""
+    s = scheduler()
+    a, b = Request([1] * 6, max_tokens=10), Request([2] * 9, max_tokens=22)
+    steps = _position_tokens(s, a, b)
+    assert {w.request for w in steps[0]} == {a} and s.preemptions == 0
+    assert b.output == [1000 + p for p in range(9, 31)]
+    s = scheduler(reserve=(0.5, 0.0, 0.5))  # 0 from the first step: both admitted at once
+    a, b = s.add(Request([1] * 6, max_tokens=10)), s.add(Request([2] * 9, max_tokens=22))
+    flight, shares, first = [], [], None
+    while s.has_work() or flight:
+        work = s.schedule()
+        first = first or work
+        shares.append((s.reserve_share, s.preemptions))
+        s.advance(flight, [1000 + w.start + w.count for w in flight])
+        flight = work
+    assert {w.request for w in first} == {a, b} and s.preemptions == 1
+    at = next(i for i, (_, n) in enumerate(shares) if n)
+    assert shares[at][0] == 0.5 and shares[at + 1][0] == 0.0 and shares[0] == (0.0, 0)
 
 
 def test_prefix_cache_shares_full_prompt_pages_and_evicts_the_least_recent():
@@ -491,6 +516,7 @@ def test_preempted_requests_give_the_tokens_of_their_prompts_alone(alone):
     engine = Engine(_model("float32"), EngineConfig(
         max_seqs=16, max_step_tokens=64, chunk=16, page_size=16, max_model_len=128,
         num_pages=8 * 9, chunk_buckets=1))
+    engine.scheduler.reserve, engine.scheduler.reserve_share = (0, 0, 0), 0  # admit both
     prompts = _prompts()
     order = [2] * 8 + [4] * 8  # 40 tokens, then 70: one of each per device
     requests = [engine.submit(prompts[p], 20) for p in order]

@@ -44,6 +44,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import itertools
+import math
 import threading
 from typing import Callable
 
@@ -55,6 +56,15 @@ FINISHED = ("stop", "length", "abort", "error")
 class QueueFull(RuntimeError):
     """The waiting queue is at its bound: the caller should retry later."""
 
+
+# With preemption, admission keeps back this share of the pages the running requests may
+# still grow into (sglang's "new token ratio"): it starts at RESERVE[0], falls by RESERVE[2]
+# each step to RESERVE[1] while nothing is preempted (requests that stop early leave room to
+# admit more), and goes back to RESERVE[0] at a preemption (requests that run long make
+# admission careful again). Without it, 4 slots per device over a pool of 1.8 requests at
+# full length preempted 193 times in a run and took 1.19x as long as whole-length promises
+# (docs/benchmarks.md).
+RESERVE = (0.7, 0.1, 0.002)
 
 # Most top log-probabilities a request may ask for (OpenAI's chat API: 20); every step that
 # computes them computes this many.
@@ -166,16 +176,20 @@ class Scheduler:
     """The waiting queue (bounded: :class:`QueueFull` past ``max_waiting``) and the running
     requests (at most ``max_seqs``, and ``ceil(max_seqs / shards)`` per pool shard), and each
     step's :class:`Work` under ``max_step_tokens``; ``preemption``: admit on the prompt's
-    pages and preempt when pages run out, or promise each request's whole length."""
+    pages and preempt when pages run out, or promise each request's whole length;
+    ``reserve``: (start, floor, fall per step) of the share of the running requests' growth
+    admission keeps back, with preemption (:data:`RESERVE`)."""
 
     def __init__(self, pool: PagePool, *, max_seqs: int, max_step_tokens: int, chunk: int,
-                 max_positions: int, max_waiting: int = 256, preemption: bool = True):
+                 max_positions: int, max_waiting: int = 256, preemption: bool = True,
+                 reserve: tuple[float, float, float] = RESERVE):
         if not 1 <= chunk <= max_step_tokens or max_seqs > max_step_tokens:
             raise ValueError("need 1 <= chunk <= max_step_tokens and max_seqs <= max_step_tokens")
         self.pool = pool
         self.max_seqs, self.max_step_tokens, self.chunk = max_seqs, max_step_tokens, chunk
         self.max_positions, self.max_waiting = max_positions, max_waiting
-        self.preemption = preemption
+        self.preemption, self.reserve = preemption, reserve
+        self.reserve_share = reserve[0]
         self.preemptions = 0  # requests preempted so far
         self.slots_per_shard = -(-max_seqs // pool.shards)
         self.waiting: collections.deque[Request] = collections.deque()
@@ -218,6 +232,7 @@ class Scheduler:
                     r for r in self.waiting if r.cancelled]:
                 self.finish(r, "abort")
             preempted = self.preemptions
+            self.reserve_share = max(self.reserve[1], self.reserve_share - self.reserve[2])
             budget = self.max_step_tokens
             work = []
             for r in list(self.running):  # decode tokens first, oldest first: one each
@@ -240,15 +255,26 @@ class Scheduler:
                 self.pool.register(w.request, w.request.computed)
         return work
 
+    def _growth(self, r: Request) -> int:
+        """Pages ``r`` may still need past those it holds and is promised."""
+        return max(0, self.pool.pages_for(self._length(r)) - len(r.pages) - r.promised)
+
     def _admit(self) -> None:
         """Waiting requests into free slots, first come first served, while the pool can
-        promise their pages; a preempted request waits for its pending tokens first."""
+        promise their pages (and, with preemption, keep back the reserve's share of every
+        request's growth on the shard); a preempted request waits for its pending tokens."""
+        share = self.reserve_share if self.preemption else 0.0
+        kept = [0.0] * self.pool.shards
+        for r in self.running:
+            kept[r.shard] += share * self._growth(r)
         while self.waiting and len(self.running) < self.max_seqs:
             r = self.waiting[0]
             if r.pending:
                 break
             r.recomputed = len(r.output)
-            place = self._shard_for(r, self.pool.pages_for(self._promise(r)))
+            pages = self.pool.pages_for(self._promise(r))
+            grows = share * (self.pool.pages_for(self._length(r)) - pages)
+            place = self._shard_for(r, pages, [math.ceil(k + grows) for k in kept])
             if place is None:  # first come, first served: the head waits for pages
                 break
             self.waiting.popleft()
@@ -257,6 +283,7 @@ class Scheduler:
             if r.preemptions:  # what its answer reports is its first admission's
                 r.cached_tokens = cached
             self.running.append(r)
+            kept[r.shard] += grows
 
     def _room(self, r: Request) -> bool:
         """Hands decoding ``r`` the page of its next position, preempting the newest requests
@@ -280,6 +307,7 @@ class Scheduler:
         self.preemptions += 1
         self.running.remove(r)
         self.waiting.appendleft(r)
+        self.reserve_share = self.reserve[0]
 
     def _ends_ahead(self, r: Request) -> bool:
         """Whether ``r``'s pending token is its last (``max_tokens`` or the model's last
@@ -287,18 +315,20 @@ class Scheduler:
         return r.pending > 0 and (len(r.output) + r.pending >= r.max_tokens
                                   or r.length >= self.max_positions)
 
-    def _shard_for(self, request: Request, pages: int) -> tuple[int, list[int]] | None:
+    def _shard_for(self, request: Request, pages: int,
+                   kept: list[int]) -> tuple[int, list[int]] | None:
         """Where a new request of ``pages`` pages goes (the shard, and the cached pages of its
-        prompt's prefix there): a free slot and the pages, the longest cached prefix first,
-        then the fewest running requests, then the most pages to promise; None if none can
-        take it."""
+        prompt's prefix there): a free slot and the pages with ``kept[j]`` more left over, the
+        longest cached prefix first, then the fewest running requests, then the most pages
+        to promise; None if none can take it."""
         running = [0] * self.pool.shards
         for r in self.running:
             running[r.shard] += 1
         fits = []
         for j in range(self.pool.shards):
             shared = self.pool.match(request, j)
-            if running[j] < self.slots_per_shard and self.pool.can_promise(pages, j, shared):
+            if running[j] < self.slots_per_shard and self.pool.can_promise(pages + kept[j], j,
+                                                                           shared):
                 fits.append((j, shared))
         return min(fits, key=lambda f: (-len(f[1]), running[f[0]], -len(self.pool.free[f[0]])),
                    default=None)
@@ -351,4 +381,4 @@ class Scheduler:
                 self._notify(r, [int(token)], None)
 
 
-__all__ = ["FINISHED", "MAX_LOGPROBS", "QueueFull", "Request", "SamplingParams", "Scheduler", "Work"]
+__all__ = ["FINISHED", "MAX_LOGPROBS", "RESERVE", "QueueFull", "Request", "SamplingParams", "Scheduler", "Work"]

@@ -11,7 +11,8 @@ again it prefills its prompt and the tokens it had generated, and goes on from t
 same tokens: a request's draws are keyed by its seed and the position). The oldest request
 on a shard is never preempted by a newer one, and every request fits a shard alone (checked
 when it is added), so every request finishes. A step that preempted admits nobody (what it
-freed goes to the requests running). With ``preemption=False`` a request is admitted only when
+freed goes to the requests running), and admission keeps back a share of the running
+requests' growth (:data:`RESERVE`). With ``preemption=False`` a request is admitted only when
 the pool can promise its whole length (prompt + ``max_tokens``, capped at the model's
 positions), and growth never needs a page it was not promised. A request's pages go back
 the moment it finishes or is cancelled.

@@ -4,7 +4,8 @@ static-batch ``generate``, as ratios measured in one process (what is measured a
 
     python scripts/bench_engine.py                       # default model, batches 8 and 64
     python scripts/bench_engine.py --batches 8 --rounds 5 --out /tmp/e   # quicker
-    python scripts/bench_engine.py --preemption --batches 16 --out results/preemption
+    python scripts/bench_engine.py --preemption --batches 32 --prompt 32 --max-model-len 256 \
+        --repeats 5 --out results/preemption-b32   # docs/benchmarks.md
 """
 
 from __future__ import annotations

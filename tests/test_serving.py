@@ -41,29 +41,23 @@ def test_pages_are_promised_at_admission_and_held_as_the_request_grows():
     assert s.running == [b]
 
 
-def _run(s, *requests, flight=()):
+def _run(s, *requests, flight=(), token=lambda w: 1):
     """Steps ``s`` (one step ahead, as the engine; ``flight``: the work of a step planned and
-    not yet read back) until every request has finished."""
-    flight = list(flight)
+    not yet read back) until every request has finished, each sampled token ``token(work)``;
+    the work of every step."""
+    flight, steps = list(flight), []
     for r in requests:
         s.add(r)
     while s.has_work() or flight:
         work = s.schedule()
-        s.advance(flight, [1] * len(flight))
-        flight = work
+        s.advance(flight, [token(w) for w in flight])
+        steps.append(flight := work)
+    return steps
 
 
 def _position_tokens(s, *requests):
-    """Steps ``s`` one step ahead (as the engine) with a model whose token at position ``p``
-    is ``1000 + p``, until every request has finished; the work of every step."""
-    for r in requests:
-        s.add(r)
-    flight, steps = [], []
-    while s.has_work() or flight:
-        work = s.schedule()
-        s.advance(flight, [1000 + w.start + w.count for w in flight])
-        steps.append(flight := work)
-    return steps
+    """:func:`_run` with a model whose token at position ``p`` is ``1000 + p``."""
+    return _run(s, *requests, token=lambda w: 1000 + w.start + w.count)
 
 
 def test_preemption_recomputes_the_newest_request_when_pages_run_out():
